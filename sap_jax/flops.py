@@ -1,0 +1,170 @@
+"""MACs and parameter counts, as a function of the kept widths.
+
+Convention (stated once, used everywhere):
+
+* **MACs** are multiply-accumulates of convolutions and linear layers for one
+  image: ``H_out * W_out * k_h * k_w * C_in * C_out / groups`` per conv and
+  ``C_in * C_out`` per linear layer. BatchNorm, activations, pooling, the
+  residual add and biases are not counted. One MAC = 2 FLOPs.
+* **Params** are trainable parameters: conv and linear kernels and biases and
+  BatchNorm scale and bias. BatchNorm running statistics are not counted.
+* **Prunable** MACs/params are those of layers that have at least one channel
+  dimension in a prunable group. The paper's budget ``p`` is read over the
+  prunable MACs (``flops_budget_scope="prunable"``); ``"total"`` reads it
+  over the whole network.
+
+Every count is a polynomial of the group widths read from the model's
+:class:`~sap_jax.groups.Structure`; the same code gives exact integers for a
+width spec and a differentiable scalar for a (straight-through, possibly soft)
+architecture vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sap_jax import groups as G
+
+SCOPES = ("prunable", "total")
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """MACs (multiply-adds per image) and parameter counts of one model."""
+
+    macs: Any
+    params: Any
+    prunable_macs: Any
+    prunable_params: Any
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _dim(d: G.Dim, widths: Sequence[Any]) -> Any:
+    return widths[d.index] if isinstance(d, G.GroupRef) else d
+
+
+def _valid_taps(out: int, kernel: int, stride: int) -> int:
+    """Kernel taps that land inside the input along one axis, summed over outputs."""
+    n, pad = out * stride, kernel // 2
+    return sum(1 for o in range(out) for j in range(kernel) if 0 <= o * stride - pad + j < n)
+
+
+def layer_macs(layer: G.Layer, widths: Sequence[Any], *, count_padding: bool = True) -> Any:
+    """MACs of one layer for one image, given the group widths.
+
+    ``count_padding=False`` leaves out taps that fall on zero padding, which
+    is how XLA's cost analysis counts convolutions; the standard convention
+    (and the default) counts every tap.
+    """
+    if isinstance(layer, G.NormLayer):
+        return 0
+    cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
+    if isinstance(layer, G.DenseLayer):
+        return cin * cout
+    (h, w), (kh, kw) = layer.out_hw, layer.kernel
+    taps = h * w * kh * kw if count_padding else (
+        _valid_taps(h, kh, layer.stride) * _valid_taps(w, kw, layer.stride))
+    # A depthwise conv has one input channel per output channel.
+    return taps * (1 if layer.depthwise else cin) * cout
+
+
+def layer_params(layer: G.Layer, widths: Sequence[Any]) -> Any:
+    """Trainable parameters of one layer, given the group widths."""
+    if isinstance(layer, G.NormLayer):
+        return 2 * _dim(layer.ch, widths)
+    cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
+    kh, kw = layer.kernel if isinstance(layer, G.ConvLayer) else (1, 1)
+    depthwise = isinstance(layer, G.ConvLayer) and layer.depthwise
+    return kh * kw * (1 if depthwise else cin) * cout + (cout if layer.bias else 0)
+
+
+def count(structure: G.Structure, widths: Sequence[Any] | None = None, *,
+          count_padding: bool = True) -> Counts:
+    """MACs and params of ``structure`` with group widths ``widths`` (default: its own).
+
+    ``widths`` may be Python ints (exact integer counts) or JAX scalars (a
+    traced, differentiable count). ``count_padding``: see :func:`layer_macs`.
+    """
+    widths = structure.widths if widths is None else widths
+    if len(widths) != structure.num_groups:
+        raise ValueError(f"widths has {len(widths)} entries, the model has "
+                         f"{structure.num_groups} channel groups.")
+    macs = params = pmacs = pparams = 0
+    for layer in structure.layers:
+        m = layer_macs(layer, widths, count_padding=count_padding)
+        p = layer_params(layer, widths)
+        macs, params = macs + m, params + p
+        if G.is_prunable(layer):
+            pmacs, pparams = pmacs + m, pparams + p
+    return Counts(macs, params, pmacs, pparams)
+
+
+def kept_widths(arch: Sequence[jax.Array]) -> list[jax.Array]:
+    """Kept width of each group, ``sum_i v_k,i``, differentiable in ``v``."""
+    return [jnp.sum(jnp.asarray(v, jnp.float32)) for v in arch]
+
+
+def macs_from_arch(structure: G.Structure, arch: Sequence[jax.Array],
+                   scope: str = "prunable") -> jax.Array:
+    """MACs of the sub-network selected by ``arch`` (K vectors of shape (C_k,)).
+
+    Differentiable with respect to ``arch`` (use a straight-through vector to
+    train a generator against it). ``scope`` picks ``"prunable"`` or
+    ``"total"`` MACs. Units: multiply-adds per image (float32 scalar).
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}.")
+    G.check_arch(arch, structure.widths, structure.group_names)
+    c = count(structure, kept_widths(arch))
+    return jnp.asarray(c.prunable_macs if scope == "prunable" else c.macs, jnp.float32)
+
+
+def mac_ratio(structure: G.Structure, arch: Sequence[jax.Array], scope: str = "prunable") -> jax.Array:
+    """``T(v) / T_full`` over ``scope``: the quantity the budget ``p`` constrains."""
+    full = count(structure)
+    denom = full.prunable_macs if scope == "prunable" else full.macs
+    return macs_from_arch(structure, arch, scope) / float(denom)
+
+
+def activations(structure: G.Structure, widths: Sequence[Any] | None = None) -> Any:
+    """Number of conv output elements per image (the operands of BN/activations)."""
+    widths = structure.widths if widths is None else widths
+    return sum(layer.out_hw[0] * layer.out_hw[1] * _dim(layer.out_ch, widths)
+               for layer in structure.layers if isinstance(layer, G.ConvLayer))
+
+
+def xla_forward_flops(model: Any, image_size: int | tuple[int, int], batch: int = 1, *,
+                      optimized: bool = True) -> float:
+    """FLOPs XLA reports for the eval-mode forward pass of ``model``.
+
+    ``optimized=True`` reads ``jit(...).lower(...).compile().cost_analysis()``;
+    ``False`` reads the cost of the HLO before XLA's optimisation passes (no
+    fusion, so no elementwise work counted twice). XLA counts 2 FLOPs per MAC,
+    skips taps that fall on zero padding (compare with
+    ``count(..., count_padding=False)``), and also counts BatchNorm,
+    activations and pooling. See docs/design.md for measured agreement.
+    """
+    from flax import nnx
+
+    hw = model.check_image_size(image_size)
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        m = nnx.merge(graphdef, state)
+        m.eval()
+        return m(x)
+
+    x = jax.ShapeDtypeStruct((batch, *hw, model.in_channels), jnp.float32)
+    abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    lowered = jax.jit(forward).lower(abstract_state, x)
+    cost = lowered.compile().cost_analysis() if optimized else lowered.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device program
+        cost = cost[0]
+    return float(cost["flops"])

@@ -1,0 +1,310 @@
+"""Declarative description of a model's prunable channel groups.
+
+Every backbone describes itself once, as a :class:`Structure`: the list of its
+convolution, normalisation and linear layers, with each channel dimension
+either a fixed integer or a :class:`GroupRef` to one of K prunable channel
+groups. Everything that needs to know "which tensors belong to group k" reads
+it from here:
+
+* the MAC/parameter count (:mod:`sap_jax.flops`) multiplies the layer
+  dimensions;
+* the surgery (:mod:`sap_jax.surgery`) slices every :class:`Slice` of a group;
+* the partial group lasso penalises the slices of dropped channels;
+* the report prints the group names and sizes.
+
+A group is one channel dimension of size ``C_k`` shared by all the tensors it
+touches: the conv that *produces* it (output axis), the conv that *consumes*
+it (input axis), a depthwise conv running on it, and the BatchNorms that
+normalise it (scale, bias, running mean and variance).
+
+Architecture vectors (``arch``) are sequences of K vectors, ``arch[k]`` of
+shape ``(C_k,)`` with 1 = keep and 0 = drop.
+
+Minimum-width rule (enforced only in :func:`ensure_min_kept`): a group always
+keeps at least ``MIN_KEPT = 1`` channel. A block whose inner width is zero
+would not be a smaller block but a different one (its residual branch would
+collapse to a constant), so extraction refuses to produce it and instead keeps
+the group's strongest channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+
+Path = tuple[Union[str, int], ...]
+
+#: Every group keeps at least this many channels (see module docstring).
+MIN_KEPT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRef:
+    """A channel dimension that belongs to prunable group ``index``."""
+
+    index: int
+
+
+Dim = Union[int, GroupRef]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLayer:
+    """A 2-D convolution with an HWIO kernel at ``path + ('kernel',)``.
+
+    ``out_hw`` is the spatial size of its output for the described input;
+    padding is ``kernel // 2`` on each side. A depthwise conv has
+    ``depthwise=True`` and ``in_ch == out_ch``.
+    """
+
+    path: Path
+    in_ch: Dim
+    out_ch: Dim
+    kernel: tuple[int, int]
+    out_hw: tuple[int, int]
+    stride: int = 1
+    depthwise: bool = False
+    bias: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class NormLayer:
+    """A BatchNorm over ``ch`` channels (scale, bias, mean, var)."""
+
+    path: Path
+    ch: Dim
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseLayer:
+    """A linear layer with an (in, out) kernel and a bias."""
+
+    path: Path
+    in_ch: Dim
+    out_ch: Dim
+    bias: bool = True
+
+
+Layer = Union[ConvLayer, NormLayer, DenseLayer]
+
+#: Slice roles. Kernel roles are what the partial group lasso penalises by
+#: default; BN affine roles are optional; running statistics are only sliced.
+KERNEL_ROLES = ("out", "in", "depthwise", "bias")
+BN_AFFINE_ROLES = ("bn_scale", "bn_bias")
+BN_STAT_ROLES = ("bn_mean", "bn_var")
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """One tensor of a group: the variable at ``path``, channels on ``axis``."""
+
+    path: Path
+    axis: int
+    role: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """A prunable channel group: its name, size ``C_k`` and the slices it owns."""
+
+    name: str
+    size: int
+    slices: tuple[Slice, ...]
+
+
+def _dim(d: Dim, widths: Sequence[Any]) -> Any:
+    return widths[d.index] if isinstance(d, GroupRef) else d
+
+
+def is_prunable(layer: Layer) -> bool:
+    """Whether any channel dimension of ``layer`` belongs to a group."""
+    dims = (layer.ch,) if isinstance(layer, NormLayer) else (layer.in_ch, layer.out_ch)
+    return any(isinstance(d, GroupRef) for d in dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """The declarative description of one model at one input size.
+
+    Attributes:
+      group_names: name of each of the K groups (its block's path).
+      widths: ``C_k`` of each group in the described model.
+      layers: every conv, norm and linear layer, in forward order.
+      input_hw: the input's spatial size (H, W).
+      in_channels: the input's channel count.
+    """
+
+    group_names: tuple[str, ...]
+    widths: tuple[int, ...]
+    layers: tuple[Layer, ...]
+    input_hw: tuple[int, int]
+    in_channels: int
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.widths)
+
+    @functools.cached_property
+    def groups(self) -> tuple[Group, ...]:
+        """Each group with every parameter slice it owns, derived from the layers."""
+        slices: list[list[Slice]] = [[] for _ in self.widths]
+
+        def add(d: Dim, path: Path, axis: int, role: str) -> None:
+            if isinstance(d, GroupRef):
+                slices[d.index].append(Slice(path, axis, role))
+
+        for layer in self.layers:
+            if isinstance(layer, NormLayer):
+                for name, role in (("scale", "bn_scale"), ("bias", "bn_bias"),
+                                   ("mean", "bn_mean"), ("var", "bn_var")):
+                    add(layer.ch, layer.path + (name,), 0, role)
+                continue
+            kernel = layer.path + ("kernel",)
+            if isinstance(layer, ConvLayer) and layer.depthwise:
+                add(layer.out_ch, kernel, -1, "depthwise")
+            else:
+                add(layer.out_ch, kernel, -1, "out")
+                add(layer.in_ch, kernel, -2, "in")
+            if layer.bias:
+                add(layer.out_ch, layer.path + ("bias",), 0, "bias")
+        return tuple(Group(n, w, tuple(s)) for n, w, s in
+                     zip(self.group_names, self.widths, slices))
+
+    def param_shapes(self, widths: Sequence[int] | None = None) -> dict[Path, tuple[int, ...]]:
+        """Shape of every trainable parameter and BN statistic the layers own."""
+        widths = self.widths if widths is None else widths
+        shapes: dict[Path, tuple[int, ...]] = {}
+        for layer in self.layers:
+            if isinstance(layer, NormLayer):
+                c = _dim(layer.ch, widths)
+                for name in ("scale", "bias", "mean", "var"):
+                    shapes[layer.path + (name,)] = (c,)
+                continue
+            cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
+            if isinstance(layer, ConvLayer):
+                per_group_in = 1 if layer.depthwise else cin
+                shapes[layer.path + ("kernel",)] = (*layer.kernel, per_group_in, cout)
+            else:
+                shapes[layer.path + ("kernel",)] = (cin, cout)
+            if layer.bias:
+                shapes[layer.path + ("bias",)] = (cout,)
+        return shapes
+
+
+class StructureBuilder:
+    """Collects layers and groups while a model describes itself."""
+
+    def __init__(self, input_hw: tuple[int, int], in_channels: int):
+        self._names: list[str] = []
+        self._widths: list[int] = []
+        self._layers: list[Layer] = []
+        self._input_hw = input_hw
+        self._in_channels = in_channels
+
+    def group(self, path: Path, width: int) -> GroupRef:
+        self._names.append(".".join(str(p) for p in path))
+        self._widths.append(int(width))
+        return GroupRef(len(self._widths) - 1)
+
+    def conv(self, path: Path, in_ch: Dim, out_ch: Dim, kernel: int, out_hw: tuple[int, int],
+             stride: int = 1, *, depthwise: bool = False, bias: bool = False) -> None:
+        self._layers.append(ConvLayer(path, in_ch, out_ch, (kernel, kernel), tuple(out_hw),
+                                      stride, depthwise, bias))
+
+    def norm(self, path: Path, ch: Dim) -> None:
+        self._layers.append(NormLayer(path, ch))
+
+    def dense(self, path: Path, in_ch: Dim, out_ch: Dim, *, bias: bool = True) -> None:
+        self._layers.append(DenseLayer(path, in_ch, out_ch, bias))
+
+    def build(self) -> Structure:
+        return Structure(tuple(self._names), tuple(self._widths), tuple(self._layers),
+                         tuple(self._input_hw), self._in_channels)
+
+
+# --------------------------------------------------------------------------
+# Architecture vectors
+# --------------------------------------------------------------------------
+
+def check_arch(arch: Sequence[Any], widths: Sequence[int], names: Sequence[str] | None = None,
+               *, what: str = "architecture vector") -> None:
+    """Raise a clear ``ValueError`` unless ``arch`` has one (C_k,) vector per group.
+
+    Works on traced arrays too (it only reads static shapes).
+    """
+    if arch is None or isinstance(arch, (str, bytes)) or not hasattr(arch, "__len__"):
+        raise ValueError(f"{what} must be a sequence of {len(widths)} vectors, one per "
+                         f"channel group; got {type(arch).__name__}.")
+    if len(arch) != len(widths):
+        raise ValueError(
+            f"{what} has {len(arch)} vectors but the model has {len(widths)} channel groups "
+            f"(sizes {list(widths)}). Pass exactly one vector per group, in group order "
+            f"(see `python -m sap_jax.info --model=...`).")
+    for k, (v, c) in enumerate(zip(arch, widths)):
+        shape = tuple(np.shape(v))
+        if shape != (c,):
+            name = f" ({names[k]})" if names else ""
+            raise ValueError(
+                f"{what}[{k}]{name} has shape {shape}; group {k} has {c} channels, so it "
+                f"must have shape ({c},).")
+
+
+def check_binary(arch: Sequence[Any], names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Return ``arch`` as boolean NumPy vectors, or raise if any entry is not 0/1."""
+    out = []
+    for k, v in enumerate(arch):
+        a = np.asarray(v)
+        if a.dtype == bool:
+            out.append(a)
+            continue
+        bad = ~((a == 0) | (a == 1))
+        if bad.any():
+            name = f" ({names[k]})" if names else ""
+            first = a[bad].ravel()[0].item()
+            raise ValueError(
+                f"architecture vector {k}{name} is not binary: it holds {first!r} (and "
+                f"{int(bad.sum())} non-0/1 entries in all). Extraction needs hard keep/drop "
+                f"decisions: threshold a soft vector first, e.g. `v > 0.5`, or use the "
+                f"AGN's deterministic output.")
+        out.append(a.astype(bool))
+    return out
+
+
+def ensure_min_kept(arch: Sequence[Any], scores: Sequence[Any] | None = None,
+                    names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Apply the minimum-width rule: every group keeps >= ``MIN_KEPT`` channels.
+
+    Args:
+      arch: K binary vectors.
+      scores: optional K vectors of channel importance (e.g. weight norms); a
+        group with too few kept channels gains its highest-scoring dropped
+        channels. Without scores the lowest channel indices are used.
+      names: group names for the log message.
+
+    Returns:
+      K boolean vectors, equal to ``arch`` wherever the rule already held.
+    """
+    out = []
+    for k, v in enumerate(check_binary(arch, names)):
+        v = v.copy()
+        missing = MIN_KEPT - int(v.sum())
+        if missing > 0:
+            s = np.zeros(v.shape) if scores is None else np.asarray(scores[k], dtype=np.float64)
+            order = np.argsort(-s, kind="stable")
+            add = [int(i) for i in order if not v[i]][:missing]
+            v[add] = True
+            name = names[k] if names else str(k)
+            logging.warning("group %s kept no channel; keeping channel(s) %s (minimum width %d).",
+                            name, add, MIN_KEPT)
+        out.append(v)
+    return out
+
+
+def full_arch(widths: Sequence[int]) -> list[np.ndarray]:
+    """The all-ones architecture (the dense model)."""
+    return [np.ones((c,), np.float32) for c in widths]
