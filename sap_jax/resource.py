@@ -1,0 +1,95 @@
+"""The FLOPs-budget (resource) loss ``R(T(v)/T_full, p)`` of the AGN objective.
+
+``r = T(v)/T_full`` is the fraction of MACs the sub-network keeps (over the
+prunable layers or the whole network, see :data:`sap_jax.flops.SCOPES`) and
+``p`` the target fraction. Two forms (method.md §3):
+
+* ``"one_sided"`` (NPPM): ``log(max(r, p) / p)`` — zero at or under budget.
+* ``"two_sided"`` (ATO): ``log(max(r, p + eps) / p)`` if ``r > p``, else
+  ``log(p / min(r, p - eps))`` — also pushes a sub-network that is far *under*
+  budget back up; flat (zero gradient) inside the dead band ``[p - eps, p + eps]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sap_jax import flops
+from sap_jax import groups as G
+
+FORMS = ("one_sided", "two_sided")
+
+
+def _is_concrete_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_budget(p, *, form: str = "one_sided", eps: float = 0.005) -> None:
+    """Raise a clear ``ValueError`` for a bad budget, form or dead band (Python numbers only)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown resource-loss form {form!r}; use one of {FORMS}.")
+    if _is_concrete_number(p) and not 0.0 < p <= 1.0:
+        raise ValueError(f"FLOPs budget p = {p!r} must lie in (0, 1]: it is the fraction of "
+                         f"MACs to keep (e.g. 0.48 keeps 48%).")
+    if form == "two_sided" and _is_concrete_number(eps) and _is_concrete_number(p) and not 0.0 <= eps < p:
+        raise ValueError(f"dead band eps = {eps!r} must satisfy 0 <= eps < p = {p!r}.")
+
+
+def resource_loss(ratio: jax.Array, p: float, *, form: str = "one_sided",
+                  eps: float = 0.005) -> jax.Array:
+    """``R(ratio, p)``: a scalar, 0 when the sub-network meets its budget.
+
+    Args:
+      ratio: kept MAC fraction ``T(v)/T_full`` (scalar, differentiable).
+      p: target fraction in (0, 1].
+      form: ``"one_sided"`` or ``"two_sided"``.
+      eps: dead band of the two-sided form (ignored by the one-sided form).
+    """
+    check_budget(p, form=form, eps=eps)
+    r = jnp.asarray(ratio, jnp.float32)
+    if form == "one_sided":
+        return jnp.log(jnp.maximum(r, p) / p)
+    over = jnp.log(jnp.maximum(r, p + eps) / p)
+    # Keep the unused branch finite: min(r, p - eps) can be 0 for r = 0.
+    under = jnp.log(p / jnp.maximum(jnp.minimum(r, p - eps), 1e-12))
+    return jnp.where(r > p, over, under)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceLoss:
+    """``lam * R(T(v)/T_full, p)`` with its settings, validated on construction.
+
+    Attributes:
+      p: target kept fraction of MACs, in (0, 1].
+      lam: weight λ of the resource term in the AGN loss (lineage: 4–8).
+      form: ``"one_sided"`` or ``"two_sided"``.
+      eps: dead band of the two-sided form.
+      scope: MACs the budget is read over: ``"prunable"`` (paper) or ``"total"``.
+    """
+
+    p: float
+    lam: float = 4.0
+    form: str = "one_sided"
+    eps: float = 0.005
+    scope: str = "prunable"
+
+    def __post_init__(self):
+        check_budget(self.p, form=self.form, eps=self.eps)
+        if self.scope not in flops.SCOPES:
+            raise ValueError(f"budget scope must be one of {flops.SCOPES}, got {self.scope!r}.")
+        if not _is_concrete_number(self.lam) or self.lam < 0:
+            raise ValueError(f"resource-loss weight lam = {self.lam!r} must be a number >= 0.")
+
+    def ratio(self, structure: G.Structure, arch: Sequence[jax.Array]) -> jax.Array:
+        """Kept MAC fraction of ``arch`` over this loss's scope (differentiable)."""
+        return flops.mac_ratio(structure, arch, self.scope)
+
+    def __call__(self, structure: G.Structure, arch: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Return ``(lam * R(r, p), r)`` for the architecture ``arch``."""
+        r = self.ratio(structure, arch)
+        return self.lam * resource_loss(r, self.p, form=self.form, eps=self.eps), r
