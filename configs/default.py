@@ -1,13 +1,77 @@
-"""Default configuration. The training issue extends it into the full SAP schedule.
+"""Defaults for every SAP run: CIFAR-10 ResNet-56 with the supplement's values.
 
-Usage (today): python -m sap_jax.info --model=resnet56
+Other configs import this one and override fields. Any field can be changed
+on the command line, e.g.
+
+    python -m sap_jax.main --config=configs/default.py --workdir=/tmp/r56 --config.num_epochs=3
 """
 
 import ml_collections
 
 
+def optimizer(lr: float, boundaries: tuple, *, schedule: str = "step", weight_decay: float = 1e-4,
+              momentum: float = 0.9) -> ml_collections.ConfigDict:
+    """SGD settings of one phase (dense training or fine-tuning)."""
+    return ml_collections.ConfigDict(dict(
+        learning_rate=lr,  # peak LR at `base_batch_size`; scaled linearly with batch_size
+        base_batch_size=128,  # batch size the LR refers to (linear scaling rule)
+        schedule=schedule,  # "step" (x decay at boundaries), "cosine" or "constant"
+        boundaries=boundaries,  # epochs where the step schedule multiplies the LR by `decay`
+        decay=0.1,  # step-schedule factor
+        warmup_epochs=0,  # linear warm-up from 0 (any schedule)
+        momentum=momentum,  # SGD momentum
+        nesterov=False,  # Nesterov momentum
+        weight_decay=weight_decay,  # L2 added to the gradient (PyTorch SGD style), all params
+    ))
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = "resnet56"  # a name from sap_jax.models.names()
-    c.image_size = 32  # input height = width; a multiple of the model's total stride
+    c.model = "resnet56"  # a name from sap_jax.models.names(); num_classes comes from the dataset
+    c.dataset = "cifar10"  # "cifar10" | "imagenet2012" (TFDS) | "digits" (scikit-learn, offline)
+    c.data_dir = ""  # TFDS data directory; "" = TFDS default (~/tensorflow_datasets)
+    c.image_size = 32  # training/eval resolution (a multiple of the model's total stride)
+    c.batch_size = 128  # global batch, split over all devices (must divide by device count)
+    c.eval_batch_size = 256  # global eval batch (must divide by device count)
+    c.num_epochs = 200  # epochs of dense training + search/alignment (E in method.md)
+    c.steps_per_epoch = 0  # 0 = one pass over the training split; >0 caps it (quick runs)
+    c.seed = 0  # seeds init, data order, augmentation, AGN noise and the AGN sub-dataset
+    c.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
+    c.shuffle_buffer = 16384  # tf.data shuffle buffer (streamed datasets only)
+
+    c.optim = optimizer(0.1, (100, 150))  # dense training: 0.1, x0.1 at 100 and 150 (supp. §A)
+
+    c.sap = ml_collections.ConfigDict(dict(
+        p=0.48,  # FLOPs budget: fraction of MACs kept, in (0, 1] (supp. Table 1)
+        e_start=40,  # first epoch of search + alignment; 0 <= e_start < num_epochs
+        gamma=5e-4,  # weight of the partial group lasso (CIFAR < 1e-3, ImageNet ~5e-4)
+        penalty="gradient",  # "gradient" (loss term) or "proximal" (soft-threshold after SGD)
+        include_bn=False,  # also penalise BN scale/bias of dropped channels
+        agn_every=10,  # one AGN step every this many weight steps (lineage: 10-20)
+        subset_fraction=0.1,  # fraction of the training split the AGN trains on (5-10%)
+        final_arch="last",  # "last" AGN architecture, or "best" sub-network accuracy
+    ))
+
+    c.agn = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3,  # AdamW learning rate (lineage)
+        weight_decay=1e-2,  # AdamW weight decay (lineage)
+        batch_size=128,  # global batch of an AGN step (sub-dataset)
+        tau=0.4,  # Gumbel-sigmoid temperature (supp. §A)
+        offset=3.0,  # logit offset b, so pruning starts from the whole model (supp. §A)
+        lam=4.0,  # weight of the resource loss (lineage: 4-8)
+        resource_form="one_sided",  # "one_sided" (NPPM) or "two_sided" (ATO, dead band eps)
+        resource_eps=0.005,  # dead band of the two-sided form
+        budget_scope="prunable",  # p measured over "prunable" convs (paper) or "total" MACs
+        z_dim=32,  # width of the fixed AGN input z (supp. Table 2)
+        hidden=64,  # GRU hidden width (supp. Table 2)
+        deterministic_v=True,  # v after each AGN step: True = no Gumbel noise
+    ))
+
+    c.finetune = optimizer(0.1, (80, 120))  # fine-tuning: 0.1, x0.1 at 80 and 120 (supp. §A)
+    c.finetune.num_epochs = 160  # epochs of fine-tuning the extracted model
+
+    c.log_every_steps = 50  # train-metric and progress logging interval
+    c.checkpoint_every_epochs = 1  # periodic checkpoints (phase boundaries are always saved)
+    c.keep_checkpoints = 2  # how many recent checkpoints orbax keeps
+    c.plots = True  # write PNG plots into the workdir at the end
     return c

@@ -1,0 +1,32 @@
+"""ResNet-50 on ImageNet, p = 0.37, E_start = 18 (supplement Table 1 and §A).
+
+    python -m sap_jax.main --config=configs/imagenet_r50.py --workdir=gs://bucket/sap_r50
+
+90 epochs, SGD 0.1 (batch 256) x0.1 at 30 and 60; fine-tune 100 epochs with
+the same schedule and LR 1e-4 for epochs 90-100; gamma 5e-4 (supp. §C).
+"""
+
+from configs import default
+
+MODEL, P = "resnet50", 0.37
+
+
+def get_config():
+    c = default.get_config()
+    c.model = MODEL
+    c.dataset = "imagenet2012"
+    c.image_size = 224
+    c.batch_size = 256
+    c.eval_batch_size = 500
+    c.num_epochs = 90
+    c.optim = default.optimizer(0.1, (30, 60))
+    c.optim.base_batch_size = 256
+    c.sap.p = P
+    c.sap.e_start = 18
+    c.sap.gamma = 5e-4
+    c.agn.batch_size = 256
+    c.finetune = default.optimizer(0.1, (30, 60, 90))  # 0.1 -> 1e-2 -> 1e-3 -> 1e-4 (90-100)
+    c.finetune.base_batch_size = 256
+    c.finetune.num_epochs = 100
+    c.log_every_steps = 100
+    return c

@@ -1,0 +1,35 @@
+"""The embedded default: the whole SAP pipeline on scikit-learn's digits, offline, in minutes.
+
+    python -m sap_jax.main --config=configs/quickstart.py --workdir=/tmp/sap_quickstart
+
+A CIFAR ResNet-20 on the 1797 8x8 digits (upscaled to 16x16, 80/20 split):
+dense training, search + alignment from epoch 4, the cut at p = 0.5 of the
+prunable MACs, and fine-tuning of the extracted model.
+"""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.model = "resnet20"
+    c.dataset = "digits"
+    c.image_size = 16
+    c.batch_size = 64
+    c.eval_batch_size = 360
+    c.num_epochs = 20
+    c.optim = default.optimizer(0.05, (14,), weight_decay=5e-4)
+    c.optim.base_batch_size = 64
+    c.sap.p = 0.5
+    c.sap.e_start = 4
+    c.sap.gamma = 1e-2  # stronger than CIFAR's: this run has only 16 search epochs
+    c.sap.agn_every = 2
+    c.sap.subset_fraction = 0.2
+    c.agn.batch_size = 64
+    c.agn.learning_rate = 1e-2
+    c.agn.lam = 8.0  # the lineage's upper value: few AGN steps must reach the budget
+    c.finetune = default.optimizer(0.02, (4,), weight_decay=5e-4)
+    c.finetune.base_batch_size = 64
+    c.finetune.num_epochs = 6
+    c.log_every_steps = 20
+    return c

@@ -1,0 +1,311 @@
+"""Input pipelines: in-memory datasets (digits, CIFAR-10) and streamed ImageNet (TFDS + tf.data).
+
+Every pipeline yields *host-local* batches, dicts of NumPy arrays
+``{"image": (b, H, W, C) float32 normalised, "label": (b,) int32, "mask": (b,) float32}``
+where ``b = global_batch / process_count``; :func:`sap_jax.parallel.global_batch`
+assembles the global array. Orders and augmentations are deterministic
+functions of ``(seed, epoch)`` (in-memory datasets), so a resumed run sees
+the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+PREPARE = {
+    "imagenet2012": (
+        "ImageNet (TFDS 'imagenet2012') is not prepared in {data_dir}. It needs a manual "
+        "download:\n"
+        "  1. get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org\n"
+        "  2. put both in {data_dir}/downloads/manual/\n"
+        "  3. run: tfds build imagenet2012 --data_dir={data_dir}   (about 150 GB, a few hours)\n"
+        "then rerun with --config.data_dir={data_dir} (or leave it empty for the TFDS default)."),
+    "cifar10": (
+        "CIFAR-10 (TFDS 'cifar10') is not prepared in {data_dir}. On a machine with internet run:\n"
+        "  tfds build cifar10 --data_dir={data_dir}\n"
+        "and copy {data_dir}/cifar10 here, or pass --config.data_dir=DIR where it lives. "
+        "For an offline run use --config.dataset=digits (see configs/quickstart.py)."),
+}
+
+
+class DatasetNotPrepared(RuntimeError):
+    """A TFDS dataset is missing; the message says how to prepare it."""
+
+
+@dataclasses.dataclass
+class Info:
+    num_classes: int
+    image_size: int
+    train_size: int
+    eval_size: int
+
+
+def _normalise(images: np.ndarray, mean, std) -> np.ndarray:
+    x = images.astype(np.float32) / 255.0
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+class ArrayDataset:
+    """A dataset held in host memory as uint8 NHWC arrays.
+
+    Args:
+      train, test: ``(images uint8 (N, H, W, C), labels int)``.
+      crop_pad: random-crop augmentation with this much zero padding (0 = off).
+      flip: random horizontal flips.
+      seed: data order, augmentation and the AGN sub-dataset derive from it.
+      subset_fraction: fraction of the training split the AGN trains on.
+    """
+
+    def __init__(self, train, test, *, num_classes: int, mean, std, crop_pad: int = 0,
+                 flip: bool = False, seed: int = 0, subset_fraction: float = 0.1):
+        self.train_x, self.train_y = train
+        self.test_x, self.test_y = test
+        self.mean, self.std, self.crop_pad, self.flip, self.seed = mean, std, crop_pad, flip, seed
+        n = len(self.train_y)
+        k = max(1, int(round(subset_fraction * n)))
+        self.subset = np.sort(np.random.default_rng([seed, 7]).permutation(n)[:k])
+        self.info = Info(num_classes, self.train_x.shape[1], n, len(self.test_y))
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        steps = self.info.train_size // global_batch
+        if steps == 0:
+            raise ValueError(f"batch_size {global_batch} exceeds the {self.info.train_size} "
+                             "training examples: lower batch_size.")
+        return steps
+
+    def _local(self, idx: np.ndarray) -> np.ndarray:
+        """This process's rows of a global batch of indices."""
+        n = len(idx) // jax.process_count()
+        return idx[jax.process_index() * n:(jax.process_index() + 1) * n]
+
+    def _augment(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.crop_pad:
+            p = self.crop_pad
+            padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+            h, w = images.shape[1:3]
+            dy, dx = rng.integers(0, 2 * p + 1, (2, len(images)))
+            images = np.stack([padded[i, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy, dx))])
+        if self.flip:
+            flip = rng.random(len(images)) < 0.5
+            images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+        return images
+
+    def _batch(self, x, y, idx, rng=None) -> Batch:
+        images = x[idx]
+        if rng is not None:
+            images = self._augment(images, rng)
+        return {"image": _normalise(images, self.mean, self.std), "label": y[idx].astype(np.int32),
+                "mask": np.ones(len(idx), np.float32)}
+
+    def train_batches(self, epoch: int, global_batch: int, num_steps: int | None = None) -> Iterator[Batch]:
+        """One epoch of augmented batches; the order depends only on (seed, epoch)."""
+        steps = self.steps_per_epoch(global_batch) if not num_steps else num_steps
+        order = np.random.default_rng([self.seed, 1, epoch]).permutation(self.info.train_size)
+        order = np.resize(order, steps * global_batch)  # wraps around if num_steps asks for more
+        for s in range(steps):
+            idx = self._local(order[s * global_batch:(s + 1) * global_batch])
+            rng = np.random.default_rng([self.seed, 2, epoch, s, jax.process_index()])
+            yield self._batch(self.train_x, self.train_y, idx, rng)
+
+    def subset_batch(self, index: int, global_batch: int) -> Batch:
+        """The ``index``-th AGN batch: a seeded draw from the fixed sub-dataset (no augmentation)."""
+        rng = np.random.default_rng([self.seed, 3, index])
+        idx = self._local(self.subset[rng.integers(0, len(self.subset), global_batch)])
+        return self._batch(self.train_x, self.train_y, idx)
+
+    def eval_batches(self, global_batch: int) -> Iterator[Batch]:
+        """The test split in order; the last batch is padded and masked."""
+        n = self.info.eval_size
+        for start in range(0, n, global_batch):
+            idx = np.arange(start, start + global_batch)
+            valid = idx < n
+            idx = self._local(np.where(valid, idx, 0))
+            b = self._batch(self.test_x, self.test_y, idx)
+            b["mask"] = self._local(valid).astype(np.float32)
+            yield b
+
+
+def digits(seed: int = 0, subset_fraction: float = 0.1, image_size: int = 16) -> ArrayDataset:
+    """scikit-learn's 8x8 handwritten digits (1797 images, ships with the package), upscaled to
+    ``image_size`` (a multiple of 8) as 3-channel images; a fixed 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    if image_size % 8:
+        raise ValueError(f"digits image_size must be a multiple of 8, got {image_size}.")
+    d = load_digits()
+    r = image_size // 8
+    images = np.kron(d.images, np.ones((r, r))) * (255.0 / 16.0)
+    images = np.repeat(images[..., None], 3, -1).round().astype(np.uint8)
+    order = np.random.default_rng(12345).permutation(len(images))  # fixed split, independent of seed
+    cut = int(0.8 * len(images))
+    tr, te = order[:cut], order[cut:]
+    mean = tuple(float(images[tr].mean() / 255.0) for _ in range(3))
+    std = tuple(float(images[tr].std() / 255.0) for _ in range(3))
+    return ArrayDataset((images[tr], d.target[tr]), (images[te], d.target[te]), num_classes=10,
+                        mean=mean, std=std, crop_pad=r, flip=False, seed=seed,
+                        subset_fraction=subset_fraction)
+
+
+def _require_prepared(name: str, data_dir: str | None) -> None:
+    """Fail fast, with preparation instructions, when a TFDS dataset is not on disk."""
+    import tensorflow_datasets as tfds
+
+    try:
+        tfds.load(name, split="train", data_dir=data_dir or None, download=False)
+    except AssertionError as e:  # what TFDS raises for "could not find data in ..."
+        root = data_dir or os.path.expanduser("~/tensorflow_datasets")
+        raise DatasetNotPrepared(PREPARE[name].format(data_dir=root)) from e
+
+
+def _num_examples(builder, split: str, data_dir: str | None) -> int:
+    import tensorflow_datasets as tfds
+
+    try:
+        return builder.info.splits[split].num_examples
+    except KeyError:  # no metadata (e.g. tfds.testing.mock_data): count
+        ds = tfds.load(builder.name, split=split, data_dir=data_dir, download=False)
+        return int(ds.reduce(0, lambda n, _: n + 1))
+
+
+def cifar10(data_dir: str | None = None, seed: int = 0, subset_fraction: float = 0.1) -> ArrayDataset:
+    """CIFAR-10 from TFDS, loaded into memory; pad-4 random crop, flip, per-channel normalisation."""
+    import tensorflow_datasets as tfds
+
+    _require_prepared("cifar10", data_dir)
+    splits = {}
+    for split in ("train", "test"):
+        ds = tfds.load("cifar10", split=split, data_dir=data_dir or None, download=False)
+        parts = list(tfds.as_numpy(ds.batch(10000)))
+        splits[split] = (np.concatenate([b["image"] for b in parts]),
+                         np.concatenate([b["label"] for b in parts]))
+    return ArrayDataset(splits["train"], splits["test"], num_classes=10, mean=CIFAR_MEAN,
+                        std=CIFAR_STD, crop_pad=4, flip=True, seed=seed, subset_fraction=subset_fraction)
+
+
+class ImageNet:
+    """ImageNet (TFDS ``imagenet2012``) streamed with tf.data, sharded per host.
+
+    Train: random-resized crop (area 8-100%, aspect 3/4-4/3) to ``image_size`` and
+    a horizontal flip. Eval: resize the shorter side to ``image_size * 256/224``,
+    then a centre crop. The AGN sub-dataset is a seeded random ``subset_fraction``
+    of the training split (a per-example hash, so it is the same every epoch).
+    """
+
+    def __init__(self, data_dir: str | None = None, *, image_size: int = 224, seed: int = 0,
+                 subset_fraction: float = 0.1, shuffle_buffer: int = 16384):
+        import tensorflow_datasets as tfds
+
+        _require_prepared("imagenet2012", data_dir)
+        self.data_dir, self.size, self.seed = data_dir or None, image_size, seed
+        self.subset_fraction, self.shuffle_buffer = subset_fraction, shuffle_buffer
+        builder = tfds.builder("imagenet2012", data_dir=self.data_dir)
+        self.info = Info(1000, image_size, _num_examples(builder, "train", self.data_dir),
+                         _num_examples(builder, "validation", self.data_dir))
+        self._subset_iter = None
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return max(1, self.info.train_size // global_batch)
+
+    # -- tf.data pieces ------------------------------------------------------
+    def _load(self, split: str, *, shuffle_files: bool, seed: int | None = None):
+        import tensorflow_datasets as tfds
+
+        read = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16)
+        return tfds.load("imagenet2012", split=tfds.split_for_jax_process(split, drop_remainder=True),
+                         data_dir=self.data_dir, shuffle_files=shuffle_files, read_config=read,
+                         download=False)
+
+    def _train_map(self, seed_pair):
+        import tensorflow as tf
+
+        size, mean, std = self.size, IMAGENET_MEAN, IMAGENET_STD
+
+        def fn(i, ex):
+            s = tf.random.experimental.stateless_fold_in(tf.constant(seed_pair, tf.int64), i)
+            img = ex["image"]
+            begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+                tf.shape(img), tf.zeros([1, 0, 4]), seed=s, area_range=(0.08, 1.0),
+                aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0, max_attempts=10,
+                use_image_if_no_bounding_boxes=True)
+            img = tf.slice(img, begin, crop)
+            img = tf.image.resize(img, (size, size), antialias=True)
+            img = tf.image.stateless_random_flip_left_right(img, s)
+            img = (img / 255.0 - mean) / std
+            return {"image": tf.cast(img, tf.float32), "label": tf.cast(ex["label"], tf.int32),
+                    "mask": tf.constant(1.0)}
+
+        return fn
+
+    def _eval_map(self, ex):
+        import tensorflow as tf
+
+        resize = int(round(self.size * 256 / 224))
+        img = tf.cast(ex["image"], tf.float32)
+        shape = tf.cast(tf.shape(img)[:2], tf.float32)
+        scale = resize / tf.reduce_min(shape)
+        img = tf.image.resize(img, tf.cast(tf.round(shape * scale), tf.int32), antialias=True)
+        img = tf.image.resize_with_crop_or_pad(img, self.size, self.size)
+        img = (img / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        return {"image": tf.cast(img, tf.float32), "label": tf.cast(ex["label"], tf.int32),
+                "mask": tf.constant(1.0)}
+
+    def train_batches(self, epoch: int, global_batch: int, num_steps: int | None = None) -> Iterator[Batch]:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+
+        local = global_batch // jax.process_count()
+        steps = num_steps or self.steps_per_epoch(global_batch)
+        ds = self._load("train", shuffle_files=True, seed=self.seed + epoch).repeat()
+        ds = ds.shuffle(self.shuffle_buffer, seed=self.seed + epoch).enumerate()
+        ds = ds.map(self._train_map((self.seed, epoch)), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(local, drop_remainder=True).take(steps).prefetch(tf.data.AUTOTUNE)
+        yield from tfds.as_numpy(ds)
+
+    def subset_batch(self, index: int, global_batch: int) -> Batch:
+        if self._subset_iter is None:
+            import tensorflow as tf
+            import tensorflow_datasets as tfds
+
+            frac, seed = self.subset_fraction, self.seed
+            ds = self._load("train", shuffle_files=False).enumerate()
+            ds = ds.filter(lambda i, ex: tf.random.stateless_uniform(
+                [], tf.stack([tf.cast(seed, tf.int64), i])) < frac)
+            ds = ds.map(lambda i, ex: ex).cache().repeat().shuffle(4096, seed=seed).enumerate()
+            ds = ds.map(self._train_map((seed, -1)), num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.batch(global_batch // jax.process_count(), drop_remainder=True).prefetch(2)
+            self._subset_iter = iter(tfds.as_numpy(ds))
+        return next(self._subset_iter)
+
+    def eval_batches(self, global_batch: int) -> Iterator[Batch]:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+
+        local = global_batch // jax.process_count()
+        ds = self._load("validation", shuffle_files=False)
+        ds = ds.map(self._eval_map, num_parallel_calls=tf.data.AUTOTUNE).batch(local).prefetch(2)
+        for b in tfds.as_numpy(ds):
+            n = len(b["label"])
+            if n < local:  # pad the last batch; masked out of the metrics
+                b = {k: np.concatenate([v, np.zeros((local - n,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+            yield b
+
+
+def load(config) -> ArrayDataset | ImageNet:
+    """The dataset a config names (validated before: dataset name and sizes)."""
+    frac = config.sap.subset_fraction
+    if config.dataset == "digits":
+        return digits(config.seed, frac, config.image_size)
+    if config.dataset == "cifar10":
+        return cifar10(config.data_dir, config.seed, frac)
+    return ImageNet(config.data_dir, image_size=config.image_size, seed=config.seed,
+                    subset_fraction=frac, shuffle_buffer=config.shuffle_buffer)

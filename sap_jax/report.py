@@ -1,0 +1,132 @@
+"""The end of a run: a summary table, ``results.json`` and PNG plots in the workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from sap_jax import config as config_lib
+from sap_jax import flops
+from sap_jax.info import _human
+
+
+def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, final_acc: float,
+            dense_structure, pruned_structure) -> dict[str, Any]:
+    """Everything a run reports, JSON-ready."""
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    return {
+        "model": c.model, "dataset": c.dataset, "image_size": c.image_size, "p": c.sap.p,
+        "budget_scope": c.agn.budget_scope,
+        "dense_acc": meta.get("dense_acc"),
+        "subnet_acc_at_cut": meta.get("subnet_acc_at_cut"),
+        "cut_acc": meta.get("cut_acc"),
+        "best_subnet_acc": meta.get("best_subnet_acc"),
+        "final_acc": final_acc,
+        "macs_before": before.macs, "macs_after": after.macs,
+        "macs_ratio": ratio(after.macs, before.macs),
+        "prunable_macs_before": before.prunable_macs, "prunable_macs_after": after.prunable_macs,
+        "prunable_macs_ratio": ratio(after.prunable_macs, before.prunable_macs),
+        "params_before": before.params, "params_after": after.params,
+        "params_ratio": ratio(after.params, before.params),
+        "group_names": list(dense_structure.group_names),
+        "dense_widths": list(dense_structure.widths),
+        "widths": list(pruned_structure.widths),
+        "times_s": dict(meta.get("times", {})),
+        "history": meta.get("history", {}),
+        "config": config_lib.to_json_dict(c),
+    }
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def summary(r: dict[str, Any]) -> str:
+    """A human-readable table of a run's results."""
+    lines = [
+        f"SAP {r['model']} on {r['dataset']} ({r['image_size']}px), budget p = {r['p']} "
+        f"of {r['budget_scope']} MACs",
+        "",
+        f"  {'accuracy':<34} {'':>10}",
+        f"  {'dense model':<34} {_pct(r['dense_acc']):>10}",
+        f"  {'sub-network right after the cut':<34} {_pct(r['cut_acc']):>10}",
+        f"  {'final (after fine-tuning)':<34} {_pct(r['final_acc']):>10}",
+        "",
+        f"  {'':<18} {'before':>10} {'after':>10} {'ratio':>8}",
+    ]
+    for label, key in (("MACs", "macs"), ("MACs prunable", "prunable_macs"), ("params", "params")):
+        b, a = r[f"{key}_before"], r[f"{key}_after"]
+        lines.append(f"  {label:<18} {_human(b):>10} {_human(a):>10} {a / b:>8.1%}")
+    lines += ["", "  wall time per phase: " + ", ".join(
+        f"{k} {v:.1f}s" for k, v in r["times_s"].items())]
+    return "\n".join(lines)
+
+
+def write(workdir: str, r: dict[str, Any], *, plots: bool = True) -> None:
+    """``results.json`` (atomically) and, if asked, the PNG plots."""
+    path = os.path.join(workdir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(r, f, indent=2)
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(workdir, "summary.txt"), "w") as f:
+        f.write(summary(r) + "\n")
+    if plots:
+        write_plots(workdir, r)
+
+
+def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
+    """accuracy.png, hamming.png and widths.png; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = r["history"]
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if h.get("test_acc"):
+        ax.plot(h["epoch"], h["test_acc"], label="dense model")
+    if h.get("subnet_acc"):
+        e0 = len(h["epoch"]) - len(h["subnet_acc"])
+        ax.plot(h["epoch"][e0:], h["subnet_acc"], label="sub-network (gated by v)")
+    if h.get("ft_test_acc"):
+        last = h["epoch"][-1] if h.get("epoch") else 0
+        ax.plot([last + e for e in h["ft_epoch"]], h["ft_test_acc"], label="pruned model, fine-tuning")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{r['model']} on {r['dataset']}, p = {r['p']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out.append(os.path.join(workdir, "accuracy.png"))
+    fig.tight_layout()
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if h.get("hamming"):
+        e0 = len(h["epoch"]) - len(h["hamming"])
+        ax.plot(h["epoch"][e0:], h["hamming"], marker="o")
+    ax.axhline(0.05, color="grey", ls="--", lw=1, label="0.05 (supp. §D)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Hamming distance of v to previous epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out.append(os.path.join(workdir, "hamming.png"))
+    fig.tight_layout()
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+
+    k = range(len(r["widths"]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(r["widths"]) + 2), 4))
+    ax.bar(k, r["dense_widths"], color="lightgrey", label="original")
+    ax.bar(k, r["widths"], color="tab:blue", label="kept")
+    ax.set_xlabel("channel group")
+    ax.set_ylabel("channels")
+    ax.set_title(f"kept widths: MACs {r['macs_ratio']:.1%} of dense")
+    ax.legend()
+    out.append(os.path.join(workdir, "widths.png"))
+    fig.tight_layout()
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,521 @@
+"""The SAP schedule: dense training -> search + alignment -> cut -> fine-tune (method.md §4).
+
+``train_and_evaluate(config, workdir)`` runs the whole method and can be
+stopped and restarted at any time: it resumes from the latest checkpoint in
+``workdir``. The hot path is three pure, jitted functions built per model
+shape (:func:`make_train_step`, :func:`make_eval_step`, :func:`make_agn_step`);
+everything else is orchestration on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import nnx
+
+from sap_jax import agn as agn_lib
+from sap_jax import config as config_lib
+from sap_jax import data as data_lib
+from sap_jax import flops, models, parallel, penalty, report, resource, surgery
+from sap_jax.codec import ModuleCodec
+
+Tree = dict[str, Any]
+CKPT_DIR = "checkpoints"
+PRUNED_DIR = "pruned_model"
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------
+# Optimizers
+# --------------------------------------------------------------------------
+
+def lr_schedule(o: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int,
+                batch_size: int) -> optax.Schedule:
+    """The phase's LR per step: linear scaling with the batch, warm-up, then step/cosine/constant."""
+    peak = o.learning_rate * batch_size / o.base_batch_size
+    total = max(1, num_epochs * steps_per_epoch)
+    if o.schedule == "step":
+        base = optax.piecewise_constant_schedule(
+            peak, {int(round(b * steps_per_epoch)): o.decay for b in o.boundaries})
+    elif o.schedule == "cosine":
+        base = optax.cosine_decay_schedule(peak, total)
+    else:
+        base = optax.constant_schedule(peak)
+    warm = int(round(o.warmup_epochs * steps_per_epoch))
+    if not warm:
+        return base
+    return lambda step: base(step) * jnp.minimum(1.0, (step + 1) / warm)
+
+
+def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, *,
+                   proximal: Callable[[optax.Schedule], optax.GradientTransformation] | None = None
+                   ) -> optax.GradientTransformation:
+    """SGD with L2 weight decay added to the gradient (PyTorch style), plus an optional proximal link."""
+    chain = [optax.add_decayed_weights(o.weight_decay)] if o.weight_decay else []
+    chain.append(optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
+    if proximal is not None:
+        chain.append(proximal(schedule))
+    return optax.chain(*chain)
+
+
+# --------------------------------------------------------------------------
+# Jitted steps
+# --------------------------------------------------------------------------
+
+def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformation, *,
+                    penalty_form: str = "gradient", include_bn: bool = False,
+                    dtype: Any = jnp.float32) -> Callable:
+    """``(params, rest, opt_state, batch, arch, gamma) -> (params, rest, opt_state, metrics)``.
+
+    The dense model trains ungated; ``gamma * R_w(W; arch)`` joins the loss in
+    the gradient form (the proximal form lives in ``tx``). ``arch`` and
+    ``gamma`` are traced, so neither a new mask nor the start of the search
+    recompiles.
+    """
+    def step(params, rest, opt_state, batch, arch, gamma):
+        model = codec.merge(params, rest)
+        model.train()
+
+        def loss_fn(model):
+            logits = model(batch["image"].astype(dtype))
+            ce = jnp.mean(_ce(logits, batch["label"]))
+            reg = penalty.partial_group_lasso(nnx.state(model, nnx.Param), arch, structure,
+                                              include_bn=include_bn)
+            loss = ce + gamma * reg if penalty_form == "gradient" else ce
+            return loss, (ce, reg, logits)
+
+        (loss, (ce, reg, logits)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        grads = codec.params.encode(grads)
+        updates, opt_state = tx.update(grads, opt_state, params, arch=arch)
+        params = optax.apply_updates(params, updates)
+        acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return params, codec.rest_of(model), opt_state, {"loss": loss, "ce": ce, "penalty": reg,
+                                                          "accuracy": acc}
+
+    return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def make_eval_step(codec: ModuleCodec, dtype: Any = jnp.float32) -> Callable:
+    """``(params, rest, batch, arch) -> {"correct", "loss", "count"}`` sums over unmasked examples."""
+    def step(params, rest, batch, arch):
+        model = codec.merge(params, rest)
+        model.eval()
+        logits = model(batch["image"].astype(dtype), arch)
+        m = batch["mask"]
+        return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * m),
+                "loss": jnp.sum(_ce(logits, batch["label"]) * m), "count": jnp.sum(m)}
+
+    return jax.jit(step)
+
+
+def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
+                  budget: resource.ResourceLoss, tx: optax.GradientTransformation, *,
+                  tau: float, offset: float, deterministic_v: bool,
+                  dtype: Any = jnp.float32) -> Callable:
+    """``(agn_params, agn_rest, agn_opt_state, params, rest, batch, key) -> (agn_params,
+    agn_opt_state, arch, metrics)``: one AGN step on the frozen, gated model, then the new v."""
+    def apply_fn(model_state, images, arch):
+        model = model_codec.merge(*model_state)
+        model.eval()  # BN running statistics; W is frozen
+        return model(images.astype(dtype), arch)
+
+    def step(agn_params, agn_rest, agn_opt_state, params, rest, batch, key):
+        gen = agn_codec.merge(agn_params, agn_rest)
+        _, metrics, grads = agn_lib.agn_value_and_grad(
+            gen, apply_fn, (params, rest), batch, key, structure=structure, resource=budget,
+            tau=tau, offset=offset)
+        grads = agn_codec.params.encode(grads)
+        updates, agn_opt_state = tx.update(grads, agn_opt_state, agn_params)
+        agn_params = optax.apply_updates(agn_params, updates)
+        gen = agn_codec.merge(agn_params, agn_rest)
+        noise = None if deterministic_v else jax.random.fold_in(key, 1)
+        arch = [jax.lax.stop_gradient(v) for v in gen.sample(noise, tau=tau, offset=offset)]
+        return agn_params, agn_opt_state, arch, metrics
+
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+def make_norms(structure, include_bn: bool) -> Callable:
+    """``(params, arch) -> (mean dropped, mean kept)`` per-channel norm, summed over a group's tensors."""
+    def fn(params, arch):
+        drop = jnp.sum(penalty.group_penalties(params, arch, structure, include_bn=include_bn))
+        keep = jnp.sum(penalty.group_penalties(params, [1 - v for v in arch], structure,
+                                               include_bn=include_bn))
+        nd = sum(jnp.sum(1 - v) for v in arch)
+        nk = sum(jnp.sum(v) for v in arch)
+        return drop / jnp.maximum(nd, 1), keep / jnp.maximum(nk, 1)
+
+    return jax.jit(fn)
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Programs:
+    """Everything compiled for one model shape."""
+
+    model: models.PrunableModel
+    structure: Any
+    codec: ModuleCodec
+    eval_step: Callable
+    train_step: Callable | None = None
+    tx: optax.GradientTransformation | None = None
+
+
+def _to_host(tree: Any) -> Any:
+    """Replicated global arrays -> NumPy (works when arrays span several processes)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+                        else np.asarray(x), tree)
+
+
+def _finite_or_raise(values: dict[str, float], where: str, ckpt: Any) -> None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteLoss(
+            f"non-finite training metrics {bad} {where}. The run stopped; the last good "
+            f"checkpoint ({ckpt}) is kept. Lower the learning rate (optim.learning_rate) or "
+            f"gamma (sap.gamma), or try dtype=float32.")
+
+
+class Run:
+    """One SAP run in a workdir (host-side orchestration of the jitted steps)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        config_lib.validate(config)
+        self.c, self.workdir = config, os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self._check_workdir_config()
+        self.mesh = parallel.make_mesh()
+        self.data = data_lib.load(config)
+        self.dtype = jnp.dtype(config.dtype)
+        self.spe = config.steps_per_epoch or self.data.steps_per_epoch(config.batch_size)
+        self.total_steps = (config.num_epochs + config.finetune.num_epochs) * self.spe
+        self.writer = metric_writers.create_default_writer(
+            self.workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+        self.progress = periodic_actions.ReportProgress(
+            num_train_steps=self.total_steps, writer=self.writer,
+            every_steps=config.log_every_steps)
+        self.ckpt = ocp.CheckpointManager(
+            os.path.join(self.workdir, CKPT_DIR),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
+            item_names=("state", "meta"))
+        self.key = jax.random.key(config.seed)
+
+    # -- config / workdir ------------------------------------------------------
+    def _check_workdir_config(self) -> None:
+        path = os.path.join(self.workdir, "config.json")
+        mine = config_lib.to_json_dict(self.c)
+        if os.path.exists(path):
+            with open(path) as f:
+                theirs = json.load(f)
+            diff = sorted(_diff_keys(theirs, mine))
+            if diff:
+                raise config_lib.ConfigError(
+                    f"workdir {self.workdir} holds a run with a different config "
+                    f"(fields {', '.join(diff)} differ). Use a new --workdir, or restore the "
+                    f"original values to resume.")
+        elif jax.process_index() == 0:
+            with open(path, "w") as f:
+                json.dump(mine, f, indent=2)
+
+    # -- model / programs --------------------------------------------------------
+    def _programs(self, widths: Sequence[int] | None, phase: str) -> Programs:
+        c = self.c
+        model = models.create(c.model, seed=c.seed, num_classes=self.data.info.num_classes,
+                              widths=widths, dtype=None if c.dtype == "float32" else c.dtype)
+        structure = model.structure(c.image_size)
+        codec = ModuleCodec(model)
+        progs = Programs(model, structure, codec, make_eval_step(codec, self.dtype))
+        o = c.optim if phase == "search" else c.finetune
+        epochs = c.num_epochs if phase == "search" else c.finetune.num_epochs
+        sched = lr_schedule(o, self.spe, epochs, c.batch_size)
+        prox = None
+        if phase == "search" and c.sap.penalty == "proximal":
+            start = c.sap.e_start * self.spe
+            prox = lambda lr: penalty.proximal_partial_group_lasso(  # noqa: E731
+                structure, lambda n: lr(n) * c.sap.gamma * (n >= start), include_bn=c.sap.include_bn)
+        progs.tx = make_optimizer(o, sched, proximal=prox)
+        progs.train_step = make_train_step(codec, structure, progs.tx, penalty_form=c.sap.penalty,
+                                           include_bn=c.sap.include_bn, dtype=self.dtype)
+        return progs
+
+    def _fresh_search_state(self, progs: Programs) -> tuple[Tree, Any]:
+        c = self.c
+        gen = agn_lib.AGN(progs.model.widths, z_dim=c.agn.z_dim, hidden=c.agn.hidden, seed=c.seed + 1)
+        self.agn_codec = ModuleCodec(gen)
+        self.agn_tx = optax.adamw(c.agn.learning_rate, weight_decay=c.agn.weight_decay)
+        params, rest = progs.codec.split(progs.model)
+        agn_params, agn_rest = self.agn_codec.split(gen)
+        ones = [np.ones(w, np.float32) for w in progs.model.widths]
+        state = {"params": params, "rest": rest, "opt_state": progs.tx.init(params),
+                 "agn_params": agn_params, "agn_rest": agn_rest,
+                 "agn_opt_state": self.agn_tx.init(agn_params),
+                 "arch": ones, "best_arch": ones, "prev_arch": ones,
+                 "rng": jax.random.key_data(self.key)}
+        return state, gen
+
+    def _fresh_finetune_state(self, progs: Programs) -> Tree:
+        params, rest = progs.codec.split(progs.model)
+        return {"params": params, "rest": rest, "opt_state": progs.tx.init(params),
+                "rng": jax.random.key_data(self.key)}
+
+    # -- checkpoints ---------------------------------------------------------------
+    def _save(self, state: Tree, meta: dict[str, Any]) -> None:
+        meta = {**meta, "ckpt": meta.get("ckpt", 0) + 1}
+        self.ckpt.save(meta["ckpt"], args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        self.ckpt.wait_until_finished()
+        self.meta = meta
+
+    def _restore(self, template: Tree) -> Tree:
+        sharding = parallel.param_sharding(self.mesh)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
+                                                               if not isinstance(x, jax.Array) else x.dtype,
+                                                               sharding=sharding), template)
+        out = self.ckpt.restore(self.ckpt.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))
+        return out["state"]
+
+    def _latest_meta(self) -> dict[str, Any] | None:
+        step = self.ckpt.latest_step()
+        if step is None:
+            return None
+        return dict(self.ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    # -- evaluation ------------------------------------------------------------------
+    def evaluate(self, progs: Programs, params: Tree, rest: Tree, arch) -> tuple[float, float]:
+        sums = None
+        for b in self.data.eval_batches(self.c.eval_batch_size):
+            out = progs.eval_step(params, rest, parallel.global_batch(b, self.mesh), arch)
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        s = _to_host(sums)
+        n = max(float(s["count"]), 1.0)
+        return float(s["correct"]) / n, float(s["loss"]) / n
+
+    # -- phases ----------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        c = self.c
+        meta = self._latest_meta()
+        if meta is None:
+            meta = {"phase": "search", "epoch": 0, "step": 0, "agn_steps": 0,
+                    "history": {}, "times": {}, "dense_widths": None}
+            logging.info("starting a new run in %s", self.workdir)
+        else:
+            logging.info("resuming from checkpoint %d: phase %s, %d epochs done", meta["ckpt"],
+                         meta["phase"], meta["epoch"])
+        self.meta = meta
+
+        dense = self._programs(None, "search")
+        self.dense = dense
+        template, _ = self._fresh_search_state(dense)
+        meta["dense_widths"] = list(dense.model.widths)
+        if meta["phase"] == "search":
+            state = self._restore(template) if "ckpt" in meta else parallel.replicate(template, self.mesh)
+            state = self._search(dense, state, meta)
+            pruned, state = self._cut(dense, state, self.meta)
+        else:
+            pruned = self._programs(self.meta["widths"], "finetune")
+            state = self._restore(_to_host(self._fresh_finetune_state(pruned)))
+        state = self._finetune(pruned, state, self.meta)
+        return self._finish(dense, pruned, state, self.meta)
+
+    def _log_train(self, phase: str, epoch: int, step: int, acc: list[dict]) -> None:
+        vals = {k: float(np.mean([float(m[k]) for m in acc])) for k in acc[0]}
+        _finite_or_raise(vals, f"at step {step} (phase {phase}, epoch {epoch})",
+                         self.ckpt.latest_step())
+        self.writer.write_scalars(step, {f"train/{k}": v for k, v in vals.items()})
+
+    def _search(self, progs: Programs, state: Tree, meta: dict[str, Any]) -> Tree:
+        c, s = self.c, self.c.sap
+        budget = resource.ResourceLoss(s.p, lam=c.agn.lam, form=c.agn.resource_form,
+                                       eps=c.agn.resource_eps, scope=c.agn.budget_scope)
+        agn_step = make_agn_step(progs.codec, self.agn_codec, progs.structure, budget, self.agn_tx,
+                                 tau=c.agn.tau, offset=c.agn.offset,
+                                 deterministic_v=c.agn.deterministic_v, dtype=self.dtype)
+        norms = make_norms(progs.structure, s.include_bn)
+        initial_arch = jax.jit(lambda p, r: self.agn_codec.merge(p, r).sample(
+            None, tau=c.agn.tau, offset=c.agn.offset))
+        ones = [jnp.ones(w) for w in progs.model.widths]
+        rng = jax.random.wrap_key_data(state["rng"])
+        hist = meta["history"]
+        step, agn_steps = meta["step"], meta["agn_steps"]
+        for epoch in range(meta["epoch"], c.num_epochs):
+            t0 = time.perf_counter()
+            searching = epoch >= s.e_start
+            phase = "search" if searching else "dense"
+            if epoch == s.e_start:  # v starts from the (nearly full) initial AGN architecture
+                state["arch"] = initial_arch(state["agn_params"], state["agn_rest"])
+                state["prev_arch"] = state["arch"]
+            gamma = jnp.float32(s.gamma if searching else 0.0)
+            acc, agn_acc = [], []
+            for b in self.data.train_batches(epoch, c.batch_size, c.steps_per_epoch or None):
+                state["params"], state["rest"], state["opt_state"], m = progs.train_step(
+                    state["params"], state["rest"], state["opt_state"],
+                    parallel.global_batch(b, self.mesh), state["arch"], gamma)
+                step += 1
+                acc.append(m)
+                if searching and step % s.agn_every == 0:
+                    sb = parallel.global_batch(self.data.subset_batch(agn_steps, c.agn.batch_size), self.mesh)
+                    (state["agn_params"], state["agn_opt_state"], state["arch"], am) = agn_step(
+                        state["agn_params"], state["agn_rest"], state["agn_opt_state"],
+                        state["params"], state["rest"], sb, jax.random.fold_in(rng, agn_steps))
+                    agn_steps += 1
+                    agn_acc.append(am)
+                if step % c.log_every_steps == 0:
+                    self._log_train(phase, epoch, step, acc[-c.log_every_steps:])
+                self.progress(step)
+            self._log_train(phase, epoch, step, acc)
+            # ---- end of epoch: evaluate, compare architectures, log, checkpoint
+            row = {"epoch": epoch + 1, "phase": phase,
+                   "train_loss": float(np.mean([float(m["loss"]) for m in acc]))}
+            row["test_acc"], row["test_loss"] = self.evaluate(progs, state["params"], state["rest"], ones)
+            if searching:
+                arch_np = [np.asarray(v) for v in _to_host(state["arch"])]
+                prev_np = [np.asarray(v) for v in _to_host(state["prev_arch"])]
+                total = sum(v.size for v in arch_np)
+                row["hamming"] = float(sum(np.sum(a != p) for a, p in zip(arch_np, prev_np)) / total)
+                row["subnet_acc"], _ = self.evaluate(progs, state["params"], state["rest"], state["arch"])
+                row["mac_ratio"] = float(flops.mac_ratio(progs.structure, arch_np, budget.scope))
+                row["mac_ratio_total"] = float(flops.mac_ratio(progs.structure, arch_np, "total"))
+                row["kept_fraction"] = float(np.mean(np.concatenate(arch_np)))
+                row["penalty"] = float(penalty.partial_group_lasso(
+                    state["params"], state["arch"], progs.structure, include_bn=s.include_bn))
+                row["dropped_norm"], row["kept_norm"] = map(float, norms(state["params"], state["arch"]))
+                if agn_acc:
+                    row["agn_loss"] = float(np.mean([float(m["loss"]) for m in agn_acc]))
+                    row["agn_resource_loss"] = float(np.mean([float(m["resource_loss"]) for m in agn_acc]))
+                best = meta.get("best_subnet_acc", -1.0)
+                if row["subnet_acc"] > best:
+                    meta["best_subnet_acc"] = row["subnet_acc"]
+                    meta["best_subnet_epoch"] = epoch + 1
+                    state["best_arch"] = state["arch"]
+                state["prev_arch"] = state["arch"]
+            for k, v in row.items():
+                hist.setdefault(k, []).append(v)
+            self.writer.write_scalars(step, {f"epoch/{k}": v for k, v in row.items()
+                                             if isinstance(v, float)})
+            logging.info("epoch %d/%d [%s] %s", epoch + 1, c.num_epochs, phase,
+                         "  ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+            meta["times"][phase] = meta["times"].get(phase, 0.0) + time.perf_counter() - t0
+            meta.update(epoch=epoch + 1, step=step, agn_steps=agn_steps)
+            boundary = epoch + 1 in (s.e_start, c.num_epochs)
+            if boundary or (epoch + 1) % c.checkpoint_every_epochs == 0:
+                self._save(state, meta)
+            meta = self.meta
+        meta["dense_acc"] = hist["test_acc"][-1]
+        self.meta = meta
+        return state
+
+    def _cut(self, dense: Programs, state: Tree, meta: dict[str, Any]) -> tuple[Programs, Tree]:
+        c = self.c
+        t0 = time.perf_counter()
+        final = state["best_arch"] if c.sap.final_arch == "best" else state["arch"]
+        host = _to_host({"params": state["params"], "rest": state["rest"], "arch": final})
+        model = dense.codec.merge(host["params"], host["rest"])
+        pruned_model = surgery.extract(model, host["arch"])
+        widths = list(pruned_model.widths)
+        surgery.save(os.path.join(self.workdir, PRUNED_DIR), pruned_model,
+                     dense_widths=dense.model.widths, image_size=c.image_size, overwrite=True,
+                     metadata={"dataset": c.dataset, "p": c.sap.p, "stage": "after_cut"})
+        pruned = self._programs(widths, "finetune")
+        params, rest = pruned.codec.split(pruned_model)
+        ft = {"params": params, "rest": rest, "opt_state": pruned.tx.init(params),
+              "rng": jax.random.key_data(self.key)}
+        ft = parallel.replicate(_to_host(ft), self.mesh)
+        ones = [jnp.ones(w) for w in widths]
+        meta["cut_acc"], _ = self.evaluate(pruned, ft["params"], ft["rest"], ones)
+        meta["subnet_acc_at_cut"], _ = self.evaluate(dense, state["params"], state["rest"], final)
+        logging.info("cut: widths %s; sub-network accuracy %.4f (gated dense %.4f)", widths,
+                     meta["cut_acc"], meta["subnet_acc_at_cut"])
+        meta["times"]["cut"] = time.perf_counter() - t0
+        meta.update(phase="finetune", epoch=0, widths=widths)
+        self._save(ft, meta)
+        return pruned, ft
+
+    def _finetune(self, progs: Programs, state: Tree, meta: dict[str, Any]) -> Tree:
+        c = self.c
+        ones = [jnp.ones(w) for w in progs.model.widths]
+        hist = meta["history"]
+        step = meta["step"]
+        zero = jnp.float32(0.0)
+        for epoch in range(meta["epoch"], c.finetune.num_epochs):
+            t0 = time.perf_counter()
+            acc = []
+            for b in self.data.train_batches(c.num_epochs + epoch, c.batch_size, c.steps_per_epoch or None):
+                state["params"], state["rest"], state["opt_state"], m = progs.train_step(
+                    state["params"], state["rest"], state["opt_state"],
+                    parallel.global_batch(b, self.mesh), ones, zero)
+                step += 1
+                acc.append(m)
+                if step % c.log_every_steps == 0:
+                    self._log_train("finetune", epoch, step, acc[-c.log_every_steps:])
+                self.progress(step)
+            self._log_train("finetune", epoch, step, acc)
+            a, l = self.evaluate(progs, state["params"], state["rest"], ones)
+            hist.setdefault("ft_epoch", []).append(epoch + 1)
+            hist.setdefault("ft_test_acc", []).append(a)
+            hist.setdefault("ft_train_loss", []).append(float(np.mean([float(m["loss"]) for m in acc])))
+            self.writer.write_scalars(step, {"finetune/test_acc": a, "finetune/test_loss": l})
+            logging.info("fine-tune epoch %d/%d  test_acc %.4f  test_loss %.4f", epoch + 1,
+                         c.finetune.num_epochs, a, l)
+            meta["times"]["finetune"] = meta["times"].get("finetune", 0.0) + time.perf_counter() - t0
+            meta.update(epoch=epoch + 1, step=step)
+            if epoch + 1 == c.finetune.num_epochs or (epoch + 1) % c.checkpoint_every_epochs == 0:
+                self._save(state, meta)
+            meta = self.meta
+        return state
+
+    def _finish(self, dense: Programs, pruned: Programs, state: Tree, meta: dict[str, Any]) -> dict[str, Any]:
+        c = self.c
+        ones = [jnp.ones(w) for w in pruned.model.widths]
+        final_acc, _ = self.evaluate(pruned, state["params"], state["rest"], ones)
+        host = _to_host({"params": state["params"], "rest": state["rest"]})
+        final_model = pruned.codec.merge(host["params"], host["rest"])
+        surgery.save(os.path.join(self.workdir, PRUNED_DIR), final_model,
+                     dense_widths=dense.model.widths, image_size=c.image_size, overwrite=True,
+                     metadata={"dataset": c.dataset, "p": c.sap.p, "stage": "fine_tuned",
+                               "test_accuracy": final_acc})
+        before, after = flops.count(dense.structure), flops.count(pruned.structure)
+        results = report.results(c, meta, before, after, final_acc, dense.structure, pruned.structure)
+        if jax.process_index() == 0:
+            report.write(self.workdir, results, plots=c.plots)
+        self.writer.flush()
+        print(report.summary(results), flush=True)
+        return results
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Run (or resume) the whole SAP method; returns the results dict also written to results.json."""
+    return Run(config, workdir).run()

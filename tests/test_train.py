@@ -1,0 +1,141 @@
+"""The training program: all phases, resume, config validation, faults."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sap_jax import config as config_lib
+from sap_jax import info, surgery, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import test_tiny  # noqa: E402
+
+
+def tiny(**overrides):
+    c = test_tiny.get_config()
+    for k, v in overrides.items():
+        node = c
+        *head, last = k.split(".")
+        for h in head:
+            node = node[h]
+        node[last] = v
+    return c
+
+
+def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
+    import tensorflow_datasets as tfds
+
+    c = tiny(dataset="cifar10", image_size=32, plots=True)
+    with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+        r = train.train_and_evaluate(c, str(tmp_path))
+    files = set(os.listdir(tmp_path))
+    assert {"results.json", "summary.txt", "accuracy.png", "hamming.png", "widths.png",
+            "pruned_model", "checkpoints", "config.json"} <= files
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["widths"] == r["widths"] and len(saved["widths"]) == 3
+    for key in ("dense_acc", "cut_acc", "final_acc", "subnet_acc_at_cut"):
+        assert 0.0 <= saved[key] <= 1.0
+    # The cut model computes exactly the gated dense sub-network.
+    assert saved["cut_acc"] == pytest.approx(saved["subnet_acc_at_cut"], abs=1e-6)
+    assert saved["macs_after"] < saved["macs_before"]
+    h = saved["history"]
+    assert len(h["test_acc"]) == 3 and len(h["hamming"]) == 2 and len(h["ft_test_acc"]) == 2
+    assert set(saved["times_s"]) == {"dense", "search", "cut", "finetune"}
+    model = surgery.load(tmp_path / "pruned_model")
+    assert list(model.widths) == saved["widths"]
+    assert info.main(["--pruned", str(tmp_path / "pruned_model")]) == 0
+
+
+def _final(workdir):
+    return json.loads(open(os.path.join(workdir, "results.json")).read())
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_after_saves", [2, 5])  # mid-search; inside fine-tuning
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch, kill_after_saves):
+    c = tiny()
+    full = train.train_and_evaluate(c, str(tmp_path / "full"))
+
+    real_save, count = train.Run._save, {"n": 0}
+
+    def dying_save(self, state, meta):
+        real_save(self, state, meta)
+        count["n"] += 1
+        if count["n"] == kill_after_saves:
+            raise _Killed()
+
+    monkeypatch.setattr(train.Run, "_save", dying_save)
+    with pytest.raises(_Killed):
+        train.train_and_evaluate(c, str(tmp_path / "resumed"))
+    monkeypatch.setattr(train.Run, "_save", real_save)
+    resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
+    for key in ("widths", "dense_acc", "cut_acc", "final_acc", "macs_after"):
+        assert resumed[key] == full[key], key
+    for key, values in full["history"].items():
+        assert resumed["history"][key] == values, key
+
+
+def test_config_validation_lists_every_error():
+    c = tiny(**{"sap.p": 1.5, "sap.e_start": 3, "model": "resnet57", "dataset": "mnist",
+                "batch_size": 15, "agn.tau": 0.0, "agn.resource_form": "hinge"})
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(c, device_count=2, process_count=1)
+    msg = str(e.value)
+    for part in ("sap.p", "budget p = 1.5", "sap.e_start = 3", "num_epochs = 3",
+                 "unknown model 'resnet57'", "dataset = 'mnist'", "batch_size = 15 does not divide by the 2 devices",
+                 "agn.tau = 0.0", "'hinge'"):
+        assert part in msg, part
+    with pytest.raises(config_lib.ConfigError, match="image_size"):
+        config_lib.validate(tiny(image_size=18))
+    config_lib.validate(tiny())  # the tiny config itself is valid
+
+
+def test_workdir_with_a_different_config_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config_lib.to_json_dict(tiny(**{"sap.p": 0.3}))))
+    with pytest.raises(config_lib.ConfigError, match=r"different config \(fields sap.p differ\)"):
+        train.Run(tiny(), str(tmp_path))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from sap_jax import data as data_lib
+
+    real = data_lib.ArrayDataset.train_batches
+
+    def poisoned(self, epoch, global_batch, num_steps=None):
+        for b in real(self, epoch, global_batch, num_steps):
+            if epoch == 2:
+                b["image"] = b["image"] * np.nan
+            yield b
+
+    monkeypatch.setattr(data_lib.ArrayDataset, "train_batches", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match=r"non-finite .* epoch 2.*last good checkpoint \(2\)"):
+        train.train_and_evaluate(tiny(), str(tmp_path))
+    run = train.Run(tiny(), str(tmp_path))
+    assert run.ckpt.latest_step() == 2 and run._latest_meta()["epoch"] == 2
+
+
+def _main(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "sap_jax.main", *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, timeout=300)
+
+
+def test_imagenet_config_without_imagenet_fails_fast_with_instructions(tmp_path):
+    p = _main("--config=configs/imagenet_r50.py", f"--workdir={tmp_path / 'w'}",
+              f"--config.data_dir={tmp_path / 'tfds'}")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "ImageNet (TFDS 'imagenet2012') is not prepared" in p.stderr
+    assert "downloads/manual" in p.stderr and "tfds build imagenet2012" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_override_fails_before_compiling(tmp_path):
+    p = _main("--config=configs/test_tiny.py", f"--workdir={tmp_path}", "--config.sap.p=0")
+    assert p.returncode == 2 and "budget p = 0" in p.stderr and "Traceback" not in p.stderr
