@@ -218,12 +218,13 @@ class ImageNet:
 
     # -- tf.data pieces ------------------------------------------------------
     def _load(self, split: str, *, shuffle_files: bool, seed: int | None = None):
+        """This process's shard: equal-sized for training, every example for evaluation."""
         import tensorflow_datasets as tfds
 
         read = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16)
-        return tfds.load("imagenet2012", split=tfds.split_for_jax_process(split, drop_remainder=True),
-                         data_dir=self.data_dir, shuffle_files=shuffle_files, read_config=read,
-                         download=False)
+        shard = tfds.split_for_jax_process(split, drop_remainder=split == "train")
+        return tfds.load("imagenet2012", split=shard, data_dir=self.data_dir,
+                         shuffle_files=shuffle_files, read_config=read, download=False)
 
     def _train_map(self, seed_pair):
         import tensorflow as tf
@@ -291,13 +292,22 @@ class ImageNet:
         import tensorflow_datasets as tfds
 
         local = global_batch // jax.process_count()
+        # Shards differ by at most one example; every process must run the same
+        # number of (collective) eval steps, so all pad to the largest shard.
+        num_batches = -(-(-(-self.info.eval_size // jax.process_count())) // local)
         ds = self._load("validation", shuffle_files=False)
         ds = ds.map(self._eval_map, num_parallel_calls=tf.data.AUTOTUNE).batch(local).prefetch(2)
+        empty = {"image": np.zeros((local, self.size, self.size, 3), np.float32),
+                 "label": np.zeros(local, np.int32), "mask": np.zeros(local, np.float32)}
+        seen = 0
         for b in tfds.as_numpy(ds):
             n = len(b["label"])
             if n < local:  # pad the last batch; masked out of the metrics
-                b = {k: np.concatenate([v, np.zeros((local - n,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+                b = {k: np.concatenate([v, empty[k][n:]]) for k, v in b.items()}
+            seen += 1
             yield b
+        for _ in range(num_batches - seen):
+            yield empty
 
 
 def load(config) -> ArrayDataset | ImageNet:

@@ -139,3 +139,33 @@ def test_imagenet_config_without_imagenet_fails_fast_with_instructions(tmp_path)
 def test_bad_override_fails_before_compiling(tmp_path):
     p = _main("--config=configs/test_tiny.py", f"--workdir={tmp_path}", "--config.sap.p=0")
     assert p.returncode == 2 and "budget p = 0" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_eight_simulated_devices_match_one_device(tmp_path):
+    out = {}
+    for n in (1, 8):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multidevice_run.py"), str(n),
+                            str(tmp_path / f"d{n}")], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
+        out[n] = json.loads(line[len("RESULT "):])
+    one, eight = np.array(out[1]["losses"]), np.array(out[8]["losses"])
+    assert len(one) == len(eight) >= 10
+    np.testing.assert_allclose(eight, one, rtol=2e-4, atol=2e-5)
+    assert out[8]["widths"] == out[1]["widths"]
+
+
+def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    c = tiny(dtype="bfloat16", num_epochs=2)
+    c.finetune.num_epochs = 1
+    r = train.train_and_evaluate(c, str(tmp_path))
+    h = r["history"]
+    assert np.all(np.isfinite(h["train_loss"])) and np.all(np.isfinite(h["ft_train_loss"]))
+    model = surgery.load(tmp_path / "pruned_model")
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert leaves and all(x.dtype == jnp.float32 for x in leaves)
+    assert model(jnp.zeros((2, 16, 16, 3))).dtype == jnp.bfloat16

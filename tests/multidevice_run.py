@@ -1,0 +1,35 @@
+"""Run a few tiny training steps on N simulated CPU devices and print the losses as JSON.
+
+    python tests/multidevice_run.py N WORKDIR
+"""
+
+import json
+import os
+import sys
+
+n = int(sys.argv[1])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from configs import test_tiny  # noqa: E402
+from sap_jax import train  # noqa: E402
+
+assert jax.device_count() == n, jax.devices()
+c = test_tiny.get_config()
+c.num_epochs, c.finetune.num_epochs, c.log_every_steps = 2, 1, 1
+losses = []
+real = train.Run._log_train
+
+
+def spy(self, phase, epoch, step, acc):
+    losses.append(float(acc[-1]["loss"]))
+    return real(self, phase, epoch, step, acc)
+
+
+train.Run._log_train = spy
+r = train.train_and_evaluate(c, sys.argv[2])
+print("RESULT " + json.dumps({"losses": losses, "widths": r["widths"], "final_acc": r["final_acc"],
+                              "sharding": str(jax.devices())}))

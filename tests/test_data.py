@@ -1,0 +1,100 @@
+"""Input pipelines: ImageNet tf.data on TFDS mock data, in-memory datasets, determinism."""
+
+import numpy as np
+import pytest
+
+from sap_jax import data
+
+MEAN = np.asarray(data.IMAGENET_MEAN, np.float32)
+STD = np.asarray(data.IMAGENET_STD, np.float32)
+
+
+@pytest.fixture
+def imagenet():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+        yield data.ImageNet(image_size=32, seed=0, subset_fraction=0.5, shuffle_buffer=16)
+
+
+def test_imagenet_train_batches_have_the_model_shape_and_repeat_per_seed_and_epoch(imagenet):
+    a = list(imagenet.train_batches(0, 8, 3))
+    assert len(a) == 3
+    for b in a:
+        assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
+        assert b["label"].shape == (8,) and b["label"].dtype == np.int32
+        assert np.all(b["mask"] == 1)
+        assert np.all((b["label"] >= 0) & (b["label"] < 1000))
+    again = list(imagenet.train_batches(0, 8, 3))
+    other = list(imagenet.train_batches(1, 8, 3))
+    assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, again))
+    assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, other))
+
+
+def test_imagenet_eval_covers_every_example_once_with_a_masked_pad(imagenet):
+    batches = list(imagenet.eval_batches(8))
+    assert len(batches) == 3  # 20 examples -> 8 + 8 + (4 real, 4 padding)
+    assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
+    assert sum(float(b["mask"].sum()) for b in batches) == imagenet.info.eval_size == 20
+    assert np.all(batches[-1]["mask"][4:] == 0)
+
+
+def test_imagenet_subset_batches_come_from_the_training_split(imagenet):
+    s = imagenet.subset_batch(0, 4)
+    assert s["image"].shape == (4, 32, 32, 3) and s["label"].shape == (4,)
+
+
+def test_imagenet_eval_resizes_the_shorter_side_then_centre_crops(imagenet):
+    import tensorflow as tf
+
+    # 64x128 image: dark left half, bright right half. A 256/224 resize of the
+    # shorter side then a centre crop keeps the boundary in the middle; a
+    # squash to 32x32 or an off-centre crop would not.
+    img = np.zeros((64, 128, 3), np.uint8)
+    img[:, 64:] = 255
+    out = imagenet._eval_map({"image": tf.constant(img), "label": tf.constant(3)})
+    x = out["image"].numpy() * STD + MEAN
+    assert x.shape == (32, 32, 3)
+    col = x[16, :, 0]
+    assert np.all(col[:14] < 0.05) and np.all(col[18:] > 0.95)
+    assert int(out["label"]) == 3
+
+
+def test_imagenet_train_crop_is_seeded_and_keeps_values_in_range(imagenet):
+    import tensorflow as tf
+
+    img = tf.constant(np.random.default_rng(0).integers(0, 256, (48, 40, 3)), tf.uint8)
+    fn = imagenet._train_map((0, 0))
+    a = fn(tf.constant(5, tf.int64), {"image": img, "label": tf.constant(1)})["image"].numpy()
+    b = fn(tf.constant(5, tf.int64), {"image": img, "label": tf.constant(1)})["image"].numpy()
+    c = fn(tf.constant(6, tf.int64), {"image": img, "label": tf.constant(1)})["image"].numpy()
+    assert a.shape == (32, 32, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
+    raw = a * STD + MEAN
+    assert raw.min() >= -1e-3 and raw.max() <= 1 + 1e-3
+
+
+def test_missing_tfds_dataset_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(data.DatasetNotPrepared, match="manual"):
+        data.ImageNet(str(tmp_path))
+    with pytest.raises(data.DatasetNotPrepared, match="tfds build cifar10|download_and_prepare"):
+        data.cifar10(str(tmp_path))
+
+
+def test_digits_order_depends_only_on_seed_and_epoch():
+    d = data.digits(seed=0, image_size=16)
+    a = [b["label"] for b in d.train_batches(0, 64, 3)]
+    assert [x.tolist() for x in a] == [b["label"].tolist() for b in d.train_batches(0, 64, 3)]
+    assert [x.tolist() for x in a] != [b["label"].tolist() for b in d.train_batches(1, 64, 3)]
+    e = data.digits(seed=1, image_size=16)
+    assert [x.tolist() for x in a] != [b["label"].tolist() for b in e.train_batches(0, 64, 3)]
+    # The AGN sub-dataset is a fixed, seeded fraction of the training split.
+    assert len(d.subset) == round(0.1 * d.info.train_size)
+    assert np.array_equal(d.subset, data.digits(seed=0, image_size=16).subset)
+    assert not np.array_equal(d.subset, e.subset)
+
+
+def test_digits_eval_pads_the_last_batch_with_a_mask():
+    d = data.digits(seed=0, image_size=16)
+    batches = list(d.eval_batches(100))
+    assert sum(float(b["mask"].sum()) for b in batches) == d.info.eval_size
+    assert all(b["image"].shape == (100, 16, 16, 3) for b in batches)
