@@ -14,7 +14,8 @@ def optimizer(lr: float, boundaries: tuple, *, schedule: str = "step", weight_de
     """SGD settings of one phase (dense training or fine-tuning)."""
     return ml_collections.ConfigDict(dict(
         learning_rate=lr,  # peak LR at `base_batch_size`; scaled linearly with batch_size
-        base_batch_size=128,  # batch size the LR refers to (linear scaling rule)
+        base_batch_size=128,  # images the LR refers to: LR x batch_size / base_batch_size
+                              # (the paper's LRs are per 128 on CIFAR, per 256 on ImageNet)
         schedule=schedule,  # "step" (x decay at boundaries), "cosine" or "constant"
         boundaries=boundaries,  # epochs where the step schedule multiplies the LR by `decay`
         decay=0.1,  # step-schedule factor

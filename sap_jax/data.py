@@ -88,34 +88,35 @@ class ArrayDataset:
         n = len(idx) // jax.process_count()
         return idx[jax.process_index() * n:(jax.process_index() + 1) * n]
 
-    def _augment(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _augment(self, images: np.ndarray, global_batch: int, rng: np.random.Generator) -> np.ndarray:
+        """Augment this process's rows. The random draws are made for the whole global batch
+        and sliced, so results do not depend on how many processes share the batch."""
         if self.crop_pad:
             p = self.crop_pad
             padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
             h, w = images.shape[1:3]
-            dy, dx = rng.integers(0, 2 * p + 1, (2, len(images)))
+            dy, dx = (self._local(d) for d in rng.integers(0, 2 * p + 1, (2, global_batch)))
             images = np.stack([padded[i, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy, dx))])
         if self.flip:
-            flip = rng.random(len(images)) < 0.5
+            flip = self._local(rng.random(global_batch) < 0.5)
             images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
         return images
 
-    def _batch(self, x, y, idx, rng=None) -> Batch:
-        images = x[idx]
-        if rng is not None:
-            images = self._augment(images, rng)
-        return {"image": _normalise(images, self.mean, self.std), "label": y[idx].astype(np.int32),
+    def _batch(self, x, y, idx) -> Batch:
+        return {"image": _normalise(x[idx], self.mean, self.std), "label": y[idx].astype(np.int32),
                 "mask": np.ones(len(idx), np.float32)}
 
     def train_batches(self, epoch: int, global_batch: int, num_steps: int | None = None) -> Iterator[Batch]:
-        """One epoch of augmented batches; the order depends only on (seed, epoch)."""
+        """One epoch of augmented batches; order and augmentation depend only on (seed, epoch)."""
         steps = self.steps_per_epoch(global_batch) if not num_steps else num_steps
         order = np.random.default_rng([self.seed, 1, epoch]).permutation(self.info.train_size)
         order = np.resize(order, steps * global_batch)  # wraps around if num_steps asks for more
         for s in range(steps):
             idx = self._local(order[s * global_batch:(s + 1) * global_batch])
-            rng = np.random.default_rng([self.seed, 2, epoch, s, jax.process_index()])
-            yield self._batch(self.train_x, self.train_y, idx, rng)
+            rng = np.random.default_rng([self.seed, 2, epoch, s])
+            images = self._augment(self.train_x[idx], global_batch, rng)
+            yield {"image": _normalise(images, self.mean, self.std),
+                   "label": self.train_y[idx].astype(np.int32), "mask": np.ones(len(idx), np.float32)}
 
     def subset_batch(self, index: int, global_batch: int) -> Batch:
         """The ``index``-th AGN batch: a seeded draw from the fixed sub-dataset (no augmentation)."""

@@ -27,7 +27,7 @@ subgradient). With nothing dropped the penalty and its gradient are exactly 0.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from sap_jax import config as config_lib
@@ -65,14 +64,27 @@ def summary(r: dict[str, Any]) -> str:
 
 def write(workdir: str, r: dict[str, Any], *, plots: bool = True) -> None:
     """``results.json`` (atomically) and, if asked, the PNG plots."""
-    path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(r, f, indent=2)
-    os.replace(path + ".tmp", path)
-    with open(os.path.join(workdir, "summary.txt"), "w") as f:
-        f.write(summary(r) + "\n")
+    from sap_jax import parallel
+
+    root = parallel.path(workdir)
+    parallel.write_text_atomic(root / "results.json", json.dumps(r, indent=2))
+    parallel.write_text_atomic(root / "summary.txt", summary(r) + "\n")
     if plots:
         write_plots(workdir, r)
+
+
+def _save(fig, workdir: str, name: str) -> str:
+    """Save a figure as PNG into ``workdir`` (local or remote) and return its path."""
+    import io
+
+    from sap_jax import parallel
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    target = parallel.path(workdir) / name
+    target.write_bytes(buf.getvalue())
+    return str(target)
 
 
 def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
@@ -98,9 +110,7 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
     ax.set_title(f"{r['model']} on {r['dataset']}, p = {r['p']}")
     ax.legend()
     ax.grid(alpha=0.3)
-    out.append(os.path.join(workdir, "accuracy.png"))
-    fig.tight_layout()
-    fig.savefig(out[-1], dpi=120)
+    out.append(_save(fig, workdir, "accuracy.png"))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -112,9 +122,7 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
     ax.set_ylabel("Hamming distance of v to previous epoch")
     ax.legend()
     ax.grid(alpha=0.3)
-    out.append(os.path.join(workdir, "hamming.png"))
-    fig.tight_layout()
-    fig.savefig(out[-1], dpi=120)
+    out.append(_save(fig, workdir, "hamming.png"))
     plt.close(fig)
 
     k = range(len(r["widths"]))
@@ -125,8 +133,6 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
     ax.set_ylabel("channels")
     ax.set_title(f"kept widths: MACs {r['macs_ratio']:.1%} of dense")
     ax.legend()
-    out.append(os.path.join(workdir, "widths.png"))
-    fig.tight_layout()
-    fig.savefig(out[-1], dpi=120)
+    out.append(_save(fig, workdir, "widths.png"))
     plt.close(fig)
     return out

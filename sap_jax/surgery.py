@@ -26,6 +26,7 @@ from flax import nnx, traverse_util
 
 from sap_jax import groups as G
 from sap_jax import models as M
+from sap_jax import parallel
 
 FORMAT = "sap_jax.pruned_model/1"
 _JSON = "model.json"
@@ -137,20 +138,24 @@ def save(directory: str | os.PathLike, model: M.PrunableModel, *,
     """
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(os.fspath(directory))
+    path = parallel.path(directory)
     if dense_widths is not None and len(dense_widths) != model.num_groups:
         raise ValueError(f"dense_widths has {len(dense_widths)} entries; the model has "
                          f"{model.num_groups} channel groups.")
     if image_size is not None:
         model.check_image_size(image_size)
-    state_path = os.path.join(path, _STATE)
-    if os.path.exists(state_path):
-        if not overwrite:
-            raise ValueError(f"{path} already holds a saved model; pass overwrite=True or "
-                             f"choose another directory.")
-        import shutil
-        shutil.rmtree(state_path)
-    os.makedirs(path, exist_ok=True)
+    state_path = path / _STATE
+    if state_path.exists() and not overwrite:
+        raise ValueError(f"{path} already holds a saved model; pass overwrite=True or "
+                         f"choose another directory.")
+    # Every process takes part in the orbax save; only process 0 touches the rest.
+    if jax.process_index() == 0:
+        if (path / _JSON).exists():
+            (path / _JSON).unlink()  # until the arrays are complete again
+        if state_path.exists():
+            state_path.rmtree()
+        path.mkdir(parents=True, exist_ok=True)
+    parallel.sync("surgery.save:prepared")
     info = {"format": FORMAT, "class": type(model).__name__, "config": model.config(),
             "widths": list(model.widths),
             "dense_widths": list(dense_widths if dense_widths is not None else model.widths),
@@ -163,23 +168,21 @@ def save(directory: str | os.PathLike, model: M.PrunableModel, *,
         ckptr.save(state_path, pure)
         ckptr.wait_until_finished()
     # Written last: a directory with model.json holds a complete checkpoint.
-    tmp = os.path.join(path, _JSON + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp, os.path.join(path, _JSON))
-    return path
+    if jax.process_index() == 0:
+        parallel.write_text_atomic(path / _JSON, json.dumps(info, indent=2))
+    parallel.sync("surgery.save:done")
+    return str(path)
 
 
 def read_info(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``model.json`` of a saved model, validated."""
-    path = os.path.abspath(os.fspath(directory))
-    jpath = os.path.join(path, _JSON)
-    if not os.path.isfile(jpath):
+    path = parallel.path(directory)
+    jpath = path / _JSON
+    if not jpath.is_file():
         raise ValueError(f"{path} is not a saved sap_jax model: {_JSON} is missing (was the save "
                          f"interrupted? re-run the extraction or point at another directory).")
     try:
-        with open(jpath) as f:
-            info = json.load(f)
+        info = json.loads(jpath.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{jpath} is not valid JSON ({e}); the saved model is corrupted.") from e
     if not isinstance(info, dict) or info.get("format") != FORMAT:
@@ -192,12 +195,12 @@ def load(directory: str | os.PathLike) -> M.PrunableModel:
     """Load a model saved by :func:`save`, without its dense model or class arguments."""
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(os.fspath(directory))
+    path = parallel.path(directory)
     info = read_info(path)
     abstract = M.from_config(info["class"], info["config"], abstract=True)
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            restored = ckptr.restore(os.path.join(path, _STATE))
+            restored = ckptr.restore(path / _STATE)
         except Exception as e:  # orbax raises many types for unreadable data
             raise ValueError(f"could not read the arrays of the saved model in {path}/{_STATE}: "
                              f"{type(e).__name__}: {e}") from e

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -205,8 +204,10 @@ class Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         config_lib.validate(config)
-        self.c, self.workdir = config, os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        self.c, self.workdir = config, parallel.path(workdir)
+        if jax.process_index() == 0:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        parallel.sync("workdir")
         self._check_workdir_config()
         self.mesh = parallel.make_mesh()
         self.data = data_lib.load(config)
@@ -214,32 +215,36 @@ class Run:
         self.spe = config.steps_per_epoch or self.data.steps_per_epoch(config.batch_size)
         self.total_steps = (config.num_epochs + config.finetune.num_epochs) * self.spe
         self.writer = metric_writers.create_default_writer(
-            self.workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+            str(self.workdir), just_logging=jax.process_index() > 0, asynchronous=False)
         self.progress = periodic_actions.ReportProgress(
             num_train_steps=self.total_steps, writer=self.writer,
             every_steps=config.log_every_steps)
         self.ckpt = ocp.CheckpointManager(
-            os.path.join(self.workdir, CKPT_DIR),
+            self.workdir / CKPT_DIR,
             options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
             item_names=("state", "meta"))
         self.key = jax.random.key(config.seed)
 
     # -- config / workdir ------------------------------------------------------
     def _check_workdir_config(self) -> None:
-        path = os.path.join(self.workdir, "config.json")
+        path = self.workdir / "config.json"
         mine = config_lib.to_json_dict(self.c)
-        if os.path.exists(path):
-            with open(path) as f:
-                theirs = json.load(f)
+        if path.exists():
+            try:
+                theirs = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise config_lib.ConfigError(
+                    f"{path} is not valid JSON ({e}); the workdir is damaged. Use a new "
+                    "--workdir, or delete that file to resume with the current config.") from e
             diff = sorted(_diff_keys(theirs, mine))
             if diff:
                 raise config_lib.ConfigError(
                     f"workdir {self.workdir} holds a run with a different config "
                     f"(fields {', '.join(diff)} differ). Use a new --workdir, or restore the "
                     f"original values to resume.")
-        elif jax.process_index() == 0:
-            with open(path, "w") as f:
-                json.dump(mine, f, indent=2)
+        parallel.sync("config-checked")  # nobody reads while process 0 writes
+        if jax.process_index() == 0 and not path.exists():
+            parallel.write_text_atomic(path, json.dumps(mine, indent=2))
 
     # -- model / programs --------------------------------------------------------
     def _programs(self, widths: Sequence[int] | None, phase: str) -> Programs:
@@ -317,7 +322,6 @@ class Run:
 
     # -- phases ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        c = self.c
         meta = self._latest_meta()
         if meta is None:
             meta = {"phase": "search", "epoch": 0, "step": 0, "agn_steps": 0,
@@ -437,7 +441,7 @@ class Run:
         model = dense.codec.merge(host["params"], host["rest"])
         pruned_model = surgery.extract(model, host["arch"])
         widths = list(pruned_model.widths)
-        surgery.save(os.path.join(self.workdir, PRUNED_DIR), pruned_model,
+        surgery.save(self.workdir / PRUNED_DIR, pruned_model,
                      dense_widths=dense.model.widths, image_size=c.image_size, overwrite=True,
                      metadata={"dataset": c.dataset, "p": c.sap.p, "stage": "after_cut"})
         pruned = self._programs(widths, "finetune")
@@ -494,7 +498,7 @@ class Run:
         final_acc, _ = self.evaluate(pruned, state["params"], state["rest"], ones)
         host = _to_host({"params": state["params"], "rest": state["rest"]})
         final_model = pruned.codec.merge(host["params"], host["rest"])
-        surgery.save(os.path.join(self.workdir, PRUNED_DIR), final_model,
+        surgery.save(self.workdir / PRUNED_DIR, final_model,
                      dense_widths=dense.model.widths, image_size=c.image_size, overwrite=True,
                      metadata={"dataset": c.dataset, "p": c.sap.p, "stage": "fine_tuned",
                                "test_accuracy": final_acc})
@@ -503,7 +507,8 @@ class Run:
         if jax.process_index() == 0:
             report.write(self.workdir, results, plots=c.plots)
         self.writer.flush()
-        print(report.summary(results), flush=True)
+        if jax.process_index() == 0:
+            print(report.summary(results), flush=True)
         return results
 
 

@@ -98,3 +98,20 @@ def test_digits_eval_pads_the_last_batch_with_a_mask():
     batches = list(d.eval_batches(100))
     assert sum(float(b["mask"].sum()) for b in batches) == d.info.eval_size
     assert all(b["image"].shape == (100, 16, 16, 3) for b in batches)
+
+
+def test_digits_batches_do_not_depend_on_the_process_count(monkeypatch):
+    d = data.digits(seed=0, image_size=16)
+    whole = list(d.train_batches(2, 32, 2))
+    sub = d.subset_batch(5, 32)
+    monkeypatch.setattr(data.jax, "process_count", lambda: 2)
+    parts = []
+    for i in range(2):
+        monkeypatch.setattr(data.jax, "process_index", lambda i=i: i)
+        parts.append((list(d.train_batches(2, 32, 2)), d.subset_batch(5, 32)))
+    for s in range(2):
+        for k in ("image", "label"):
+            np.testing.assert_array_equal(
+                np.concatenate([parts[0][0][s][k], parts[1][0][s][k]]), whole[s][k])
+    np.testing.assert_array_equal(np.concatenate([parts[0][1]["image"], parts[1][1]["image"]]),
+                                  sub["image"])

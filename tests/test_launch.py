@@ -1,0 +1,166 @@
+"""The launchers in launch/: shellcheck, dry runs, and real runs against stand-in gcloud/sbatch."""
+
+import os
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU = os.path.join(ROOT, "launch", "tpu_pod.sh")
+SLURM = os.path.join(ROOT, "launch", "slurm_gpu.sh")
+TPU_ARGS = ["--name", "sap-r50", "--zone", "us-central2-b", "--accelerator", "v4-32",
+            "--bucket", "gs://bkt/", "--config", "configs/imagenet_r50.py", "--run", "r50",
+            "--repo", "https://example.org/sap_jax.git", "--ref", "abc123"]
+
+
+def _sh(*args, env=None):
+    return subprocess.run(["bash", *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=60)
+
+
+def _fake(tmp_path, name, script):
+    """A stand-in for a cloud CLI that records its arguments, one shell-quoted line per call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / f"{name}.log"
+    (bin_dir / name).write_text(
+        "#!/usr/bin/env bash\n"
+        f'printf "%q " "$@" >> {shlex.quote(str(log))}; echo >> {shlex.quote(str(log))}\n' + script)
+    (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    return env, log
+
+
+def _calls(log):
+    return [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def test_launchers_pass_shellcheck():
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("SAP_JAX_REQUIRE_SHELLCHECK"):
+            pytest.fail("shellcheck is required here (SAP_JAX_REQUIRE_SHELLCHECK) but not installed")
+        pytest.skip("shellcheck not installed (apt-get install shellcheck); CI installs it")
+    p = subprocess.run(["shellcheck", "-x", "launch/tpu_pod.sh", "launch/slurm_gpu.sh", "launch/lib.sh"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_tpu_dry_run_prints_create_install_and_the_same_command_on_every_worker(tmp_path):
+    env, log = _fake(tmp_path, "gcloud", "exit 0\n")
+    p = _sh(TPU, *TPU_ARGS, "--spot", "--dry-run", "--", "--config.sap.p=0.4", "--config.seed=3",
+            env=env)
+    assert p.returncode == 0, p.stderr
+    assert not log.exists()  # a dry run calls nothing
+    cmds = [shlex.split(x) for x in p.stdout.splitlines() if x and not x.startswith("#")]
+    create, install, run = cmds
+    assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+    assert {"sap-r50", "--spot", "v4-32", "us-central2-b"} <= set(create)
+    for c in (install, run):
+        assert c[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "sap-r50"]
+        assert "--worker=all" in c
+    inner = install[install.index("--command") + 1]
+    assert "git checkout --quiet abc123" in inner and "-c constraints.txt 'jax[tpu]'" in inner
+    inner = shlex.split(run[run.index("--command") + 1])
+    assert inner[:3] == ["cd", "sap_jax", "&&"]
+    assert inner[3] == "TFDS_DATA_DIR=gs://bkt/tensorflow_datasets"
+    assert inner[4:7] == [".venv/bin/python", "-m", "sap_jax.main"]
+    assert inner[7:] == ["--config=configs/imagenet_r50.py", "--workdir=gs://bkt/runs/r50",
+                         "--config.data_dir=gs://bkt/tensorflow_datasets", "--config.sap.p=0.4",
+                         "--config.seed=3"]
+
+
+def test_tpu_launcher_runs_exactly_what_its_dry_run_prints(tmp_path):
+    # describe fails: the slice does not exist yet, so it is created.
+    env, log = _fake(tmp_path, "gcloud", '[[ "$4" == describe ]] && exit 1\nexit 0\n')
+    dry = _sh(TPU, *TPU_ARGS, "--dry-run", "--", "--config.sap.p=it's", env=env)
+    real = _sh(TPU, *TPU_ARGS, "--", "--config.sap.p=it's", env=env)
+    assert real.returncode == 0, real.stderr
+    printed = [shlex.split(x) for x in dry.stdout.splitlines() if x and not x.startswith("#")]
+    calls = _calls(log)
+    assert calls[0][3] == "describe"
+    assert [c for c in calls if c[3] != "describe"] == [c[1:] for c in printed]
+
+
+def test_tpu_launcher_reuses_an_existing_slice_and_can_skip_install(tmp_path):
+    env, log = _fake(tmp_path, "gcloud", "exit 0\n")
+    p = _sh(TPU, *TPU_ARGS, "--skip-install", env=env)
+    assert p.returncode == 0, p.stderr
+    verbs = [c[3] for c in _calls(log)]
+    assert verbs == ["describe", "ssh"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bucket", "/local/dir"], "must be a gs:// path"),
+    (["--config", "configs/nope.py"], "not found"),
+    (["--oops"], "unknown option"),
+])
+def test_tpu_launcher_bad_input(args, message):
+    base = dict(zip(TPU_ARGS[::2], TPU_ARGS[1::2]))
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv] + ([args[0]] if len(args) == 1 else [])
+    p = _sh(TPU, *flat, "--dry-run")
+    assert p.returncode == 2 and message in p.stderr
+
+
+SLURM_ARGS = ["--nodes", "2", "--gpus-per-node", "4", "--config", "configs/imagenet_r101.py",
+              "--workdir", "/shared/runs/r101", "--data-dir", "/shared/tfds", "--partition", "gpu"]
+
+
+def _script(stdout):
+    lines = stdout.splitlines()
+    start = lines.index("#!/usr/bin/env bash")
+    end = lines.index("# submit with:")
+    return "\n".join(lines[start:end]) + "\n"
+
+
+def test_slurm_dry_run_one_process_per_gpu(tmp_path):
+    p = _sh(SLURM, *SLURM_ARGS, "--dry-run", "--", "--config.sap.p=0.45")
+    assert p.returncode == 0, p.stderr
+    s = _script(p.stdout)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --requeue", "export TFDS_DATA_DIR=/shared/tfds"):
+        assert line in s.splitlines()
+    assert "JAX_LOCAL_DEVICE_IDS" not in s
+    srun = shlex.split(s.splitlines()[-1])
+    assert srun[:2] == ["srun", "--kill-on-bad-exit=1"]
+    assert srun[3:] == ["-m", "sap_jax.main", "--config=configs/imagenet_r101.py",
+                        "--workdir=/shared/runs/r101", "--config.data_dir=/shared/tfds",
+                        "--config.sap.p=0.45"]
+    assert "8 processes, 8 GPUs" in p.stdout
+    # The generated batch script is itself valid bash.
+    (tmp_path / "job.sbatch").write_text(s)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+
+
+def test_slurm_one_process_per_node_sees_all_its_gpus():
+    p = _sh(SLURM, *SLURM_ARGS, "--per", "node", "--dry-run")
+    s = _script(p.stdout).splitlines()
+    assert "#SBATCH --ntasks-per-node=1" in s and "export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in s
+    assert "#SBATCH --cpus-per-task=48" in s
+
+
+def test_slurm_launcher_submits_the_script_its_dry_run_prints(tmp_path):
+    env, log = _fake(tmp_path, "sbatch", "echo Submitted batch job 1\n")
+    workdir = tmp_path / "runs" / "r101"
+    args = [a if a != "/shared/runs/r101" else str(workdir) for a in SLURM_ARGS]
+    dry = _sh(SLURM, *args, "--dry-run", env=env)
+    real = _sh(SLURM, *args, env=env)
+    assert real.returncode == 0, real.stderr
+    assert _calls(log) == [[str(workdir / "sap_jax.sbatch")]]
+    assert (workdir / "sap_jax.sbatch").read_text() == _script(dry.stdout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "0"], "--nodes must be a positive integer"),
+    (["--per", "socket"], "--per must be 'gpu' or 'node'"),
+    (["--workdir", ""], "--workdir needs a value"),
+])
+def test_slurm_launcher_bad_input(args, message):
+    base = dict(zip(SLURM_ARGS[::2], SLURM_ARGS[1::2]))
+    base.update(dict(zip(args[::2], args[1::2])))
+    flat = [x for kv in base.items() for x in kv]
+    p = _sh(SLURM, *flat, "--dry-run")
+    assert p.returncode == 2 and message in p.stderr
