@@ -71,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.finetune = optimizer(0.1, (80, 120))  # fine-tuning: 0.1, x0.1 at 80 and 120 (supp. §A)
     c.finetune.num_epochs = 160  # epochs of fine-tuning the extracted model
 
+    c.on_nonfinite = "stop"  # NaN/Inf loss or gradients: "stop" (keep last checkpoint) or "skip" the step
+    c.preemption_check_every_steps = 10  # multi-host: how often hosts agree on a SIGTERM (1 host: every step)
     c.log_every_steps = 50  # train-metric and progress logging interval
     c.checkpoint_every_epochs = 1  # periodic checkpoints (phase boundaries are always saved)
     c.keep_checkpoints = 2  # how many recent checkpoints orbax keeps

@@ -78,9 +78,15 @@ class AGN(nnx.Module):
 
     def __init__(self, group_sizes: Sequence[int], *, z_dim: int = 32, hidden: int = 64,
                  seed: int = 0):
+        if isinstance(group_sizes, np.ndarray) and group_sizes.ndim == 1:
+            group_sizes = group_sizes.tolist()
+        ok = (isinstance(group_sizes, Sequence) and not isinstance(group_sizes, str) and len(group_sizes) > 0
+              and all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 1
+                      for c in group_sizes))
+        if not ok:
+            raise ValueError(f"group_sizes must be a non-empty sequence of positive integers (the "
+                             f"channels of each group, e.g. model.widths); got {group_sizes!r}.")
         sizes = tuple(int(c) for c in group_sizes)
-        if not sizes or any(c < 1 for c in sizes):
-            raise ValueError(f"group_sizes must be a non-empty list of positive sizes, got {list(sizes)}.")
         self.group_sizes = sizes
         rngs = nnx.Rngs(params=seed, z=seed + 1)
         self.z = FixedInput(jax.random.normal(rngs.z(), (len(sizes), z_dim), jnp.float32))

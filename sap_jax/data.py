@@ -106,12 +106,14 @@ class ArrayDataset:
         return {"image": _normalise(x[idx], self.mean, self.std), "label": y[idx].astype(np.int32),
                 "mask": np.ones(len(idx), np.float32)}
 
-    def train_batches(self, epoch: int, global_batch: int, num_steps: int | None = None) -> Iterator[Batch]:
-        """One epoch of augmented batches; order and augmentation depend only on (seed, epoch)."""
+    def train_batches(self, epoch: int, global_batch: int, num_steps: int | None = None, *,
+                      start: int = 0) -> Iterator[Batch]:
+        """One epoch of augmented batches from step ``start`` (to resume mid-epoch); order and
+        augmentation depend only on (seed, epoch, step)."""
         steps = self.steps_per_epoch(global_batch) if not num_steps else num_steps
         order = np.random.default_rng([self.seed, 1, epoch]).permutation(self.info.train_size)
         order = np.resize(order, steps * global_batch)  # wraps around if num_steps asks for more
-        for s in range(steps):
+        for s in range(start, steps):
             idx = self._local(order[s * global_batch:(s + 1) * global_batch])
             rng = np.random.default_rng([self.seed, 2, epoch, s])
             images = self._augment(self.train_x[idx], global_batch, rng)
@@ -261,7 +263,10 @@ class ImageNet:
         return {"image": tf.cast(img, tf.float32), "label": tf.cast(ex["label"], tf.int32),
                 "mask": tf.constant(1.0)}
 
-    def train_batches(self, epoch: int, global_batch: int, num_steps: int | None = None) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, global_batch: int, num_steps: int | None = None, *,
+                      start: int = 0) -> Iterator[Batch]:
+        """One epoch of batches from step ``start``: a resumed epoch replays the same seeded
+        pipeline and skips the batches already trained on."""
         import tensorflow as tf
         import tensorflow_datasets as tfds
 
@@ -270,7 +275,7 @@ class ImageNet:
         ds = self._load("train", shuffle_files=True, seed=self.seed + epoch).repeat()
         ds = ds.shuffle(self.shuffle_buffer, seed=self.seed + epoch).enumerate()
         ds = ds.map(self._train_map((self.seed, epoch)), num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(local, drop_remainder=True).take(steps).prefetch(tf.data.AUTOTUNE)
+        ds = ds.batch(local, drop_remainder=True).take(steps).skip(start).prefetch(tf.data.AUTOTUNE)
         yield from tfds.as_numpy(ds)
 
     def subset_batch(self, index: int, global_batch: int) -> Batch:

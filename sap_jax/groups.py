@@ -252,6 +252,11 @@ def check_arch(arch: Sequence[Any], widths: Sequence[int], names: Sequence[str] 
             raise ValueError(
                 f"{what}[{k}]{name} has shape {shape}; group {k} has {c} channels, so it "
                 f"must have shape ({c},).")
+        dtype = np.dtype(v.dtype) if hasattr(v, "dtype") else np.asarray(v).dtype
+        if not (dtype == bool or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+            name = f" ({names[k]})" if names else ""
+            raise ValueError(f"{what}[{k}]{name} has dtype {dtype}; use bool, integer or real "
+                             "floating values (1 = keep, 0 = drop).")
 
 
 def check_binary(arch: Sequence[Any], names: Sequence[str] | None = None) -> list[np.ndarray]:

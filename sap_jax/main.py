@@ -25,8 +25,10 @@ flags.DEFINE_float("distributed_timeout_s", 300.0,
                    "Multi-process: how long start-up waits for every process before giving up.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-#: Exit codes: 0 done; 2 bad config, missing dataset or non-finite loss (message on stderr);
-#: 3 the multi-process job could not form (parallel.EXIT_DISTRIBUTED_SETUP).
+#: Exit codes (message on stderr): 0 done; 2 bad config, missing dataset, unreadable or foreign
+#: checkpoint, or non-finite loss; 3 the multi-process job could not form
+#: (parallel.EXIT_DISTRIBUTED_SETUP); 74 a checkpoint could not be written (train.EXIT_WRITE_FAILED);
+#: 75 preempted by SIGTERM after saving a checkpoint (train.EXIT_PREEMPTED): rerun to resume.
 EXIT_BAD_INPUT = 2
 
 
@@ -61,10 +63,84 @@ def main(argv: list[str]) -> None:
                  jax.devices())
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (config_lib.ConfigError, data_lib.DatasetNotPrepared, train.NonFiniteLoss) as e:
+    except train.Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(train.EXIT_PREEMPTED)
+    except train.CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(train.EXIT_WRITE_FAILED)
+    except (config_lib.ConfigError, data_lib.DatasetNotPrepared, train.NonFiniteLoss,
+            train.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
 
 
-if __name__ == "__main__":
+def _load_config(argv: list[str]):
+    """The config named by ``--config=PATH`` in ``argv`` (None if absent or not loadable)."""
+    import importlib.util
+    import os
+
+    path = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    if not path or not os.path.isfile(path):
+        return None  # absl reports a missing or bad --config itself
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+        spec = importlib.util.spec_from_file_location("_sap_jax_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config()
+    except Exception:  # noqa: BLE001 - absl reports the same failure with its own message
+        return None
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """The problem with a ``--config.PATH=VALUE`` argument whose PATH is malformed or names no
+    field of the config, if any.
+
+    ml_collections resolves override paths while absl defines the flags, and
+    answers these with a bare ValueError/AttributeError traceback; this check
+    runs first and says what is wrong instead.
+    """
+    import difflib
+
+    from flax import traverse_util
+    from ml_collections.config_flags import config_path
+
+    config = None
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0]
+        try:
+            config_path.split(path)
+        except ValueError:
+            return (f"malformed override {arg!r}: use --config.FIELD=VALUE with a dotted "
+                    "field name from the config, e.g. --config.sap.p=0.5")
+        config = config if config is not None else _load_config(argv)
+        if config is None:
+            return None
+        fields = [".".join(k) for k in traverse_util.flatten_dict(config.to_dict())]
+        if path not in fields:
+            near = difflib.get_close_matches(path, fields, n=3)
+            hint = f" Did you mean {', '.join(near)}?" if near else ""
+            return f"override {arg!r}: the config has no field {path!r}.{hint}"
+    return None
+
+
+def run() -> None:
+    problem = check_overrides(sys.argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -126,6 +126,7 @@ def partial_group_lasso(params: Params, arch: Sequence[jax.Array], structure: G.
       structure: ``model.structure(image_size)``.
       include_bn: also penalise the BN scale and bias of dropped channels.
     """
+    G.check_arch(arch, structure.widths, structure.group_names, what="mask")
     return jnp.sum(group_weights(arch) * group_penalties(params, arch, structure,
                                                          include_bn=include_bn))
 

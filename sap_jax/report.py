@@ -32,6 +32,7 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         "dense_widths": list(dense_structure.widths),
         "widths": list(pruned_structure.widths),
         "times_s": dict(meta.get("times", {})),
+        "skipped_steps": meta.get("skipped_steps", 0),
         "history": meta.get("history", {}),
         "config": config_lib.to_json_dict(c),
     }

@@ -10,8 +10,9 @@ everything else is orchestration on the host.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,8 +38,65 @@ CKPT_DIR = "checkpoints"
 PRUNED_DIR = "pruned_model"
 
 
+#: Exit code after a preemption notice (SIGTERM): a checkpoint was saved; rerun to resume.
+EXIT_PREEMPTED = 75
+#: Exit code when a checkpoint could not be written (disk full, permissions).
+EXIT_WRITE_FAILED = 74
+
+
 class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss or gradients became NaN or Inf; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved at the next step boundary."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read; the message names it and says what to do."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
+class _PreemptionWatch:
+    """Has a preemption notice (SIGTERM) arrived? Checked at step boundaries.
+
+    A SIGTERM handler sets a local flag. With one process the flag is read at
+    every step. With several, the host that got the signal must not stop alone
+    (the others would wait in the next collective forever), so every
+    ``every_steps`` steps all processes all-gather their flags and stop
+    together at the same step. (JAX's own preemption sync point is not used:
+    orbax's CheckpointManager consumes it with checkpoint ids as step ids.)
+    """
+
+    def __init__(self, every_steps: int):
+        self.multi = jax.process_count() > 1
+        self.every = every_steps
+        self.flag = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._on_term)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+
+    def _on_term(self, signum, frame) -> None:
+        self.flag = True
+
+    def __call__(self, step: int) -> bool:
+        if not self.multi:
+            return self.flag
+        if step % self.every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 # --------------------------------------------------------------------------
@@ -84,13 +142,15 @@ def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformation, *,
                     penalty_form: str = "gradient", include_bn: bool = False,
-                    dtype: Any = jnp.float32) -> Callable:
+                    dtype: Any = jnp.float32, skip_nonfinite: bool = False) -> Callable:
     """``(params, rest, opt_state, batch, arch, gamma) -> (params, rest, opt_state, metrics)``.
 
     The dense model trains ungated; ``gamma * R_w(W; arch)`` joins the loss in
     the gradient form (the proximal form lives in ``tx``). ``arch`` and
     ``gamma`` are traced, so neither a new mask nor the start of the search
-    recompiles.
+    recompiles. ``metrics["finite"]`` is 0 when the loss or a gradient is
+    NaN/Inf; with ``skip_nonfinite`` such a step leaves params, BN statistics
+    and optimizer state unchanged.
     """
     def step(params, rest, opt_state, batch, arch, gamma):
         model = codec.merge(params, rest)
@@ -106,11 +166,15 @@ def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformat
 
         (loss, (ce, reg, logits)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         grads = codec.params.encode(grads)
-        updates, opt_state = tx.update(grads, opt_state, params, arch=arch)
-        params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        updates, new_opt_state = tx.update(grads, opt_state, params, arch=arch)
+        new = (optax.apply_updates(params, updates), codec.rest_of(model), new_opt_state)
+        if skip_nonfinite:
+            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, (params, rest, opt_state))
         acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        return params, codec.rest_of(model), opt_state, {"loss": loss, "ce": ce, "penalty": reg,
-                                                          "accuracy": acc}
+        return *new, {"loss": loss, "ce": ce, "penalty": reg, "accuracy": acc,
+                      "finite": finite.astype(jnp.float32)}
 
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
@@ -190,13 +254,10 @@ def _to_host(tree: Any) -> Any:
                         else np.asarray(x), tree)
 
 
-def _finite_or_raise(values: dict[str, float], where: str, ckpt: Any) -> None:
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        raise NonFiniteLoss(
-            f"non-finite training metrics {bad} {where}. The run stopped; the last good "
-            f"checkpoint ({ckpt}) is kept. Lower the learning rate (optim.learning_rate) or "
-            f"gamma (sap.gamma), or try dtype=float32.")
+def _host_metrics(acc: list[dict]) -> list[dict[str, Any]]:
+    """Step metrics as JSON-ready host values (scalars as floats, vectors as lists)."""
+    return [{k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist() for k, v in m.items()}
+            for m in acc]
 
 
 class Run:
@@ -224,6 +285,9 @@ class Run:
             options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
             item_names=("state", "meta"))
         self.key = jax.random.key(config.seed)
+        self.config_hash = hashlib.sha256(json.dumps(
+            config_lib.to_json_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+        self.preempted = _PreemptionWatch(config.preemption_check_every_steps)
 
     # -- config / workdir ------------------------------------------------------
     def _check_workdir_config(self) -> None:
@@ -264,7 +328,8 @@ class Run:
                 structure, lambda n: lr(n) * c.sap.gamma * (n >= start), include_bn=c.sap.include_bn)
         progs.tx = make_optimizer(o, sched, proximal=prox)
         progs.train_step = make_train_step(codec, structure, progs.tx, penalty_form=c.sap.penalty,
-                                           include_bn=c.sap.include_bn, dtype=self.dtype)
+                                           include_bn=c.sap.include_bn, dtype=self.dtype,
+                                           skip_nonfinite=c.on_nonfinite == "skip")
         return progs
 
     def _fresh_search_state(self, progs: Programs) -> tuple[Tree, Any]:
@@ -289,26 +354,58 @@ class Run:
 
     # -- checkpoints ---------------------------------------------------------------
     def _save(self, state: Tree, meta: dict[str, Any]) -> None:
-        meta = {**meta, "ckpt": meta.get("ckpt", 0) + 1}
-        self.ckpt.save(meta["ckpt"], args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        self.ckpt.wait_until_finished()
+        meta = {**meta, "ckpt": meta.get("ckpt", 0) + 1, "config_hash": self.config_hash}
+        try:
+            self.ckpt.save(meta["ckpt"], args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            self.ckpt.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax and the file system raise many types
+            prev = self.ckpt.latest_step()
+            kept = (f"checkpoint {prev} in {self.workdir / CKPT_DIR} is intact" if prev is not None
+                    else "no earlier checkpoint exists")
+            raise CheckpointWriteError(
+                f"could not write checkpoint {meta['ckpt']} to {self.workdir / CKPT_DIR}: "
+                f"{type(e).__name__}: {e}. The run stopped; {kept}. Free disk space or fix "
+                "permissions, then rerun the same command to resume.") from e
         self.meta = meta
+
+    def _ckpt_path(self, step: int | None = None) -> str:
+        return str(self.workdir / CKPT_DIR / str(self.ckpt.latest_step() if step is None else step))
+
+    def _damaged(self, e: Exception) -> CheckpointError:
+        path = self._ckpt_path()
+        return CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}). It is damaged or "
+            f"was not written by this run. Delete {path} to resume from the checkpoint before "
+            "it, or start again with a new --workdir.")
 
     def _restore(self, template: Tree) -> Tree:
         sharding = parallel.param_sharding(self.mesh)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
                                                                if not isinstance(x, jax.Array) else x.dtype,
                                                                sharding=sharding), template)
-        out = self.ckpt.restore(self.ckpt.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))
+        try:
+            out = self.ckpt.restore(self.ckpt.latest_step(), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable data
+            raise self._damaged(e) from e
         return out["state"]
 
     def _latest_meta(self) -> dict[str, Any] | None:
         step = self.ckpt.latest_step()
         if step is None:
             return None
-        return dict(self.ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        try:
+            meta = dict(self.ckpt.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"])
+            meta["phase"], meta["epoch"], meta["step"]  # noqa: B018 - must exist
+        except Exception as e:  # noqa: BLE001
+            raise self._damaged(e) from e
+        if meta.get("config_hash") != self.config_hash:
+            raise config_lib.ConfigError(
+                f"checkpoint {self._ckpt_path(step)} was written by a run with a different "
+                "config. Use a new --workdir, or rerun with the config that wrote it.")
+        return meta
 
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, progs: Programs, params: Tree, rest: Tree, arch) -> tuple[float, float]:
@@ -322,14 +419,20 @@ class Run:
 
     # -- phases ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.preempted.close()
+
+    def _run(self) -> dict[str, Any]:
         meta = self._latest_meta()
         if meta is None:
             meta = {"phase": "search", "epoch": 0, "step": 0, "agn_steps": 0,
-                    "history": {}, "times": {}, "dense_widths": None}
+                    "history": {}, "times": {}, "dense_widths": None, "skipped_steps": 0}
             logging.info("starting a new run in %s", self.workdir)
         else:
-            logging.info("resuming from checkpoint %d: phase %s, %d epochs done", meta["ckpt"],
-                         meta["phase"], meta["epoch"])
+            logging.info("resuming from checkpoint %d: phase %s, %d epochs and %d steps done",
+                         meta["ckpt"], meta["phase"], meta["epoch"], meta.get("step_in_epoch", 0))
         self.meta = meta
 
         dense = self._programs(None, "search")
@@ -347,10 +450,52 @@ class Run:
         return self._finish(dense, pruned, state, self.meta)
 
     def _log_train(self, phase: str, epoch: int, step: int, acc: list[dict]) -> None:
-        vals = {k: float(np.mean([float(m[k]) for m in acc])) for k in acc[0]}
-        _finite_or_raise(vals, f"at step {step} (phase {phase}, epoch {epoch})",
-                         self.ckpt.latest_step())
+        """Log the mean of ``acc`` (the metrics of the steps up to ``step``); stop on NaN/Inf."""
+        rows = _host_metrics(acc)
+        good = [r for r in rows if r["finite"] == 1.0]
+        if len(good) < len(rows) and self.c.on_nonfinite == "stop":
+            first = next(i for i, r in enumerate(rows) if r["finite"] != 1.0)
+            bad = step - len(rows) + first + 1
+            raise NonFiniteLoss(
+                f"loss or gradients became NaN/Inf at step {bad} (phase {phase}, epoch {epoch + 1}): "
+                f"{ {k: v for k, v in rows[first].items() if k != 'finite'} }. The run stopped; the "
+                f"last good checkpoint ({self.ckpt.latest_step()}, in {self.workdir / CKPT_DIR}) is "
+                "kept. Remedies: lower the learning rate (optim.learning_rate / "
+                "finetune.learning_rate) or sap.gamma, add warm-up (optim.warmup_epochs), use "
+                "dtype=float32, or set on_nonfinite=skip to skip such steps.")
+        vals = {k: float(np.mean([r[k] for r in good])) if good else float("nan")
+                for k in rows[0] if k != "finite"}
+        vals["skipped_steps"] = float(self.meta.get("skipped_steps", 0) + len(rows) - len(good))
         self.writer.write_scalars(step, {f"train/{k}": v for k, v in vals.items()})
+
+    def _epoch_done(self, acc: list[dict]) -> float:
+        """Count skipped steps of a finished epoch; its mean train loss over good steps."""
+        rows = _host_metrics(acc)
+        good = [r["loss"] for r in rows if r["finite"] == 1.0]
+        self.meta["skipped_steps"] = self.meta.get("skipped_steps", 0) + len(rows) - len(good)
+        if len(good) < len(rows):
+            logging.warning("skipped %d non-finite steps this epoch (%d in all)",
+                            len(rows) - len(good), self.meta["skipped_steps"])
+        return float(np.mean(good)) if good else float("nan")
+
+    def _preempt(self, state: Tree, meta: dict[str, Any], phase: str, epoch: int, step: int,
+                 acc: list[dict], agn_acc: list[dict], t0: float, agn_steps: int) -> None:
+        """Save mid-epoch (metrics so far included) and stop with :class:`Preempted`."""
+        meta["times"][phase] = meta["times"].get(phase, 0.0) + time.perf_counter() - t0
+        meta.update(epoch=epoch, step=step, agn_steps=agn_steps, step_in_epoch=len(acc),
+                    partial=_host_metrics(acc),
+                    partial_agn=_host_metrics(agn_acc))
+        self._save(state, meta)
+        raise Preempted(
+            f"preemption notice (SIGTERM): saved checkpoint {self.meta['ckpt']} at step {step} "
+            f"(phase {phase}, epoch {epoch + 1}, {len(acc)} steps into it) in "
+            f"{self.workdir / CKPT_DIR}. Rerun the same command to resume.")
+
+    @staticmethod
+    def _resume_epoch(meta: dict[str, Any]) -> tuple[int, list[dict], list[dict]]:
+        """Steps already done in the current epoch and their metrics (after a preemption)."""
+        start = meta.pop("step_in_epoch", 0)
+        return start, meta.pop("partial", []), meta.pop("partial_agn", [])
 
     def _search(self, progs: Programs, state: Tree, meta: dict[str, Any]) -> Tree:
         c, s = self.c, self.c.sap
@@ -368,14 +513,14 @@ class Run:
         step, agn_steps = meta["step"], meta["agn_steps"]
         for epoch in range(meta["epoch"], c.num_epochs):
             t0 = time.perf_counter()
+            start, acc, agn_acc = self._resume_epoch(meta)
             searching = epoch >= s.e_start
             phase = "search" if searching else "dense"
-            if epoch == s.e_start:  # v starts from the (nearly full) initial AGN architecture
+            if epoch == s.e_start and start == 0:  # v starts from the (nearly full) initial AGN architecture
                 state["arch"] = initial_arch(state["agn_params"], state["agn_rest"])
                 state["prev_arch"] = state["arch"]
             gamma = jnp.float32(s.gamma if searching else 0.0)
-            acc, agn_acc = [], []
-            for b in self.data.train_batches(epoch, c.batch_size, c.steps_per_epoch or None):
+            for b in self.data.train_batches(epoch, c.batch_size, c.steps_per_epoch or None, start=start):
                 state["params"], state["rest"], state["opt_state"], m = progs.train_step(
                     state["params"], state["rest"], state["opt_state"],
                     parallel.global_batch(b, self.mesh), state["arch"], gamma)
@@ -391,10 +536,12 @@ class Run:
                 if step % c.log_every_steps == 0:
                     self._log_train(phase, epoch, step, acc[-c.log_every_steps:])
                 self.progress(step)
+                if self.preempted(step):
+                    self._log_train(phase, epoch, step, acc)  # never save a NaN state
+                    self._preempt(state, meta, phase, epoch, step, acc, agn_acc, t0, agn_steps)
             self._log_train(phase, epoch, step, acc)
             # ---- end of epoch: evaluate, compare architectures, log, checkpoint
-            row = {"epoch": epoch + 1, "phase": phase,
-                   "train_loss": float(np.mean([float(m["loss"]) for m in acc]))}
+            row = {"epoch": epoch + 1, "phase": phase, "train_loss": self._epoch_done(acc)}
             row["test_acc"], row["test_loss"] = self.evaluate(progs, state["params"], state["rest"], ones)
             if searching:
                 arch_np = [np.asarray(v) for v in _to_host(state["arch"])]
@@ -424,7 +571,8 @@ class Run:
             logging.info("epoch %d/%d [%s] %s", epoch + 1, c.num_epochs, phase,
                          "  ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
             meta["times"][phase] = meta["times"].get(phase, 0.0) + time.perf_counter() - t0
-            meta.update(epoch=epoch + 1, step=step, agn_steps=agn_steps)
+            meta.update(epoch=epoch + 1, step=step, agn_steps=agn_steps,
+                        skipped_steps=self.meta.get("skipped_steps", 0))
             boundary = epoch + 1 in (s.e_start, c.num_epochs)
             if boundary or (epoch + 1) % c.checkpoint_every_epochs == 0:
                 self._save(state, meta)
@@ -467,8 +615,9 @@ class Run:
         zero = jnp.float32(0.0)
         for epoch in range(meta["epoch"], c.finetune.num_epochs):
             t0 = time.perf_counter()
-            acc = []
-            for b in self.data.train_batches(c.num_epochs + epoch, c.batch_size, c.steps_per_epoch or None):
+            start, acc, _ = self._resume_epoch(meta)
+            for b in self.data.train_batches(c.num_epochs + epoch, c.batch_size, c.steps_per_epoch or None,
+                                             start=start):
                 state["params"], state["rest"], state["opt_state"], m = progs.train_step(
                     state["params"], state["rest"], state["opt_state"],
                     parallel.global_batch(b, self.mesh), ones, zero)
@@ -477,16 +626,21 @@ class Run:
                 if step % c.log_every_steps == 0:
                     self._log_train("finetune", epoch, step, acc[-c.log_every_steps:])
                 self.progress(step)
+                if self.preempted(step):
+                    self._log_train("finetune", epoch, step, acc)
+                    self._preempt(state, meta, "finetune", epoch, step, acc, [], t0,
+                                  meta.get("agn_steps", 0))
             self._log_train("finetune", epoch, step, acc)
+            train_loss = self._epoch_done(acc)
             a, l = self.evaluate(progs, state["params"], state["rest"], ones)
             hist.setdefault("ft_epoch", []).append(epoch + 1)
             hist.setdefault("ft_test_acc", []).append(a)
-            hist.setdefault("ft_train_loss", []).append(float(np.mean([float(m["loss"]) for m in acc])))
+            hist.setdefault("ft_train_loss", []).append(train_loss)
             self.writer.write_scalars(step, {"finetune/test_acc": a, "finetune/test_loss": l})
             logging.info("fine-tune epoch %d/%d  test_acc %.4f  test_loss %.4f", epoch + 1,
                          c.finetune.num_epochs, a, l)
             meta["times"]["finetune"] = meta["times"].get("finetune", 0.0) + time.perf_counter() - t0
-            meta.update(epoch=epoch + 1, step=step)
+            meta.update(epoch=epoch + 1, step=step, skipped_steps=self.meta.get("skipped_steps", 0))
             if epoch + 1 == c.finetune.num_epochs or (epoch + 1) % c.checkpoint_every_epochs == 0:
                 self._save(state, meta)
             meta = self.meta

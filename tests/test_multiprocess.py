@@ -188,3 +188,24 @@ def test_explicit_start_up_needs_all_three_flags(tmp_path):
     (rc, _, err), = _wait([_main([*TINY, f"--workdir={tmp_path}", "--num_processes=2"],
                                  local_devices=1)])
     assert rc == parallel.EXIT_DISTRIBUTED_SETUP and "--coordinator_address" in err
+
+
+def test_sigterm_on_one_process_stops_both_at_the_same_step(two, tmp_path):
+    wd = tmp_path / "preempted"
+    procs = _job(wd)
+    ckpt = wd / "checkpoints" / "1"  # the search has started
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # the scheduler preempts one host
+    runs = _wait(procs)
+    steps = []
+    for rc, _, err in runs:
+        assert rc == 75, err[-3000:]
+        line = next(x for x in err.splitlines() if "preemption notice" in x)
+        steps.append(line.split(" at step ")[1].split(" ")[0])
+    assert steps[0] == steps[1]
+    resumed = _wait(_job(wd))
+    for rc, _, err in resumed:
+        assert rc == 0, err[-3000:]
+    _assert_same_run(two[0], str(wd))

@@ -1,0 +1,55 @@
+"""``python -m sap_jax.main`` with one injected fault, for the reliability tests.
+
+    python tests/fault_run.py FAULT ARG -- MAIN_ARGS...
+
+FAULT is one of
+  none 0          run normally
+  sigterm K       send this process SIGTERM right after weight step K
+  sigkill K       SIGKILL this process right after weight step K
+  sigkill-save N  SIGKILL this process while checkpoint N is being written
+"""
+
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+fault, arg = sys.argv[1], int(sys.argv[2])
+assert sys.argv[3] == "--"
+sys.argv = [sys.argv[0]] + sys.argv[4:]
+
+import orbax.checkpoint as ocp  # noqa: E402
+from sap_jax import main, train  # noqa: E402
+
+if fault in ("sigterm", "sigkill"):
+    sig = signal.SIGTERM if fault == "sigterm" else signal.SIGKILL
+    real_init = train.Run.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        report = self.progress
+
+        def progress(step):
+            report(step)
+            if step == arg:
+                os.kill(os.getpid(), sig)
+
+        self.progress = progress
+
+    train.Run.__init__ = init
+elif fault == "sigkill-save":
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *a, **kw):
+        out = real_save(self, step, *a, **kw)  # asynchronous: returns while writing
+        if step == arg:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    ocp.CheckpointManager.save = save
+else:
+    assert fault == "none", fault
+
+main.run()
