@@ -50,7 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
         include_bn=False,  # also penalise BN scale/bias of dropped channels
         agn_every=10,  # one AGN step every this many weight steps (lineage: 10-20)
         subset_fraction=0.1,  # fraction of the training split the AGN trains on (5-10%)
-        final_arch="last",  # "last" AGN architecture, or "best" sub-network accuracy
+        final_arch="last",  # "last" AGN architecture, "best" sub-network accuracy, or "norm"
+                            # (no AGN: keep the largest-norm channels, a baseline)
+        penalty_scope="partial",  # "partial": dropped channels only (SAP); "all": classic group lasso
+        norm="group_l2",  # channel score of final_arch="norm": "group_l2" or "l1" (producing filters)
+        widths=(),  # final_arch="norm": kept widths per group; () = meet the budget p instead
     ))
 
     c.agn = ml_collections.ConfigDict(dict(

@@ -9,12 +9,13 @@ from typing import Any
 import jax
 import ml_collections
 
-from sap_jax import flops, models, resource
+from sap_jax import baselines, flops, models, resource
 
 DATASETS = ("cifar10", "imagenet2012", "digits")
 SCHEDULES = ("step", "cosine", "constant")
 PENALTIES = ("gradient", "proximal")
-FINAL_ARCH = ("last", "best")
+FINAL_ARCH = ("last", "best", "norm")
+PENALTY_SCOPES = ("partial", "all")
 DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
 
@@ -120,6 +121,19 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
         errors.append(f"sap.subset_fraction = {s.subset_fraction!r} must lie in (0, 1].")
     if not _in(s.final_arch, FINAL_ARCH):
         errors.append(f"sap.final_arch = {s.final_arch!r}; use one of {FINAL_ARCH}.")
+    if not _in(s.penalty_scope, PENALTY_SCOPES):
+        errors.append(f"sap.penalty_scope = {s.penalty_scope!r}; use one of {PENALTY_SCOPES}.")
+    if not _in(s.norm, baselines.NORMS):
+        errors.append(f"sap.norm = {s.norm!r}; use one of {baselines.NORMS}.")
+    w = s.widths
+    if not isinstance(w, (tuple, list)) or any(not _int(x) for x in w):
+        errors.append(f"sap.widths = {w!r} must be a tuple of integers (or () for none).")
+    elif w and s.final_arch != "norm":
+        errors.append("sap.widths is only used with sap.final_arch='norm'.")
+    elif w and model is not None and (len(w) != model.num_groups or any(
+            not 1 <= x <= c for x, c in zip(w, model.widths))):
+        errors.append(f"sap.widths = {tuple(w)} must give one width in [1, C_k] per group; "
+                      f"{c.model} has groups of {list(model.widths)} channels.")
 
     a = c.agn
     if not (_num(a.tau) and a.tau > 0):

@@ -30,7 +30,7 @@ from flax import nnx
 from sap_jax import agn as agn_lib
 from sap_jax import config as config_lib
 from sap_jax import data as data_lib
-from sap_jax import flops, models, parallel, penalty, report, resource, surgery
+from sap_jax import baselines, flops, models, parallel, penalty, report, resource, surgery
 from sap_jax.codec import ModuleCodec
 
 Tree = dict[str, Any]
@@ -508,6 +508,8 @@ class Run:
         initial_arch = jax.jit(lambda p, r: self.agn_codec.merge(p, r).sample(
             None, tau=c.agn.tau, offset=c.agn.offset))
         ones = [jnp.ones(w) for w in progs.model.widths]
+        use_agn = s.final_arch in ("last", "best")  # "norm": a norm-based baseline, no AGN
+        zeros = [jnp.zeros(w) for w in progs.model.widths]
         rng = jax.random.wrap_key_data(state["rng"])
         hist = meta["history"]
         step, agn_steps = meta["step"], meta["agn_steps"]
@@ -516,17 +518,19 @@ class Run:
             start, acc, agn_acc = self._resume_epoch(meta)
             searching = epoch >= s.e_start
             phase = "search" if searching else "dense"
-            if epoch == s.e_start and start == 0:  # v starts from the (nearly full) initial AGN architecture
+            if epoch == s.e_start and start == 0 and use_agn:  # v starts from the (nearly full) AGN output
                 state["arch"] = initial_arch(state["agn_params"], state["agn_rest"])
                 state["prev_arch"] = state["arch"]
             gamma = jnp.float32(s.gamma if searching else 0.0)
             for b in self.data.train_batches(epoch, c.batch_size, c.steps_per_epoch or None, start=start):
+                # "all": v = 0 marks every channel as dropped, i.e. a plain group lasso.
+                pen_arch = zeros if s.penalty_scope == "all" else state["arch"]
                 state["params"], state["rest"], state["opt_state"], m = progs.train_step(
                     state["params"], state["rest"], state["opt_state"],
-                    parallel.global_batch(b, self.mesh), state["arch"], gamma)
+                    parallel.global_batch(b, self.mesh), pen_arch, gamma)
                 step += 1
                 acc.append(m)
-                if searching and step % s.agn_every == 0:
+                if searching and use_agn and step % s.agn_every == 0:
                     sb = parallel.global_batch(self.data.subset_batch(agn_steps, c.agn.batch_size), self.mesh)
                     (state["agn_params"], state["agn_opt_state"], state["arch"], am) = agn_step(
                         state["agn_params"], state["agn_rest"], state["agn_opt_state"],
@@ -543,6 +547,8 @@ class Run:
             # ---- end of epoch: evaluate, compare architectures, log, checkpoint
             row = {"epoch": epoch + 1, "phase": phase, "train_loss": self._epoch_done(acc)}
             row["test_acc"], row["test_loss"] = self.evaluate(progs, state["params"], state["rest"], ones)
+            if searching and not use_agn:  # the baseline's current choice, to log like v
+                state["arch"] = self._norm_arch(progs, state["params"], budget.scope)
             if searching:
                 arch_np = [np.asarray(v) for v in _to_host(state["arch"])]
                 prev_np = [np.asarray(v) for v in _to_host(state["prev_arch"])]
@@ -580,6 +586,14 @@ class Run:
         meta["dense_acc"] = hist["test_acc"][-1]
         self.meta = meta
         return state
+
+    def _norm_arch(self, progs: Programs, params: Tree, scope: str) -> list[jax.Array]:
+        """Keep the largest-norm channels (sap.norm), to sap.widths or else the budget p."""
+        s = self.c.sap
+        norms = baselines.channel_norms(_to_host(params), progs.structure, s.norm)
+        arch = baselines.arch_by_norm(norms, progs.structure, widths=list(s.widths) or None,
+                                      p=None if s.widths else s.p, scope=scope)
+        return parallel.replicate(arch, self.mesh)
 
     def _cut(self, dense: Programs, state: Tree, meta: dict[str, Any]) -> tuple[Programs, Tree]:
         c = self.c

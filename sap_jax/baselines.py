@@ -1,0 +1,94 @@
+"""Norm-based channel selection: the classic baselines SAP is compared with.
+
+* Group lasso on every channel, then a cut by group norms to a MAC budget
+  (``channel_norms(kind="group_l2")`` + ``arch_by_norm(p=...)``).
+* L1-norm filter pruning (Li et al., 2017): keep, in each group, the channels
+  whose producing filters have the largest L1 norm, to given widths
+  (``channel_norms(kind="l1")`` + ``arch_by_norm(widths=...)``).
+
+Both read the same channel-group description as the penalty and the surgery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from sap_jax import flops
+from sap_jax import groups as G
+from sap_jax import penalty
+
+NORMS = ("group_l2", "l1")
+
+
+def channel_norms(params: Any, structure: G.Structure, kind: str = "group_l2") -> list[np.ndarray]:
+    """One importance score per channel, as K vectors of shape (C_k,).
+
+    ``group_l2``: the sum over the group's kernel tensors of each channel
+    slice's L2 norm (the quantity a group lasso shrinks). ``l1``: the L1 norm
+    of the channel's producing filters (the conv output slices).
+    """
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm {kind!r}; use one of {NORMS}.")
+    flat = {penalty._path_str(p): np.asarray(x, np.float64)
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    out = [np.zeros(c) for c in structure.widths]
+    for k, g in enumerate(structure.groups):
+        for sl in g.slices:
+            if sl.role not in (("out",) if kind == "l1" else G.KERNEL_ROLES):
+                continue
+            t = flat.get(tuple(map(str, sl.path)))
+            if t is None:
+                raise ValueError(f"params lack {'/'.join(map(str, sl.path))}, which group {k} owns.")
+            t = np.moveaxis(t, sl.axis, 0).reshape(t.shape[sl.axis], -1)
+            out[k] += np.abs(t).sum(1) if kind == "l1" else np.sqrt(np.square(t).sum(1))
+    return out
+
+
+def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
+                 widths: Sequence[int] | None = None, p: float | None = None,
+                 scope: str = "prunable") -> list[np.ndarray]:
+    """Keep the highest-norm channels: per group to ``widths``, or globally to a MAC budget.
+
+    With ``p``, channels are dropped in increasing order of norm (across all
+    groups) while the MAC ratio over ``scope`` exceeds ``p``; a group never
+    drops below one channel. Returns K float32 0/1 vectors.
+    """
+    if (widths is None) == (p is None):
+        raise ValueError("give exactly one of widths (per-group kept counts) or p (a MAC budget).")
+    sizes = list(structure.widths)
+    if len(norms) != len(sizes) or any(np.shape(n) != (c,) for n, c in zip(norms, sizes)):
+        raise ValueError(f"norms must be {len(sizes)} vectors of sizes {sizes}.")
+    if widths is not None:
+        widths = [int(w) for w in widths]
+        if len(widths) != len(sizes) or any(not G.MIN_KEPT <= w <= c for w, c in zip(widths, sizes)):
+            raise ValueError(f"widths {widths} must give one count in [1, C_k] per group; "
+                             f"the groups have {sizes} channels.")
+        out = []
+        for n, w in zip(norms, widths):
+            v = np.zeros(len(n), np.float32)
+            v[np.argsort(-np.asarray(n), kind="stable")[:w]] = 1.0
+            out.append(v)
+        return out
+    if not 0 < p <= 1:
+        raise ValueError(f"budget p = {p} must lie in (0, 1].")
+    full = flops.count(structure)
+    denom = full.prunable_macs if scope == "prunable" else full.macs
+
+    def ratio(ws):
+        c = flops.count(structure, ws)
+        return (c.prunable_macs if scope == "prunable" else c.macs) / denom
+
+    keep = [np.ones(c, np.float32) for c in sizes]
+    kept = list(sizes)
+    order = sorted(((float(x), k, i) for k, n in enumerate(norms) for i, x in enumerate(n)))
+    for _, k, i in order:
+        if ratio(kept) <= p:
+            break
+        if kept[k] > G.MIN_KEPT:
+            keep[k][i] = 0.0
+            kept[k] -= 1
+    return keep
