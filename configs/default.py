@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
         penalty_scope="partial",  # "partial": dropped channels only (SAP); "all": classic group lasso
         norm="group_l2",  # channel score of final_arch="norm": "group_l2" or "l1" (producing filters)
         widths=(),  # final_arch="norm": kept widths per group; () = meet the budget p instead
+        round_to=1,  # round kept widths to multiples of this at the cut (8 for GPUs, 128 for TPUs)
     ))
 
     c.agn = ml_collections.ConfigDict(dict(

@@ -11,6 +11,7 @@ Both read the same channel-group description as the penalty and the surgery.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -92,3 +93,74 @@ def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
             keep[k][i] = 0.0
             kept[k] -= 1
     return keep
+
+
+def _ratio(structure: G.Structure, widths: Sequence[int], scope: str) -> float:
+    full, c = flops.count(structure), flops.count(structure, list(widths))
+    return (c.prunable_macs / full.prunable_macs if scope == "prunable" else c.macs / full.macs)
+
+
+def uniform_widths(structure: G.Structure, p: float, scope: str = "prunable") -> list[int]:
+    """The widest uniform keep fraction (the same in every group) whose MAC ratio is <= ``p``."""
+    if not 0 < p <= 1:
+        raise ValueError(f"budget p = {p} must lie in (0, 1].")
+    sizes = list(structure.widths)
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        ws = [max(G.MIN_KEPT, int(c * mid)) for c in sizes]
+        lo, hi = (mid, hi) if _ratio(structure, ws, scope) <= p else (lo, mid)
+    return [max(G.MIN_KEPT, int(c * lo)) for c in sizes]
+
+
+def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p: float,
+                 scope: str = "prunable") -> list[int]:
+    """Round kept widths to multiples of ``multiple`` (hardware-friendly) within the budget ``p``.
+
+    Each width goes to the nearest multiple (at least ``multiple``, at most the
+    group's size, which is kept even when it is not a multiple). While the MAC
+    ratio exceeds ``p``, the group whose step down saves the most MACs loses one
+    multiple.
+    """
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple = {multiple!r} must be a positive integer.")
+    sizes = list(structure.widths)
+    if len(widths) != len(sizes):
+        raise ValueError(f"widths has {len(widths)} entries; the model has {len(sizes)} groups.")
+    out = [c if w >= c else min(c, max(multiple, int(round(w / multiple)) * multiple))
+           for w, c in zip(widths, sizes)]
+    while _ratio(structure, out, scope) > p:
+        best, saved = None, 0.0
+        for k, w in enumerate(out):
+            down = (w - 1) // multiple * multiple if w % multiple else w - multiple
+            if down < max(G.MIN_KEPT, min(multiple, sizes[k])):
+                continue
+            trial = out[:k] + [down] + out[k + 1:]
+            gain = _ratio(structure, out, scope) - _ratio(structure, trial, scope)
+            if gain > saved:
+                best, saved = (k, down), gain
+        if best is None:  # every group is at its smallest multiple
+            logging.getLogger(__name__).warning(
+                "widths rounded to multiples of %d cannot meet the budget p = %s (ratio %.3f)",
+                multiple, p, _ratio(structure, out, scope))
+            break
+        out[best[0]] = best[1]
+    return out
+
+
+def resize_arch(arch: Sequence[Any], widths: Sequence[int], norms: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Change each group's kept count to ``widths``: drop the lowest-norm kept channels, or add
+    the highest-norm dropped ones. Channels that stay keep their keep/drop decision."""
+    out = []
+    for v, w, n in zip(arch, widths, norms):
+        v = np.asarray(v, np.float32).copy()
+        n = np.asarray(n, np.float64)
+        k = int(v.sum())
+        if w < k:
+            kept = np.flatnonzero(v == 1)
+            v[kept[np.argsort(n[kept], kind="stable")[:k - w]]] = 0.0
+        elif w > k:
+            dropped = np.flatnonzero(v == 0)
+            v[dropped[np.argsort(-n[dropped], kind="stable")[:w - k]]] = 1.0
+        out.append(v)
+    return out

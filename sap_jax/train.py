@@ -159,8 +159,11 @@ def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformat
         def loss_fn(model):
             logits = model(batch["image"].astype(dtype))
             ce = jnp.mean(_ce(logits, batch["label"]))
-            reg = penalty.partial_group_lasso(nnx.state(model, nnx.Param), arch, structure,
-                                              include_bn=include_bn)
+            if penalty_form == "none":  # fine-tuning, or a plain baseline: no penalty at all
+                reg = jnp.zeros((), jnp.float32)
+            else:
+                reg = penalty.partial_group_lasso(nnx.state(model, nnx.Param), arch, structure,
+                                                  include_bn=include_bn)
             loss = ce + gamma * reg if penalty_form == "gradient" else ce
             return loss, (ce, reg, logits)
 
@@ -327,7 +330,8 @@ class Run:
             prox = lambda lr: penalty.proximal_partial_group_lasso(  # noqa: E731
                 structure, lambda n: lr(n) * c.sap.gamma * (n >= start), include_bn=c.sap.include_bn)
         progs.tx = make_optimizer(o, sched, proximal=prox)
-        progs.train_step = make_train_step(codec, structure, progs.tx, penalty_form=c.sap.penalty,
+        progs.train_step = make_train_step(codec, structure, progs.tx,
+                                           penalty_form=c.sap.penalty if phase == "search" else "none",
                                            include_bn=c.sap.include_bn, dtype=self.dtype,
                                            skip_nonfinite=c.on_nonfinite == "skip")
         return progs
@@ -600,6 +604,14 @@ class Run:
         t0 = time.perf_counter()
         final = state["best_arch"] if c.sap.final_arch == "best" else state["arch"]
         host = _to_host({"params": state["params"], "rest": state["rest"], "arch": final})
+        if c.sap.round_to > 1:  # hardware-friendly widths, still within the budget
+            kept = [int(np.sum(v)) for v in host["arch"]]
+            widths = baselines.round_widths(dense.structure, kept, c.sap.round_to, c.sap.p,
+                                            scope=c.agn.budget_scope)
+            norms = baselines.channel_norms(host["params"], dense.structure, c.sap.norm)
+            host["arch"] = baselines.resize_arch(host["arch"], widths, norms)
+            final = parallel.replicate(host["arch"], self.mesh)
+            logging.info("widths rounded to multiples of %d: %s -> %s", c.sap.round_to, kept, widths)
         model = dense.codec.merge(host["params"], host["rest"])
         pruned_model = surgery.extract(model, host["arch"])
         widths = list(pruned_model.widths)

@@ -68,3 +68,11 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
         assert f"{100 * r['final_acc']:.2f}" in text  # the table shows the run's own number
     assert rows["group_lasso"][0]["macs_ratio"] <= 1.0
     assert len(data["runs"]) == 4  # the gamma sweep reused the sap and no_align runs
+
+
+def test_resize_arch_keeps_decisions_and_uses_norms_to_change_counts():
+    norms = [np.array([5.0, 1.0, 3.0, 2.0]), np.array([1.0, 2.0, 3.0])]
+    arch = [np.array([1, 1, 0, 0], np.float32), np.array([0, 1, 0], np.float32)]
+    out = baselines.resize_arch(arch, [1, 3], norms)
+    np.testing.assert_array_equal(out[0], [1, 0, 0, 0])  # drop the weaker kept channel
+    np.testing.assert_array_equal(out[1], [1, 1, 1])     # add the dropped ones, strongest first

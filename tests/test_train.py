@@ -150,3 +150,13 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert leaves and all(x.dtype == jnp.float32 for x in leaves)
     assert model(jnp.zeros((2, 16, 16, 3))).dtype == jnp.bfloat16
+
+
+def test_round_to_cuts_widths_to_multiples_within_the_budget(tmp_path):
+    c = tiny(**{"sap.round_to": 2, "num_epochs": 2})
+    c.finetune.num_epochs = 1
+    r = train.train_and_evaluate(c, str(tmp_path))
+    assert all(w % 2 == 0 for w in r["widths"]) and r["widths"] != r["dense_widths"]
+    assert r["prunable_macs_ratio"] <= c.sap.p
+    # The cut model still computes exactly the gated dense sub-network it came from.
+    assert r["cut_acc"] == pytest.approx(r["subnet_acc_at_cut"], abs=1e-6)

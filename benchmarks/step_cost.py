@@ -1,0 +1,122 @@
+"""Cost of SAP's steps next to a plain training step (a benchmark, not a test).
+
+    python benchmarks/step_cost.py [--model resnet50] [--batch 32] [--image-size 224] [--steps 5] [--agn-every 10]
+
+Times the trainer's own jitted steps (``sap_jax.train.make_train_step`` and
+``make_agn_step``) on synthetic on-device data, interleaved so that load drift
+hits every variant alike, warm-up (compilation) excluded:
+
+* plain:  dense weight step, no penalty (what fine-tuning runs);
+* sap:    weight step with ``gamma * R_w(W; v)`` (gradient form), v random;
+* agn:    one AGN step on the frozen gated model.
+
+Prints images/s, the SAP/plain time ratio and the AGN overhead amortised over
+``agn_every`` weight steps, and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sap_jax import agn as agn_lib
+from sap_jax import models, resource
+from sap_jax import train
+from sap_jax.codec import ModuleCodec
+
+
+def build(model_name: str, image_size: int, batch: int, dtype: str = "float32"):
+    model = models.create(model_name, dtype=None if dtype == "float32" else dtype)
+    structure = model.structure(image_size)
+    codec = ModuleCodec(model)
+    tx = optax.sgd(0.01, momentum=0.9)
+    dt = jnp.dtype(dtype)
+    steps = {
+        "plain": train.make_train_step(codec, structure, tx, penalty_form="none", dtype=dt),
+        "sap": train.make_train_step(codec, structure, tx, penalty_form="gradient", dtype=dt),
+    }
+    gen = agn_lib.AGN(model.widths)
+    agn_codec = ModuleCodec(gen)
+    agn_tx = optax.adamw(1e-3)
+    steps["agn"] = train.make_agn_step(codec, agn_codec, structure, resource.ResourceLoss(0.5),
+                                       agn_tx, tau=0.4, offset=3.0, deterministic_v=True, dtype=dt)
+    rng = np.random.default_rng(0)
+    n_cls = model.num_classes
+    batch_d = {"image": jnp.asarray(rng.normal(size=(batch, image_size, image_size, 3)), jnp.float32),
+               "label": jnp.asarray(rng.integers(0, n_cls, batch), jnp.int32)}
+    arch = [jnp.asarray(rng.random(w) < 0.5, jnp.float32) for w in model.widths]
+    params, rest = codec.split(model)
+    agn_params, agn_rest = agn_codec.split(gen)
+    states = {k: [params, rest, tx.init(params)] for k in ("plain", "sap")}
+    states = jax.tree.map(jnp.array, states)  # separate buffers: steps donate them
+    states["agn"] = [agn_params, agn_rest, agn_tx.init(agn_params)]
+    return steps, states, (params, rest), batch_d, arch
+
+
+def run_once(name, steps, states, frozen, batch, arch, key):
+    s = states[name]
+    if name == "agn":
+        out = steps["agn"](s[0], s[1], s[2], *frozen, batch, key)
+        states["agn"] = [out[0], s[1], out[1]]
+    else:
+        out = steps[name](*s, batch, arch, jnp.float32(5e-4))
+        states[name] = list(out[:3])
+    jax.block_until_ready(out)
+
+
+def measure(model: str, batch: int, image_size: int, steps: int, dtype: str = "float32") -> dict:
+    fns, states, frozen, b, arch = build(model, image_size, batch, dtype)
+    frozen = jax.tree.map(jnp.array, frozen)
+    key = jax.random.key(0)
+    compile_s = {}
+    for name in fns:
+        t0 = time.perf_counter()
+        run_once(name, fns, states, frozen, b, arch, key)
+        compile_s[name] = time.perf_counter() - t0
+    times = {name: [] for name in fns}
+    for _ in range(steps):
+        for name in fns:
+            t0 = time.perf_counter()
+            run_once(name, fns, states, frozen, b, arch, key)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": model, "batch": batch, "image_size": image_size, "dtype": dtype, "steps": steps,
+            "median_s": med, "min_s": {k: min(v) for k, v in times.items()},
+            "first_call_s": compile_s, "images_per_s": {k: batch / v for k, v in med.items()},
+            "sap_over_plain": med["sap"] / med["plain"],
+            "sap_over_plain_min": min(times["sap"]) / min(times["plain"])}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--steps", type=int, default=5, help="timed repetitions per variant")
+    ap.add_argument("--agn-every", type=int, default=10, help="weight steps per AGN step (sap.agn_every)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = ap.parse_args(argv)
+    r = measure(args.model, args.batch, args.image_size, args.steps, args.dtype)
+    r["agn_every"] = args.agn_every
+    r["agn_amortised_overhead"] = r["median_s"]["agn"] / (args.agn_every * r["median_s"]["plain"])
+    print(f"{args.model}, batch {args.batch}, {args.image_size}px, {args.dtype}, "
+          f"{jax.devices()[0].platform}, median of {args.steps}")
+    print(f"  {'step':<8} {'median s':>10} {'images/s':>10} {'first call s':>13}")
+    for k in ("plain", "sap", "agn"):
+        print(f"  {k:<8} {r['median_s'][k]:>10.4f} {r['images_per_s'][k]:>10.1f} {r['first_call_s'][k]:>13.2f}")
+    print(f"  SAP weight step / plain: {r['sap_over_plain']:.3f} (minima: {r['sap_over_plain_min']:.3f})")
+    print(f"  AGN step amortised over {args.agn_every} weight steps: "
+          f"+{100 * r['agn_amortised_overhead']:.2f}% of plain")
+    print(json.dumps(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Benchmark scripts run on tiny shapes (so they never rot), and no step recompiles after warm-up."""
+
+import collections
+import os
+import subprocess
+import sys
+
+import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import pruned_speedup  # noqa: E402
+import step_cost  # noqa: E402
+from configs import test_tiny  # noqa: E402
+
+from sap_jax import baselines, flops, models, train  # noqa: E402
+
+
+def test_step_cost_smoke():
+    r = step_cost.main(["--model", "resnet_cifar_tiny", "--batch", "4", "--image-size", "32",
+                        "--steps", "1", "--agn-every", "2"])
+    assert set(r["images_per_s"]) == {"plain", "sap", "agn"}
+    assert r["sap_over_plain"] > 0 and r["agn_amortised_overhead"] > 0
+
+
+def test_pruned_speedup_smoke():
+    rows = pruned_speedup.main(["--models", "resnet_cifar_tiny", "--reps", "1", "--batch", "4",
+                                "--round-to", "2"])
+    assert [r["variant"] for r in rows] == ["uniform", "rounded to 2"]
+    for r in rows:
+        assert r["prunable_mac_ratio"] <= 0.5 and r["latency_speedup"] > 0
+
+
+def test_penalty_overhead_smoke():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "penalty_overhead.py"),
+                        "--model", "resnet_cifar_tiny", "--batch", "2", "--image-size", "32",
+                        "--steps", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_rounded_widths_are_multiples_within_the_budget():
+    s = models.create_abstract("resnet50").structure(224)
+    uniform = baselines.uniform_widths(s, 0.37)
+    rounded = baselines.round_widths(s, uniform, 8, 0.37)
+    assert all(w % 8 == 0 or w == c for w, c in zip(rounded, s.widths))
+    full = flops.count(s)
+    assert flops.count(s, rounded).prunable_macs / full.prunable_macs <= 0.37
+    assert flops.count(s, uniform).prunable_macs / full.prunable_macs <= 0.37
+
+
+def test_no_step_recompiles_after_the_first_epoch_of_each_phase(tmp_path, monkeypatch):
+    from jax._src import dispatch
+
+    tag = {"now": "start"}
+    compiles = collections.Counter()
+
+    def listener(name, secs, **kw):
+        if name == dispatch.BACKEND_COMPILE_EVENT:
+            compiles[tag["now"]] += 1
+
+    real_init, real_cut = train.Run.__init__, train.Run._cut
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        report = self.progress
+
+        def progress(step):
+            tag["now"] = step
+            report(step)
+
+        self.progress = progress
+
+    def cut(self, *a, **kw):
+        tag["now"] = "cut"
+        return real_cut(self, *a, **kw)
+
+    monkeypatch.setattr(train.Run, "__init__", init)
+    monkeypatch.setattr(train.Run, "_cut", cut)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        c = test_tiny.get_config()
+        c.plots = False
+        train.train_and_evaluate(c, str(tmp_path))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # 4 steps per epoch: dense epoch = steps 1-4, search epochs 5-8 and 9-12 (with their
+    # end-of-epoch evaluation and checkpoint), cut, fine-tuning epochs 13-16 and 17-20.
+    assert compiles["start"] > 0 and compiles["cut"] > 0  # the listener does see compiles
+    later = {k: n for k, n in compiles.items() if isinstance(k, int) and (9 <= k <= 12 or k >= 13)}
+    assert later == {}, later
