@@ -91,3 +91,15 @@ def test_no_step_recompiles_after_the_first_epoch_of_each_phase(tmp_path, monkey
     assert compiles["start"] > 0 and compiles["cut"] > 0  # the listener does see compiles
     later = {k: n for k, n in compiles.items() if isinstance(k, int) and (9 <= k <= 12 or k >= 13)}
     assert later == {}, later
+
+
+def test_cpu_parity_smoke_jax_side():
+    import cpu_parity
+
+    r = cpu_parity.main(["--depth", "20", "--batch", "4", "--steps", "1", "--jax-only"])
+    assert r["median_s"]["jax"] > 0
+
+
+def test_loop_overhead_smoke():
+    r = step_cost.main(["--loop-epochs", "1", "--loop-repeats", "1"])
+    assert r["ratio"] > 0

@@ -1,0 +1,135 @@
+"""JAX vs PyTorch eager: one CIFAR ResNet-56 train step on the CPU (a benchmark, not a test).
+
+    pip install torch==2.13.0        # benchmark-only; a CPU build installs here
+    python benchmarks/cpu_parity.py [--batch 128] [--steps 5] [--depth 56] [--jax-only]
+
+Both sides run the same network (3 stages of (depth-2)/6 basic blocks, widths
+16/32/64, shortcut A: stride-2 subsampling plus zero channel padding, BN,
+ReLU, global pooling, a linear classifier) and the same step: forward,
+softmax cross-entropy, backward, SGD with momentum 0.9 and weight decay
+5e-4, BN running statistics updated. fp32, NHWC for JAX (its native layout),
+NCHW for PyTorch (its native layout). The JAX step is the trainer's own
+``make_train_step`` without the penalty. Steps alternate between the two;
+medians and minima of ``--steps`` after two warm-up steps are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sap_jax import models, train
+from sap_jax.codec import ModuleCodec
+
+
+def jax_step(depth: int, batch: int):
+    model = models.create(f"resnet{depth}")
+    codec = ModuleCodec(model)
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+    step = train.make_train_step(codec, model.structure(32), tx, penalty_form="none")
+    params, rest = codec.split(model)
+    state = [params, rest, tx.init(params)]
+    rng = np.random.default_rng(0)
+    b = {"image": jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32),
+         "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32)}
+    arch = [jnp.ones(w) for w in model.widths]
+
+    def run():
+        nonlocal state
+        out = step(*state, b, arch, jnp.float32(0))
+        jax.block_until_ready(out)
+        state = list(out[:3])
+
+    return run
+
+
+def torch_step(depth: int, batch: int):
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.b1 = nn.BatchNorm2d(cout)
+            self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.b2 = nn.BatchNorm2d(cout)
+            self.stride, self.pad = stride, cout - cin
+
+        def forward(self, x):
+            y = torch.relu(self.b1(self.c1(x)))
+            y = self.b2(self.c2(y))
+            s = x
+            if self.stride != 1 or self.pad:
+                s = x[:, :, ::self.stride, ::self.stride]
+                s = nn.functional.pad(s, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+            return torch.relu(y + s)
+
+    n = (depth - 2) // 6
+    layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    for i, w in enumerate((16, 32, 64)):
+        for j in range(n):
+            layers.append(Block(cin, w, 2 if (i > 0 and j == 0) else 1))
+            cin = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
+    net = nn.Sequential(*layers).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+
+    return run, torch.__version__, torch.get_num_threads()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--depth", type=int, default=56)
+    ap.add_argument("--jax-only", action="store_true", help="skip PyTorch (not installed)")
+    args = ap.parse_args(argv)
+    runs = {"jax": jax_step(args.depth, args.batch)}
+    info = {"jax": jax.__version__}
+    if not args.jax_only:
+        try:
+            runs["torch"], info["torch"], info["torch_threads"] = torch_step(args.depth, args.batch)
+        except ImportError:
+            raise SystemExit("PyTorch is not installed: pip install torch==2.13.0, or pass --jax-only")
+    for run in runs.values():  # compile / warm up
+        run()
+        run()
+    times = {k: [] for k in runs}
+    for _ in range(args.steps):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t0)
+    r = {"depth": args.depth, "batch": args.batch, "steps": args.steps, **info,
+         "median_s": {k: statistics.median(v) for k, v in times.items()},
+         "min_s": {k: min(v) for k, v in times.items()}}
+    print(f"ResNet-{args.depth}, batch {args.batch}, 32px, fp32, CPU; median of {args.steps}")
+    for k in runs:
+        print(f"  {k:<6} {r['median_s'][k]:.4f} s/step  {args.batch / r['median_s'][k]:8.1f} images/s")
+    if "torch" in runs:
+        r["jax_over_torch"] = r["median_s"]["jax"] / r["median_s"]["torch"]
+        print(f"  JAX time / PyTorch time: {r['jax_over_torch']:.3f} (minima "
+              f"{r['min_s']['jax'] / r['min_s']['torch']:.3f})")
+    print(json.dumps(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()
