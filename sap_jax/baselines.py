@@ -20,7 +20,7 @@ import numpy as np
 
 from sap_jax import flops
 from sap_jax import groups as G
-from sap_jax import penalty
+from sap_jax.codec import path_str
 
 NORMS = ("group_l2", "l1")
 
@@ -34,7 +34,7 @@ def channel_norms(params: Any, structure: G.Structure, kind: str = "group_l2") -
     """
     if kind not in NORMS:
         raise ValueError(f"unknown norm {kind!r}; use one of {NORMS}.")
-    flat = {penalty._path_str(p): np.asarray(x, np.float64)
+    flat = {path_str(p): np.asarray(x, np.float64)
             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     out = [np.zeros(c) for c in structure.widths]
     for k, g in enumerate(structure.groups):

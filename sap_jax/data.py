@@ -102,8 +102,9 @@ class ArrayDataset:
             images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
         return images
 
-    def _batch(self, x, y, idx) -> Batch:
-        return {"image": _normalise(x[idx], self.mean, self.std), "label": y[idx].astype(np.int32),
+    def _batch(self, x, y, idx, augment=None) -> Batch:
+        images = x[idx] if augment is None else augment(x[idx])
+        return {"image": _normalise(images, self.mean, self.std), "label": y[idx].astype(np.int32),
                 "mask": np.ones(len(idx), np.float32)}
 
     def train_batches(self, epoch: int, global_batch: int, num_steps: int | None = None, *,
@@ -116,9 +117,8 @@ class ArrayDataset:
         for s in range(start, steps):
             idx = self._local(order[s * global_batch:(s + 1) * global_batch])
             rng = np.random.default_rng([self.seed, 2, epoch, s])
-            images = self._augment(self.train_x[idx], global_batch, rng)
-            yield {"image": _normalise(images, self.mean, self.std),
-                   "label": self.train_y[idx].astype(np.int32), "mask": np.ones(len(idx), np.float32)}
+            yield self._batch(self.train_x, self.train_y, idx,
+                              augment=lambda x: self._augment(x, global_batch, rng))
 
     def subset_batch(self, index: int, global_batch: int) -> Batch:
         """The ``index``-th AGN batch: a seeded draw from the fixed sub-dataset (no augmentation)."""

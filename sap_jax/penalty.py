@@ -35,26 +35,12 @@ import jax.numpy as jnp
 import optax
 
 from sap_jax import groups as G
+from sap_jax.codec import path_str
 
 Params = Any  # a pytree of arrays (nnx.State, a pure dict, ...) keyed like the model
 
 _WEIGHT_ROLES = G.KERNEL_ROLES
 _BN_ROLES = ("bn_scale", "bn_bias")
-
-
-def _key_str(k) -> str | None:
-    """One path entry of a pytree as the string used in Slice paths (``None``: skip it)."""
-    if isinstance(k, jax.tree_util.GetAttrKey):
-        return None if k.name == "value" else k.name  # nnx.Variable wraps its array in .value
-    if isinstance(k, jax.tree_util.DictKey):
-        return str(k.key)
-    if isinstance(k, jax.tree_util.SequenceKey):
-        return str(k.idx)
-    return str(k)
-
-
-def _path_str(path) -> tuple[str, ...]:
-    return tuple(s for s in (_key_str(k) for k in path) if s is not None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,7 +57,7 @@ def owned_slices(structure: G.Structure, include_bn: bool = False
 
 
 def _leaves(params: Params, structure: G.Structure, include_bn: bool) -> dict[tuple[str, ...], jax.Array]:
-    found = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    found = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     need = owned_slices(structure, include_bn)
     missing = [p for p in need if p not in found]
     if missing:
@@ -181,7 +167,7 @@ def proximal_partial_group_lasso(structure: G.Structure, strength: float | optax
         _leaves(params, structure, include_bn)  # clear error if the params do not fit
 
         def one(path, u, w):
-            slices = owned.get(_path_str(path))
+            slices = owned.get(path_str(path))
             if not slices:
                 return u
             new = w + u
