@@ -9,15 +9,19 @@ ReLU, global pooling, a linear classifier) and the same step: forward,
 softmax cross-entropy, backward, SGD with momentum 0.9 and weight decay
 5e-4, BN running statistics updated. fp32, NHWC for JAX (its native layout),
 NCHW for PyTorch (its native layout). The JAX step is the trainer's own
-``make_train_step`` without the penalty. Steps alternate between the two;
-medians and minima of ``--steps`` after two warm-up steps are compared.
+``make_train_step`` without the penalty. Each framework runs in its own
+process, alternating for ``--rounds`` rounds; medians and minima of all timed
+steps (two warm-up steps per process excluded) are compared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -94,36 +98,63 @@ def torch_step(depth: int, batch: int):
     return run, torch.__version__, torch.get_num_threads()
 
 
+def _worker(framework: str, depth: int, batch: int, steps: int) -> list[float]:
+    """Time ``steps`` steps of one framework after two warm-up steps."""
+    run = jax_step(depth, batch) if framework == "jax" else torch_step(depth, batch)[0]
+    run()
+    run()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _spawn(framework: str, args) -> list[float]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--depth", str(args.depth),
+           "--batch", str(args.batch), "--steps", str(args.steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds; each runs every framework once, in its own process")
     ap.add_argument("--depth", type=int, default=56)
     ap.add_argument("--jax-only", action="store_true", help="skip PyTorch (not installed)")
+    ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    runs = {"jax": jax_step(args.depth, args.batch)}
+    if args.worker:  # child process: time one framework, print the step times
+        print(json.dumps(_worker(args.worker, args.depth, args.batch, args.steps)))
+        return {}
+    frameworks = ["jax"]
     info = {"jax": jax.__version__}
     if not args.jax_only:
         try:
-            runs["torch"], info["torch"], info["torch_threads"] = torch_step(args.depth, args.batch)
+            import torch
         except ImportError:
             raise SystemExit("PyTorch is not installed: pip install torch==2.13.0, or pass --jax-only")
-    for run in runs.values():  # compile / warm up
-        run()
-        run()
-    times = {k: [] for k in runs}
-    for _ in range(args.steps):
-        for k, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[k].append(time.perf_counter() - t0)
-    r = {"depth": args.depth, "batch": args.batch, "steps": args.steps, **info,
+        frameworks.append("torch")
+        info["torch"], info["torch_threads"] = torch.__version__, torch.get_num_threads()
+    # Separate processes, alternating: interleaving the two in one process made
+    # JAX's steps 1.3-1.7x slower than alone (cause not isolated;
+    # OMP_WAIT_POLICY=PASSIVE did not change it).
+    times = {k: [] for k in frameworks}
+    for _ in range(args.rounds):
+        for k in frameworks:
+            times[k] += _spawn(k, args)
+    r = {"depth": args.depth, "batch": args.batch, "steps": args.steps, "rounds": args.rounds, **info,
          "median_s": {k: statistics.median(v) for k, v in times.items()},
          "min_s": {k: min(v) for k, v in times.items()}}
-    print(f"ResNet-{args.depth}, batch {args.batch}, 32px, fp32, CPU; median of {args.steps}")
-    for k in runs:
+    print(f"ResNet-{args.depth}, batch {args.batch}, 32px, fp32, CPU; median of "
+          f"{args.rounds} x {args.steps} steps")
+    for k in frameworks:
         print(f"  {k:<6} {r['median_s'][k]:.4f} s/step  {args.batch / r['median_s'][k]:8.1f} images/s")
-    if "torch" in runs:
+    if "torch" in times:
         r["jax_over_torch"] = r["median_s"]["jax"] / r["median_s"]["torch"]
         print(f"  JAX time / PyTorch time: {r['jax_over_torch']:.3f} (minima "
               f"{r['min_s']['jax'] / r['min_s']['torch']:.3f})")

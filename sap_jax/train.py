@@ -30,7 +30,7 @@ from flax import nnx
 from sap_jax import agn as agn_lib
 from sap_jax import config as config_lib
 from sap_jax import data as data_lib
-from sap_jax import baselines, flops, models, parallel, penalty, report, resource, surgery
+from sap_jax import baselines, flops, models, parallel, penalty, report, resource, surgery, xla_cpu
 from sap_jax.codec import ModuleCodec
 
 Tree = dict[str, Any]
@@ -179,7 +179,7 @@ def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformat
         return *new, {"loss": loss, "ce": ce, "penalty": reg, "accuracy": acc,
                       "finite": finite.astype(jnp.float32)}
 
-    return jax.jit(step, donate_argnums=(0, 1, 2))
+    return xla_cpu.jit(step, donate_argnums=(0, 1, 2))
 
 
 def make_eval_step(codec: ModuleCodec, dtype: Any = jnp.float32) -> Callable:
@@ -192,7 +192,7 @@ def make_eval_step(codec: ModuleCodec, dtype: Any = jnp.float32) -> Callable:
         return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * m),
                 "loss": jnp.sum(_ce(logits, batch["label"]) * m), "count": jnp.sum(m)}
 
-    return jax.jit(step)
+    return xla_cpu.jit(step)
 
 
 def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
@@ -219,7 +219,7 @@ def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
         arch = [jax.lax.stop_gradient(v) for v in gen.sample(noise, tau=tau, offset=offset)]
         return agn_params, agn_opt_state, arch, metrics
 
-    return jax.jit(step, donate_argnums=(0, 2))
+    return xla_cpu.jit(step, donate_argnums=(0, 2))
 
 
 def make_norms(structure, include_bn: bool) -> Callable:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sap_jax import groups as G
-from sap_jax.models.common import batch_norm, conv, down, gate
+from sap_jax.models.common import batch_norm, conv, down, gate, materialize
 
 SHORTCUTS = ("A", "B")
 
@@ -58,9 +58,9 @@ class BasicBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))
-        y = gate(y, None if arch is None else arch[0])
+        y = materialize(gate(y, None if arch is None else arch[0]), self.bn1.scale[...])
         y = self.bn2(self.conv2(y))
-        return nnx.relu(y + self._shortcut(x))
+        return materialize(nnx.relu(y + self._shortcut(x)), self.bn2.scale[...])
 
     def describe(self, b: G.StructureBuilder, path: G.Path, hw: tuple[int, int]) -> tuple[int, int]:
         out = down(hw, self.stride)
@@ -100,12 +100,12 @@ class Bottleneck(nnx.Module):
 
     def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))
-        y = gate(y, None if arch is None else arch[0])
+        y = materialize(gate(y, None if arch is None else arch[0]), self.bn1.scale[...])
         y = nnx.relu(self.bn2(self.conv2(y)))
-        y = gate(y, None if arch is None else arch[1])
+        y = materialize(gate(y, None if arch is None else arch[1]), self.bn2.scale[...])
         y = self.bn3(self.conv3(y))
         sc = self.down_bn(self.down_conv(x)) if self.projects else x
-        return nnx.relu(y + sc)
+        return materialize(nnx.relu(y + sc), self.bn3.scale[...])
 
     def describe(self, b: G.StructureBuilder, path: G.Path, hw: tuple[int, int]) -> tuple[int, int]:
         out = down(hw, self.stride)
@@ -153,10 +153,11 @@ class InvertedResidual(nnx.Module):
         v = None if not arch else arch[0]
         y = x
         if self.expand:
-            y = gate(nnx.relu6(self.expand_bn(self.expand_conv(y))), v)
-        y = gate(nnx.relu6(self.dw_bn(self.dw_conv(y))), v)
+            y = materialize(gate(nnx.relu6(self.expand_bn(self.expand_conv(y))), v),
+                            self.expand_bn.scale[...])
+        y = materialize(gate(nnx.relu6(self.dw_bn(self.dw_conv(y))), v), self.dw_bn.scale[...])
         y = self.project_bn(self.project_conv(y))
-        return x + y if self.residual else y
+        return materialize(x + y, self.project_bn.scale[...]) if self.residual else y
 
     def describe(self, b: G.StructureBuilder, path: G.Path, hw: tuple[int, int]) -> tuple[int, int]:
         out = down(hw, self.stride)

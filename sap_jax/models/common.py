@@ -38,6 +38,31 @@ def gate(x: jax.Array, v: jax.Array | None) -> jax.Array:
     return x if v is None else x * v.astype(x.dtype)
 
 
+def materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
+    """Identity that makes XLA:CPU keep ``x`` in memory; a no-op on other platforms.
+
+    Why: the CPU backend duplicates cheap elementwise producers into every
+    consumer fusion. Along a residual chain (each block's output feeds the next
+    block's add) the backward pass's layout-changing copies for the weight
+    gradients then recompute the BN, ReLU and add of every earlier block:
+    work quadratic in depth, 1.26 s of a 1.65 s ResNet-56 train step at batch
+    128 (``docs/benchmarks.md``). ``lax.optimization_barrier`` does not help:
+    the CPU pipeline removes it before fusion. A conditional is opaque to
+    fusion, so its result is computed once.
+
+    ``anchor`` is a replicated runtime array (a parameter of the calling
+    block): its first element is the branch predicate, which XLA cannot fold
+    and which, unlike an element of ``x``, is not split across devices. Both
+    branches return ``x`` unchanged; the second differs only so that it is
+    not merged with the first.
+    """
+    def opaque(v, a):
+        return jax.lax.cond(jnp.isfinite(a.reshape(-1)[0]), lambda u: u, lambda u: u * 1, v)
+
+    return jax.lax.platform_dependent(x, jax.lax.stop_gradient(anchor), cpu=opaque,
+                                      default=lambda v, a: v)
+
+
 def down(hw: tuple[int, int], stride: int) -> tuple[int, int]:
     """Output size of a stride-``stride`` conv or pool with ``kernel // 2`` padding.
 
