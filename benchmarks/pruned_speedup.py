@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sap_jax import baselines, flops, models
+from sap_jax import baselines, flops, models, xla_cpu
 
 BUDGETS = {"resnet56": (0.48, 32), "resnet50": (0.37, 224), "mobilenet_v2": (0.65, 224),
            "resnet_cifar_tiny": (0.5, 32)}
@@ -34,7 +34,7 @@ BUDGETS = {"resnet56": (0.48, 32), "resnet50": (0.37, 224), "mobilenet_v2": (0.6
 def forward_time(model, image_size: int, batch: int, reps: int) -> float:
     model.eval()
     graphdef, state = nnx.split(model)
-    fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+    fwd = xla_cpu.jit(lambda st, x: nnx.merge(graphdef, st)(x))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)), jnp.float32)
     jax.block_until_ready(fwd(state, x))  # compile
     jax.block_until_ready(fwd(state, x))  # warm

@@ -103,3 +103,20 @@ def test_cpu_parity_smoke_jax_side():
 def test_loop_overhead_smoke():
     r = step_cost.main(["--loop-epochs", "1", "--loop-repeats", "1"])
     assert r["ratio"] > 0
+
+
+def test_cpu_step_variants_smoke():
+    import os as os_
+
+    import cpu_step_variants
+
+    from sap_jax import xla_cpu
+    from sap_jax.models import blocks
+
+    before = (blocks.materialize, dict(xla_cpu.COMPILER_OPTIONS), os_.environ.get("SAP_JAX_XLA_CPU_DEFAULTS"))
+    (r,) = cpu_step_variants.main(["--models", "resnet_cifar_tiny:4:16", "--steps", "1", "--rounds", "1"])
+    assert set(r["median_s"]) == set(cpu_step_variants.VARIANTS)
+    assert all(t > 0 for t in r["median_s"].values())
+    # Switching variants leaves the library as it was.
+    assert (blocks.materialize, dict(xla_cpu.COMPILER_OPTIONS),
+            os_.environ.get("SAP_JAX_XLA_CPU_DEFAULTS")) == before
