@@ -25,33 +25,13 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
-
-from sap_jax import models, train
-from sap_jax.codec import ModuleCodec
+from harness import train_step_runner
 
 
 def jax_step(depth: int, batch: int):
-    model = models.create(f"resnet{depth}")
-    codec = ModuleCodec(model)
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
-    step = train.make_train_step(codec, model.structure(32), tx, penalty_form="none")
-    params, rest = codec.split(model)
-    state = [params, rest, tx.init(params)]
-    rng = np.random.default_rng(0)
-    b = {"image": jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32),
-         "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32)}
-    arch = [jnp.ones(w) for w in model.widths]
-
-    def run():
-        nonlocal state
-        out = step(*state, b, arch, jnp.float32(0))
-        jax.block_until_ready(out)
-        state = list(out[:3])
-
-    return run
+    return train_step_runner(f"resnet{depth}", batch, 32, tx)
 
 
 def torch_step(depth: int, batch: int):

@@ -26,13 +26,10 @@ import statistics
 import time
 from contextlib import contextmanager
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
+from harness import train_step_runner
 
-from sap_jax import models, train, xla_cpu
-from sap_jax.codec import ModuleCodec
+from sap_jax import xla_cpu
 from sap_jax.models import blocks
 
 VARIANTS = ("xla-defaults", "barrier", "barrier+ynn-off", "library")
@@ -62,30 +59,18 @@ def _variant(name: str):
 
 
 def _runner(name: str, batch: int, size: int, variant: str):
-    """A warmed-up closure running one train step of ``name`` under ``variant``."""
-    model = models.create(name)
-    codec = ModuleCodec(model)
-    tx = optax.sgd(0.1, momentum=0.9)
-    params, rest = codec.split(model)
-    state = [params, rest, tx.init(params)]
-    rng = np.random.default_rng(0)
-    b = {"image": jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32),
-         "label": jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)}
-    arch = [jnp.ones(w) for w in model.widths]
-    with _variant(variant):  # the model is traced and compiled here, under the variant
-        step = train.make_train_step(codec, model.structure(size), tx, penalty_form="none")
-        jax.block_until_ready(state := list(step(*state, b, arch, jnp.float32(0))[:3]))
+    """A warmed-up closure timing one train step of ``name`` under ``variant``."""
+    with _variant(variant):  # the step is jitted, traced and compiled here, under the variant
+        run = train_step_runner(name, batch, size, optax.sgd(0.1, momentum=0.9))
+        run()
 
-    def run() -> float:
-        nonlocal state
+    def timed() -> float:
         t0 = time.perf_counter()
-        out = step(*state, b, arch, jnp.float32(0))
-        jax.block_until_ready(out)
-        state = list(out[:3])
+        run()
         return time.perf_counter() - t0
 
-    run()  # warm-up
-    return run
+    timed()  # warm-up
+    return timed
 
 
 def measure(spec: str, steps: int, rounds: int) -> dict:

@@ -232,7 +232,7 @@ def make_norms(structure, include_bn: bool) -> Callable:
         nk = sum(jnp.sum(v) for v in arch)
         return drop / jnp.maximum(nd, 1), keep / jnp.maximum(nk, 1)
 
-    return jax.jit(fn)
+    return xla_cpu.jit(fn)
 
 
 # --------------------------------------------------------------------------
@@ -453,8 +453,9 @@ class Run:
         state = self._finetune(pruned, state, self.meta)
         return self._finish(dense, pruned, state, self.meta)
 
-    def _log_train(self, phase: str, epoch: int, step: int, acc: list[dict]) -> None:
-        """Log the mean of ``acc`` (the metrics of the steps up to ``step``); stop on NaN/Inf."""
+    def _log_train(self, phase: str, epoch: int, step: int, acc: list[dict]) -> list[dict[str, Any]]:
+        """Log the mean of ``acc`` (the metrics of the steps up to ``step``); stop on NaN/Inf.
+        Returns ``acc`` as host values, for the end-of-epoch and preemption bookkeeping."""
         rows = _host_metrics(acc)
         good = [r for r in rows if r["finite"] == 1.0]
         if len(good) < len(rows) and self.c.on_nonfinite == "stop":
@@ -471,10 +472,10 @@ class Run:
                 for k in rows[0] if k != "finite"}
         vals["skipped_steps"] = float(self.meta.get("skipped_steps", 0) + len(rows) - len(good))
         self.writer.write_scalars(step, {f"train/{k}": v for k, v in vals.items()})
+        return rows
 
-    def _epoch_done(self, acc: list[dict]) -> float:
-        """Count skipped steps of a finished epoch; its mean train loss over good steps."""
-        rows = _host_metrics(acc)
+    def _epoch_done(self, rows: list[dict[str, Any]]) -> float:
+        """Count skipped steps of a finished epoch (host metrics); its mean train loss over good steps."""
         good = [r["loss"] for r in rows if r["finite"] == 1.0]
         self.meta["skipped_steps"] = self.meta.get("skipped_steps", 0) + len(rows) - len(good)
         if len(good) < len(rows):
@@ -483,16 +484,15 @@ class Run:
         return float(np.mean(good)) if good else float("nan")
 
     def _preempt(self, state: Tree, meta: dict[str, Any], phase: str, epoch: int, step: int,
-                 acc: list[dict], agn_acc: list[dict], t0: float, agn_steps: int) -> None:
+                 rows: list[dict[str, Any]], agn_acc: list[dict], t0: float, agn_steps: int) -> None:
         """Save mid-epoch (metrics so far included) and stop with :class:`Preempted`."""
         meta["times"][phase] = meta["times"].get(phase, 0.0) + time.perf_counter() - t0
-        meta.update(epoch=epoch, step=step, agn_steps=agn_steps, step_in_epoch=len(acc),
-                    partial=_host_metrics(acc),
-                    partial_agn=_host_metrics(agn_acc))
+        meta.update(epoch=epoch, step=step, agn_steps=agn_steps, step_in_epoch=len(rows),
+                    partial=rows, partial_agn=_host_metrics(agn_acc))
         self._save(state, meta)
         raise Preempted(
             f"preemption notice (SIGTERM): saved checkpoint {self.meta['ckpt']} at step {step} "
-            f"(phase {phase}, epoch {epoch + 1}, {len(acc)} steps into it) in "
+            f"(phase {phase}, epoch {epoch + 1}, {len(rows)} steps into it) in "
             f"{self.workdir / CKPT_DIR}. Rerun the same command to resume.")
 
     @staticmethod
@@ -509,7 +509,7 @@ class Run:
                                  tau=c.agn.tau, offset=c.agn.offset,
                                  deterministic_v=c.agn.deterministic_v, dtype=self.dtype)
         norms = make_norms(progs.structure, s.include_bn)
-        initial_arch = jax.jit(lambda p, r: self.agn_codec.merge(p, r).sample(
+        initial_arch = xla_cpu.jit(lambda p, r: self.agn_codec.merge(p, r).sample(
             None, tau=c.agn.tau, offset=c.agn.offset))
         ones = [jnp.ones(w) for w in progs.model.widths]
         use_agn = s.final_arch in ("last", "best")  # "norm": a norm-based baseline, no AGN
@@ -545,11 +545,11 @@ class Run:
                     self._log_train(phase, epoch, step, acc[-c.log_every_steps:])
                 self.progress(step)
                 if self.preempted(step):
-                    self._log_train(phase, epoch, step, acc)  # never save a NaN state
-                    self._preempt(state, meta, phase, epoch, step, acc, agn_acc, t0, agn_steps)
-            self._log_train(phase, epoch, step, acc)
+                    rows = self._log_train(phase, epoch, step, acc)  # never save a NaN state
+                    self._preempt(state, meta, phase, epoch, step, rows, agn_acc, t0, agn_steps)
+            rows = self._log_train(phase, epoch, step, acc)
             # ---- end of epoch: evaluate, compare architectures, log, checkpoint
-            row = {"epoch": epoch + 1, "phase": phase, "train_loss": self._epoch_done(acc)}
+            row = {"epoch": epoch + 1, "phase": phase, "train_loss": self._epoch_done(rows)}
             row["test_acc"], row["test_loss"] = self.evaluate(progs, state["params"], state["rest"], ones)
             if searching and not use_agn:  # the baseline's current choice, to log like v
                 state["arch"] = self._norm_arch(progs, state["params"], budget.scope)
@@ -653,11 +653,10 @@ class Run:
                     self._log_train("finetune", epoch, step, acc[-c.log_every_steps:])
                 self.progress(step)
                 if self.preempted(step):
-                    self._log_train("finetune", epoch, step, acc)
-                    self._preempt(state, meta, "finetune", epoch, step, acc, [], t0,
+                    rows = self._log_train("finetune", epoch, step, acc)
+                    self._preempt(state, meta, "finetune", epoch, step, rows, [], t0,
                                   meta.get("agn_steps", 0))
-            self._log_train("finetune", epoch, step, acc)
-            train_loss = self._epoch_done(acc)
+            train_loss = self._epoch_done(self._log_train("finetune", epoch, step, acc))
             a, l = self.evaluate(progs, state["params"], state["rest"], ones)
             hist.setdefault("ft_epoch", []).append(epoch + 1)
             hist.setdefault("ft_test_acc", []).append(a)

@@ -38,7 +38,7 @@ def _max_conv_operands_per_fusion(hlo: str) -> int:
     return most
 
 
-def _compiled_train_step_hlo(name: str, monkeypatch=None) -> str:
+def _compiled_train_step_hlo(name: str) -> str:
     model = models.create(name)
     codec = ModuleCodec(model)
     tx = optax.sgd(0.1, momentum=0.9)
