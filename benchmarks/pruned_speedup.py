@@ -8,7 +8,8 @@ CIFAR, ResNet-50 0.37 and MobileNetV2 0.65 on ImageNet) it builds the pruned
 model with uniform per-group widths (the widest uniform keep fraction within
 the budget; SAP's own widths are non-uniform, but the cost of a layer depends
 only on its widths) and, with ``--round-to M``, the same widths rounded to
-multiples of M within the budget. It times the jitted eval-mode forward pass:
+multiples of M within the budget. It times the jitted eval-mode forward pass
+with ``sap_jax.speed.compare`` (dense and pruned alternate rep by rep):
 latency at batch 1 and throughput at ``--batch``, medians of ``--reps`` after
 warm-up. Efficiency = measured speed-up / (dense MACs / pruned MACs).
 """
@@ -17,33 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from sap_jax import baselines, flops, models, xla_cpu
+from sap_jax import baselines, flops, models, speed
 
 BUDGETS = {"resnet56": (0.48, 32), "resnet50": (0.37, 224), "mobilenet_v2": (0.65, 224),
            "resnet_cifar_tiny": (0.5, 32)}
-
-
-def forward_time(model, image_size: int, batch: int, reps: int) -> float:
-    model.eval()
-    graphdef, state = nnx.split(model)
-    fwd = xla_cpu.jit(lambda st, x: nnx.merge(graphdef, st)(x))
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)), jnp.float32)
-    jax.block_until_ready(fwd(state, x))  # compile
-    jax.block_until_ready(fwd(state, x))  # warm
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fwd(state, x))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure(name: str, reps: int, batch: int, round_to: int) -> list[dict]:
@@ -54,23 +35,18 @@ def measure(name: str, reps: int, batch: int, round_to: int) -> list[dict]:
     if round_to > 1:
         variants[f"rounded to {round_to}"] = baselines.round_widths(s, variants["uniform"], round_to, p)
     full = flops.count(s)
-    base = {b: forward_time(dense, size, b, reps) for b in (1, batch)}
     rows = []
     for label, widths in variants.items():
-        small = models.create(name, widths=widths)
         c = flops.count(s, widths)
-        t = {b: forward_time(small, size, b, reps) for b in (1, batch)}
-        mac_speedup = full.macs / c.macs
-        row = {"model": name, "p": p, "variant": label, "mac_ratio": c.macs / full.macs,
-               "prunable_mac_ratio": c.prunable_macs / full.prunable_macs,
-               "dense_latency_ms": 1e3 * base[1], "pruned_latency_ms": 1e3 * t[1],
-               "dense_images_per_s": batch / base[batch], "pruned_images_per_s": batch / t[batch],
-               "batch": batch}
-        row["latency_speedup"] = base[1] / t[1]
-        row["throughput_speedup"] = base[batch] / t[batch]
-        row["latency_efficiency"] = row["latency_speedup"] / mac_speedup
-        row["throughput_efficiency"] = row["throughput_speedup"] / mac_speedup
-        rows.append(row)
+        r = speed.compare(dense, models.create(name, widths=widths), size, (1, batch), reps=reps)
+        lat, thr = r["batches"]
+        rows.append({"model": name, "p": p, "variant": label, "mac_ratio": c.macs / full.macs,
+                     "prunable_mac_ratio": c.prunable_macs / full.prunable_macs,
+                     "dense_latency_ms": lat["dense_ms"], "pruned_latency_ms": lat["pruned_ms"],
+                     "dense_images_per_s": thr["dense_images_per_s"],
+                     "pruned_images_per_s": thr["pruned_images_per_s"], "batch": batch,
+                     "latency_speedup": lat["speedup"], "throughput_speedup": thr["speedup"],
+                     "latency_efficiency": lat["efficiency"], "throughput_efficiency": thr["efficiency"]})
     return rows
 
 

@@ -76,6 +76,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.finetune = optimizer(0.1, (80, 120))  # fine-tuning: 0.1, x0.1 at 80 and 120 (supp. §A)
     c.finetune.num_epochs = 160  # epochs of fine-tuning the extracted model
 
+    c.speed = ml_collections.ConfigDict(dict(
+        enabled=True,  # at the end, time the extracted model's inference against the dense one
+        batch_sizes=(1, 256),  # batch 1 = latency; the larger ones give throughput (images/s)
+        reps=10,  # timed forward passes per model and batch size, after a warm-up; medians
+    ))
+
     c.on_nonfinite = "stop"  # NaN/Inf loss or gradients: "stop" (keep last checkpoint) or "skip" the step
     c.preemption_check_every_steps = 10  # multi-host: how often hosts agree on a SIGTERM (1 host: every step)
     c.log_every_steps = 50  # train-metric and progress logging interval

@@ -32,4 +32,5 @@ def get_config():
     c.finetune.base_batch_size = 64
     c.finetune.num_epochs = 6
     c.log_every_steps = 20
+    c.speed.batch_sizes = (1, 64)  # latency and throughput at the training batch
     return c

@@ -28,4 +28,5 @@ def get_config():
     c.finetune.num_epochs = 2
     c.log_every_steps = 2
     c.plots = False
+    c.speed.enabled = False  # tests that time inference turn it on
     return c

@@ -161,6 +161,14 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
                   "preemption_check_every_steps"):
         if not (_int(c[field]) and c[field] >= 1):
             errors.append(f"{field} = {c[field]!r} must be an integer >= 1.")
+    sp = c.speed
+    if not isinstance(sp.enabled, bool):
+        errors.append(f"speed.enabled = {sp.enabled!r} must be True or False.")
+    b = sp.batch_sizes
+    if not (isinstance(b, (tuple, list)) and b and all(_int(x) and x >= 1 for x in b)):
+        errors.append(f"speed.batch_sizes = {b!r} must be a non-empty tuple of positive integers.")
+    if not (_int(sp.reps) and sp.reps >= 1):
+        errors.append(f"speed.reps = {sp.reps!r} must be an integer >= 1.")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from sap_jax import config as config_lib
-from sap_jax import flops
+from sap_jax import flops, speed
 from sap_jax.info import _human
 
 
@@ -58,6 +58,8 @@ def summary(r: dict[str, Any]) -> str:
     for label, key in (("MACs", "macs"), ("MACs prunable", "prunable_macs"), ("params", "params")):
         b, a = r[f"{key}_before"], r[f"{key}_after"]
         lines.append(f"  {label:<18} {_human(b):>10} {_human(a):>10} {a / b:>8.1%}")
+    if r.get("speed"):
+        lines += [""] + speed.summary_lines(r["speed"])
     lines += ["", "  wall time per phase: " + ", ".join(
         f"{k} {v:.1f}s" for k, v in r["times_s"].items())]
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from flax import nnx
 from sap_jax import agn as agn_lib
 from sap_jax import config as config_lib
 from sap_jax import data as data_lib
-from sap_jax import baselines, flops, models, parallel, penalty, report, resource, surgery, xla_cpu
+from sap_jax import baselines, flops, models, parallel, penalty, report, resource, speed, surgery, xla_cpu
 from sap_jax.codec import ModuleCodec
 
 Tree = dict[str, Any]
@@ -182,8 +182,10 @@ def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformat
     return xla_cpu.jit(step, donate_argnums=(0, 1, 2))
 
 
-def make_eval_step(codec: ModuleCodec, dtype: Any = jnp.float32) -> Callable:
-    """``(params, rest, batch, arch) -> {"correct", "loss", "count"}`` sums over unmasked examples."""
+def make_eval_step(codec: ModuleCodec, dtype: Any = jnp.float32, structure: Any = None) -> Callable:
+    """``(params, rest, batch, arch) -> {"correct", "loss", "count"}`` sums over unmasked examples.
+
+    ``structure`` (the model's ``groups.Structure``) picks the CPU compiler options for inference."""
     def step(params, rest, batch, arch):
         model = codec.merge(params, rest)
         model.eval()
@@ -192,7 +194,7 @@ def make_eval_step(codec: ModuleCodec, dtype: Any = jnp.float32) -> Callable:
         return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * m),
                 "loss": jnp.sum(_ce(logits, batch["label"]) * m), "count": jnp.sum(m)}
 
-    return xla_cpu.jit(step)
+    return xla_cpu.jit(step, inference_of=structure)
 
 
 def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
@@ -314,13 +316,17 @@ class Run:
             parallel.write_text_atomic(path, json.dumps(mine, indent=2))
 
     # -- model / programs --------------------------------------------------------
+    def _model(self, widths: Sequence[int] | None) -> models.PrunableModel:
+        c = self.c
+        return models.create(c.model, seed=c.seed, num_classes=self.data.info.num_classes,
+                             widths=widths, dtype=None if c.dtype == "float32" else c.dtype)
+
     def _programs(self, widths: Sequence[int] | None, phase: str) -> Programs:
         c = self.c
-        model = models.create(c.model, seed=c.seed, num_classes=self.data.info.num_classes,
-                              widths=widths, dtype=None if c.dtype == "float32" else c.dtype)
+        model = self._model(widths)
         structure = model.structure(c.image_size)
         codec = ModuleCodec(model)
-        progs = Programs(model, structure, codec, make_eval_step(codec, self.dtype))
+        progs = Programs(model, structure, codec, make_eval_step(codec, self.dtype, structure))
         o = c.optim if phase == "search" else c.finetune
         epochs = c.num_epochs if phase == "search" else c.finetune.num_epochs
         sched = lr_schedule(o, self.spe, epochs, c.batch_size)
@@ -683,6 +689,15 @@ class Run:
                                "test_accuracy": final_acc})
         before, after = flops.count(dense.structure), flops.count(pruned.structure)
         results = report.results(c, meta, before, after, final_acc, dense.structure, pruned.structure)
+        if c.speed.enabled:
+            # Every process times its own first device (no collectives), so hosts stay in step;
+            # process 0's figures are reported. The dense side is a fresh model of the same class
+            # (the trained dense weights are gone after fine-tuning; values do not change speed).
+            t0 = time.perf_counter()
+            results["speed"] = speed.compare(self._model(None), final_model, c.image_size,
+                                             tuple(c.speed.batch_sizes), reps=c.speed.reps,
+                                             dtype=self.dtype)
+            results["times_s"]["speed"] = time.perf_counter() - t0
         if jax.process_index() == 0:
             report.write(self.workdir, results, plots=c.plots)
         self.writer.flush()

@@ -22,16 +22,26 @@ import jax
 COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
-def compiler_options() -> dict[str, Any] | None:
-    """The options :func:`jit` adds, or ``None`` off the CPU or when disabled."""
+def compiler_options(inference_of: Any = None) -> dict[str, Any] | None:
+    """The options :func:`jit` adds, or ``None`` (XLA's defaults) off the CPU or when disabled.
+
+    ``inference_of``: the ``groups.Structure`` of the model an inference-only
+    function runs. Forward passes of models with depthwise convolutions keep
+    XLA's defaults, whose YNNPACK depthwise kernels beat Eigen's at inference
+    (MobileNetV2 at batch 32: 1.25-1.3x the images/s; batch-1 latency within
+    3 %; ``docs/benchmarks.md``); their train steps and everything else get
+    :data:`COMPILER_OPTIONS`.
+    """
     if jax.default_backend() != "cpu" or os.environ.get("SAP_JAX_XLA_CPU_DEFAULTS", "") not in ("", "0"):
+        return None
+    if inference_of is not None and any(getattr(layer, "depthwise", False) for layer in inference_of.layers):
         return None
     return dict(COMPILER_OPTIONS)
 
 
-def jit(fn: Callable, **kwargs: Any) -> Callable:
-    """``jax.jit`` plus :data:`COMPILER_OPTIONS` when compiling for the CPU."""
-    opts = compiler_options()
+def jit(fn: Callable, *, inference_of: Any = None, **kwargs: Any) -> Callable:
+    """``jax.jit`` plus :func:`compiler_options` when compiling for the CPU."""
+    opts = compiler_options(inference_of)
     if opts is not None:
         kwargs["compiler_options"] = {**opts, **kwargs.get("compiler_options", {})}
     return jax.jit(fn, **kwargs)

@@ -72,3 +72,14 @@ def test_cpu_compiler_options_apply_on_cpu_and_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("SAP_JAX_XLA_CPU_DEFAULTS", "1")
     assert xla_cpu.compiler_options() is None
     assert float(xla_cpu.jit(lambda x: jnp.sum(x * 3.0))(jnp.arange(4.0))) == 18.0
+
+
+def test_inference_of_depthwise_models_keeps_xla_defaults_on_cpu(monkeypatch):
+    monkeypatch.delenv("SAP_JAX_XLA_CPU_DEFAULTS", raising=False)
+    plain = models.create_abstract("resnet_cifar_tiny").structure(16)
+    depthwise = models.create_abstract("mobilenet_v2").structure(32)
+    on_cpu = jax.default_backend() == "cpu"
+    assert xla_cpu.compiler_options(inference_of=plain) == (xla_cpu.COMPILER_OPTIONS if on_cpu else None)
+    assert xla_cpu.compiler_options(inference_of=depthwise) is None
+    # Train steps of depthwise models keep the options (no inference_of).
+    assert xla_cpu.compiler_options() == (xla_cpu.COMPILER_OPTIONS if on_cpu else None)

@@ -30,7 +30,8 @@ def tiny(**overrides):
 def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     import tensorflow_datasets as tfds
 
-    c = tiny(dataset="cifar10", image_size=32, plots=True)
+    c = tiny(dataset="cifar10", image_size=32, plots=True,
+             **{"speed.enabled": True, "speed.batch_sizes": (1, 4), "speed.reps": 2})
     with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
         r = train.train_and_evaluate(c, str(tmp_path))
     files = set(os.listdir(tmp_path))
@@ -45,7 +46,16 @@ def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     assert saved["macs_after"] < saved["macs_before"]
     h = saved["history"]
     assert len(h["test_acc"]) == 3 and len(h["hamming"]) == 2 and len(h["ft_test_acc"]) == 2
-    assert set(saved["times_s"]) == {"dense", "search", "cut", "finetune"}
+    assert set(saved["times_s"]) == {"dense", "search", "cut", "finetune", "speed"}
+    # Measured inference speed of the extracted model vs the dense one, on this device.
+    sp = saved["speed"]
+    assert sp["platform"] == "cpu" and sp["reps"] == 2 and sp["image_size"] == 32
+    assert sp["macs_dense"] == saved["macs_before"] and sp["macs_pruned"] == saved["macs_after"]
+    assert [b["batch"] for b in sp["batches"]] == [1, 4]
+    for b in sp["batches"]:
+        assert b["speedup"] == pytest.approx(b["dense_ms"] / b["pruned_ms"])
+        assert b["efficiency"] == pytest.approx(b["speedup"] * saved["macs_after"] / saved["macs_before"])
+    assert "batch 1 latency" in (tmp_path / "summary.txt").read_text()
     model = surgery.load(tmp_path / "pruned_model")
     assert list(model.widths) == saved["widths"]
     assert info.main(["--pruned", str(tmp_path / "pruned_model")]) == 0
@@ -65,13 +75,14 @@ class _Killed(Exception):
 
 def test_config_validation_lists_every_error():
     c = tiny(**{"sap.p": 1.5, "sap.e_start": 3, "model": "resnet57", "dataset": "mnist",
-                "batch_size": 15, "agn.tau": 0.0, "agn.resource_form": "hinge"})
+                "batch_size": 15, "agn.tau": 0.0, "agn.resource_form": "hinge",
+                "speed.batch_sizes": (1, 0), "speed.reps": 0})
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(c, device_count=2, process_count=1)
     msg = str(e.value)
     for part in ("sap.p", "budget p = 1.5", "sap.e_start = 3", "num_epochs = 3",
                  "unknown model 'resnet57'", "dataset = 'mnist'", "batch_size = 15 does not divide by the 2 devices",
-                 "agn.tau = 0.0", "'hinge'"):
+                 "agn.tau = 0.0", "'hinge'", "speed.batch_sizes = (1, 0)", "speed.reps = 0"):
         assert part in msg, part
     with pytest.raises(config_lib.ConfigError, match="image_size"):
         config_lib.validate(tiny(image_size=18))

@@ -1,0 +1,120 @@
+"""Measured inference speed: an extracted model against its dense original.
+
+MAC counts say how much arithmetic pruning removed; this module says how much
+time it saved on the device at hand. :func:`compare` times the jitted
+eval-mode forward pass of both models at each batch size (batch 1 for
+latency, a large batch for throughput), alternating the two models rep by rep
+so that a noisy machine slows both alike, and reports medians, speed-ups and
+the efficiency ``speed-up / (dense MACs / pruned MACs)`` (1.0 = time fell as
+much as the arithmetic).
+
+The training program calls it at the end of a run (config block ``speed``);
+``benchmarks/pruned_speedup.py`` uses it for the tables in
+``docs/benchmarks.md``. Inputs are random and already on the device, so the
+figures are compute only (no input pipeline, no host transfer).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sap_jax import flops, xla_cpu
+
+
+def forward_fn(model: nnx.Module, image_size: int, batch: int, *, dtype: Any = jnp.float32,
+               device: jax.Device | None = None, seed: int = 0) -> Callable[[], jax.Array]:
+    """A compiled, ready-to-call eval-mode forward pass of ``model`` on one fixed random batch.
+
+    The model's state and the batch are placed on ``device`` (default: this
+    process's first device); the model object itself is not changed.
+    """
+    device = device or jax.local_devices()[0]
+    graphdef, state = nnx.split(model)
+
+    def fwd(st, x):
+        m = nnx.merge(graphdef, st)
+        m.eval()
+        return m(x)
+
+    compiled = xla_cpu.jit(fwd, inference_of=model.structure(image_size))
+    state = jax.device_put(state, device)
+    x = np.random.default_rng(seed).normal(size=(batch, image_size, image_size, 3))
+    x = jax.device_put(jnp.asarray(x, dtype), device)
+    return lambda: compiled(state, x)
+
+
+def _seconds(fn: Callable[[], jax.Array]) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
+def time_interleaved(fns: Sequence[Callable[[], jax.Array]], reps: int, warmup: int = 1) -> list[list[float]]:
+    """Seconds per call of each function: ``warmup`` untimed calls each (the first compiles),
+    then ``reps`` rounds that call every function once in turn."""
+    if reps < 1 or warmup < 1:
+        raise ValueError(f"reps = {reps} and warmup = {warmup} must both be >= 1.")
+    for fn in fns:
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            t.append(_seconds(fn))
+    return times
+
+
+def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes: Sequence[int], *,
+            reps: int = 10, dtype: Any = jnp.float32, device: jax.Device | None = None) -> dict[str, Any]:
+    """Inference speed of ``pruned`` vs ``dense`` (both ``PrunableModel`` s), JSON-ready.
+
+    Returns the device, dtype, repetitions, the MAC speed-up and one row per
+    batch size with the median (and minimum) milliseconds per forward pass of
+    each model, images/s, the speed-up (dense time / pruned time, medians) and
+    the efficiency (speed-up / MAC speed-up).
+    """
+    device = device or jax.local_devices()[0]
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes = {tuple(batch_sizes)} must be one or more positive integers.")
+    full = flops.count(dense.structure(image_size)).macs
+    small = flops.count(pruned.structure(image_size)).macs
+    mac_speedup = full / small
+    rows = []
+    for b in batch_sizes:
+        fns = [forward_fn(m, image_size, int(b), dtype=dtype, device=device) for m in (dense, pruned)]
+        t_dense, t_pruned = time_interleaved(fns, reps)
+        d, p = statistics.median(t_dense), statistics.median(t_pruned)
+        rows.append({
+            "batch": int(b),
+            "dense_ms": 1e3 * d, "pruned_ms": 1e3 * p,
+            "dense_min_ms": 1e3 * min(t_dense), "pruned_min_ms": 1e3 * min(t_pruned),
+            "dense_images_per_s": b / d, "pruned_images_per_s": b / p,
+            "speedup": d / p, "efficiency": (d / p) / mac_speedup,
+        })
+    return {"device": device.device_kind, "platform": device.platform, "dtype": jnp.dtype(dtype).name,
+            "reps": reps, "image_size": image_size, "macs_dense": full, "macs_pruned": small,
+            "mac_speedup": mac_speedup, "batches": rows}
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    """The speed table of a run's summary."""
+    lines = [f"  inference on {s['device']} ({s['dtype']}), median of {s['reps']}; "
+             f"MACs {s['mac_speedup']:.2f}x fewer",
+             f"  {'':<18} {'dense':>11} {'pruned':>11} {'speed-up':>9} {'efficiency':>11}"]
+    for r in s["batches"]:
+        if r["batch"] == 1:
+            lines.append(f"  {'batch 1 latency':<18} {r['dense_ms']:>8.2f} ms {r['pruned_ms']:>8.2f} ms "
+                         f"{r['speedup']:>8.2f}x {r['efficiency']:>11.2f}")
+        else:
+            label = f"batch {r['batch']} img/s"
+            lines.append(f"  {label:<18} {r['dense_images_per_s']:>11.1f} {r['pruned_images_per_s']:>11.1f} "
+                         f"{r['speedup']:>8.2f}x {r['efficiency']:>11.2f}")
+    return lines

@@ -1,0 +1,57 @@
+"""sap_jax.speed: what it times, how it alternates, and the ratios it reports."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sap_jax import flops, models, speed
+
+
+def test_time_interleaved_warms_each_function_then_alternates():
+    calls = []
+
+    def fn(name):
+        def call():
+            calls.append(name)
+            return jnp.zeros(())
+        return call
+
+    times = speed.time_interleaved([fn("a"), fn("b")], reps=3, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
+    with pytest.raises(ValueError, match="reps = 0"):
+        speed.time_interleaved([fn("a")], reps=0)
+
+
+def test_forward_fn_runs_the_eval_mode_model_and_leaves_it_untouched():
+    model = models.create("resnet_cifar_tiny", num_classes=10)
+    fwd = speed.forward_fn(model, 16, 3, seed=5)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(3, 16, 16, 3)), jnp.float32)
+    model.eval()
+    expected = model(x)
+    model.train()
+    np.testing.assert_allclose(np.asarray(fwd()), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    bns = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+    assert bns and not any(bn.use_running_average for bn in bns)  # still in train mode
+
+
+def test_compare_reports_speedups_and_efficiency_against_the_mac_ratio():
+    dense = models.create("resnet_cifar_tiny", num_classes=10)
+    widths = [max(1, w // 2) for w in dense.widths]
+    pruned = models.create("resnet_cifar_tiny", num_classes=10, widths=widths)
+    r = speed.compare(dense, pruned, 16, (1, 2), reps=2)
+    full, small = flops.count(dense.structure(16)).macs, flops.count(pruned.structure(16)).macs
+    assert r["macs_dense"] == full and r["macs_pruned"] == small
+    assert r["mac_speedup"] == pytest.approx(full / small) and r["mac_speedup"] > 1
+    assert r["platform"] == "cpu" and r["dtype"] == "float32" and r["reps"] == 2
+    for row, b in zip(r["batches"], (1, 2)):
+        assert row["batch"] == b
+        assert row["dense_min_ms"] <= row["dense_ms"] and row["pruned_min_ms"] <= row["pruned_ms"]
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["pruned_ms"])
+        assert row["pruned_images_per_s"] == pytest.approx(1e3 * b / row["pruned_ms"])
+        assert row["efficiency"] == pytest.approx(row["speedup"] / r["mac_speedup"])
+    lines = speed.summary_lines(r)
+    assert "batch 1 latency" in lines[2] and "batch 2 img/s" in lines[3]
+    with pytest.raises(ValueError, match="batch_sizes"):
+        speed.compare(dense, pruned, 16, (0,))
