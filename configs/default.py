@@ -56,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
         norm="group_l2",  # channel score of final_arch="norm": "group_l2" or "l1" (producing filters)
         widths=(),  # final_arch="norm": kept widths per group; () = meet the budget p instead
         round_to=1,  # round kept widths to multiples of this at the cut (8 for GPUs, 128 for TPUs)
+        enforce_budget=True,  # at the cut, an architecture over p loses its lowest-norm kept
+                              # channels (score: `norm`) until it meets p; False = cut as chosen
     ))
 
     c.agn = ml_collections.ConfigDict(dict(

@@ -51,12 +51,15 @@ def channel_norms(params: Any, structure: G.Structure, kind: str = "group_l2") -
 
 def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
                  widths: Sequence[int] | None = None, p: float | None = None,
-                 scope: str = "prunable") -> list[np.ndarray]:
+                 scope: str = "prunable", start: Sequence[Any] | None = None) -> list[np.ndarray]:
     """Keep the highest-norm channels: per group to ``widths``, or globally to a MAC budget.
 
     With ``p``, channels are dropped in increasing order of norm (across all
     groups) while the MAC ratio over ``scope`` exceeds ``p``; a group never
-    drops below one channel. Returns K float32 0/1 vectors.
+    drops below one channel. ``start`` (0/1 vectors; default: keep all) is the
+    architecture to trim: only its kept channels are candidates, so an
+    architecture already within ``p`` comes back unchanged. Returns K float32
+    0/1 vectors.
     """
     if (widths is None) == (p is None):
         raise ValueError("give exactly one of widths (per-group kept counts) or p (a MAC budget).")
@@ -83,9 +86,15 @@ def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
         c = flops.count(structure, ws)
         return (c.prunable_macs if scope == "prunable" else c.macs) / denom
 
-    keep = [np.ones(c, np.float32) for c in sizes]
-    kept = list(sizes)
-    order = sorted(((float(x), k, i) for k, n in enumerate(norms) for i, x in enumerate(n)))
+    if start is None:
+        keep = [np.ones(c, np.float32) for c in sizes]
+    else:
+        keep = [np.asarray(v, np.float32).copy() for v in start]
+        if len(keep) != len(sizes) or any(v.shape != (c,) for v, c in zip(keep, sizes)):
+            raise ValueError(f"start must be {len(sizes)} 0/1 vectors of sizes {sizes}.")
+    kept = [int(v.sum()) for v in keep]
+    order = sorted((float(x), k, i) for k, n in enumerate(norms) for i, x in enumerate(n)
+                   if keep[k][i] == 1)
     for _, k, i in order:
         if ratio(kept) <= p:
             break
@@ -95,7 +104,8 @@ def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
     return keep
 
 
-def _ratio(structure: G.Structure, widths: Sequence[int], scope: str) -> float:
+def widths_ratio(structure: G.Structure, widths: Sequence[int], scope: str = "prunable") -> float:
+    """MACs of the model at ``widths`` over the dense model's, on ``scope`` ("prunable" or "total")."""
     full, c = flops.count(structure), flops.count(structure, list(widths))
     return (c.prunable_macs / full.prunable_macs if scope == "prunable" else c.macs / full.macs)
 
@@ -109,7 +119,7 @@ def uniform_widths(structure: G.Structure, p: float, scope: str = "prunable") ->
     for _ in range(40):
         mid = (lo + hi) / 2
         ws = [max(G.MIN_KEPT, int(c * mid)) for c in sizes]
-        lo, hi = (mid, hi) if _ratio(structure, ws, scope) <= p else (lo, mid)
+        lo, hi = (mid, hi) if widths_ratio(structure, ws, scope) <= p else (lo, mid)
     return [max(G.MIN_KEPT, int(c * lo)) for c in sizes]
 
 
@@ -129,20 +139,20 @@ def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p
         raise ValueError(f"widths has {len(widths)} entries; the model has {len(sizes)} groups.")
     out = [c if w >= c else min(c, max(multiple, int(round(w / multiple)) * multiple))
            for w, c in zip(widths, sizes)]
-    while _ratio(structure, out, scope) > p:
+    while widths_ratio(structure, out, scope) > p:
         best, saved = None, 0.0
         for k, w in enumerate(out):
             down = (w - 1) // multiple * multiple if w % multiple else w - multiple
             if down < max(G.MIN_KEPT, min(multiple, sizes[k])):
                 continue
             trial = out[:k] + [down] + out[k + 1:]
-            gain = _ratio(structure, out, scope) - _ratio(structure, trial, scope)
+            gain = widths_ratio(structure, out, scope) - widths_ratio(structure, trial, scope)
             if gain > saved:
                 best, saved = (k, down), gain
         if best is None:  # every group is at its smallest multiple
             logging.getLogger(__name__).warning(
                 "widths rounded to multiples of %d cannot meet the budget p = %s (ratio %.3f)",
-                multiple, p, _ratio(structure, out, scope))
+                multiple, p, widths_ratio(structure, out, scope))
             break
         out[best[0]] = best[1]
     return out

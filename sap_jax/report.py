@@ -26,6 +26,10 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         "macs_ratio": ratio(after.macs, before.macs),
         "prunable_macs_before": before.prunable_macs, "prunable_macs_after": after.prunable_macs,
         "prunable_macs_ratio": ratio(after.prunable_macs, before.prunable_macs),
+        # MAC ratio (over budget_scope) of the architecture chosen for the cut, before any
+        # trimming to the budget (sap.enforce_budget) or rounding (sap.round_to)
+        "chosen_arch_ratio": meta.get("arch_ratio_chosen"),
+        "budget_enforced": bool(c.sap.enforce_budget),
         "params_before": before.params, "params_after": after.params,
         "params_ratio": ratio(after.params, before.params),
         "group_names": list(dense_structure.group_names),
@@ -58,6 +62,11 @@ def summary(r: dict[str, Any]) -> str:
     for label, key in (("MACs", "macs"), ("MACs prunable", "prunable_macs"), ("params", "params")):
         b, a = r[f"{key}_before"], r[f"{key}_after"]
         lines.append(f"  {label:<18} {_human(b):>10} {_human(a):>10} {a / b:>8.1%}")
+    chosen = r.get("chosen_arch_ratio")
+    if chosen is not None and chosen > r["p"]:
+        lines.append(f"  the chosen architecture kept {chosen:.1%} of {r['budget_scope']} MACs, over p; "
+                     + ("its lowest-norm kept channels were dropped at the cut to meet p"
+                        if r.get("budget_enforced") else "cut as chosen (sap.enforce_budget = False)"))
     if r.get("speed"):
         lines += [""] + speed.summary_lines(r["speed"])
     lines += ["", "  wall time per phase: " + ", ".join(

@@ -44,6 +44,11 @@ def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     # The cut model computes exactly the gated dense sub-network.
     assert saved["cut_acc"] == pytest.approx(saved["subnet_acc_at_cut"], abs=1e-6)
     assert saved["macs_after"] < saved["macs_before"]
+    # The tiny search is too short for the AGN to reach p; enforce_budget (the default)
+    # trimmed the chosen architecture at the cut, and the cut model still equals the
+    # gated sub-network above.
+    assert saved["chosen_arch_ratio"] > c.sap.p >= saved["prunable_macs_ratio"]
+    assert "dropped at the cut to meet p" in (tmp_path / "summary.txt").read_text()
     h = saved["history"]
     assert len(h["test_acc"]) == 3 and len(h["hamming"]) == 2 and len(h["ft_test_acc"]) == 2
     assert set(saved["times_s"]) == {"dense", "search", "cut", "finetune", "speed"}
@@ -152,9 +157,14 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
     import jax.numpy as jnp
     from flax import nnx
 
-    c = tiny(dtype="bfloat16", num_epochs=2)
+    c = tiny(dtype="bfloat16", num_epochs=2, **{"sap.enforce_budget": False})
     c.finetune.num_epochs = 1
     r = train.train_and_evaluate(c, str(tmp_path))
+    # Without enforce_budget the cut keeps the chosen architecture, over budget or not
+    # (the tiny search is far too short for the AGN to reach p), and the summary says so.
+    assert r["chosen_arch_ratio"] > c.sap.p
+    assert r["prunable_macs_ratio"] == pytest.approx(r["chosen_arch_ratio"])
+    assert "cut as chosen" in (tmp_path / "summary.txt").read_text()
     h = r["history"]
     assert np.all(np.isfinite(h["train_loss"])) and np.all(np.isfinite(h["ft_train_loss"]))
     model = surgery.load(tmp_path / "pruned_model")
