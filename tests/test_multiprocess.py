@@ -91,7 +91,9 @@ def single(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     wd = tmp_path_factory.mktemp("two")
-    runs = _wait(_job(wd))
+    # Also times inference at the end: each process on its own first device, no collectives.
+    runs = _wait(_job(wd, "--config.speed.enabled=True", "--config.speed.reps=2",
+                      "--config.speed.batch_sizes=(1,2)"))
     for rc, out, err in runs:
         assert rc == 0, err[-3000:]
     return str(wd), runs
@@ -103,6 +105,8 @@ def test_two_processes_run_every_phase_and_match_one_process(single, two):
     # Only process 0 reports.
     assert "SAP resnet_cifar_tiny" in runs[0][1] and "SAP resnet_cifar_tiny" not in runs[1][1]
     assert "process 1 of 2" in runs[1][2]
+    assert "batch 1 latency" in runs[0][1]
+    assert [b["batch"] for b in _results(wd)["speed"]["batches"]] == [1, 2]
 
 
 def test_two_process_checkpoints_are_written_once_and_complete(two):
