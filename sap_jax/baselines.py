@@ -80,11 +80,7 @@ def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
     if not 0 < p <= 1:
         raise ValueError(f"budget p = {p} must lie in (0, 1].")
     full = flops.count(structure)
-    denom = full.prunable_macs if scope == "prunable" else full.macs
-
-    def ratio(ws):
-        c = flops.count(structure, ws)
-        return (c.prunable_macs if scope == "prunable" else c.macs) / denom
+    ratio = lambda ws: widths_ratio(structure, ws, scope, full=full)  # noqa: E731
 
     if start is None:
         keep = [np.ones(c, np.float32) for c in sizes]
@@ -104,9 +100,13 @@ def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
     return keep
 
 
-def widths_ratio(structure: G.Structure, widths: Sequence[int], scope: str = "prunable") -> float:
-    """MACs of the model at ``widths`` over the dense model's, on ``scope`` ("prunable" or "total")."""
-    full, c = flops.count(structure), flops.count(structure, list(widths))
+def widths_ratio(structure: G.Structure, widths: Sequence[int], scope: str = "prunable", *,
+                 full: flops.Counts | None = None) -> float:
+    """MACs of the model at ``widths`` over the dense model's, on ``scope`` ("prunable" or "total").
+
+    ``full``: the dense model's counts, if already known (callers that loop pass it once)."""
+    full = flops.count(structure) if full is None else full
+    c = flops.count(structure, list(widths))
     return (c.prunable_macs / full.prunable_macs if scope == "prunable" else c.macs / full.macs)
 
 
@@ -114,12 +114,12 @@ def uniform_widths(structure: G.Structure, p: float, scope: str = "prunable") ->
     """The widest uniform keep fraction (the same in every group) whose MAC ratio is <= ``p``."""
     if not 0 < p <= 1:
         raise ValueError(f"budget p = {p} must lie in (0, 1].")
-    sizes = list(structure.widths)
+    sizes, full = list(structure.widths), flops.count(structure)
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
         ws = [max(G.MIN_KEPT, int(c * mid)) for c in sizes]
-        lo, hi = (mid, hi) if widths_ratio(structure, ws, scope) <= p else (lo, mid)
+        lo, hi = (mid, hi) if widths_ratio(structure, ws, scope, full=full) <= p else (lo, mid)
     return [max(G.MIN_KEPT, int(c * lo)) for c in sizes]
 
 
@@ -139,20 +139,21 @@ def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p
         raise ValueError(f"widths has {len(widths)} entries; the model has {len(sizes)} groups.")
     out = [c if w >= c else min(c, max(multiple, int(round(w / multiple)) * multiple))
            for w, c in zip(widths, sizes)]
-    while widths_ratio(structure, out, scope) > p:
+    full = flops.count(structure)
+    while (now := widths_ratio(structure, out, scope, full=full)) > p:
         best, saved = None, 0.0
         for k, w in enumerate(out):
             down = (w - 1) // multiple * multiple if w % multiple else w - multiple
             if down < max(G.MIN_KEPT, min(multiple, sizes[k])):
                 continue
             trial = out[:k] + [down] + out[k + 1:]
-            gain = widths_ratio(structure, out, scope) - widths_ratio(structure, trial, scope)
+            gain = now - widths_ratio(structure, trial, scope, full=full)
             if gain > saved:
                 best, saved = (k, down), gain
         if best is None:  # every group is at its smallest multiple
             logging.getLogger(__name__).warning(
                 "widths rounded to multiples of %d cannot meet the budget p = %s (ratio %.3f)",
-                multiple, p, widths_ratio(structure, out, scope))
+                multiple, p, now)
             break
         out[best[0]] = best[1]
     return out

@@ -610,25 +610,26 @@ class Run:
         t0 = time.perf_counter()
         final = state["best_arch"] if c.sap.final_arch == "best" else state["arch"]
         host = _to_host({"params": state["params"], "rest": state["rest"], "arch": final})
-        scope = c.agn.budget_scope
-        ratio = baselines.widths_ratio(dense.structure, [int(np.sum(v)) for v in host["arch"]], scope)
+        scope, chosen = c.agn.budget_scope, host["arch"]
+        ratio = baselines.widths_ratio(dense.structure, [int(np.sum(v)) for v in chosen], scope)
         meta["arch_ratio_chosen"] = ratio
+        norms = None  # channel scores, computed once if trimming or rounding needs them
         if c.sap.enforce_budget and ratio > c.sap.p:  # e.g. an AGN that has not reached p yet
             norms = baselines.channel_norms(host["params"], dense.structure, c.sap.norm)
             host["arch"] = baselines.arch_by_norm(norms, dense.structure, p=c.sap.p, scope=scope,
-                                                  start=host["arch"])
-            final = parallel.replicate(host["arch"], self.mesh)
+                                                  start=chosen)
             logging.warning("the chosen architecture keeps %.2f%% of %s MACs, over p = %s: "
                             "dropped its lowest-norm kept channels to meet p (sap.enforce_budget)",
                             100 * ratio, scope, c.sap.p)
         if c.sap.round_to > 1:  # hardware-friendly widths, still within the budget
             kept = [int(np.sum(v)) for v in host["arch"]]
-            widths = baselines.round_widths(dense.structure, kept, c.sap.round_to, c.sap.p,
-                                            scope=c.agn.budget_scope)
-            norms = baselines.channel_norms(host["params"], dense.structure, c.sap.norm)
+            widths = baselines.round_widths(dense.structure, kept, c.sap.round_to, c.sap.p, scope=scope)
+            if norms is None:
+                norms = baselines.channel_norms(host["params"], dense.structure, c.sap.norm)
             host["arch"] = baselines.resize_arch(host["arch"], widths, norms)
-            final = parallel.replicate(host["arch"], self.mesh)
             logging.info("widths rounded to multiples of %d: %s -> %s", c.sap.round_to, kept, widths)
+        if host["arch"] is not chosen:
+            final = parallel.replicate(host["arch"], self.mesh)
         model = dense.codec.merge(host["params"], host["rest"])
         pruned_model = surgery.extract(model, host["arch"])
         widths = list(pruned_model.widths)
