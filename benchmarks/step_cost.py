@@ -96,11 +96,11 @@ def measure(model: str, batch: int, image_size: int, steps: int, dtype: str = "f
             "sap_over_plain_min": min(times["sap"]) / min(times["plain"])}
 
 
-def loop_overhead(epochs: int, repeats: int, agn_every: int = 0) -> dict:
+def loop_overhead(epochs: int, repeats: int, agn_every: int = 0, agn_batch: int = 0) -> dict:
     """The quickstart's training loop over real digits batches: plain epochs vs search-and-align
     epochs (weight steps with the penalty, plus an AGN step every agn_every steps on the
     sub-dataset). Per-epoch evaluation is left out of both: it is logging, not training.
-    ``agn_every`` = 0 keeps the quickstart's own value."""
+    ``agn_every`` or ``agn_batch`` = 0 keeps the quickstart's own value."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from configs import quickstart
 
@@ -108,6 +108,7 @@ def loop_overhead(epochs: int, repeats: int, agn_every: int = 0) -> dict:
 
     c = quickstart.get_config()
     agn_every = agn_every or c.sap.agn_every
+    agn_batch = agn_batch or c.agn.batch_size
     d = data_lib.digits(c.seed, c.sap.subset_fraction, c.image_size)
     model = models.create(c.model, num_classes=10)
     structure = model.structure(c.image_size)
@@ -138,7 +139,7 @@ def loop_overhead(epochs: int, repeats: int, agn_every: int = 0) -> dict:
                     st = list(sap(*st, b, v, jnp.float32(c.sap.gamma))[:3])
                     n += 1
                     if n % agn_every == 0:
-                        sb = {k: jnp.asarray(x) for k, x in d.subset_batch(n, c.agn.batch_size).items()}
+                        sb = {k: jnp.asarray(x) for k, x in d.subset_batch(n, agn_batch).items()}
                         ag0, ag2, v, _ = agn_step(ag[0], ag[1], ag[2], st[0], st[1], sb,
                                                   jax.random.fold_in(key, n))
                         ag = [ag0, ag[1], ag2]
@@ -152,7 +153,8 @@ def loop_overhead(epochs: int, repeats: int, agn_every: int = 0) -> dict:
         for kind in t:
             t[kind].append(epochs_of(kind))
     med = {k: statistics.median(v) for k, v in t.items()}
-    return {"epochs": epochs, "repeats": repeats, "agn_every": agn_every, "median_s": med, "ratio": med["sap"] / med["plain"],
+    return {"epochs": epochs, "repeats": repeats, "agn_every": agn_every, "agn_batch": agn_batch,
+            "median_s": med, "ratio": med["sap"] / med["plain"],
             "ratio_min": min(t["sap"]) / min(t["plain"])}
 
 
@@ -169,10 +171,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--loop-repeats", type=int, default=3)
     ap.add_argument("--loop-agn-every", type=int, default=0,
                     help="AGN step interval in the loop (default: the quickstart's sap.agn_every)")
+    ap.add_argument("--loop-agn-batch", type=int, default=0,
+                    help="AGN batch size in the loop (default: the quickstart's agn.batch_size)")
     args = ap.parse_args(argv)
     if args.loop_epochs:
-        r = loop_overhead(args.loop_epochs, args.loop_repeats, args.loop_agn_every)
-        print(f"quickstart loop, {args.loop_epochs} epochs of digits, AGN every {r['agn_every']} steps, "
+        r = loop_overhead(args.loop_epochs, args.loop_repeats, args.loop_agn_every, args.loop_agn_batch)
+        print(f"quickstart loop, {args.loop_epochs} epochs of digits, AGN every {r['agn_every']} steps (batch {r['agn_batch']}), "
               f"median of {args.loop_repeats}: "
               f"plain {r['median_s']['plain']:.2f} s, search-and-align {r['median_s']['sap']:.2f} s, "
               f"ratio {r['ratio']:.3f} (minima {r['ratio_min']:.3f})")

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import pruned_speedup  # noqa: E402
 import step_cost  # noqa: E402
-from configs import test_tiny  # noqa: E402
+from configs import quickstart, test_tiny  # noqa: E402
 
 from sap_jax import baselines, flops, models, train  # noqa: E402
 
@@ -27,8 +27,8 @@ def test_step_cost_smoke():
 
 def test_pruned_speedup_smoke():
     rows = pruned_speedup.main(["--models", "resnet_cifar_tiny", "--reps", "1", "--batch", "4",
-                                "--round-to", "2"])
-    assert [r["variant"] for r in rows] == ["uniform", "rounded to 2"]
+                                "--round-to", "2,3"])
+    assert [r["variant"] for r in rows] == ["uniform", "rounded to 2", "rounded to 3"]
     for r in rows:
         assert r["prunable_mac_ratio"] <= 0.5 and r["latency_speedup"] > 0
 
@@ -101,8 +101,9 @@ def test_cpu_parity_smoke_jax_side():
 
 
 def test_loop_overhead_smoke():
-    r = step_cost.main(["--loop-epochs", "1", "--loop-repeats", "1"])
-    assert r["ratio"] > 0
+    r = step_cost.main(["--loop-epochs", "1", "--loop-repeats", "1", "--loop-agn-batch", "16"])
+    assert r["ratio"] > 0 and r["agn_batch"] == 16
+    assert r["agn_every"] == quickstart.get_config().sap.agn_every  # the default: the quickstart's
 
 
 def test_cpu_step_variants_smoke():
