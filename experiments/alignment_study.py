@@ -48,6 +48,7 @@ def arm_config(study, arm: str, p: float, seed: int, *, gamma: float | None = No
     base = importlib.import_module(f"configs.{study.base}").get_config()
     c = base
     c.seed, c.sap.p, c.plots = seed, p, False
+    c.sap.agn_every, c.agn.batch_size = study.agn_every, study.agn_batch_size
     c.speed.enabled = False  # accuracy study: no inference timing per run
     # The study compares the architectures the methods choose, as the paper does (results.md
     # reports where an AGN arm stayed over budget); no trimming to p at the cut.
@@ -237,7 +238,8 @@ def report(data: dict[str, Any], study, command: str, wall_s: float, cpu_s: floa
         "",
         f"Data: scikit-learn's digits (1797 real 8x8 handwritten digits, upscaled), the only real "
         f"image dataset that ships inside a package installable here. Base config: "
-        f"`configs/{study.base}.py`; seeds {tuple(study.seeds)}; every arm has the same epochs "
+        f"`configs/{study.base}.py` with one AGN step (batch {study.agn_batch_size}) every "
+        f"{study.agn_every} weight steps; seeds {tuple(study.seeds)}; every arm has the same epochs "
         "and the same fine-tuning. Numbers are means over seeds, with the range in brackets.",
         "",
         "## 1. Main comparison",
