@@ -55,7 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
         penalty_scope="partial",  # "partial": dropped channels only (SAP); "all": classic group lasso
         norm="group_l2",  # channel score of final_arch="norm": "group_l2" or "l1" (producing filters)
         widths=(),  # final_arch="norm": kept widths per group; () = meet the budget p instead
-        round_to=1,  # round kept widths to multiples of this at the cut (8 for GPUs, 128 for TPUs)
+        round_to=0,  # round kept widths to multiples of this at the cut, within p; 1 = off;
+                     # 0 = auto: 8 on GPUs, 128 on TPUs (or the largest half of it that meets
+                     # p), off on CPUs
         enforce_budget=True,  # at the cut, an architecture over p loses its lowest-norm kept
                               # channels (score: `norm`) until it meets p; False = cut as chosen
     ))

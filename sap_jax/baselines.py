@@ -124,7 +124,7 @@ def uniform_widths(structure: G.Structure, p: float, scope: str = "prunable") ->
 
 
 def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p: float,
-                 scope: str = "prunable") -> list[int]:
+                 scope: str = "prunable", warn: bool = True) -> list[int]:
     """Round kept widths to multiples of ``multiple`` (hardware-friendly) within the budget ``p``.
 
     Each width goes to the nearest multiple (at least ``multiple``, at most the
@@ -151,12 +151,32 @@ def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p
             if gain > saved:
                 best, saved = (k, down), gain
         if best is None:  # every group is at its smallest multiple
-            logging.getLogger(__name__).warning(
-                "widths rounded to multiples of %d cannot meet the budget p = %s (ratio %.3f)",
-                multiple, p, now)
+            if warn:
+                logging.getLogger(__name__).warning(
+                    "widths rounded to multiples of %d cannot meet the budget p = %s (ratio %.3f)",
+                    multiple, p, now)
             break
         out[best[0]] = best[1]
     return out
+
+
+# Kept-width multiple of sap.round_to = 0 ("auto") per JAX backend: tensor-core tiles on GPUs,
+# the 128-wide MXU/lanes on TPUs; none on CPUs, where rounding measured within noise (benchmarks.md).
+HARDWARE_MULTIPLE = {"gpu": 8, "cuda": 8, "rocm": 8, "tpu": 128}
+
+
+def auto_round_widths(structure: G.Structure, widths: Sequence[int], p: float, backend: str,
+                      scope: str = "prunable") -> tuple[int, list[int]]:
+    """``(multiple, widths)`` for ``sap.round_to = 0``: the backend's multiple, or, where widths
+    rounded to it cannot meet ``p`` (a 16-wide ResNet-56 stage and 128), the largest of its
+    halves that can. ``multiple`` is 1 (widths unchanged) on CPUs or when none can."""
+    multiple = HARDWARE_MULTIPLE.get(backend, 1)
+    while multiple > 1:
+        out = round_widths(structure, widths, multiple, p, scope=scope, warn=False)
+        if widths_ratio(structure, out, scope) <= p:
+            return multiple, out
+        multiple //= 2
+    return 1, list(widths)
 
 
 def resize_arch(arch: Sequence[Any], widths: Sequence[int], norms: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -121,8 +121,9 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
         errors.append(f"sap.subset_fraction = {s.subset_fraction!r} must lie in (0, 1].")
     if not _in(s.final_arch, FINAL_ARCH):
         errors.append(f"sap.final_arch = {s.final_arch!r}; use one of {FINAL_ARCH}.")
-    if not (_int(s.round_to) and s.round_to >= 1):
-        errors.append(f"sap.round_to = {s.round_to!r} must be an integer >= 1 (1 = no rounding).")
+    if not (_int(s.round_to) and s.round_to >= 0):
+        errors.append(f"sap.round_to = {s.round_to!r} must be an integer >= 0 "
+                      "(0 = auto for the backend, 1 = no rounding).")
     if not isinstance(s.enforce_budget, bool):
         errors.append(f"sap.enforce_budget = {s.enforce_budget!r} must be True or False.")
     if not _in(s.penalty_scope, PENALTY_SCOPES):

@@ -30,6 +30,7 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         # trimming to the budget (sap.enforce_budget) or rounding (sap.round_to)
         "chosen_arch_ratio": meta.get("arch_ratio_chosen"),
         "budget_enforced": bool(c.sap.enforce_budget),
+        "round_to": meta.get("round_to"),  # kept-width multiple applied at the cut (1 = none)
         "params_before": before.params, "params_after": after.params,
         "params_ratio": ratio(after.params, before.params),
         "group_names": list(dense_structure.group_names),
@@ -67,6 +68,8 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"  the chosen architecture kept {chosen:.1%} of {r['budget_scope']} MACs, over p; "
                      + ("its lowest-norm kept channels were dropped at the cut to meet p"
                         if r.get("budget_enforced") else "cut as chosen (sap.enforce_budget = False)"))
+    if (r.get("round_to") or 1) > 1:
+        lines.append(f"  kept widths rounded to multiples of {r['round_to']} (sap.round_to)")
     if r.get("speed"):
         lines += [""] + speed.summary_lines(r["speed"])
     lines += ["", "  wall time per phase: " + ", ".join(

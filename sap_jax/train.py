@@ -621,13 +621,20 @@ class Run:
             logging.warning("the chosen architecture keeps %.2f%% of %s MACs, over p = %s: "
                             "dropped its lowest-norm kept channels to meet p (sap.enforce_budget)",
                             100 * ratio, scope, c.sap.p)
-        if c.sap.round_to > 1:  # hardware-friendly widths, still within the budget
-            kept = [int(np.sum(v)) for v in host["arch"]]
-            widths = baselines.round_widths(dense.structure, kept, c.sap.round_to, c.sap.p, scope=scope)
+        kept = [int(np.sum(v)) for v in host["arch"]]
+        if c.sap.round_to == 0:  # auto: the backend's multiple (none on CPU)
+            multiple, widths = baselines.auto_round_widths(dense.structure, kept, c.sap.p,
+                                                           jax.default_backend(), scope=scope)
+        else:
+            multiple = c.sap.round_to
+            widths = (baselines.round_widths(dense.structure, kept, multiple, c.sap.p, scope=scope)
+                      if multiple > 1 else kept)
+        meta["round_to"] = multiple
+        if widths != kept:  # hardware-friendly widths, still within the budget
             if norms is None:
                 norms = baselines.channel_norms(host["params"], dense.structure, c.sap.norm)
             host["arch"] = baselines.resize_arch(host["arch"], widths, norms)
-            logging.info("widths rounded to multiples of %d: %s -> %s", c.sap.round_to, kept, widths)
+            logging.info("widths rounded to multiples of %d: %s -> %s", multiple, kept, widths)
         if host["arch"] is not chosen:
             final = parallel.replicate(host["arch"], self.mesh)
         model = dense.codec.merge(host["params"], host["rest"])

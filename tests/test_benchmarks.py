@@ -51,6 +51,22 @@ def test_rounded_widths_are_multiples_within_the_budget():
     assert flops.count(s, uniform).prunable_macs / full.prunable_macs <= 0.37
 
 
+def test_auto_rounding_uses_the_backends_multiple_or_the_largest_half_that_meets_p():
+    s = models.create_abstract("resnet56").structure(32)
+    full, p = flops.count(s), 0.48
+    ratio = lambda w: flops.count(s, w).prunable_macs / full.prunable_macs  # noqa: E731
+    uniform = baselines.uniform_widths(s, p)
+    # CPU: no rounding. GPU: multiples of 8, which ResNet-56 (16-64 channels) can meet.
+    assert baselines.auto_round_widths(s, uniform, p, "cpu") == (1, uniform)
+    m, gpu = baselines.auto_round_widths(s, uniform, p, "gpu")
+    assert m == 8 and ratio(gpu) <= p and all(w % 8 == 0 or w == c for w, c in zip(gpu, s.widths))
+    # TPU: 128 leaves every group whole, and so do 64, 32; 16 keeps the 16-wide first stage
+    # whole (over p), so the multiple falls to 8, the same widths as the GPU's.
+    for too_coarse in (128, 64, 32, 16):
+        assert ratio(baselines.round_widths(s, uniform, too_coarse, p, warn=False)) > p
+    assert baselines.auto_round_widths(s, uniform, p, "tpu") == (8, gpu)
+
+
 def test_no_step_recompiles_after_the_first_epoch_of_each_phase(tmp_path, monkeypatch):
     from jax._src import dispatch
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sap_jax import config as config_lib
-from sap_jax import info, surgery, train
+from sap_jax import info, report, surgery, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -49,6 +49,7 @@ def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     # gated sub-network above.
     assert saved["chosen_arch_ratio"] > c.sap.p >= saved["prunable_macs_ratio"]
     assert "dropped at the cut to meet p" in (tmp_path / "summary.txt").read_text()
+    assert saved["round_to"] == 1  # sap.round_to = 0 (auto) rounds nothing on a CPU
     h = saved["history"]
     assert len(h["test_acc"]) == 3 and len(h["hamming"]) == 2 and len(h["ft_test_acc"]) == 2
     assert set(saved["times_s"]) == {"dense", "search", "cut", "finetune", "speed"}
@@ -178,6 +179,7 @@ def test_round_to_cuts_widths_to_multiples_within_the_budget(tmp_path):
     c.finetune.num_epochs = 1
     r = train.train_and_evaluate(c, str(tmp_path))
     assert all(w % 2 == 0 for w in r["widths"]) and r["widths"] != r["dense_widths"]
+    assert r["round_to"] == 2 and "rounded to multiples of 2" in report.summary(r)
     assert r["prunable_macs_ratio"] <= c.sap.p
     # The cut model still computes exactly the gated dense sub-network it came from.
     assert r["cut_acc"] == pytest.approx(r["subnet_acc_at_cut"], abs=1e-6)
