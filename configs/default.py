@@ -92,4 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_epochs = 1  # periodic checkpoints (phase boundaries are always saved)
     c.keep_checkpoints = 2  # how many recent checkpoints orbax keeps
     c.plots = True  # write PNG plots into the workdir at the end
+    c.compile_cache = "workdir"  # persistent XLA compilation cache: "workdir" = <workdir>/compile_cache
+                                 # (a resumed run loads its programs instead of compiling), a directory
+                                 # to share between runs, or "" = JAX's own (JAX_COMPILATION_CACHE_DIR)
     return c

@@ -172,8 +172,21 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
         errors.append(f"speed.batch_sizes = {b!r} must be a non-empty tuple of positive integers.")
     if not (_int(sp.reps) and sp.reps >= 1):
         errors.append(f"speed.reps = {sp.reps!r} must be an integer >= 1.")
+    if not isinstance(c.compile_cache, str):
+        errors.append(f"compile_cache = {c.compile_cache!r} must be a string: \"workdir\", a "
+                      "directory, or \"\" (JAX's own setting).")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+#: Fields that change where a run keeps things, not what it computes: a run may resume with
+#: other values (another machine's cache directory).
+NOT_RESULT_FIELDS = ("compile_cache",)
+
+
+def result_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A config's JSON dict without :data:`NOT_RESULT_FIELDS` (what resuming must match)."""
+    return {k: v for k, v in d.items() if k not in NOT_RESULT_FIELDS}
 
 
 def to_json_dict(c: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -6,6 +6,8 @@ the only place that would change.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import socket
 import sys
@@ -174,3 +176,64 @@ def write_text_atomic(target: Any, text: str) -> None:
     tmp = target.parent / (target.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(target)
+
+
+# --------------------------------------------------------------------------
+# Persistent compilation cache
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class CacheStats:
+    """What the persistent compilation cache did within :func:`compilation_cache`."""
+
+    directory: str | None  # the cache in use; None = none
+    requests: int = 0  # compilations that consulted the cache
+    loaded: int = 0  # ... and found their program there
+    saved_s: float = 0.0  # compile time those programs originally took, minus loading them
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@contextlib.contextmanager
+def compilation_cache(directory: Any):
+    """Within the block, JAX keeps compiled programs in ``directory`` and loads them from there,
+    so a resumed or repeated run skips most of its compile time (``docs/benchmarks.md``).
+    Yields a :class:`CacheStats` that counts what the cache did meanwhile.
+
+    ``None`` or ``""`` leaves JAX's own setting alone, as does a cache directory set outside
+    sap_jax (``JAX_COMPILATION_CACHE_DIR``), which wins. Afterwards JAX's previous setting is
+    restored. JAX writes entries from process 0 only, for programs that took over
+    ``jax_persistent_cache_min_compile_time_secs`` (1 s) to compile.
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    before = jax.config.jax_compilation_cache_dir
+    if directory and before:
+        logging.info("compilation cache: JAX_COMPILATION_CACHE_DIR=%s wins over %s", before, directory)
+    ours = bool(directory) and not before
+    stats = CacheStats(os.fspath(path(directory)) if ours else before)
+
+    def count(event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/compile_requests_use_cache":
+            stats.requests += 1
+        elif event == "/jax/compilation_cache/cache_hits":
+            stats.loaded += 1
+
+    def saved(event: str, secs: float, **_: Any) -> None:
+        if event == "/jax/compilation_cache/compile_time_saved_sec":
+            stats.saved_s += secs
+
+    if ours:
+        cc.set_cache_dir(stats.directory)
+        cc.reset_cache()  # JAX reads the directory once, at its first compile: make it read again
+    jax.monitoring.register_event_listener(count)
+    jax.monitoring.register_event_duration_secs_listener(saved)
+    try:
+        yield stats
+    finally:
+        jax.monitoring.unregister_event_listener(count)
+        jax.monitoring.unregister_event_duration_listener(saved)
+        if ours:
+            cc.set_cache_dir(before)
+            cc.reset_cache()

@@ -74,6 +74,10 @@ def summary(r: dict[str, Any]) -> str:
         lines += [""] + speed.summary_lines(r["speed"])
     lines += ["", "  wall time per phase: " + ", ".join(
         f"{k} {v:.1f}s" for k, v in r["times_s"].items())]
+    cache = r.get("compile_cache") or {}
+    if cache.get("directory"):
+        lines.append(f"  compilation cache: {cache['loaded']} of {cache['requests']} programs loaded, "
+                     f"{cache['saved_s']:.1f}s of compiling saved ({cache['directory']})")
     return "\n".join(lines)
 
 

@@ -290,8 +290,8 @@ class Run:
             options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
             item_names=("state", "meta"))
         self.key = jax.random.key(config.seed)
-        self.config_hash = hashlib.sha256(json.dumps(
-            config_lib.to_json_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+        self.config_hash = hashlib.sha256(json.dumps(config_lib.result_fields(
+            config_lib.to_json_dict(config)), sort_keys=True).encode()).hexdigest()[:16]
         self.preempted = _PreemptionWatch(config.preemption_check_every_steps)
 
     # -- config / workdir ------------------------------------------------------
@@ -305,7 +305,7 @@ class Run:
                 raise config_lib.ConfigError(
                     f"{path} is not valid JSON ({e}); the workdir is damaged. Use a new "
                     "--workdir, or delete that file to resume with the current config.") from e
-            diff = sorted(_diff_keys(theirs, mine))
+            diff = sorted(_diff_keys(config_lib.result_fields(theirs), config_lib.result_fields(mine)))
             if diff:
                 raise config_lib.ConfigError(
                     f"workdir {self.workdir} holds a run with a different config "
@@ -429,8 +429,11 @@ class Run:
 
     # -- phases ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        cache = self.c.compile_cache
+        cache = self.workdir / "compile_cache" if cache == "workdir" else cache
         try:
-            return self._run()
+            with parallel.compilation_cache(cache) as self.cache_stats:
+                return self._run()
         finally:
             self.preempted.close()
 
@@ -717,6 +720,7 @@ class Run:
                                              tuple(c.speed.batch_sizes), reps=c.speed.reps,
                                              dtype=self.dtype)
             results["times_s"]["speed"] = time.perf_counter() - t0
+        results["compile_cache"] = self.cache_stats.as_dict()  # this process's compilations
         if jax.process_index() == 0:
             report.write(self.workdir, results, plots=c.plots)
         self.writer.flush()

@@ -137,3 +137,39 @@ def test_cpu_step_variants_smoke():
     # Switching variants leaves the library as it was.
     assert (blocks.materialize, dict(xla_cpu.COMPILER_OPTIONS),
             os_.environ.get("SAP_JAX_XLA_CPU_DEFAULTS")) == before
+
+
+def test_compilation_cache_stores_programs_loads_them_again_and_restores_jax_setting(tmp_path):
+    import jax.numpy as jnp
+
+    from sap_jax import parallel
+
+    def program():  # a new function object each time: JAX's in-memory cache cannot answer
+        return jax.jit(lambda x: jnp.tanh(x @ x.T).sum() * 3.0)
+
+    x = jnp.arange(12.0).reshape(3, 4)
+    before = jax.config.jax_compilation_cache_dir
+    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even tiny programs
+    try:
+        with parallel.compilation_cache(tmp_path / "cc") as first:
+            want = float(program()(x))
+        assert first.directory == str(tmp_path / "cc") and (first.requests, first.loaded) == (1, 0)
+        assert os.listdir(tmp_path / "cc")  # the program was written
+        assert jax.config.jax_compilation_cache_dir == before  # and JAX's setting restored
+        with parallel.compilation_cache(tmp_path / "cc") as again:
+            assert float(program()(x)) == want
+        assert (again.requests, again.loaded) == (1, 1)
+        # A cache directory chosen outside sap_jax (JAX_COMPILATION_CACHE_DIR) wins.
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "theirs"))
+        with parallel.compilation_cache(tmp_path / "cc") as theirs:
+            program()(x)
+        assert theirs.directory == str(tmp_path / "theirs") and os.listdir(tmp_path / "theirs")
+        with parallel.compilation_cache("") as off:  # "" leaves JAX's setting alone too
+            assert jax.config.jax_compilation_cache_dir == str(tmp_path / "theirs")
+        assert off.directory == str(tmp_path / "theirs")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
+        from jax.experimental.compilation_cache import compilation_cache as cc
+        cc.reset_cache()

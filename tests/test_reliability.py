@@ -29,11 +29,11 @@ pytestmark = pytest.mark.slow
 TINY = ["--config=configs/test_tiny.py", "--config.plots=False"]
 
 
-def _fault_run(workdir, fault="none", arg=0, *extra):
+def _fault_run(workdir, fault="none", arg=0, *extra, env=None):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "fault_run.py"), fault, str(arg), "--", *TINY,
          f"--workdir={workdir}", *extra], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
 def _outcome(workdir):
@@ -67,14 +67,19 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("step, phase, ckpt, into", [(6, "search", 2, 2), (15, "finetune", 5, 3)])
 def test_sigterm_saves_at_the_next_step_exits_75_and_resumes_exactly(reference, tmp_path, step,
                                                                      phase, ckpt, into):
-    p = _fault_run(tmp_path, "sigterm", step)
+    # Every program goes into the workdir's compilation cache (not only those that take over 1 s
+    # to compile), so the resumed process runs programs loaded from it, not compiled afresh.
+    cache_all = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    p = _fault_run(tmp_path, "sigterm", step, env=cache_all)
     assert p.returncode == train.EXIT_PREEMPTED == 75, p.stderr[-3000:]
     assert (f"saved checkpoint {ckpt} at step {step} (phase {phase}" in p.stderr
             and f"{into} steps into it" in p.stderr and "Rerun the same command" in p.stderr)
     assert not (tmp_path / "results.json").exists()
-    again = _fault_run(tmp_path)
+    again = _fault_run(tmp_path, env=cache_all)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from checkpoint {ckpt}" in again.stderr
+    cache = json.loads((tmp_path / "results.json").read_text())["compile_cache"]
+    assert cache["directory"] == str(tmp_path / "compile_cache") and cache["loaded"] > 0
     _assert_identical(_outcome(reference), _outcome(tmp_path))
 
 
