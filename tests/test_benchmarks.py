@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import compile_time  # noqa: E402
 import pruned_speedup  # noqa: E402
 import step_cost  # noqa: E402
 from configs import quickstart, test_tiny  # noqa: E402
@@ -23,6 +24,17 @@ def test_step_cost_smoke():
                         "--steps", "1", "--agn-every", "2"])
     assert set(r["images_per_s"]) == {"plain", "sap", "agn"}
     assert r["sap_over_plain"] > 0 and r["agn_amortised_overhead"] > 0
+
+
+def test_compile_time_smoke(monkeypatch):
+    # Cache every program (tiny ones compile in under JAX's 1 s threshold), so the warm process
+    # must load all of them.
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    r = compile_time.main(["--model", "resnet_cifar_tiny", "--batch", "2", "--image-size", "32"])
+    assert set(r["cold"]["functions"]) == {"plain", "sap", "agn", "eval", "norms"}
+    assert not any(f["from_cache"] for f in r["cold"]["functions"].values())
+    assert all(f["from_cache"] for f in r["warm"]["functions"].values())
+    assert r["warm"]["cache"]["loaded"] > 0 and r["cold"]["cache"]["loaded"] == 0
 
 
 def test_pruned_speedup_smoke():
