@@ -625,12 +625,14 @@ class Run:
                             "dropped its lowest-norm kept channels to meet p (sap.enforce_budget)",
                             100 * ratio, scope, c.sap.p)
         kept = [int(np.sum(v)) for v in host["arch"]]
+        # Rounding stays within p, or within the chosen ratio when that is over p and kept so.
+        budget = c.sap.p if c.sap.enforce_budget else max(c.sap.p, ratio)
         if c.sap.round_to == 0:  # auto: the backend's multiple (none on CPU)
-            multiple, widths = baselines.auto_round_widths(dense.structure, kept, c.sap.p,
+            multiple, widths = baselines.auto_round_widths(dense.structure, kept, budget,
                                                            jax.default_backend(), scope=scope)
         else:
             multiple = c.sap.round_to
-            widths = (baselines.round_widths(dense.structure, kept, multiple, c.sap.p, scope=scope)
+            widths = (baselines.round_widths(dense.structure, kept, multiple, budget, scope=scope)
                       if multiple > 1 else kept)
         meta["round_to"] = multiple
         if widths != kept:  # hardware-friendly widths, still within the budget
