@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import accelerator  # noqa: E402
 import compile_time  # noqa: E402
 import pruned_speedup  # noqa: E402
 import step_cost  # noqa: E402
@@ -35,6 +37,21 @@ def test_compile_time_smoke(monkeypatch):
     assert not any(f["from_cache"] for f in r["cold"]["functions"].values())
     assert all(f["from_cache"] for f in r["warm"]["functions"].values())
     assert r["warm"]["cache"]["loaded"] > 0 and r["cold"]["cache"]["loaded"] == 0
+
+
+def test_accelerator_smoke(tmp_path):
+    r = accelerator.main(["--model", "resnet_cifar_tiny", "--image-size", "32", "--batch", "4",
+                          "--dtype", "float32", "--steps", "2", "--rounds", "1", "--peak-tflops", "0.5",
+                          "--profile", str(tmp_path / "trace"), "--epoch-model", "resnet_cifar_tiny",
+                          "--epoch-batch", "4", "--epoch-images", "40", "--agn-every", "3"])
+    assert set(r["images_per_s"]) == {"plain", "sap", "agn"} and set(r["mfu"]) == {"plain", "sap"}
+    # MFU is 6 x MACs per image x images/s over the given peak.
+    want = 6 * r["macs_per_image"] * r["images_per_s"]["sap"] / 0.5e12
+    assert r["mfu"]["sap"] == pytest.approx(want) and 0 < want < 1
+    assert r["epoch"]["steps"] == 10 and r["epoch"]["with_agn_s"] > 0
+    assert list((tmp_path / "trace").rglob("*.xplane.pb"))
+    # Without a known peak (fp32 on a CPU), MFU is not guessed.
+    assert accelerator.peak_tflops(jax.devices()[0], "float32", 0.0) is None
 
 
 def test_pruned_speedup_smoke():
