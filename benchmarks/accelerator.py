@@ -14,8 +14,8 @@ data and the trainer's own jitted steps (``benchmarks/step_cost.py``'s
    timed over ``--steps`` back-to-back calls with one wait at the end (the
    way a training loop dispatches), after two warm-up calls, median of
    ``--rounds``;
-2. model-FLOPs utilisation of the weight steps: 6 x MACs per image x images/s
-   over the device's peak (dense bf16 figures from vendor datasheets for
+2. model FLOP/s of the weight steps, 6 x MACs per image x images/s, and the
+   model-FLOPs utilisation, that over the device's peak (dense bf16 figures from vendor datasheets for
    known devices, or ``--peak-tflops``); the AGN step does no weight
    gradients, so no MFU is given for it;
 3. the wall time of one epoch of ``--epoch-model`` on CIFAR-shaped data:
@@ -146,8 +146,8 @@ def main(argv=None) -> dict:
     ips = {k: args.batch / v for k, v in sec.items()}
     peak = peak_tflops(device, args.dtype, args.peak_tflops)
     flops_per_image = 6 * steps.macs  # forward 2 x MACs, backward twice that
-    mfu = ({k: flops_per_image * ips[k] / (peak * 1e12) for k in ("plain", "sap")}
-           if peak else None)
+    tflops = {k: flops_per_image * ips[k] / 1e12 for k in ("plain", "sap")}  # model FLOP/s
+    mfu = {k: t / peak for k, t in tflops.items()} if peak else None
     if args.profile:
         jax.profiler.start_trace(args.profile)
         steps.timed(["sap"] * 3)
@@ -165,19 +165,21 @@ def main(argv=None) -> dict:
     print(f"{device.device_kind} ({device.platform}), {args.model} {args.image_size}px, batch "
           f"{args.batch}, {args.dtype}, {args.steps} steps x {args.rounds} rounds (median); "
           f"peak {'%.1f TFLOP/s' % peak if peak else 'unknown (--peak-tflops)'}")
-    print(f"  {'step':<8} {'s/step':>9} {'images/s':>10} {'MFU':>7}")
+    print(f"  {'step':<8} {'s/step':>9} {'images/s':>10} {'TFLOP/s':>8} {'MFU':>7}")
     for k in ("plain", "sap", "agn"):
+        t = f"{tflops[k]:.3g}" if k in tflops else "-"
         m = f"{100 * mfu[k]:.1f}%" if mfu and k in mfu else "-"
-        print(f"  {k:<8} {sec[k]:>9.4f} {ips[k]:>10.1f} {m:>7}")
+        print(f"  {k:<8} {sec[k]:>9.4f} {ips[k]:>10.1f} {t:>8} {m:>7}")
     print(f"  SAP weight step vs the {TARGET_IMAGES_PER_S:.0f} images/s target: "
-          f"{ips['sap'] / TARGET_IMAGES_PER_S:.2f}x")
+          f"{ips['sap'] / TARGET_IMAGES_PER_S:.3g}x")
     print(f"  one epoch of {args.epoch_model} ({args.epoch_images} images at {args.epoch_image_size}px, "
           f"batch {args.epoch_batch}, {epoch['steps']} steps): {epoch['weight_steps_s']:.2f} s of SAP "
           f"weight steps, {epoch['with_agn_s']:.2f} s with an AGN step every {args.agn_every}")
     r = {"device": device.device_kind, "platform": device.platform, "model": args.model,
          "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype,
          "steps": args.steps, "rounds": args.rounds, "macs_per_image": macs,
-         "peak_tflops": peak, "s_per_step": sec, "images_per_s": ips, "mfu": mfu,
+         "peak_tflops": peak, "s_per_step": sec, "images_per_s": ips, "model_tflops": tflops,
+         "mfu": mfu,
          "epoch": {"model": args.epoch_model, "image_size": args.epoch_image_size,
                    "batch": args.epoch_batch, "images": args.epoch_images,
                    "agn_every": args.agn_every, **epoch},
