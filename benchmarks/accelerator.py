@@ -74,7 +74,7 @@ class Steps:
         self.fns, self.states, frozen, self.batch, self.arch = build(model, image_size, batch, dtype)
         self.frozen = jax.tree.map(jnp.array, frozen)
         self.key, self.gamma = jax.random.key(0), jnp.float32(5e-4)
-        self.macs = flops.count(models.create(model).structure(image_size)).macs
+        self.macs = flops.count(models.create_abstract(model).structure(image_size)).macs
 
     def call(self, name: str):
         """Dispatch one step without waiting for it; returns its outputs."""

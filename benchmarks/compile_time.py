@@ -33,39 +33,29 @@ def worker(model: str, batch: int, image_size: int, cache_dir: str) -> dict:
     """Time the first and second call of each function, in this process, with ``cache_dir``."""
     import jax
     import jax.numpy as jnp
-    from step_cost import build
+    from accelerator import Steps
 
     from sap_jax import models, parallel, train
     from sap_jax.codec import ModuleCodec
 
     with parallel.compilation_cache(cache_dir) as stats:
-        fns, states, frozen, b, arch = build(model, image_size, batch)
-        frozen = jax.tree.map(jnp.array, frozen)
-        shape = models.create(model)  # the same class and widths as build's: codec and groups
+        steps = Steps(model, image_size, batch, "float32")  # plain, SAP and AGN, state carried
+        shape = models.create(model)  # the same class and widths as the steps': codec and groups
         codec, structure = ModuleCodec(shape), shape.structure(image_size)
-        key, gamma = jax.random.key(0), jnp.float32(5e-4)
-        calls = {
-            "plain": lambda: fns["plain"](*states["plain"], b, arch, gamma),
-            "sap": lambda: fns["sap"](*states["sap"], b, arch, gamma),
-            "agn": lambda: fns["agn"](*states["agn"], *frozen, b, key),
-            "eval": lambda: ev(*frozen, {**b, "mask": jnp.ones(batch, bool)}, arch),
-            "norms": lambda: norms(frozen[0], arch),
-        }
         ev = train.make_eval_step(codec, structure=structure)
         norms = train.make_norms(structure, include_bn=False)
+        eval_batch = {**steps.batch, "mask": jnp.ones(batch, bool)}
+        calls = {name: (lambda name=name: steps.call(name)) for name in ("plain", "sap", "agn")}
+        calls["eval"] = lambda: ev(*steps.frozen, eval_batch, steps.arch)
+        calls["norms"] = lambda: norms(steps.frozen[0], steps.arch)
         out = {}
         for name, call in calls.items():
             loaded = stats.loaded
             times = []
             for _ in range(2):
                 t0 = time.perf_counter()
-                r = call()
-                jax.block_until_ready(r)
+                jax.block_until_ready(call())
                 times.append(time.perf_counter() - t0)
-                if name in ("plain", "sap"):  # the steps donate their state: carry it on
-                    states[name] = list(r[:3])
-                elif name == "agn":
-                    states["agn"] = [r[0], states["agn"][1], r[1]]
             out[name] = {"first_s": times[0], "second_s": times[1],
                          "from_cache": stats.loaded > loaded}
     return {"functions": out, "cache": stats.as_dict()}
