@@ -35,15 +35,12 @@ import math
 import os
 import statistics
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cost import build  # noqa: E402
+from step_cost import Steps  # noqa: E402
 
-from sap_jax import flops, models  # noqa: E402
 
 #: Dense (no sparsity) bf16 peak TFLOP/s by device kind, from the vendors' datasheets. Matched
 #: in order against ``jax.Device.device_kind``; the first substring found wins.
@@ -65,36 +62,6 @@ def peak_tflops(device: jax.Device, dtype: str, given: float) -> float | None:
         return None  # fp32 peaks depend on TF32 and the like: ask for --peak-tflops
     kind = device.device_kind
     return next((t for name, t in BF16_PEAK_TFLOPS if name in kind), None)
-
-
-class Steps:
-    """The trainer's plain, SAP and AGN steps for one model, with state carried between calls."""
-
-    def __init__(self, model: str, image_size: int, batch: int, dtype: str):
-        self.fns, self.states, frozen, self.batch, self.arch = build(model, image_size, batch, dtype)
-        self.frozen = jax.tree.map(jnp.array, frozen)
-        self.key, self.gamma = jax.random.key(0), jnp.float32(5e-4)
-        self.macs = flops.count(models.create_abstract(model).structure(image_size)).macs
-
-    def call(self, name: str):
-        """Dispatch one step without waiting for it; returns its outputs."""
-        s = self.states[name]
-        if name == "agn":
-            out = self.fns["agn"](s[0], s[1], s[2], *self.frozen, self.batch, self.key)
-            self.states["agn"] = [out[0], s[1], out[1]]
-        else:
-            out = self.fns[name](*s, self.batch, self.arch, self.gamma)
-            self.states[name] = list(out[:3])
-        return out
-
-    def timed(self, names: list[str]) -> float:
-        """Seconds to dispatch ``names`` in order and wait for the last result."""
-        t0 = time.perf_counter()
-        out = None
-        for name in names:
-            out = self.call(name)
-        jax.block_until_ready(out)
-        return time.perf_counter() - t0
 
 
 def throughput(steps: Steps, n: int, rounds: int) -> dict[str, float]:

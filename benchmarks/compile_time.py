@@ -33,7 +33,7 @@ def worker(model: str, batch: int, image_size: int, cache_dir: str) -> dict:
     """Time the first and second call of each function, in this process, with ``cache_dir``."""
     import jax
     import jax.numpy as jnp
-    from accelerator import Steps
+    from step_cost import Steps
 
     from sap_jax import models, parallel, train
     from sap_jax.codec import ModuleCodec

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from sap_jax import agn as agn_lib
-from sap_jax import models, resource
+from sap_jax import flops, models, resource
 from sap_jax import train
 from sap_jax.codec import ModuleCodec
 
@@ -62,32 +62,43 @@ def build(model_name: str, image_size: int, batch: int, dtype: str = "float32"):
     return steps, states, (params, rest), batch_d, arch
 
 
-def run_once(name, steps, states, frozen, batch, arch, key):
-    s = states[name]
-    if name == "agn":
-        out = steps["agn"](s[0], s[1], s[2], *frozen, batch, key)
-        states["agn"] = [out[0], s[1], out[1]]
-    else:
-        out = steps[name](*s, batch, arch, jnp.float32(5e-4))
-        states[name] = list(out[:3])
-    jax.block_until_ready(out)
+class Steps:
+    """The trainer's plain, SAP and AGN steps for one model, with state carried between calls."""
+
+    def __init__(self, model: str, image_size: int, batch: int, dtype: str):
+        self.fns, self.states, frozen, self.batch, self.arch = build(model, image_size, batch, dtype)
+        self.frozen = jax.tree.map(jnp.array, frozen)
+        self.key, self.gamma = jax.random.key(0), jnp.float32(5e-4)
+        self.macs = flops.count(models.create_abstract(model).structure(image_size)).macs
+
+    def call(self, name: str):
+        """Dispatch one step without waiting for it; returns its outputs."""
+        s = self.states[name]
+        if name == "agn":
+            out = self.fns["agn"](s[0], s[1], s[2], *self.frozen, self.batch, self.key)
+            self.states["agn"] = [out[0], s[1], out[1]]
+        else:
+            out = self.fns[name](*s, self.batch, self.arch, self.gamma)
+            self.states[name] = list(out[:3])
+        return out
+
+    def timed(self, names: list[str]) -> float:
+        """Seconds to dispatch ``names`` in order and wait for the last result."""
+        t0 = time.perf_counter()
+        out = None
+        for name in names:
+            out = self.call(name)
+        jax.block_until_ready(out)
+        return time.perf_counter() - t0
 
 
 def measure(model: str, batch: int, image_size: int, steps: int, dtype: str = "float32") -> dict:
-    fns, states, frozen, b, arch = build(model, image_size, batch, dtype)
-    frozen = jax.tree.map(jnp.array, frozen)
-    key = jax.random.key(0)
-    compile_s = {}
-    for name in fns:
-        t0 = time.perf_counter()
-        run_once(name, fns, states, frozen, b, arch, key)
-        compile_s[name] = time.perf_counter() - t0
-    times = {name: [] for name in fns}
+    s = Steps(model, image_size, batch, dtype)
+    compile_s = {name: s.timed([name]) for name in s.fns}
+    times = {name: [] for name in s.fns}
     for _ in range(steps):
-        for name in fns:
-            t0 = time.perf_counter()
-            run_once(name, fns, states, frozen, b, arch, key)
-            times[name].append(time.perf_counter() - t0)
+        for name in s.fns:
+            times[name].append(s.timed([name]))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": model, "batch": batch, "image_size": image_size, "dtype": dtype, "steps": steps,
             "median_s": med, "min_s": {k: min(v) for k, v in times.items()},
