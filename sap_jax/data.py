@@ -42,12 +42,19 @@ class DatasetNotPrepared(RuntimeError):
     """A TFDS dataset is missing; the message says how to prepare it."""
 
 
+#: The evaluation splits: "val" is carved from the training data and used for every choice a
+#: run makes (best architecture, sub-network accuracy during search, sweeps); "test" is the
+#: dataset's own evaluation split, used only for reported numbers.
+SPLITS = ("val", "test")
+
+
 @dataclasses.dataclass
 class Info:
     num_classes: int
     image_size: int
     train_size: int
-    eval_size: int
+    eval_size: int  # the test split
+    val_size: int = 0
 
 
 def _normalise(images: np.ndarray, mean, std) -> np.ndarray:
@@ -64,17 +71,27 @@ class ArrayDataset:
       flip: random horizontal flips.
       seed: data order, augmentation and the AGN sub-dataset derive from it.
       subset_fraction: fraction of the training split the AGN trains on.
+      val_size: examples held out of ``train`` as the validation split. The
+        draw is fixed (independent of ``seed``), so every seed of a study is
+        judged on the same images, and none of them is ever trained on.
     """
 
     def __init__(self, train, test, *, num_classes: int, mean, std, crop_pad: int = 0,
-                 flip: bool = False, seed: int = 0, subset_fraction: float = 0.1):
-        self.train_x, self.train_y = train
+                 flip: bool = False, seed: int = 0, subset_fraction: float = 0.1, val_size: int = 0):
+        x, y = train
+        if not 0 <= val_size < len(y):
+            raise ValueError(f"val_size = {val_size} must lie in [0, {len(y)}) (the training "
+                             "examples it is carved from).")
+        order = np.random.default_rng(24680).permutation(len(y))
+        val, tr = np.sort(order[:val_size]), np.sort(order[val_size:])
+        self.train_x, self.train_y = x[tr], y[tr]
+        self.val_x, self.val_y = x[val], y[val]
         self.test_x, self.test_y = test
         self.mean, self.std, self.crop_pad, self.flip, self.seed = mean, std, crop_pad, flip, seed
         n = len(self.train_y)
         k = max(1, int(round(subset_fraction * n)))
         self.subset = np.sort(np.random.default_rng([seed, 7]).permutation(n)[:k])
-        self.info = Info(num_classes, self.train_x.shape[1], n, len(self.test_y))
+        self.info = Info(num_classes, self.train_x.shape[1], n, len(self.test_y), val_size)
 
     def steps_per_epoch(self, global_batch: int) -> int:
         steps = self.info.train_size // global_batch
@@ -126,21 +143,30 @@ class ArrayDataset:
         idx = self._local(self.subset[rng.integers(0, len(self.subset), global_batch)])
         return self._batch(self.train_x, self.train_y, idx)
 
-    def eval_batches(self, global_batch: int) -> Iterator[Batch]:
-        """The test split in order; the last batch is padded and masked."""
-        n = self.info.eval_size
+    def eval_batches(self, global_batch: int, split: str = "test") -> Iterator[Batch]:
+        """The ``split`` ("test" or "val") in order; the last batch is padded and masked."""
+        x, y = (self.test_x, self.test_y) if _split(split) == "test" else (self.val_x, self.val_y)
+        n = len(y)
         for start in range(0, n, global_batch):
             idx = np.arange(start, start + global_batch)
             valid = idx < n
             idx = self._local(np.where(valid, idx, 0))
-            b = self._batch(self.test_x, self.test_y, idx)
+            b = self._batch(x, y, idx)
             b["mask"] = self._local(valid).astype(np.float32)
             yield b
 
 
-def digits(seed: int = 0, subset_fraction: float = 0.1, image_size: int = 16) -> ArrayDataset:
+def _split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown evaluation split {split!r}; use one of {SPLITS}.")
+    return split
+
+
+def digits(seed: int = 0, subset_fraction: float = 0.1, image_size: int = 16,
+           val_size: int = 0) -> ArrayDataset:
     """scikit-learn's 8x8 handwritten digits (1797 images, ships with the package), upscaled to
-    ``image_size`` (a multiple of 8) as 3-channel images; a fixed 80/20 split."""
+    ``image_size`` (a multiple of 8) as 3-channel images; a fixed 80/20 train/test split, with
+    ``val_size`` validation images carved from the train part."""
     from sklearn.datasets import load_digits
 
     if image_size % 8:
@@ -156,7 +182,7 @@ def digits(seed: int = 0, subset_fraction: float = 0.1, image_size: int = 16) ->
     std = tuple(float(images[tr].std() / 255.0) for _ in range(3))
     return ArrayDataset((images[tr], d.target[tr]), (images[te], d.target[te]), num_classes=10,
                         mean=mean, std=std, crop_pad=r, flip=False, seed=seed,
-                        subset_fraction=subset_fraction)
+                        subset_fraction=subset_fraction, val_size=val_size)
 
 
 def _require_prepared(name: str, data_dir: str | None) -> None:
@@ -180,8 +206,10 @@ def _num_examples(builder, split: str, data_dir: str | None) -> int:
         return int(ds.reduce(0, lambda n, _: n + 1))
 
 
-def cifar10(data_dir: str | None = None, seed: int = 0, subset_fraction: float = 0.1) -> ArrayDataset:
-    """CIFAR-10 from TFDS, loaded into memory; pad-4 random crop, flip, per-channel normalisation."""
+def cifar10(data_dir: str | None = None, seed: int = 0, subset_fraction: float = 0.1,
+            val_size: int = 0) -> ArrayDataset:
+    """CIFAR-10 from TFDS, loaded into memory; pad-4 random crop, flip, per-channel normalisation;
+    ``val_size`` validation images carved from the training split."""
     import tensorflow_datasets as tfds
 
     _require_prepared("cifar10", data_dir)
@@ -192,7 +220,8 @@ def cifar10(data_dir: str | None = None, seed: int = 0, subset_fraction: float =
         splits[split] = (np.concatenate([b["image"] for b in parts]),
                          np.concatenate([b["label"] for b in parts]))
     return ArrayDataset(splits["train"], splits["test"], num_classes=10, mean=CIFAR_MEAN,
-                        std=CIFAR_STD, crop_pad=4, flip=True, seed=seed, subset_fraction=subset_fraction)
+                        std=CIFAR_STD, crop_pad=4, flip=True, seed=seed, subset_fraction=subset_fraction,
+                        val_size=val_size)
 
 
 class ImageNet:
@@ -205,15 +234,23 @@ class ImageNet:
     """
 
     def __init__(self, data_dir: str | None = None, *, image_size: int = 224, seed: int = 0,
-                 subset_fraction: float = 0.1, shuffle_buffer: int = 16384):
+                 subset_fraction: float = 0.1, shuffle_buffer: int = 16384, val_size: int = 0):
         import tensorflow_datasets as tfds
 
         _require_prepared("imagenet2012", data_dir)
         self.data_dir, self.size, self.seed = data_dir or None, image_size, seed
         self.subset_fraction, self.shuffle_buffer = subset_fraction, shuffle_buffer
         builder = tfds.builder("imagenet2012", data_dir=self.data_dir)
-        self.info = Info(1000, image_size, _num_examples(builder, "train", self.data_dir),
-                         _num_examples(builder, "validation", self.data_dir))
+        train = _num_examples(builder, "train", self.data_dir)
+        if not 0 <= val_size < train:
+            raise ValueError(f"val_size = {val_size} must lie in [0, {train}) (the training "
+                             "examples it is carved from).")
+        # The validation split is the first val_size examples of TFDS's train split, a fixed
+        # slice; training reads the rest. ImageNet's own "validation" split is the test split.
+        self.train_split = f"train[{val_size}:]" if val_size else "train"
+        self.val_split = f"train[:{val_size}]"
+        self.info = Info(1000, image_size, train - val_size,
+                         _num_examples(builder, "validation", self.data_dir), val_size)
         self._subset_iter = None
 
     def steps_per_epoch(self, global_batch: int) -> int:
@@ -272,7 +309,7 @@ class ImageNet:
 
         local = global_batch // jax.process_count()
         steps = num_steps or self.steps_per_epoch(global_batch)
-        ds = self._load("train", shuffle_files=True, seed=self.seed + epoch).repeat()
+        ds = self._load(self.train_split, shuffle_files=True, seed=self.seed + epoch).repeat()
         ds = ds.shuffle(self.shuffle_buffer, seed=self.seed + epoch).enumerate()
         ds = ds.map(self._train_map((self.seed, epoch)), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(local, drop_remainder=True).take(steps).skip(start).prefetch(tf.data.AUTOTUNE)
@@ -284,7 +321,7 @@ class ImageNet:
             import tensorflow_datasets as tfds
 
             frac, seed = self.subset_fraction, self.seed
-            ds = self._load("train", shuffle_files=False).enumerate()
+            ds = self._load(self.train_split, shuffle_files=False).enumerate()
             ds = ds.filter(lambda i, ex: tf.random.stateless_uniform(
                 [], tf.stack([tf.cast(seed, tf.int64), i])) < frac)
             ds = ds.map(lambda i, ex: ex).cache().repeat().shuffle(4096, seed=seed).enumerate()
@@ -293,15 +330,20 @@ class ImageNet:
             self._subset_iter = iter(tfds.as_numpy(ds))
         return next(self._subset_iter)
 
-    def eval_batches(self, global_batch: int) -> Iterator[Batch]:
+    def eval_batches(self, global_batch: int, split: str = "test") -> Iterator[Batch]:
+        """The ``split`` ("test": ImageNet's validation set; "val": the slice held out of train)."""
         import tensorflow as tf
         import tensorflow_datasets as tfds
 
         local = global_batch // jax.process_count()
+        test = _split(split) == "test"
+        size = self.info.eval_size if test else self.info.val_size
         # Shards differ by at most one example; every process must run the same
         # number of (collective) eval steps, so all pad to the largest shard.
-        num_batches = -(-(-(-self.info.eval_size // jax.process_count())) // local)
-        ds = self._load("validation", shuffle_files=False)
+        num_batches = -(-(-(-size // jax.process_count())) // local)
+        if not size:
+            return
+        ds = self._load("validation" if test else self.val_split, shuffle_files=False)
         ds = ds.map(self._eval_map, num_parallel_calls=tf.data.AUTOTUNE).batch(local).prefetch(2)
         empty = {"image": np.zeros((local, self.size, self.size, 3), np.float32),
                  "label": np.zeros(local, np.int32), "mask": np.zeros(local, np.float32)}
@@ -318,10 +360,10 @@ class ImageNet:
 
 def load(config) -> ArrayDataset | ImageNet:
     """The dataset a config names (validated before: dataset name and sizes)."""
-    frac = config.sap.subset_fraction
+    frac, val = config.sap.subset_fraction, config.val_size
     if config.dataset == "digits":
-        return digits(config.seed, frac, config.image_size)
+        return digits(config.seed, frac, config.image_size, val)
     if config.dataset == "cifar10":
-        return cifar10(config.data_dir, config.seed, frac)
+        return cifar10(config.data_dir, config.seed, frac, val)
     return ImageNet(config.data_dir, image_size=config.image_size, seed=config.seed,
-                    subset_fraction=frac, shuffle_buffer=config.shuffle_buffer)
+                    subset_fraction=frac, shuffle_buffer=config.shuffle_buffer, val_size=val)
