@@ -102,3 +102,41 @@ def test_config_round_trip_rebuilds_the_same_shapes():
         m = models.create_abstract(name)
         r = models.from_config(type(m).__name__, m.config(), abstract=True)
         assert jax.tree.map(jnp.shape, nnx.state(r)) == jax.tree.map(jnp.shape, nnx.state(m))
+
+
+def test_mobilenet_v2_dropout_applies_in_training_only():
+    """The train step draws dropout masks from its key (different keys, different losses; no key,
+    no dropout); evaluation never drops."""
+    import jax.numpy as jnp
+    import optax
+
+    from sap_jax import train
+    from sap_jax.codec import ModuleCodec
+
+    model = models.create("mobilenet_v2_tiny", dropout=0.5)
+    codec = ModuleCodec(model)
+    tx = optax.sgd(0.0)  # measure the loss only; nothing moves
+    step = train.make_train_step(codec, model.structure(32), tx, penalty_form="none")
+    params, rest = codec.split(model)
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32)}
+    arch = [jnp.ones(w) for w in model.widths]
+
+    def loss(key=None):
+        p, r, o = jax.tree.map(jnp.array, (params, rest, tx.init(params)))  # steps donate
+        return float(step(p, r, o, batch, arch, jnp.float32(0), *([key] if key is not None else []))[3]["loss"])
+
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    assert loss(k1) == loss(k1)  # a key fixes the masks
+    assert loss(k1) != loss(k2)  # dropout is on in training
+    no_dropout = loss()
+    assert no_dropout not in (loss(k1), loss(k2))
+    ev = train.make_eval_step(codec)
+    out = [ev(params, rest, {**batch, "mask": jnp.ones(4)}, arch)["loss"] for _ in range(2)]
+    assert float(out[0]) == float(out[1])
+    # Without dropout, the train-mode loss is the model's plain forward in train mode.
+    m = codec.merge(params, rest)
+    m.train()
+    want = optax.softmax_cross_entropy_with_integer_labels(m(batch["image"]), batch["label"]).mean()
+    np.testing.assert_allclose(no_dropout, float(want), rtol=1e-5)

@@ -68,7 +68,9 @@ class ResNet(PrunableModel):
                     num_classes=self.num_classes, widths=list(self.widths),
                     in_channels=self.in_channels, dtype=self.dtype_name)
 
-    def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None, *,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Forward pass; ``rngs`` is accepted like every backbone's (this one has no dropout)."""
         self.check_input(x, arch)
         x = nnx.relu(self.stem_bn(self.stem_conv(x)))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
