@@ -75,7 +75,7 @@ class Steps:
         """Dispatch one step without waiting for it; returns its outputs."""
         s = self.states[name]
         if name == "agn":
-            out = self.fns["agn"](s[0], s[1], s[2], *self.frozen, self.batch, self.key)
+            out = self.fns["agn"](s[0], s[1], s[2], jnp.float32(0), *self.frozen, self.batch, self.key)
             self.states["agn"] = [out[0], s[1], out[1]]
         else:
             out = self.fns[name](*s, self.batch, self.arch, self.gamma)
@@ -151,8 +151,8 @@ def loop_overhead(epochs: int, repeats: int, agn_every: int = 0, agn_batch: int 
                     n += 1
                     if n % agn_every == 0:
                         sb = {k: jnp.asarray(x) for k, x in d.subset_batch(n, agn_batch).items()}
-                        ag0, ag2, v, _ = agn_step(ag[0], ag[1], ag[2], st[0], st[1], sb,
-                                                  jax.random.fold_in(key, n))
+                        ag0, ag2, _, v, _ = agn_step(ag[0], ag[1], ag[2], jnp.float32(0), st[0],
+                                                     st[1], sb, jax.random.fold_in(key, n))
                         ag = [ag0, ag[1], ag2]
         jax.block_until_ready(st)
         return time.perf_counter() - t0

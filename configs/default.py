@@ -34,11 +34,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.image_size = 32  # training/eval resolution (a multiple of the model's total stride)
     c.batch_size = 128  # global batch, split over all devices (must divide by device count)
     c.eval_batch_size = 256  # global eval batch (must divide by device count)
-    c.num_epochs = 200  # epochs of dense training + search/alignment (E in method.md)
+    c.num_epochs = 200  # epochs of dense training + search/alignment (E in docs/method.md §4)
     c.steps_per_epoch = 0  # 0 = one pass over the training split; >0 caps it (quick runs)
     c.seed = 0  # seeds init, data order, augmentation, AGN noise and the AGN sub-dataset
     c.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
     c.shuffle_buffer = 16384  # tf.data shuffle buffer (streamed datasets only)
+    c.val_size = 5000  # training examples held out as the validation split (a fixed draw; a
+                       # slice of train on ImageNet). Every choice a run makes (final_arch="best",
+                       # sub-network accuracy during search) reads it; the test split is only reported
 
     c.optim = optimizer(0.1, (100, 150))  # dense training: 0.1, x0.1 at 100 and 150 (supp. §A)
 
@@ -47,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
         e_start=40,  # first epoch of search + alignment; 0 <= e_start < num_epochs
         gamma=5e-4,  # weight of the partial group lasso (CIFAR < 1e-3, ImageNet ~5e-4)
         penalty="gradient",  # "gradient" (loss term) or "proximal" (soft-threshold after SGD)
-        include_bn=False,  # also penalise BN scale/bias of dropped channels
+        include_bn=True,  # also penalise BN scale/bias of dropped channels (lineage, ATO): without
+                          # them the producing conv's slice is inert (BN is scale-invariant)
         agn_every=10,  # one AGN step every this many weight steps (lineage: 10-20)
         subset_fraction=0.1,  # fraction of the training split the AGN trains on (5-10%)
         final_arch="last",  # "last" AGN architecture, "best" sub-network accuracy, or "norm"
@@ -55,8 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
         penalty_scope="partial",  # "partial": dropped channels only (SAP); "all": classic group lasso
         norm="group_l2",  # channel score of final_arch="norm": "group_l2" or "l1" (producing filters)
         widths=(),  # final_arch="norm": kept widths per group; () = meet the budget p instead
-        round_to=0,  # round kept widths to multiples of this at the cut, within p; 1 = off;
-                     # 0 = auto: 8 on GPUs, 128 on TPUs (or the largest half of it that meets
+        round_to=1,  # round kept widths to multiples of this at the cut, within p; 1 = off (the
+                     # paper's protocol: the same architecture on every backend); 0 = auto for
+                     # deployment: 8 on GPUs, 128 on TPUs (or the largest half of it that meets
                      # p), off on CPUs
         enforce_budget=True,  # at the cut, an architecture over p loses its lowest-norm kept
                               # channels (score: `norm`) until it meets p; False = cut as chosen
@@ -65,16 +70,35 @@ def get_config() -> ml_collections.ConfigDict:
     c.agn = ml_collections.ConfigDict(dict(
         learning_rate=1e-3,  # AdamW learning rate (lineage)
         weight_decay=1e-2,  # AdamW weight decay (lineage)
+        b1=0.9,  # AdamW first-moment decay
+        b2=0.9,  # AdamW second-moment decay; 0.9 (not Adam's 0.999) keeps a saturated generator
+                 # moving: its small late gradients are not scaled down by early large ones
         batch_size=128,  # global batch of an AGN step (sub-dataset)
         tau=0.4,  # Gumbel-sigmoid temperature (supp. §A)
         offset=3.0,  # logit offset b, so pruning starts from the whole model (supp. §A)
         lam=4.0,  # weight of the resource loss (lineage: 4-8)
-        resource_form="one_sided",  # "one_sided" (NPPM) or "two_sided" (ATO, dead band eps)
+        lam_rate=0.05,  # > 0: dual ascent on log(lam) after each AGN step, by lam_rate * (r - p) / p,
+                        # so a generator held above p feels a growing pull until it meets p;
+                        # 0 = a fixed lam (lineage). docs/method.md §6
+        lam_max_scale=64.0,  # the adaptive lam stays within [lam, lam * lam_max_scale]
+        budget_on="deterministic",  # the resource loss measures the noise-free v that is cut, or
+                                    # the "sampled" v the CE sees (lineage; Gumbel noise keeps more)
+        target_margin=0.005,  # the generator aims at p - target_margin, so that its wobble
+                              # around the target stays within p (0 = aim at p)
+        resource_form="two_sided",  # "two_sided" (ATO, dead band eps: also pulls an architecture
+                                    # far under p back up) or "one_sided" (NPPM)
         resource_eps=0.005,  # dead band of the two-sided form
         budget_scope="prunable",  # p measured over "prunable" convs (paper) or "total" MACs
         z_dim=32,  # width of the fixed AGN input z (supp. Table 2)
         hidden=64,  # GRU hidden width (supp. Table 2)
         deterministic_v=True,  # v after each AGN step: True = no Gumbel noise
+    ))
+
+    c.cut = ml_collections.ConfigDict(dict(
+        bn_batches=20,  # training batches whose forward passes re-estimate BN statistics (no
+                        # gradient step) of the extracted model before it is evaluated and
+                        # fine-tuned; cut accuracy is reported raw and re-estimated. 0 = off
+        bn_in_search=True,  # also re-estimate for the sub-network's accuracy each search epoch
     ))
 
     c.finetune = optimizer(0.1, (80, 120))  # fine-tuning: 0.1, x0.1 at 80 and 120 (supp. §A)

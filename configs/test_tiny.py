@@ -29,4 +29,6 @@ def get_config():
     c.log_every_steps = 2
     c.plots = False
     c.speed.enabled = False  # tests that time inference turn it on
+    c.val_size = 16
+    c.cut.bn_batches = 2
     return c

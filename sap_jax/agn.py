@@ -32,6 +32,10 @@ from sap_jax.resource import ResourceLoss
 
 TAU = 0.4  # Gumbel-sigmoid temperature (supplement §A)
 OFFSET = 3.0  # logit offset b (supplement §A)
+#: |(o + b) / tau| below this is the "sensitive band": there the straight-through factor
+#: sigma'/tau is at least ~7% of its peak, so a gradient still moves the channel's decision.
+BAND = 2.5
+BUDGET_ON = ("sampled", "deterministic")
 
 
 class FixedInput(nnx.Variable):
@@ -107,13 +111,26 @@ class AGN(nnx.Module):
     def sample(self, key: jax.Array | None = None, *, tau: float = TAU,
                offset: float = OFFSET) -> list[jax.Array]:
         """Architecture vectors ``v_k`` (straight-through); ``key=None`` is deterministic."""
-        keys = [None] * len(self.group_sizes) if key is None else list(
-            jax.random.split(key, len(self.group_sizes)))
-        return [gumbel_sigmoid(o, k, tau=tau, offset=offset) for o, k in zip(self(), keys)]
+        return sample_logits(self(), key, tau=tau, offset=offset)
 
     def architecture(self, *, tau: float = TAU, offset: float = OFFSET) -> list[np.ndarray]:
         """The deterministic architecture as boolean NumPy vectors (for extraction)."""
         return [np.asarray(v) > 0.5 for v in self.sample(None, tau=tau, offset=offset)]
+
+
+def sample_logits(logits: Sequence[jax.Array], key: jax.Array | None = None, *, tau: float = TAU,
+                  offset: float = OFFSET) -> list[jax.Array]:
+    """:func:`gumbel_sigmoid` of each group's logits, one noise key per group (``None``: none)."""
+    keys = [None] * len(logits) if key is None else list(jax.random.split(key, len(logits)))
+    return [gumbel_sigmoid(o, k, tau=tau, offset=offset) for o, k in zip(logits, keys)]
+
+
+def band_share(logits: Sequence[jax.Array], *, tau: float = TAU, offset: float = OFFSET) -> jax.Array:
+    """Share of channels whose pre-sigmoid value ``|(o + b) / tau|`` lies in the sensitive band
+    (< :data:`BAND`). Near 0 the generator is saturated: its straight-through gradient has
+    vanished and its decisions no longer move (docs/method.md, "A generator that reaches p")."""
+    s = jnp.concatenate([jnp.abs((jnp.asarray(o, jnp.float32) + offset) / tau) for o in logits])
+    return jnp.mean(s < BAND)
 
 
 # --------------------------------------------------------------------------
@@ -138,8 +155,9 @@ def gated_apply(model: nnx.Module) -> tuple[ApplyFn, Any]:
 
 def agn_loss(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax.Array],
              key: jax.Array | None, *, structure: G.Structure, resource: ResourceLoss,
-             tau: float = TAU, offset: float = OFFSET) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``CE(f(x; W, v)) + lam * R(T(v)/T_full, p)`` and its metrics.
+             tau: float = TAU, offset: float = OFFSET, resource_scale: jax.Array | float = 1.0,
+             budget_on: str = "sampled") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``CE(f(x; W, v)) + resource_scale * lam * R(T(v)/T_full, p)`` and its metrics.
 
     Args:
       agn: the generator; ``v`` is sampled from it with ``key`` (``None``: no noise).
@@ -148,27 +166,39 @@ def agn_loss(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax
       batch: ``{"image": (N, H, W, C) float, "label": (N,) int}``.
       structure: the model's channel groups (``model.structure(image_size)``).
       resource: budget ``p``, weight ``lam``, form and scope.
+      resource_scale: a multiplier of ``lam`` (traced; an adaptive budget weight), 1 = none.
+      budget_on: which architecture the resource term measures: ``"sampled"`` (the noisy
+        draw the CE sees; NPPM/ATO) or ``"deterministic"`` (the noise-free one that is cut;
+        Gumbel noise has mean 0.58, so a sampled draw keeps more channels than the cut will).
 
     Returns:
       ``(loss, metrics)``: scalars ``loss``, ``ce``, ``accuracy`` (of the gated
       sub-network), ``mac_ratio`` (over ``resource.scope``),
-      ``mac_ratio_prunable``, ``mac_ratio_total``, ``resource_loss`` (λ·R) and
-      ``kept_fraction``, shape (K,).
+      ``mac_ratio_prunable``, ``mac_ratio_total``, ``resource_loss`` (λ·R),
+      ``band_share`` (:func:`band_share` of the logits) and ``kept_fraction``, shape (K,).
     """
     if tuple(agn.group_sizes) != tuple(structure.widths):
         raise ValueError(f"the AGN generates groups of sizes {list(agn.group_sizes)} but the model "
                          f"has {list(structure.widths)}; build it with AGN(model.widths).")
-    arch = agn.sample(key, tau=tau, offset=offset)
+    o = agn()
+    arch = sample_logits(o, key, tau=tau, offset=offset)
     logits = apply_fn(jax.lax.stop_gradient(model_state), batch["image"], arch)
     labels = batch["label"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-    res, ratio = resource(structure, arch)
+    if budget_on not in BUDGET_ON:
+        raise ValueError(f"budget_on = {budget_on!r}; use one of {BUDGET_ON}.")
+    budget_arch = arch if budget_on == "sampled" or key is None else sample_logits(
+        o, None, tau=tau, offset=offset)
+    res, ratio = resource(structure, budget_arch)
+    res = res * resource_scale
     other = "total" if resource.scope == "prunable" else "prunable"
     metrics = {
         "loss": ce + res, "ce": ce, "resource_loss": res, "mac_ratio": ratio,
         f"mac_ratio_{resource.scope}": ratio,
-        f"mac_ratio_{other}": jax.lax.stop_gradient(flops.mac_ratio(structure, arch, other)),
+        f"mac_ratio_{other}": jax.lax.stop_gradient(flops.mac_ratio(structure, budget_arch, other)),
+        "mac_ratio_sampled": jax.lax.stop_gradient(flops.mac_ratio(structure, arch, resource.scope)),
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "band_share": jax.lax.stop_gradient(band_share(o, tau=tau, offset=offset)),
         "kept_fraction": jnp.stack([jnp.mean(v) for v in arch]),
     }
     return ce + res, metrics
@@ -188,5 +218,5 @@ def agn_value_and_grad(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dic
     return loss, metrics, grads
 
 
-__all__ = ["AGN", "FixedInput", "gumbel_sigmoid", "check_temperature", "gated_apply",
-           "agn_loss", "agn_value_and_grad", "TAU", "OFFSET"]
+__all__ = ["AGN", "FixedInput", "gumbel_sigmoid", "sample_logits", "band_share", "check_temperature",
+           "gated_apply", "agn_loss", "agn_value_and_grad", "TAU", "OFFSET", "BAND", "BUDGET_ON"]

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from sap_jax import baselines, flops, models, resource
+from sap_jax import agn, baselines, flops, models, resource
 
 DATASETS = ("cifar10", "imagenet2012", "digits")
 SCHEDULES = ("step", "cosine", "constant")
@@ -99,6 +99,9 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
         errors.append(f"steps_per_epoch = {c.steps_per_epoch!r} must be an integer >= 0 (0 = full epoch).")
     if not _in(c.dtype, DTYPES):
         errors.append(f"dtype = {c.dtype!r}; use one of {DTYPES}.")
+    if not (_int(c.val_size) and c.val_size >= 0):
+        errors.append(f"val_size = {c.val_size!r} must be an integer >= 0 (training examples held "
+                      "out as the validation split).")
     if not _in(c.on_nonfinite, ON_NONFINITE):
         errors.append(f"on_nonfinite = {c.on_nonfinite!r}; use one of {ON_NONFINITE}.")
     _check_optimizer(c.optim, "optim", c.num_epochs if _num(c.num_epochs) else 0, errors)
@@ -145,16 +148,39 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
         errors.append(f"agn.tau = {a.tau!r} must be > 0.")
     if not (_num(a.learning_rate) and a.learning_rate > 0):
         errors.append(f"agn.learning_rate = {a.learning_rate!r} must be > 0.")
+    for field in ("b1", "b2"):
+        if not (_num(a[field]) and 0 <= a[field] < 1):
+            errors.append(f"agn.{field} = {a[field]!r} must lie in [0, 1).")
+    if not (_num(a.lam_rate) and a.lam_rate >= 0):
+        errors.append(f"agn.lam_rate = {a.lam_rate!r} must be >= 0 (0 = a fixed lam).")
+    if not (_num(a.lam_max_scale) and a.lam_max_scale >= 1):
+        errors.append(f"agn.lam_max_scale = {a.lam_max_scale!r} must be >= 1.")
+    if not _in(a.budget_on, agn.BUDGET_ON):
+        errors.append(f"agn.budget_on = {a.budget_on!r}; use one of {agn.BUDGET_ON}.")
     if not (_int(a.batch_size) and a.batch_size > 0) or a.batch_size % device_count:
         errors.append(f"agn.batch_size = {a.batch_size!r} must be a positive multiple of the "
                       f"{device_count} devices.")
-    try:
-        resource.ResourceLoss(s.p if _num(s.p) and 0 < s.p <= 1 else 1.0, lam=a.lam,
-                              form=a.resource_form, eps=a.resource_eps, scope=a.budget_scope)
-    except ValueError as e:
-        errors.append(f"agn: {e}")
+    p_ok = _num(s.p) and 0 < s.p <= 1
+    if not (_num(a.target_margin) and 0 <= a.target_margin < (s.p if p_ok else 1.0)):
+        errors.append(f"agn.target_margin = {a.target_margin!r} must lie in [0, p).")
+    else:
+        try:
+            resource.ResourceLoss.from_config(c) if p_ok else resource.ResourceLoss(
+                1.0, lam=a.lam, form=a.resource_form, eps=a.resource_eps, scope=a.budget_scope)
+        except ValueError as e:
+            errors.append(f"agn: {e}")
     if not _in(a.budget_scope, flops.SCOPES) and not any("scope" in e for e in errors):
         errors.append(f"agn.budget_scope = {a.budget_scope!r}; use one of {flops.SCOPES}.")
+
+    if s.final_arch == "best" and _int(c.val_size) and c.val_size == 0:
+        errors.append("sap.final_arch = 'best' judges sub-networks on the validation split: set "
+                      "val_size > 0 (the test split is never used for choices).")
+    cut = c.cut
+    if not (_int(cut.bn_batches) and cut.bn_batches >= 0):
+        errors.append(f"cut.bn_batches = {cut.bn_batches!r} must be an integer >= 0 (0 = no BN "
+                      "re-estimation).")
+    if not isinstance(cut.bn_in_search, bool):
+        errors.append(f"cut.bn_in_search = {cut.bn_in_search!r} must be True or False.")
 
     f = c.finetune
     if not (_int(f.num_epochs) and f.num_epochs >= 0):

@@ -19,9 +19,22 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         "budget_scope": c.agn.budget_scope,
         "dense_acc": meta.get("dense_acc"),
         "subnet_acc_at_cut": meta.get("subnet_acc_at_cut"),
-        "cut_acc": meta.get("cut_acc"),
-        "best_subnet_acc": meta.get("best_subnet_acc"),
+        "cut_acc": meta.get("cut_acc"),  # extracted model, BN statistics as trained
+        "cut_acc_bn": meta.get("cut_acc_bn"),  # ... with BN statistics re-estimated (cut.bn_batches)
+        "best_subnet_val_acc": meta.get("best_subnet_val_acc"),
+        "best_subnet_epoch": meta.get("best_subnet_epoch"),
         "final_acc": final_acc,
+        # Which split each number comes from: choices read only "val".
+        "splits": {"dense_acc": "test", "cut_acc": "test", "cut_acc_bn": "test",
+                   "subnet_acc_at_cut": "test", "final_acc": "test", "best_subnet_val_acc": "val",
+                   "history.test_acc": "test", "history.val_acc": "val",
+                   "history.subnet_val_acc": "val", "history.subnet_val_acc_bn": "val",
+                   "history.ft_test_acc": "test"},
+        # Alignment: mean norm of the dropped channels over that of the kept ones (0 = a free cut).
+        "alignment_ratio_at_cut": meta.get("alignment_ratio_at_cut"),
+        # The generator's own (deterministic) MAC ratio at the end of the search.
+        "generator_ratio": (meta.get("history", {}).get("mac_ratio") or [None])[-1],
+        "saturated_epochs": meta.get("saturated_epochs", 0),
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": ratio(after.macs, before.macs),
         "prunable_macs_before": before.prunable_macs, "prunable_macs_after": after.prunable_macs,
@@ -30,6 +43,7 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         # trimming to the budget (sap.enforce_budget) or rounding (sap.round_to)
         "chosen_arch_ratio": meta.get("arch_ratio_chosen"),
         "budget_enforced": bool(c.sap.enforce_budget),
+        "trimmed_channels": meta.get("trimmed_channels", 0),  # dropped by enforce_budget
         "round_to": meta.get("round_to"),  # kept-width multiple applied at the cut (1 = none)
         "params_before": before.params, "params_after": after.params,
         "params_ratio": ratio(after.params, before.params),
@@ -55,7 +69,8 @@ def summary(r: dict[str, Any]) -> str:
         "",
         f"  {'accuracy':<34} {'':>10}",
         f"  {'dense model':<34} {_pct(r['dense_acc']):>10}",
-        f"  {'sub-network right after the cut':<34} {_pct(r['cut_acc']):>10}",
+        f"  {'right after the cut (BN as trained)':<34} {_pct(r['cut_acc']):>10}",
+        f"  {'right after the cut (BN re-estimated)':<34} {_pct(r.get('cut_acc_bn')):>10}",
         f"  {'final (after fine-tuning)':<34} {_pct(r['final_acc']):>10}",
         "",
         f"  {'':<18} {'before':>10} {'after':>10} {'ratio':>8}",
@@ -63,11 +78,18 @@ def summary(r: dict[str, Any]) -> str:
     for label, key in (("MACs", "macs"), ("MACs prunable", "prunable_macs"), ("params", "params")):
         b, a = r[f"{key}_before"], r[f"{key}_after"]
         lines.append(f"  {label:<18} {_human(b):>10} {_human(a):>10} {a / b:>8.1%}")
+    if r.get("alignment_ratio_at_cut") is not None:
+        lines.append(f"  alignment at the cut: dropped channels' mean norm is "
+                     f"{r['alignment_ratio_at_cut']:.3f} of the kept ones'")
     chosen = r.get("chosen_arch_ratio")
     if chosen is not None and chosen > r["p"]:
         lines.append(f"  the chosen architecture kept {chosen:.1%} of {r['budget_scope']} MACs, over p; "
-                     + ("its lowest-norm kept channels were dropped at the cut to meet p"
-                        if r.get("budget_enforced") else "cut as chosen (sap.enforce_budget = False)"))
+                     + (f"its {r.get('trimmed_channels', 0)} lowest-norm kept channels were dropped "
+                        "at the cut to meet p" if r.get("budget_enforced")
+                        else "cut as chosen (sap.enforce_budget = False)"))
+    if r.get("saturated_epochs"):
+        lines.append(f"  warning: the generator was saturated above p in {r['saturated_epochs']} "
+                     "search epochs (see the log)")
     if (r.get("round_to") or 1) > 1:
         lines.append(f"  kept widths rounded to multiples of {r['round_to']} (sap.round_to)")
     if r.get("speed"):
@@ -118,14 +140,16 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     if h.get("test_acc"):
         ax.plot(h["epoch"], h["test_acc"], label="dense model")
-    if h.get("subnet_acc"):
-        e0 = len(h["epoch"]) - len(h["subnet_acc"])
-        ax.plot(h["epoch"][e0:], h["subnet_acc"], label="sub-network (gated by v)")
+    for key, label in (("subnet_val_acc", "sub-network (gated by v), validation"),
+                       ("subnet_val_acc_bn", "sub-network, BN re-estimated, validation")):
+        if h.get(key):
+            e0 = len(h["epoch"]) - len(h[key])
+            ax.plot(h["epoch"][e0:], h[key], label=label)
     if h.get("ft_test_acc"):
         last = h["epoch"][-1] if h.get("epoch") else 0
         ax.plot([last + e for e in h["ft_epoch"]], h["ft_test_acc"], label="pruned model, fine-tuning")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("accuracy")
     ax.set_title(f"{r['model']} on {r['dataset']}, p = {r['p']}")
     ax.legend()
     ax.grid(alpha=0.3)

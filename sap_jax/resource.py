@@ -2,7 +2,7 @@
 
 ``r = T(v)/T_full`` is the fraction of MACs the sub-network keeps (over the
 prunable layers or the whole network, see :data:`sap_jax.flops.SCOPES`) and
-``p`` the target fraction. Two forms (method.md §3):
+``p`` the target fraction. Two forms (docs/method.md §3):
 
 * ``"one_sided"`` (NPPM): ``log(max(r, p) / p)`` — zero at or under budget.
 * ``"two_sided"`` (ATO): ``log(max(r, p + eps) / p)`` if ``r > p``, else
@@ -84,6 +84,15 @@ class ResourceLoss:
             raise ValueError(f"budget scope must be one of {flops.SCOPES}, got {self.scope!r}.")
         if not _is_concrete_number(self.lam) or self.lam < 0:
             raise ValueError(f"resource-loss weight lam = {self.lam!r} must be a number >= 0.")
+
+    @classmethod
+    def from_config(cls, c) -> "ResourceLoss":
+        """The generator's budget of a run config: it aims at ``sap.p - agn.target_margin`` (so
+        that its wobble around the target stays within p), with the ``agn`` section's weight,
+        form, dead band and scope."""
+        a = c.agn
+        return cls(c.sap.p - a.target_margin, lam=a.lam, form=a.resource_form, eps=a.resource_eps,
+                   scope=a.budget_scope)
 
     def ratio(self, structure: G.Structure, arch: Sequence[jax.Array]) -> jax.Array:
         """Kept MAC fraction of ``arch`` over this loss's scope (differentiable)."""

@@ -1,4 +1,4 @@
-"""The SAP schedule: dense training -> search + alignment -> cut -> fine-tune (method.md §4).
+"""The SAP schedule: dense training -> search + alignment -> cut -> fine-tune (docs/method.md §4).
 
 ``train_and_evaluate(config, workdir)`` runs the whole method and can be
 stopped and restarted at any time: it resumes from the latest checkpoint in
@@ -30,12 +30,20 @@ from flax import nnx
 from sap_jax import agn as agn_lib
 from sap_jax import config as config_lib
 from sap_jax import data as data_lib
-from sap_jax import baselines, flops, models, parallel, penalty, report, resource, speed, surgery, xla_cpu
+from sap_jax import (baselines, bnstats, flops, models, parallel, penalty, report, resource, speed,
+                     surgery, xla_cpu)
 from sap_jax.codec import ModuleCodec
 
 Tree = dict[str, Any]
 CKPT_DIR = "checkpoints"
 PRUNED_DIR = "pruned_model"
+#: The data-order "epoch" of the batches that re-estimate BN statistics: far from any training
+#: epoch, so they are a fixed draw of their own.
+BN_EPOCH = 10**6
+#: Dropout keys are fold_in(fold_in(rng, DROPOUT_STREAM), step), apart from the AGN's noise keys.
+DROPOUT_STREAM = 1 << 30
+#: A generator whose logits have fewer than this share in the sensitive band is saturated.
+SATURATED_BAND = 0.01
 
 
 #: Exit code after a preemption notice (SIGTERM): a checkpoint was saved; rerun to resume.
@@ -132,6 +140,11 @@ def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, *,
     return optax.chain(*chain)
 
 
+def make_agn_optimizer(a: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The generator's AdamW (lineage), from the config's ``agn`` section."""
+    return optax.adamw(a.learning_rate, b1=a.b1, b2=a.b2, weight_decay=a.weight_decay)
+
+
 # --------------------------------------------------------------------------
 # Jitted steps
 # --------------------------------------------------------------------------
@@ -143,21 +156,23 @@ def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformation, *,
                     penalty_form: str = "gradient", include_bn: bool = False,
                     dtype: Any = jnp.float32, skip_nonfinite: bool = False) -> Callable:
-    """``(params, rest, opt_state, batch, arch, gamma) -> (params, rest, opt_state, metrics)``.
+    """``(params, rest, opt_state, batch, arch, gamma[, key]) -> (params, rest, opt_state, metrics)``.
 
     The dense model trains ungated; ``gamma * R_w(W; arch)`` joins the loss in
     the gradient form (the proximal form lives in ``tx``). ``arch`` and
     ``gamma`` are traced, so neither a new mask nor the start of the search
     recompiles. ``metrics["finite"]`` is 0 when the loss or a gradient is
     NaN/Inf; with ``skip_nonfinite`` such a step leaves params, BN statistics
-    and optimizer state unchanged.
+    and optimizer state unchanged. ``key`` seeds the model's dropout (stream
+    "dropout"); without it the step trains without dropout.
     """
-    def step(params, rest, opt_state, batch, arch, gamma):
+    def step(params, rest, opt_state, batch, arch, gamma, key=None):
         model = codec.merge(params, rest)
         model.train()
+        rngs = None if key is None else nnx.Rngs(dropout=key)
 
         def loss_fn(model):
-            logits = model(batch["image"].astype(dtype))
+            logits = model(batch["image"].astype(dtype), rngs=rngs)
             ce = jnp.mean(_ce(logits, batch["label"]))
             if penalty_form == "none":  # fine-tuning, or a plain baseline: no penalty at all
                 reg = jnp.zeros((), jnp.float32)
@@ -200,26 +215,42 @@ def make_eval_step(codec: ModuleCodec, dtype: Any = jnp.float32, structure: Any 
 def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
                   budget: resource.ResourceLoss, tx: optax.GradientTransformation, *,
                   tau: float, offset: float, deterministic_v: bool,
+                  lam_rate: float = 0.0, lam_max_scale: float = 1.0, budget_on: str = "sampled",
                   dtype: Any = jnp.float32) -> Callable:
-    """``(agn_params, agn_rest, agn_opt_state, params, rest, batch, key) -> (agn_params,
-    agn_opt_state, arch, metrics)``: one AGN step on the frozen, gated model, then the new v."""
+    """``(agn_params, agn_rest, agn_opt_state, log_lam, params, rest, batch, key) -> (agn_params,
+    agn_opt_state, log_lam, arch, metrics)``: one AGN step on the frozen, gated model, then the
+    new v.
+
+    ``log_lam`` (a float32 scalar, 0 at the start) scales the resource loss by ``exp(log_lam)``.
+    With ``lam_rate > 0`` it is a dual-ascent controller: after each step it grows by
+    ``lam_rate * (r - p) / p`` for the new v's MAC ratio ``r``, within ``[0, log lam_max_scale]``.
+    A generator held above p by the cross-entropy therefore feels a growing budget pull until it
+    meets p, and the pull relaxes back to ``lam`` once it does (docs/method.md, "A generator
+    that reaches p"). ``lam_rate = 0`` keeps the lineage's fixed ``lam``.
+    """
     def apply_fn(model_state, images, arch):
         model = model_codec.merge(*model_state)
         model.eval()  # BN running statistics; W is frozen
         return model(images.astype(dtype), arch)
 
-    def step(agn_params, agn_rest, agn_opt_state, params, rest, batch, key):
+    max_log = float(np.log(lam_max_scale))
+
+    def step(agn_params, agn_rest, agn_opt_state, log_lam, params, rest, batch, key):
         gen = agn_codec.merge(agn_params, agn_rest)
         _, metrics, grads = agn_lib.agn_value_and_grad(
             gen, apply_fn, (params, rest), batch, key, structure=structure, resource=budget,
-            tau=tau, offset=offset)
+            tau=tau, offset=offset, resource_scale=jnp.exp(log_lam), budget_on=budget_on)
         grads = agn_codec.params.encode(grads)
         updates, agn_opt_state = tx.update(grads, agn_opt_state, agn_params)
         agn_params = optax.apply_updates(agn_params, updates)
         gen = agn_codec.merge(agn_params, agn_rest)
         noise = None if deterministic_v else jax.random.fold_in(key, 1)
         arch = [jax.lax.stop_gradient(v) for v in gen.sample(noise, tau=tau, offset=offset)]
-        return agn_params, agn_opt_state, arch, metrics
+        if lam_rate:
+            r = budget.ratio(structure, arch)
+            log_lam = jnp.clip(log_lam + lam_rate * (r - budget.p) / budget.p, 0.0, max_log)
+        metrics["lam"] = budget.lam * jnp.exp(log_lam)
+        return agn_params, agn_opt_state, log_lam, arch, metrics
 
     return xla_cpu.jit(step, donate_argnums=(0, 2))
 
@@ -249,6 +280,7 @@ class Programs:
     structure: Any
     codec: ModuleCodec
     eval_step: Callable
+    bn_step: Callable
     train_step: Callable | None = None
     tx: optax.GradientTransformation | None = None
 
@@ -326,7 +358,8 @@ class Run:
         model = self._model(widths)
         structure = model.structure(c.image_size)
         codec = ModuleCodec(model)
-        progs = Programs(model, structure, codec, make_eval_step(codec, self.dtype, structure))
+        progs = Programs(model, structure, codec, make_eval_step(codec, self.dtype, structure),
+                         bnstats.make_batch_stats_step(codec, self.dtype))
         o = c.optim if phase == "search" else c.finetune
         epochs = c.num_epochs if phase == "search" else c.finetune.num_epochs
         sched = lr_schedule(o, self.spe, epochs, c.batch_size)
@@ -346,13 +379,13 @@ class Run:
         c = self.c
         gen = agn_lib.AGN(progs.model.widths, z_dim=c.agn.z_dim, hidden=c.agn.hidden, seed=c.seed + 1)
         self.agn_codec = ModuleCodec(gen)
-        self.agn_tx = optax.adamw(c.agn.learning_rate, weight_decay=c.agn.weight_decay)
+        self.agn_tx = make_agn_optimizer(c.agn)
         params, rest = progs.codec.split(progs.model)
         agn_params, agn_rest = self.agn_codec.split(gen)
         ones = [np.ones(w, np.float32) for w in progs.model.widths]
         state = {"params": params, "rest": rest, "opt_state": progs.tx.init(params),
                  "agn_params": agn_params, "agn_rest": agn_rest,
-                 "agn_opt_state": self.agn_tx.init(agn_params),
+                 "agn_opt_state": self.agn_tx.init(agn_params), "log_lam": np.float32(0.0),
                  "arch": ones, "best_arch": ones, "prev_arch": ones,
                  "rng": jax.random.key_data(self.key)}
         return state, gen
@@ -418,14 +451,25 @@ class Run:
         return meta
 
     # -- evaluation ------------------------------------------------------------------
-    def evaluate(self, progs: Programs, params: Tree, rest: Tree, arch) -> tuple[float, float]:
+    def evaluate(self, progs: Programs, params: Tree, rest: Tree, arch,
+                 split: str = "test") -> tuple[float, float]:
+        """Accuracy and loss on ``split``: "val" for every choice, "test" only for reporting.
+        NaN for an empty split (val_size = 0)."""
         sums = None
-        for b in self.data.eval_batches(self.c.eval_batch_size):
+        for b in self.data.eval_batches(self.c.eval_batch_size, split):
             out = progs.eval_step(params, rest, parallel.global_batch(b, self.mesh), arch)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        if sums is None:
+            return float("nan"), float("nan")
         s = _to_host(sums)
         n = max(float(s["count"]), 1.0)
         return float(s["correct"]) / n, float(s["loss"]) / n
+
+    def bn_reestimated(self, progs: Programs, params: Tree, rest: Tree, arch) -> Tree:
+        """``rest`` with BN statistics re-estimated on ``cut.bn_batches`` training batches."""
+        batches = (parallel.global_batch(b, self.mesh) for b in self.data.train_batches(
+            BN_EPOCH, self.c.batch_size, self.c.cut.bn_batches))
+        return bnstats.reestimate(progs.bn_step, params, rest, batches, arch)
 
     # -- phases ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -512,11 +556,12 @@ class Run:
 
     def _search(self, progs: Programs, state: Tree, meta: dict[str, Any]) -> Tree:
         c, s = self.c, self.c.sap
-        budget = resource.ResourceLoss(s.p, lam=c.agn.lam, form=c.agn.resource_form,
-                                       eps=c.agn.resource_eps, scope=c.agn.budget_scope)
+        budget = resource.ResourceLoss.from_config(c)
         agn_step = make_agn_step(progs.codec, self.agn_codec, progs.structure, budget, self.agn_tx,
                                  tau=c.agn.tau, offset=c.agn.offset,
-                                 deterministic_v=c.agn.deterministic_v, dtype=self.dtype)
+                                 deterministic_v=c.agn.deterministic_v, lam_rate=c.agn.lam_rate,
+                                 lam_max_scale=c.agn.lam_max_scale, budget_on=c.agn.budget_on,
+                                 dtype=self.dtype)
         norms = make_norms(progs.structure, s.include_bn)
         initial_arch = xla_cpu.jit(lambda p, r: self.agn_codec.merge(p, r).sample(
             None, tau=c.agn.tau, offset=c.agn.offset))
@@ -524,6 +569,7 @@ class Run:
         use_agn = s.final_arch in ("last", "best")  # "norm": a norm-based baseline, no AGN
         zeros = [jnp.zeros(w) for w in progs.model.widths]
         rng = jax.random.wrap_key_data(state["rng"])
+        dropout_rng = jax.random.fold_in(rng, DROPOUT_STREAM)
         hist = meta["history"]
         step, agn_steps = meta["step"], meta["agn_steps"]
         for epoch in range(meta["epoch"], c.num_epochs):
@@ -540,14 +586,16 @@ class Run:
                 pen_arch = zeros if s.penalty_scope == "all" else state["arch"]
                 state["params"], state["rest"], state["opt_state"], m = progs.train_step(
                     state["params"], state["rest"], state["opt_state"],
-                    parallel.global_batch(b, self.mesh), pen_arch, gamma)
+                    parallel.global_batch(b, self.mesh), pen_arch, gamma,
+                    jax.random.fold_in(dropout_rng, step))
                 step += 1
                 acc.append(m)
                 if searching and use_agn and step % s.agn_every == 0:
                     sb = parallel.global_batch(self.data.subset_batch(agn_steps, c.agn.batch_size), self.mesh)
-                    (state["agn_params"], state["agn_opt_state"], state["arch"], am) = agn_step(
-                        state["agn_params"], state["agn_rest"], state["agn_opt_state"],
-                        state["params"], state["rest"], sb, jax.random.fold_in(rng, agn_steps))
+                    (state["agn_params"], state["agn_opt_state"], state["log_lam"], state["arch"],
+                     am) = agn_step(state["agn_params"], state["agn_rest"], state["agn_opt_state"],
+                                    state["log_lam"], state["params"], state["rest"], sb,
+                                    jax.random.fold_in(rng, agn_steps))
                     agn_steps += 1
                     agn_acc.append(am)
                 if step % c.log_every_steps == 0:
@@ -560,6 +608,7 @@ class Run:
             # ---- end of epoch: evaluate, compare architectures, log, checkpoint
             row = {"epoch": epoch + 1, "phase": phase, "train_loss": self._epoch_done(rows)}
             row["test_acc"], row["test_loss"] = self.evaluate(progs, state["params"], state["rest"], ones)
+            row["val_acc"], _ = self.evaluate(progs, state["params"], state["rest"], ones, "val")
             if searching and not use_agn:  # the baseline's current choice, to log like v
                 state["arch"] = self._norm_arch(progs, state["params"], budget.scope)
             if searching:
@@ -567,21 +616,42 @@ class Run:
                 prev_np = [np.asarray(v) for v in _to_host(state["prev_arch"])]
                 total = sum(v.size for v in arch_np)
                 row["hamming"] = float(sum(np.sum(a != p) for a, p in zip(arch_np, prev_np)) / total)
-                row["subnet_acc"], _ = self.evaluate(progs, state["params"], state["rest"], state["arch"])
+                row["subnet_val_acc"], _ = self.evaluate(progs, state["params"], state["rest"],
+                                                         state["arch"], "val")
+                if c.cut.bn_in_search and c.cut.bn_batches:
+                    bn_rest = self.bn_reestimated(progs, state["params"], state["rest"], state["arch"])
+                    row["subnet_val_acc_bn"], _ = self.evaluate(progs, state["params"], bn_rest,
+                                                                state["arch"], "val")
                 row["mac_ratio"] = float(flops.mac_ratio(progs.structure, arch_np, budget.scope))
                 row["mac_ratio_total"] = float(flops.mac_ratio(progs.structure, arch_np, "total"))
                 row["kept_fraction"] = float(np.mean(np.concatenate(arch_np)))
                 row["penalty"] = float(penalty.partial_group_lasso(
                     state["params"], state["arch"], progs.structure, include_bn=s.include_bn))
                 row["dropped_norm"], row["kept_norm"] = map(float, norms(state["params"], state["arch"]))
+                # Alignment: how small the channels to be cut are next to the kept ones (0 = free cut).
+                row["alignment_ratio"] = row["dropped_norm"] / max(row["kept_norm"], 1e-12)
                 if agn_acc:
-                    row["agn_loss"] = float(np.mean([float(m["loss"]) for m in agn_acc]))
-                    row["agn_resource_loss"] = float(np.mean([float(m["resource_loss"]) for m in agn_acc]))
-                best = meta.get("best_subnet_acc", -1.0)
-                if row["subnet_acc"] > best:
-                    meta["best_subnet_acc"] = row["subnet_acc"]
+                    mean = lambda k: float(np.mean([float(m[k]) for m in agn_acc]))  # noqa: E731
+                    row["agn_loss"] = mean("loss")
+                    row["agn_resource_loss"] = mean("resource_loss")
+                    row["agn_ce"] = mean("ce")
+                    row["agn_mac_ratio_sampled"] = mean("mac_ratio_sampled")  # with Gumbel noise
+                    row["band_share"] = float(agn_acc[-1]["band_share"])
+                    row["agn_lam"] = float(agn_acc[-1]["lam"])
+                # "best": judged on the validation split, with re-estimated BN where measured.
+                judged = row.get("subnet_val_acc_bn", row["subnet_val_acc"])
+                if judged > meta.get("best_subnet_val_acc", -1.0):
+                    meta["best_subnet_val_acc"] = judged
                     meta["best_subnet_epoch"] = epoch + 1
                     state["best_arch"] = state["arch"]
+                if use_agn and row["mac_ratio"] > s.p + c.agn.resource_eps and (
+                        row.get("band_share", 1.0) < SATURATED_BAND):
+                    meta["saturated_epochs"] = meta.get("saturated_epochs", 0) + 1
+                    logging.warning(
+                        "epoch %d: the generator is saturated above its budget (MAC ratio %.3f, p = "
+                        "%s; %.1f%% of its logits in the sensitive band): its decisions have stopped "
+                        "moving. Lower agn.learning_rate or agn.b2, or raise agn.tau (docs/method.md).",
+                        epoch + 1, row["mac_ratio"], s.p, 100 * row["band_share"])
                 state["prev_arch"] = state["arch"]
             for k, v in row.items():
                 hist.setdefault(k, []).append(v)
@@ -621,10 +691,12 @@ class Run:
             norms = baselines.channel_norms(host["params"], dense.structure, c.sap.norm)
             host["arch"] = baselines.arch_by_norm(norms, dense.structure, p=c.sap.p, scope=scope,
                                                   start=chosen)
-            logging.warning("the chosen architecture keeps %.2f%% of %s MACs, over p = %s: "
-                            "dropped its lowest-norm kept channels to meet p (sap.enforce_budget)",
-                            100 * ratio, scope, c.sap.p)
         kept = [int(np.sum(v)) for v in host["arch"]]
+        meta["trimmed_channels"] = sum(int(np.sum(v)) for v in chosen) - sum(kept)
+        if meta["trimmed_channels"]:
+            logging.warning("the chosen architecture keeps %.2f%% of %s MACs, over p = %s: dropped "
+                            "its %d lowest-norm kept channels to meet p (sap.enforce_budget)",
+                            100 * ratio, scope, c.sap.p, meta["trimmed_channels"])
         # Rounding stays within p, or within the chosen ratio when that is over p and kept so.
         budget = c.sap.p if c.sap.enforce_budget else max(c.sap.p, ratio)
         if c.sap.round_to == 0:  # auto: the backend's multiple (none on CPU)
@@ -656,8 +728,15 @@ class Run:
         ones = [jnp.ones(w) for w in widths]
         meta["cut_acc"], _ = self.evaluate(pruned, ft["params"], ft["rest"], ones)
         meta["subnet_acc_at_cut"], _ = self.evaluate(dense, state["params"], state["rest"], final)
-        logging.info("cut: widths %s; sub-network accuracy %.4f (gated dense %.4f)", widths,
-                     meta["cut_acc"], meta["subnet_acc_at_cut"])
+        drop, keep = make_norms(dense.structure, c.sap.include_bn)(state["params"], final)
+        meta["alignment_ratio_at_cut"] = float(drop) / max(float(keep), 1e-12)
+        if c.cut.bn_batches:  # the extracted model measured, and fine-tuned, with its own statistics
+            ft["rest"] = self.bn_reestimated(pruned, ft["params"], ft["rest"], ones)
+            meta["cut_acc_bn"], _ = self.evaluate(pruned, ft["params"], ft["rest"], ones)
+        logging.info("cut: widths %s; accuracy %.4f raw, %s with BN re-estimated (gated dense "
+                     "%.4f); alignment ratio %.3f", widths, meta["cut_acc"],
+                     "%.4f" % meta["cut_acc_bn"] if "cut_acc_bn" in meta else "-",
+                     meta["subnet_acc_at_cut"], meta["alignment_ratio_at_cut"])
         meta["times"]["cut"] = time.perf_counter() - t0
         meta.update(phase="finetune", epoch=0, widths=widths)
         self._save(ft, meta)
@@ -669,6 +748,7 @@ class Run:
         hist = meta["history"]
         step = meta["step"]
         zero = jnp.float32(0.0)
+        dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), DROPOUT_STREAM)
         for epoch in range(meta["epoch"], c.finetune.num_epochs):
             t0 = time.perf_counter()
             start, acc, _ = self._resume_epoch(meta)
@@ -676,7 +756,8 @@ class Run:
                                              start=start):
                 state["params"], state["rest"], state["opt_state"], m = progs.train_step(
                     state["params"], state["rest"], state["opt_state"],
-                    parallel.global_batch(b, self.mesh), ones, zero)
+                    parallel.global_batch(b, self.mesh), ones, zero,
+                    jax.random.fold_in(dropout_rng, step))
                 step += 1
                 acc.append(m)
                 if step % c.log_every_steps == 0:

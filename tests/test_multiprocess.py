@@ -69,7 +69,7 @@ def _results(workdir):
 def _assert_same_run(a, b):
     ra, rb = _results(a), _results(b)
     assert ra["widths"] == rb["widths"]
-    for key in ("train_loss", "test_acc", "hamming", "subnet_acc", "penalty", "ft_train_loss",
+    for key in ("train_loss", "test_acc", "hamming", "subnet_val_acc", "penalty", "ft_train_loss",
                 "ft_test_acc"):
         np.testing.assert_allclose(rb["history"][key], ra["history"][key], rtol=1e-4, atol=1e-5,
                                    err_msg=key)

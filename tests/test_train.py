@@ -49,7 +49,7 @@ def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     # gated sub-network above.
     assert saved["chosen_arch_ratio"] > c.sap.p >= saved["prunable_macs_ratio"]
     assert "dropped at the cut to meet p" in (tmp_path / "summary.txt").read_text()
-    assert saved["round_to"] == 1  # sap.round_to = 0 (auto) rounds nothing on a CPU
+    assert saved["round_to"] == 1  # no rounding (the default)
     h = saved["history"]
     assert len(h["test_acc"]) == 3 and len(h["hamming"]) == 2 and len(h["ft_test_acc"]) == 2
     assert set(saved["times_s"]) == {"dense", "search", "cut", "finetune", "speed"}
@@ -184,3 +184,33 @@ def test_round_to_cuts_widths_to_multiples_within_the_budget(tmp_path):
     assert r["prunable_macs_ratio"] <= c.sap.p
     # The cut model still computes exactly the gated dense sub-network it came from.
     assert r["cut_acc"] == pytest.approx(r["subnet_acc_at_cut"], abs=1e-6)
+
+
+def test_best_architecture_is_chosen_on_validation_never_on_test(tmp_path, monkeypatch):
+    """final_arch="best" judges sub-networks on the validation split: scrambling the test split's
+    labels changes every reported test number but not the choice."""
+    from sap_jax import data as data_lib
+
+    c = tiny(num_epochs=4, compile_cache=str(tmp_path / "cache"), **{"sap.final_arch": "best"})
+    c.finetune.num_epochs = 1
+    clean = train.train_and_evaluate(c, str(tmp_path / "clean"))
+
+    real = data_lib.digits
+
+    def scrambled_test_labels(*args, **kw):
+        d = real(*args, **kw)
+        d.test_y = (d.test_y + 1 + np.arange(len(d.test_y)) % 9) % 10  # every label wrong
+        return d
+
+    monkeypatch.setattr(data_lib, "digits", scrambled_test_labels)
+    broken = train.train_and_evaluate(c, str(tmp_path / "broken"))
+    assert broken["dense_acc"] != clean["dense_acc"]  # the test split was changed and read
+    assert broken["final_acc"] <= 0.2
+    h = clean["history"]
+    judged = h["subnet_val_acc_bn"]  # c.cut.bn_in_search: judged with re-estimated BN
+    assert clean["best_subnet_val_acc"] == max(judged)
+    assert clean["best_subnet_epoch"] == c.sap.e_start + 1 + int(np.argmax(judged))
+    for key in ("best_subnet_val_acc", "best_subnet_epoch", "widths"):
+        assert broken[key] == clean[key], key
+    assert broken["history"]["subnet_val_acc"] == h["subnet_val_acc"]
+    assert clean["splits"]["best_subnet_val_acc"] == "val" and clean["splits"]["final_acc"] == "test"
