@@ -31,7 +31,7 @@ def get_config():
     c.sap.agn_every = 4
     c.sap.subset_fraction = 0.2
     c.agn.batch_size = 32
-    c.agn.learning_rate = 1e-2  # 10x the lineage's: only 88 AGN steps in this search
+    c.agn.learning_rate = 1e-2  # 10x the lineage's: only 76 AGN steps in this search
     c.agn.lam = 8.0  # the lineage's upper value: few AGN steps must reach the budget
     c.agn.lam_rate = 0.15  # a fast adaptive lam: the budget is met within ~5 search epochs
     c.finetune = default.optimizer(0.02, (4,), weight_decay=5e-4)

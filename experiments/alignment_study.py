@@ -1,24 +1,27 @@
-"""Does alignment work? A small study on real data, regenerating docs/results.md and its figures.
+"""Does alignment work? A fair comparison on real data, regenerating docs/results.md and its figures.
 
-    python -m experiments.alignment_study [--tiny] [--out docs] [--workdir /tmp/sap_study]
+    python -m experiments.alignment_study [--tiny] [--out docs] [--workdir /tmp/sap_study] [--jobs 2]
 
-Arms, at equal MAC budgets, with the same total epochs and fine-tuning:
+Arms, at the same MAC budget (each within ``budget_tolerance`` of p), with the same epochs and
+the same fine-tuning:
   sap          AGN + partial group lasso (the method)
-  no_align     the AGN chooses v, but gamma = 0 (no alignment)
+  no_align     the same AGN chooses v, but gamma = 0 (no alignment)
   group_lasso  group lasso on all channels, then a cut by group norms to the budget
   l1           L1-norm filter pruning of the plain dense model, to SAP's per-group widths
 
-Plus a gamma sweep (Figure 1 analogue), architecture stability (Figure 2
-analogue) and the norms of dropped vs kept channels over training. Every
-number in the report comes from the runs made by this command.
+Every arm runs for several seeds per budget; tables give means with 95% t-intervals, and SAP
+vs no alignment is compared per seed (paired). A gamma sweep is judged on the validation split.
+Every number in the report comes from the runs this command makes.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import datetime
 import importlib
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -44,15 +47,11 @@ ARMS = {
 # -- runs ----------------------------------------------------------------------------------
 
 def arm_config(study, arm: str, p: float, seed: int, *, gamma: float | None = None,
-               widths: tuple[int, ...] = ()):
-    base = importlib.import_module(f"configs.{study.base}").get_config()
-    c = base
+               widths: tuple[int, ...] = (), cache: str = ""):
+    c = importlib.import_module(f"configs.{study.base}").get_config()
     c.seed, c.sap.p, c.plots = seed, p, False
-    c.sap.agn_every, c.agn.batch_size = study.agn_every, study.agn_batch_size
     c.speed.enabled = False  # accuracy study: no inference timing per run
-    # The study compares the architectures the methods choose, as the paper does (results.md
-    # reports where an AGN arm stayed over budget); no trimming to p at the cut.
-    c.sap.enforce_budget = False
+    c.compile_cache = cache  # one cache for all runs: they share most programs
     if arm == "sap":
         if gamma is not None:
             c.sap.gamma = gamma
@@ -67,73 +66,228 @@ def arm_config(study, arm: str, p: float, seed: int, *, gamma: float | None = No
     return c
 
 
-class Runner:
-    """Runs (or reuses, from the same workdir) one training run per distinct config."""
+def _run_one(tiny: bool, spec: dict[str, Any], workdir: str) -> tuple[dict[str, Any], float]:
+    """One training run (in a worker process): returns its results and wall time."""
+    from absl import logging
 
-    def __init__(self, workdir: str):
-        self.workdir = workdir
+    from sap_jax import train
+
+    logging.set_verbosity(logging.WARNING)
+    study = study_config.get_config(tiny=tiny)
+    c = arm_config(study, **spec)
+    t0 = time.perf_counter()
+    r = train.train_and_evaluate(c, workdir)
+    return r, time.perf_counter() - t0
+
+
+class Runner:
+    """Runs (or reuses, from the same workdir) one training run per distinct config, ``jobs``
+    at a time in separate processes."""
+
+    def __init__(self, study, workdir: str, tiny: bool, jobs: int):
+        self.study, self.workdir, self.tiny, self.jobs = study, workdir, tiny, jobs
+        self.cache = os.path.join(workdir, "compile_cache")
         self.log: list[dict[str, Any]] = []
 
-    def __call__(self, name: str, config) -> dict[str, Any]:
-        from sap_jax import train
+    def batch(self, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Run every ``name: spec`` (arm_config's arguments) not already done; their results."""
+        out, todo = {}, {}
+        for name, spec in specs.items():
+            spec = {**spec, "cache": self.cache}
+            wd = os.path.join(self.workdir, name)
+            done = os.path.join(wd, "results.json")
+            want = json.loads(arm_config(self.study, **spec).to_json())
+            if os.path.exists(done):
+                with open(done) as f:
+                    r = json.load(f)
+                if r["config"] == want:
+                    out[name] = r
+                    continue
+            todo[name] = spec
+        ctx = multiprocessing.get_context("spawn")  # JAX is not fork-safe
+        with cf.ProcessPoolExecutor(max_workers=max(1, self.jobs), mp_context=ctx) as pool:
+            futures = {pool.submit(_run_one, self.tiny, spec, os.path.join(self.workdir, name)): name
+                       for name, spec in todo.items()}
+            for f in cf.as_completed(futures):
+                name = futures[f]
+                out[name], wall = f.result()
+                self.log.append({"name": name, "wall_s": wall})
+                print(f"[study] {name}: {wall:.0f} s", flush=True)
+        return out
 
-        wd = os.path.join(self.workdir, name)
-        done = os.path.join(wd, "results.json")
-        if os.path.exists(done):
-            with open(done) as f:
-                r = json.load(f)
-            if r["config"] == json.loads(config.to_json()):
-                return r
-        print(f"[study] run {name}", flush=True)
-        t0 = time.perf_counter()
-        r = train.train_and_evaluate(config, wd)
-        self.log.append({"name": name, "wall_s": time.perf_counter() - t0})
-        return r
 
-
-def run_study(study, workdir: str) -> dict[str, Any]:
-    runner = Runner(workdir)
-    main: dict[str, dict[str, list[dict]]] = {}
+def run_study(study, runner: Runner) -> dict[str, Any]:
+    tag = lambda p, s: f"p{p}_s{s}"  # noqa: E731
+    first = {}
     for p in study.budgets:
-        for seed in study.seeds:
-            tag = f"p{p}_s{seed}"
-            sap = runner(f"sap_{tag}", arm_config(study, "sap", p, seed))
-            rows = {"sap": sap,
-                    "no_align": runner(f"no_align_{tag}", arm_config(study, "no_align", p, seed)),
-                    "group_lasso": runner(f"group_lasso_{tag}", arm_config(study, "group_lasso", p, seed)),
-                    "l1": runner(f"l1_{tag}", arm_config(study, "l1", p, seed, widths=tuple(sap["widths"])))}
-            for arm, r in rows.items():
-                main.setdefault(str(p), {}).setdefault(arm, []).append(r)
-    sweep: dict[str, list[dict]] = {}
+        for s in study.seeds:
+            for arm in ("sap", "no_align", "group_lasso"):
+                first[f"{arm}_{tag(p, s)}"] = dict(arm=arm, p=p, seed=s)
     p0 = study.budgets[0]
     base_gamma = arm_config(study, "sap", p0, 0).sap.gamma
+    sweep_names: dict[str, list[str]] = {}
     for g in study.gammas:
-        for seed in study.seeds:
-            tag = f"p{p0}_s{seed}"
+        for s in study.sweep_seeds:
             if g == 0.0:
-                name = f"no_align_{tag}"
-                c = arm_config(study, "no_align", p0, seed)
+                name = f"no_align_{tag(p0, s)}"
+                first.setdefault(name, dict(arm="no_align", p=p0, seed=s))
             elif g == base_gamma:
-                name, c = f"sap_{tag}", arm_config(study, "sap", p0, seed)
+                name = f"sap_{tag(p0, s)}"
+                first.setdefault(name, dict(arm="sap", p=p0, seed=s))
             else:
-                name, c = f"sap_g{g}_{tag}", arm_config(study, "sap", p0, seed, gamma=g)
-            sweep.setdefault(repr(g), []).append(runner(name, c))
+                name = f"sap_g{g}_{tag(p0, s)}"
+                first[name] = dict(arm="sap", p=p0, seed=s, gamma=g)
+            sweep_names.setdefault(repr(g), []).append(name)
+    done = runner.batch(first)
+    second = {f"l1_{tag(p, s)}": dict(arm="l1", p=p, seed=s,
+                                      widths=tuple(done[f"sap_{tag(p, s)}"]["widths"]))
+              for p in study.budgets for s in study.seeds}
+    done.update(runner.batch(second))
+    main = {str(p): {arm: [done[f"{arm}_{tag(p, s)}"] for s in study.seeds] for arm in ARMS}
+            for p in study.budgets}
+    sweep = {g: [done[n] for n in names] for g, names in sweep_names.items()}
     return {"main": main, "sweep": sweep, "base_gamma": base_gamma, "runs": runner.log}
 
 
+# -- statistics ----------------------------------------------------------------------------
+
+def interval(xs) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (nan with one value)."""
+    from scipy import stats
+
+    x = np.asarray(xs, float)
+    if len(x) < 2:
+        return float(x.mean()), float("nan")
+    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+
+
+def _fmt(xs, pct: bool = True) -> str:
+    m, h = interval([x * (100 if pct else 1) for x in xs])
+    return f"{m:.2f}" if not np.isfinite(h) else f"{m:.2f} ± {h:.2f}"
+
+
+def _get(r: dict, key: str):
+    """A result field; ``ft@k`` = test accuracy after k fine-tuning epochs (0: right after the
+    cut, BN re-estimated), ``ft@full`` = the final accuracy."""
+    if key.startswith("ft@"):
+        k = key[3:]
+        if k == "full":
+            return r["final_acc"]
+        k = int(k)
+        return r["cut_acc_bn"] if k == 0 else r["history"]["ft_test_acc"][k - 1]
+    return r[key]
+
+
+def _vals(rs: list[dict], key: str) -> list[float]:
+    return [float(_get(r, key)) for r in rs]
+
+
+def paired(a: list[dict], b: list[dict], key: str) -> tuple[float, float, int]:
+    """Mean per-seed difference a - b (points), its 95% half-width, and how many seeds a wins."""
+    d = 100 * (np.array(_vals(a, key)) - np.array(_vals(b, key)))
+    m, h = interval(d)
+    return m, h, int(np.sum(d > 0))
+
+
+def _verdict(m: float, h: float) -> str:
+    if not np.isfinite(h):
+        return "one seed only: no interval"
+    if m - h > 0:
+        return "shown: the interval excludes 0"
+    if m + h < 0:
+        return "the opposite is shown: the interval excludes 0"
+    return "not shown: the interval includes 0"
+
+
+# -- figures -------------------------------------------------------------------------------
+
+def _search_curve(rs: list[dict], key: str) -> tuple[list[int], np.ndarray]:
+    h = rs[0]["history"]
+    e0 = len(h["epoch"]) - len(h[key])
+    return h["epoch"][e0:], np.mean([r["history"][key] for r in rs], 0)
+
+
+def figures(data: dict[str, Any], study, fig_dir: str) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(fig_dir, exist_ok=True)
+    out = {}
+
+    def save(fig, name):
+        fig.tight_layout()
+        out[name] = os.path.join(fig_dir, f"{name}.png")
+        fig.savefig(out[name], dpi=110)
+        plt.close(fig)
+
+    # The search: the generator's MAC ratio and the alignment ratio per epoch, SAP vs no alignment.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (p, arms) in enumerate(data["main"].items()):
+        color = f"C{i}"
+        for arm, style in (("sap", "-"), ("no_align", "--")):
+            e, m = _search_curve(arms[arm], "mac_ratio")
+            axes[0].plot(e, m, style, color=color, label=f"p = {p}, {arm}")
+            e, m = _search_curve(arms[arm], "alignment_ratio")
+            axes[1].plot(e, m, style, color=color, label=f"p = {p}, {arm}")
+        axes[0].axhline(float(p), color=color, lw=0.8, ls=":")
+    axes[0].set_ylabel("generator's MAC ratio (deterministic v)")
+    axes[1].set_ylabel("alignment ratio (dropped / kept mean norm)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"search, mean over seeds {tuple(study.seeds)}")
+    save(fig, "search")
+    # Fine-tuning budget: accuracy after 0, 1, 2, ... epochs of fine-tuning.
+    n = len(data["main"])
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4), sharey=True, squeeze=False)
+    for ax, (p, arms) in zip(axes[0], data["main"].items()):
+        for arm, rs in arms.items():
+            full = len(rs[0]["history"]["ft_test_acc"])
+            ks = list(range(full + 1))
+            ax.plot(ks, [100 * np.mean(_vals(rs, f"ft@{k}")) for k in ks], marker="o", label=arm)
+        ax.set_title(f"p = {p}")
+        ax.set_xlabel("fine-tuning epochs")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%) (0 = right after the cut, BN re-estimated)")
+    axes[0][-1].legend(fontsize=8)
+    save(fig, "finetune_budget")
+    # Gamma sweep (Figure 1 analogue), on the validation split.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for g, rs in data["sweep"].items():
+        e, m = _search_curve(rs, "subnet_val_acc_bn")
+        axes[0].plot(e, m, label=f"gamma {g}")
+        e, m = _search_curve(rs, "alignment_ratio")
+        axes[1].plot(e, m, label=f"gamma {g}")
+    axes[0].set_ylabel("sub-network val. accuracy (BN re-estimated)")
+    axes[1].set_ylabel("alignment ratio")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"gamma sweep at p = {study.budgets[0]}, mean over seeds {tuple(study.sweep_seeds)}")
+    save(fig, "gamma_sweep")
+    # Stability (Figure 2 analogue).
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (p, arms) in enumerate(data["main"].items()):
+        for r in arms["sap"]:
+            h = r["history"]
+            e0 = len(h["epoch"]) - len(h["hamming"])
+            ax.plot(h["epoch"][e0:], h["hamming"], color=f"C{i}", alpha=0.6,
+                    label=f"p = {p}" if r is arms["sap"][0] else None)
+    ax.axhline(study.stable_hamming, color="grey", ls="--", lw=1, label=f"{study.stable_hamming}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Hamming distance to previous epoch's v")
+    ax.set_title("SAP architecture stability (every seed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, "stability")
+    return out
+
+
 # -- report --------------------------------------------------------------------------------
-
-def _mean(rs: list[dict], key: str) -> float:
-    return float(np.mean([r[key] for r in rs]))
-
-
-def _span(rs: list[dict], key: str, pct: bool = True) -> str:
-    vals = [r[key] * (100 if pct else 1) for r in rs]
-    m = np.mean(vals)
-    if len(vals) == 1:
-        return f"{m:.2f}"
-    return f"{m:.2f} ({min(vals):.2f}-{max(vals):.2f})"
-
 
 def _first_below(h: list[float], thr: float, first_epoch: int) -> int | None:
     for i, x in enumerate(h):
@@ -142,195 +296,144 @@ def _first_below(h: list[float], thr: float, first_epoch: int) -> int | None:
     return None
 
 
-def figures(data: dict[str, Any], study, fig_dir: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(fig_dir, exist_ok=True)
-    out = []
-    # Figure 1 analogue: gamma sweep.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for g, rs in data["sweep"].items():
-        h = rs[0]["history"]
-        e0 = len(h["epoch"]) - len(h["subnet_acc"])
-        axes[0].plot(h["epoch"][e0:], np.mean([r["history"]["subnet_acc"] for r in rs], 0), label=f"gamma {g}")
-        axes[1].plot(h["epoch"], np.mean([r["history"]["test_acc"] for r in rs], 0), label=f"gamma {g}")
-    axes[0].set_title("sub-network (dense model gated by v)")
-    axes[1].set_title("dense model")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0].set_ylabel("test accuracy")
-    fig.suptitle(f"gamma sweep at p = {study.budgets[0]} (mean over seeds {tuple(study.seeds)})")
-    fig.tight_layout()
-    out.append(os.path.join(fig_dir, "gamma_sweep.png"))
-    fig.savefig(out[-1], dpi=110)
-    plt.close(fig)
-    # Figure 2 analogue: stability.
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for p, arms in data["main"].items():
-        for r in arms["sap"]:
-            h = r["history"]
-            e0 = len(h["epoch"]) - len(h["hamming"])
-            ax.plot(h["epoch"][e0:], h["hamming"], marker=".", label=f"p = {p}, seed {r['config']['seed']}")
-    ax.axhline(study.stable_hamming, color="grey", ls="--", lw=1, label=f"{study.stable_hamming}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("Hamming distance to previous epoch's v")
-    ax.set_title("SAP architecture stability")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out.append(os.path.join(fig_dir, "stability.png"))
-    fig.savefig(out[-1], dpi=110)
-    plt.close(fig)
-    # Alignment made visible: dropped vs kept norms, SAP vs no alignment.
-    p0 = str(study.budgets[0])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for arm, style in (("sap", "-"), ("no_align", "--")):
-        r = data["main"][p0][arm][0]
-        h = r["history"]
-        e0 = len(h["epoch"]) - len(h["dropped_norm"])
-        axes[0].plot(h["epoch"][e0:], h["dropped_norm"], style, color="tab:red", label=f"{arm}: dropped")
-        axes[0].plot(h["epoch"][e0:], h["kept_norm"], style, color="tab:blue", label=f"{arm}: kept")
-    axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("mean channel norm (sum of slice L2 norms)")
-    axes[0].set_title(f"dropped vs kept channels, p = {p0}, seed {study.seeds[0]}")
-    axes[0].grid(alpha=0.3)
-    axes[0].legend()
-    r = data["main"][p0]["sap"][0]
-    k = np.arange(len(r["widths"]))
-    axes[1].bar(k, r["dense_widths"], color="lightgrey", label="original")
-    axes[1].bar(k, r["widths"], color="tab:blue", label="kept by SAP")
-    axes[1].set_xlabel("channel group")
-    axes[1].set_ylabel("channels")
-    axes[1].set_title("final widths")
-    axes[1].legend()
-    fig.tight_layout()
-    out.append(os.path.join(fig_dir, "alignment.png"))
-    fig.savefig(out[-1], dpi=110)
-    plt.close(fig)
-    return out
-
-
-def _compare(a: float, b: float, what: str, claim: str) -> str:
-    d = 100 * (a - b)
-    if abs(d) < 0.5:
-        return f"{what}: {100 * a:.2f}% vs {100 * b:.2f}%, no clear difference ({d:+.2f} points); {claim} is not shown here."
-    verdict = "as the paper claims" if d > 0 else "the opposite of the paper's claim"
-    return f"{what}: {100 * a:.2f}% vs {100 * b:.2f}% ({d:+.2f} points), {verdict}."
-
-
 def report(data: dict[str, Any], study, command: str, wall_s: float, cpu_s: float,
-           figure_paths: list[str], out_dir: str) -> str:
+           figs: dict[str, str], out_dir: str) -> str:
     import flax
     import jax
 
-    lines = [
+    from sap_jax import data as data_lib
+
+    rel = lambda name: os.path.relpath(figs[name], out_dir)  # noqa: E731
+    base = importlib.import_module(f"configs.{study.base}").get_config()
+    test_size = data_lib.digits(image_size=base.image_size, val_size=base.val_size).info.eval_size
+    tol = study.budget_tolerance
+    L = [
         "# Results: does alignment work?",
         "",
         "Generated by `" + command + "` on "
         f"{datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} CPU cores, "
         f"{jax.default_backend()}; jax {jax.__version__}, flax {flax.__version__}). "
-        f"Wall time {wall_s / 60:.1f} min, CPU time {cpu_s / 60:.1f} min. Nothing below is typed by hand.",
+        f"Wall time {wall_s / 60:.1f} min, CPU time of this process and its workers "
+        f"{cpu_s / 60:.1f} min. Nothing below is typed by hand.",
         "",
-        f"Data: scikit-learn's digits (1797 real 8x8 handwritten digits, upscaled), the only real "
-        f"image dataset that ships inside a package installable here. Base config: "
-        f"`configs/{study.base}.py` with one AGN step (batch {study.agn_batch_size}) every "
-        f"{study.agn_every} weight steps; seeds {tuple(study.seeds)}; every arm has the same epochs "
-        "and the same fine-tuning. Numbers are means over seeds, with the range in brackets.",
+        f"**Data.** scikit-learn's digits (1797 real 8x8 handwritten digits, upscaled to "
+        f"{base.image_size} px): {base.val_size} training images are held out as the validation "
+        f"split, which every choice reads (the gamma sweep, `best`); the test split ({test_size} "
+        "images) gives the reported numbers only.",
+        "",
+        f"**Runs.** Every run is `configs/{study.base}.py` ({base.model}, {base.num_epochs} epochs, "
+        f"search from epoch {base.sap.e_start}, {base.finetune.num_epochs} fine-tuning epochs, "
+        f"gamma {base.sap.gamma}) with only the arm's fields, the budget p and the seed changed. "
+        f"Seeds {tuple(study.seeds)} for every arm and budget. Numbers are means with the "
+        "half-width of the 95% t-interval over seeds (`mean ± h`). Cut accuracy is given with "
+        f"BN statistics as trained (raw) and re-estimated on {base.cut.bn_batches} training "
+        "batches without gradient steps (BN).",
         "",
         "## 1. Main comparison",
         "",
     ]
     for p, arms in data["main"].items():
-        lines += [f"Budget p = {p} of the prunable MACs.", "",
-                  "| arm | dense acc. before cut (%) | right after cut (%) | after fine-tuning (%) | prunable MACs kept | all MACs kept | params kept |",
-                  "|---|---|---|---|---|---|---|"]
+        L += [f"### Budget p = {p} of the prunable MACs", "",
+              "| arm | prunable MACs kept (%) | channels trimmed at the cut | dense acc. (%) | right after cut, raw (%) | right after cut, BN (%) | after fine-tuning (%) | alignment ratio at cut |",
+              "|---|---|---|---|---|---|---|---|"]
         for arm, rs in arms.items():
-            lines.append(f"| {ARMS[arm]} | {_span(rs, 'dense_acc')} | {_span(rs, 'cut_acc')} | "
-                         f"{_span(rs, 'final_acc')} | {_mean(rs, 'prunable_macs_ratio'):.1%} | "
-                         f"{_mean(rs, 'macs_ratio'):.1%} | {_mean(rs, 'params_ratio'):.1%} |")
-        over = [f"{ARMS[a]} ({_mean(rs, 'prunable_macs_ratio'):.1%})" for a, rs in arms.items()
-                if any(r["prunable_macs_ratio"] > float(p) + 1e-9 for r in rs)]
-        if over:
-            lines += ["", f"Over the budget of {float(p):.0%}: {'; '.join(over)}. The AGN's resource "
-                      "loss did not bring v down to p within the search epochs, and the study cuts the "
-                      "chosen architecture as it is (sap.enforce_budget = False), so these arms kept more MACs than the norm-based cut, which meets p "
-                      "exactly; comparisons with it at this budget favour them."]
-        lines.append("")
-    lines += ["## What came out", ""]
+            ratios = [100 * r["prunable_macs_ratio"] for r in rs]
+            align = _fmt([r["alignment_ratio_at_cut"] for r in rs], pct=False)
+            L.append(f"| {ARMS[arm]} | {np.mean(ratios):.1f} ({min(ratios):.1f}-{max(ratios):.1f}) | "
+                     f"{sum(r.get('trimmed_channels', 0) for r in rs)} | {_fmt(_vals(rs, 'dense_acc'))} | "
+                     f"{_fmt(_vals(rs, 'cut_acc'))} | {_fmt(_vals(rs, 'cut_acc_bn'))} | "
+                     f"{_fmt(_vals(rs, 'final_acc'))} | {align} |")
+        off = [f"{ARMS[a]} seed {r['config']['seed']} ({r['prunable_macs_ratio']:.3f})"
+               for a, rs in arms.items() for r in rs
+               if abs(r["prunable_macs_ratio"] - float(p)) > tol]
+        L += ["", (f"Every run's prunable MAC ratio lies within ±{tol} of p." if not off else
+                   f"Outside p ± {tol}: {'; '.join(off)}."), ""]
+        gen = [r["generator_ratio"] for a in ("sap", "no_align") for r in arms[a]]
+        L += [f"The generator's own deterministic ratio at the end of the search (SAP and no "
+              f"alignment, {len(gen)} runs): {min(gen):.3f} to {max(gen):.3f}.", ""]
+        ks = list(study.ft_epochs) + ["full"]
+        L += ["Fine-tuning budget: test accuracy (%) after k fine-tuning epochs of the schedule "
+              "(0 = right after the cut, BN re-estimated):", "",
+              "| arm | " + " | ".join(f"k = {k}" for k in ks) + " |",
+              "|---|" + "---|" * len(ks)]
+        for arm, rs in arms.items():
+            L.append(f"| {ARMS[arm]} | " + " | ".join(_fmt(_vals(rs, f'ft@{k}')) for k in ks) + " |")
+        L.append("")
+    L += ["![search](" + rel("search") + ")", "",
+          "![fine-tuning budget](" + rel("finetune_budget") + ")", "",
+          "## 2. What came out", "",
+          "Paired by seed (same seed, same data order and initialisation), in points: mean "
+          "difference ± 95% half-width, and in how many seeds the first arm was ahead.", ""]
+    claims = [
+        ("sap", "no_align", "cut_acc_bn", "alignment makes the cut cheaper (right after the cut, BN re-estimated)"),
+        ("sap", "no_align", "cut_acc", "alignment makes the cut cheaper (right after the cut, raw BN)"),
+        ("sap", "no_align", f"ft@{study.ft_epochs[1]}" if len(study.ft_epochs) > 1 else "ft@0",
+         f"an aligned sub-network needs less repair (after {study.ft_epochs[1] if len(study.ft_epochs) > 1 else 0} fine-tuning epoch)"),
+        ("sap", "no_align", "final_acc", "SAP ends more accurate than the same search without alignment"),
+        ("sap", "l1", "final_acc", "SAP beats L1-norm pruning to the same widths"),
+        ("sap", "group_lasso", "dense_acc", "partial regularization harms the dense model less than all-channel group lasso"),
+        ("sap", "group_lasso", "final_acc", "SAP beats all-channel group lasso"),
+    ]
     for p, arms in data["main"].items():
-        sap, na, gl, l1 = (arms[a] for a in ("sap", "no_align", "group_lasso", "l1"))
-        lines += [
-            f"At p = {p}:",
-            "",
-            "* " + _compare(_mean(sap, "cut_acc"), _mean(na, "cut_acc"),
-                            "accuracy right after the cut, SAP vs no alignment",
-                            "that alignment makes the cut cheaper"),
-            "* " + _compare(_mean(sap, "final_acc"), _mean(na, "final_acc"),
-                            "final accuracy, SAP vs no alignment", "a better final accuracy"),
-            "* " + _compare(_mean(sap, "final_acc"), _mean(l1, "final_acc"),
-                            "final accuracy, SAP vs L1-norm pruning to the same widths",
-                            "a gain over magnitude pruning"),
-            "* " + _compare(_mean(sap, "dense_acc"), _mean(gl, "dense_acc"),
-                            "dense accuracy, partial (SAP) vs all-channel group lasso",
-                            "that regularizing all channels harms the dense model"),
-            "* " + _compare(_mean(sap, "final_acc"), _mean(gl, "final_acc"),
-                            "final accuracy, SAP vs all-channel group lasso",
-                            "that partial regularization beats regularizing all channels"),
-            "",
-        ]
-    lines += ["Why results can differ from the paper here: digits is small and easy (the dense "
-              "model is near its ceiling, so gaps compress), runs are short (a few epochs of "
-              "search instead of 160), and only a few seeds are averaged, so differences of a "
-              "point or less are within seed-to-seed variation (see the ranges). The norm-based "
-              "arms cut channels the dense model still relies on and do not re-estimate BN "
-              "statistics, so right after their cut they sit near chance (10%) until fine-tuning "
-              "repairs them.", ""]
+        L += [f"At p = {p}:", "", "| claim | difference (points) | seeds ahead | verdict |", "|---|---|---|---|"]
+        for a, b, key, what in claims:
+            m, h, wins = paired(arms[a], arms[b], key)
+            hw = f"{m:+.2f} ± {h:.2f}" if np.isfinite(h) else f"{m:+.2f}"
+            L.append(f"| {what} | {hw} | {wins} of {len(arms[a])} | {_verdict(m, h)} |")
+        L.append("")
+    L += ["Limits: digits is small and easy (the dense model is near its ceiling, so gaps "
+          f"compress), runs are short ({base.num_epochs - base.sap.e_start} search epochs instead "
+          f"of 160), and the validation and test splits hold {base.val_size} and {test_size} "
+          f"images, so one test image is {100 / test_size:.2f} points of accuracy.", ""]
     # gamma sweep
-    lines += ["## 2. Gamma sweep (Figure 1 analogue)", "",
-              f"![gamma sweep]({os.path.relpath(figure_paths[0], out_dir)})", "",
-              "| gamma | dense acc. at the end of search (%) | sub-network acc. at the end of search (%) | right after cut (%) | after fine-tuning (%) |",
-              "|---|---|---|---|---|"]
+    p0 = study.budgets[0]
+    L += ["## 3. Gamma sweep (Figure 1 analogue), judged on the validation split", "",
+          f"At p = {p0}, seeds {tuple(study.sweep_seeds)}. Dense and sub-network accuracy are "
+          "validation accuracy at the end of the search; the test column is reported, not used.",
+          "", "![gamma sweep](" + rel("gamma_sweep") + ")", "",
+          "| gamma | dense val. acc. (%) | sub-network val. acc., BN (%) | alignment ratio at cut | final test acc. (%) |",
+          "|---|---|---|---|---|"]
+    rows = []
     for g, rs in data["sweep"].items():
-        lines.append(f"| {g} | {_span(rs, 'dense_acc')} | "
-                     f"{np.mean([r['history']['subnet_acc'][-1] for r in rs]) * 100:.2f} | "
-                     f"{_span(rs, 'cut_acc')} | {_span(rs, 'final_acc')} |")
-    lines.append("")
+        dense = [r["history"]["val_acc"][-1] for r in rs]
+        sub = [r["history"]["subnet_val_acc_bn"][-1] for r in rs]
+        align = [r["alignment_ratio_at_cut"] for r in rs]
+        rows.append((float(g), np.mean(dense), np.mean(align)))
+        L.append(f"| {g} | {_fmt(dense)} | {_fmt(sub)} | {_fmt(align, pct=False)} | "
+                 f"{_fmt(_vals(rs, 'final_acc'))} |")
+    ref = next(d for g, d, _ in rows if g == 0.0) if any(g == 0.0 for g, _, _ in rows) else None
+    good = [g for g, d, a in rows if a <= 0.2 and (ref is None or ref - d <= 0.005)]
+    L += ["", "Gammas whose alignment ratio at the cut is at most 0.2 while the dense model's "
+          "validation accuracy stays within 0.5 points of gamma = 0: "
+          + (", ".join(repr(g) for g in good) if good else "none in this sweep") + f". "
+          f"`configs/{study.base}.py` uses gamma = {data['base_gamma']}.", ""]
     # stability
-    lines += ["## 3. Stability (Figure 2 analogue)", "",
-              f"![stability]({os.path.relpath(figure_paths[1], out_dir)})", "",
-              f"First epoch whose architecture differs from the previous epoch's in fewer than "
-              f"{study.stable_hamming:.0%} of the channels:", ""]
+    L += ["## 4. Stability (Figure 2 analogue)", "", "![stability](" + rel("stability") + ")", "",
+          f"First epoch whose architecture differs from the previous epoch's in fewer than "
+          f"{study.stable_hamming:.0%} of the channels (SAP):", ""]
     for p, arms in data["main"].items():
+        firsts = []
         for r in arms["sap"]:
             h = r["history"]
             e0 = len(h["epoch"]) - len(h["hamming"]) + 1
-            first = _first_below(h["hamming"], study.stable_hamming, e0)
-            lines.append(f"* p = {p}, seed {r['config']['seed']}: "
-                         + (f"epoch {first} of {h['epoch'][-1]} (search starts at epoch {e0})"
-                            if first else f"never within {h['epoch'][-1]} epochs")
-                         + f"; final Hamming distance {h['hamming'][-1]:.4f}.")
-    lines.append("")
-    # alignment
-    p0 = str(study.budgets[0])
-    r_sap, r_na = data["main"][p0]["sap"][0], data["main"][p0]["no_align"][0]
-    lines += ["## 4. Alignment made visible", "",
-              f"![alignment]({os.path.relpath(figure_paths[2], out_dir)})", "",
-              f"At p = {p0}, seed {study.seeds[0]}, the mean norm of the dropped channels falls from "
-              f"{r_sap['history']['dropped_norm'][0]:.3f} to {r_sap['history']['dropped_norm'][-1]:.3f} "
-              f"with SAP (kept: {r_sap['history']['kept_norm'][0]:.3f} to "
-              f"{r_sap['history']['kept_norm'][-1]:.3f}); without alignment it goes from "
-              f"{r_na['history']['dropped_norm'][0]:.3f} to {r_na['history']['dropped_norm'][-1]:.3f}. "
-              f"SAP keeps {sum(r_sap['widths'])} of {sum(r_sap['dense_widths'])} inner channels; "
-              "per-group widths are in the right panel.", ""]
-    lines += ["## Runs", "", "| run | wall time (s) |", "|---|---|"]
-    lines += [f"| {x['name']} | {x['wall_s']:.1f} |" for x in data["runs"]]
-    lines.append("")
-    return "\n".join(lines)
+            firsts.append(_first_below(h["hamming"], study.stable_hamming, e0))
+        L.append(f"* p = {p}: " + ", ".join(f"seed {r['config']['seed']}: "
+                                            + (f"epoch {f}" if f else "never")
+                                            for r, f in zip(arms["sap"], firsts))
+                 + f" (search epochs {e0}-{arms['sap'][0]['history']['epoch'][-1]}).")
+    L += ["", "## Runs", "", f"{len(data['runs'])} runs made by this command:", "",
+          "| run | wall time (s) |", "|---|---|"]
+    L += [f"| {x['name']} | {x['wall_s']:.1f} |" for x in sorted(data["runs"], key=lambda x: x["name"])]
+    L.append("")
+    return "\n".join(L)
+
+
+def _cpu_time() -> float:
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="seconds-long version (tests)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where results.md and figures/ go")
     ap.add_argument("--workdir", default="/tmp/sap_study", help="where the runs' workdirs go")
+    ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the study config's)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse finished runs in --workdir (default: start from scratch)")
     args = ap.parse_args(argv)
@@ -345,13 +449,15 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(args.workdir)
+    os.makedirs(args.workdir, exist_ok=True)
     study = study_config.get_config(tiny=args.tiny)
-    t0, c0 = time.perf_counter(), time.process_time()
-    data = run_study(study, args.workdir)
+    runner = Runner(study, args.workdir, args.tiny, args.jobs or study.jobs)
+    t0, c0 = time.perf_counter(), _cpu_time()
+    data = run_study(study, runner)
     timing_path = os.path.join(args.workdir, "study_timing.json")
     if data["runs"] or not os.path.exists(timing_path):  # fresh runs: record how long they took
         with open(timing_path, "w") as f:
-            json.dump({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            json.dump({"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_time() - c0,
                        "runs": data["runs"]}, f)
     with open(timing_path) as f:
         timing = json.load(f)  # with --reuse, the timing of the runs that made the numbers
@@ -361,10 +467,17 @@ def main(argv: list[str] | None = None) -> int:
     text = report(data, study, command, timing["wall_s"], timing["cpu_s"], figs, args.out)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
+    keys = ("dense_acc", "cut_acc", "cut_acc_bn", "final_acc", "prunable_macs_ratio", "macs_ratio",
+            "params_ratio", "generator_ratio", "trimmed_channels", "alignment_ratio_at_cut", "widths")
     with open(os.path.join(args.out, "results_data.json"), "w") as f:
-        json.dump({"main": {p: {a: [{k: r[k] for k in ("dense_acc", "cut_acc", "final_acc", "macs_ratio",
-                                                        "params_ratio", "widths")} for r in rs]
+        json.dump({"main": {p: {a: [{"seed": r["config"]["seed"], **{k: r.get(k) for k in keys},
+                                     "ft_test_acc": r["history"]["ft_test_acc"]} for r in rs]
                                  for a, rs in arms.items()} for p, arms in data["main"].items()},
+                   "sweep": {g: [{"seed": r["config"]["seed"], "gamma": r["config"]["sap"]["gamma"],
+                                  "dense_val_acc": r["history"]["val_acc"][-1],
+                                  "alignment_ratio_at_cut": r["alignment_ratio_at_cut"],
+                                  "final_acc": r["final_acc"]} for r in rs]
+                             for g, rs in data["sweep"].items()},
                    "runs": data["runs"]}, f, indent=2)
     print(text)
     return 0

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="field=value")
     ap.add_argument("--config", default="quickstart", help="a module of configs/")
     ap.add_argument("--workdir", default="/tmp/sap_probe")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     from absl import logging
 
     from sap_jax import train

@@ -32,8 +32,8 @@ from sap_jax.resource import ResourceLoss
 
 TAU = 0.4  # Gumbel-sigmoid temperature (supplement §A)
 OFFSET = 3.0  # logit offset b (supplement §A)
-#: |(o + b) / tau| below this is the "sensitive band": there the straight-through factor
-#: sigma'/tau is at least ~7% of its peak, so a gradient still moves the channel's decision.
+#: |(o + b) / tau| below this is the "sensitive band": there sigma' is at least 0.07, about 28%
+#: of its peak 0.25, so a gradient still moves the channel's decision.
 BAND = 2.5
 BUDGET_ON = ("sampled", "deterministic")
 

@@ -38,7 +38,7 @@ def make_batch_stats_step(codec: ModuleCodec, dtype: Any = jnp.float32) -> Calla
     list of ones: the whole model), so a gated sub-network gets its own statistics.
     """
     def step(params, rest, batch, arch):
-        model = codec.merge(params, rest)
+        model = codec.merge(params, _zero_bn(rest))  # the old statistics are never read
         model.train()
         for _, m in nnx.iter_modules(model):
             if isinstance(m, nnx.BatchNorm):
@@ -51,6 +51,15 @@ def make_batch_stats_step(codec: ModuleCodec, dtype: Any = jnp.float32) -> Calla
 
 def _is_bn(node: Any) -> bool:
     return isinstance(node, dict) and "mean" in node and "var" in node
+
+
+def _zero_bn(rest: Tree) -> Tree:
+    """``rest`` with every BN's statistics zeroed (momentum 0 then leaves exactly the batch's)."""
+    if _is_bn(rest):
+        return {**rest, "mean": jnp.zeros_like(rest["mean"]), "var": jnp.zeros_like(rest["var"])}
+    if isinstance(rest, dict):
+        return {k: _zero_bn(v) for k, v in rest.items()}
+    return rest
 
 
 def _pool(total: Tree, total_sq: Tree, old: Tree, n: int) -> Tree:

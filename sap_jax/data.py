@@ -262,7 +262,7 @@ class ImageNet:
         import tensorflow_datasets as tfds
 
         read = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16)
-        shard = tfds.split_for_jax_process(split, drop_remainder=split == "train")
+        shard = tfds.split_for_jax_process(split, drop_remainder=split == self.train_split)
         return tfds.load("imagenet2012", split=shard, data_dir=self.data_dir,
                          shuffle_files=shuffle_files, read_config=read, download=False)
 

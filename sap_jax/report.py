@@ -33,7 +33,8 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         # Alignment: mean norm of the dropped channels over that of the kept ones (0 = a free cut).
         "alignment_ratio_at_cut": meta.get("alignment_ratio_at_cut"),
         # The generator's own (deterministic) MAC ratio at the end of the search.
-        "generator_ratio": (meta.get("history", {}).get("mac_ratio") or [None])[-1],
+        "generator_ratio": ((meta.get("history", {}).get("mac_ratio") or [None])[-1]
+                            if c.sap.final_arch != "norm" else None),
         "saturated_epochs": meta.get("saturated_epochs", 0),
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": ratio(after.macs, before.macs),
@@ -67,11 +68,11 @@ def summary(r: dict[str, Any]) -> str:
         f"SAP {r['model']} on {r['dataset']} ({r['image_size']}px), budget p = {r['p']} "
         f"of {r['budget_scope']} MACs",
         "",
-        f"  {'accuracy':<34} {'':>10}",
-        f"  {'dense model':<34} {_pct(r['dense_acc']):>10}",
-        f"  {'right after the cut (BN as trained)':<34} {_pct(r['cut_acc']):>10}",
-        f"  {'right after the cut (BN re-estimated)':<34} {_pct(r.get('cut_acc_bn')):>10}",
-        f"  {'final (after fine-tuning)':<34} {_pct(r['final_acc']):>10}",
+        f"  {'accuracy':<38} {'':>10}",
+        f"  {'dense model':<38} {_pct(r['dense_acc']):>10}",
+        f"  {'right after the cut (BN as trained)':<38} {_pct(r['cut_acc']):>10}",
+        f"  {'right after the cut (BN re-estimated)':<38} {_pct(r.get('cut_acc_bn')):>10}",
+        f"  {'final (after fine-tuning)':<38} {_pct(r['final_acc']):>10}",
         "",
         f"  {'':<18} {'before':>10} {'after':>10} {'ratio':>8}",
     ]

@@ -466,7 +466,10 @@ class Run:
         return float(s["correct"]) / n, float(s["loss"]) / n
 
     def bn_reestimated(self, progs: Programs, params: Tree, rest: Tree, arch) -> Tree:
-        """``rest`` with BN statistics re-estimated on ``cut.bn_batches`` training batches."""
+        """``rest`` with BN statistics re-estimated on ``cut.bn_batches`` training batches
+        (unchanged when that is 0)."""
+        if not self.c.cut.bn_batches:
+            return rest
         batches = (parallel.global_batch(b, self.mesh) for b in self.data.train_batches(
             BN_EPOCH, self.c.batch_size, self.c.cut.bn_batches))
         return bnstats.reestimate(progs.bn_step, params, rest, batches, arch)
@@ -618,7 +621,7 @@ class Run:
                 row["hamming"] = float(sum(np.sum(a != p) for a, p in zip(arch_np, prev_np)) / total)
                 row["subnet_val_acc"], _ = self.evaluate(progs, state["params"], state["rest"],
                                                          state["arch"], "val")
-                if c.cut.bn_in_search and c.cut.bn_batches:
+                if c.cut.bn_in_search and c.cut.bn_batches and c.val_size:
                     bn_rest = self.bn_reestimated(progs, state["params"], state["rest"], state["arch"])
                     row["subnet_val_acc_bn"], _ = self.evaluate(progs, state["params"], bn_rest,
                                                                 state["arch"], "val")
@@ -644,7 +647,7 @@ class Run:
                     meta["best_subnet_val_acc"] = judged
                     meta["best_subnet_epoch"] = epoch + 1
                     state["best_arch"] = state["arch"]
-                if use_agn and row["mac_ratio"] > s.p + c.agn.resource_eps and (
+                if use_agn and row["mac_ratio"] > s.p and (
                         row.get("band_share", 1.0) < SATURATED_BAND):
                     meta["saturated_epochs"] = meta.get("saturated_epochs", 0) + 1
                     logging.warning(

@@ -115,3 +115,35 @@ def test_digits_batches_do_not_depend_on_the_process_count(monkeypatch):
                 np.concatenate([parts[0][0][s][k], parts[1][0][s][k]]), whole[s][k])
     np.testing.assert_array_equal(np.concatenate([parts[0][1]["image"], parts[1][1]["image"]]),
                                   sub["image"])
+
+
+def test_imagenet_validation_split_is_a_fixed_slice_of_train_never_trained_on():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+        d = data.ImageNet(image_size=32, seed=0, subset_fraction=0.5, shuffle_buffer=16, val_size=6)
+        assert (d.info.val_size, d.info.train_size, d.info.eval_size) == (6, 14, 20)
+        val = list(d.eval_batches(4, "val"))
+        assert len(val) == 2 and sum(float(b["mask"].sum()) for b in val) == 6
+        again = list(d.eval_batches(4, "val"))
+        assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(val, again))
+        # The training stream reads the rest of the split: 14 examples a pass.
+        assert d.train_split == "train[6:]" and d.val_split == "train[:6]"
+        with pytest.raises(ValueError, match="val_size = 20"):
+            data.ImageNet(image_size=32, val_size=20)
+        with pytest.raises(ValueError, match="unknown evaluation split"):
+            next(d.eval_batches(4, "train"))
+
+
+def test_in_memory_validation_split_is_disjoint_from_training_and_the_same_for_every_seed():
+    a, b = data.digits(seed=0, val_size=100), data.digits(seed=3, val_size=100)
+    assert (a.info.val_size, a.info.train_size) == (100, 1437 - 100)
+    np.testing.assert_array_equal(a.val_x, b.val_x)  # one fixed draw, whatever the seed
+    # Carved out of the training split: training and validation rows together are exactly the
+    # full training split (as a multiset: digits has a few duplicate images), each row once.
+    full = data.digits(val_size=0)
+    rows = lambda *xs: sorted(r.tobytes() + bytes([int(y)]) for x, ys in xs for r, y in zip(x, ys))  # noqa: E731
+    assert rows((a.train_x, a.train_y), (a.val_x, a.val_y)) == rows((full.train_x, full.train_y))
+    batches = list(a.eval_batches(64, "val"))
+    assert sum(float(x["mask"].sum()) for x in batches) == 100
+    assert list(a.eval_batches(64, "test"))[0]["image"].shape == (64, 16, 16, 3)

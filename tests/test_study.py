@@ -53,21 +53,42 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
 
     out = tmp_path / "docs"
     out.mkdir()
-    assert alignment_study.main(["--tiny", "--out", str(out), "--workdir", str(tmp_path / "runs")]) == 0
+    assert alignment_study.main(["--tiny", "--out", str(out), "--workdir", str(tmp_path / "runs"),
+                                 "--jobs", "2"]) == 0
     text = (out / "results.md").read_text()
-    for fig in ("gamma_sweep.png", "stability.png", "alignment.png"):
+    for fig in ("search.png", "finetune_budget.png", "gamma_sweep.png", "stability.png"):
         assert (out / "figures" / fig).stat().st_size > 1000 and f"figures/{fig}" in text
     data = json.loads((out / "results_data.json").read_text())
     rows = data["main"]["0.5"]
     assert set(rows) == {"sap", "no_align", "group_lasso", "l1"}
-    # The L1 arm was cut to exactly SAP's widths; every arm met the budget.
-    assert rows["l1"][0]["widths"] == rows["sap"][0]["widths"]
     for arm, rs in rows.items():
-        r = json.loads((tmp_path / "runs" / f"{arm}_p0.5_s0" / "results.json").read_text())
-        assert r["final_acc"] == rs[0]["final_acc"]
-        assert f"{100 * r['final_acc']:.2f}" in text  # the table shows the run's own number
-    assert rows["group_lasso"][0]["macs_ratio"] <= 1.0
-    assert len(data["runs"]) == 4  # the gamma sweep reused the sap and no_align runs
+        assert [r["seed"] for r in rs] == [0, 1]
+        for r in rs:
+            run = json.loads((tmp_path / "runs" / f"{arm}_p0.5_s{r['seed']}" / "results.json").read_text())
+            for key in ("final_acc", "cut_acc", "cut_acc_bn", "prunable_macs_ratio", "widths"):
+                assert run[key] == r[key], (arm, key)
+        # The table shows the mean over seeds with its 95% half-width.
+        m, h = alignment_study.interval([100 * r["final_acc"] for r in rs])
+        assert f"{m:.2f} ± {h:.2f}" in text
+    # The L1 arm was cut to exactly SAP's widths, seed by seed.
+    assert [r["widths"] for r in rows["l1"]] == [r["widths"] for r in rows["sap"]]
+    assert len(data["runs"]) == 8  # the gamma sweep reused the sap and no_align runs
+    assert "| alignment makes the cut cheaper (right after the cut, BN re-estimated) |" in text
+
+
+def test_paired_difference_and_interval_against_a_hand_computation():
+    from experiments import alignment_study
+
+    a = [{"final_acc": x} for x in (0.90, 0.92, 0.95)]
+    b = [{"final_acc": x} for x in (0.88, 0.92, 0.91)]
+    m, h, wins = alignment_study.paired(a, b, "final_acc")
+    d = np.array([2.0, 0.0, 4.0])
+    # t(0.975, 2) = 4.302653
+    assert m == pytest.approx(2.0) and h == pytest.approx(4.302653 * d.std(ddof=1) / np.sqrt(3), rel=1e-5)
+    assert wins == 2
+    assert alignment_study._verdict(2.0, 1.0).startswith("shown")
+    assert alignment_study._verdict(2.0, 3.0).startswith("not shown")
+    assert alignment_study._verdict(-2.0, 1.0).startswith("the opposite")
 
 
 def test_resize_arch_keeps_decisions_and_uses_norms_to_change_counts():
