@@ -344,7 +344,8 @@ class ImageNet:
         if not size:
             return
         ds = self._load("validation" if test else self.val_split, shuffle_files=False)
-        ds = ds.map(self._eval_map, num_parallel_calls=tf.data.AUTOTUNE).batch(local).prefetch(2)
+        ds = ds.map(self._eval_map, num_parallel_calls=tf.data.AUTOTUNE).batch(local)
+        ds = ds.take(num_batches).prefetch(2)
         empty = {"image": np.zeros((local, self.size, self.size, 3), np.float32),
                  "label": np.zeros(local, np.int32), "mask": np.zeros(local, np.float32)}
         seen = 0

@@ -169,9 +169,9 @@ def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformat
     def step(params, rest, opt_state, batch, arch, gamma, key=None):
         model = codec.merge(params, rest)
         model.train()
-        rngs = None if key is None else nnx.Rngs(dropout=key)
-
         def loss_fn(model):
+            # Rngs are made inside the differentiated trace: nnx refuses to advance one from outside.
+            rngs = None if key is None else nnx.Rngs(dropout=key)
             logits = model(batch["image"].astype(dtype), rngs=rngs)
             ce = jnp.mean(_ce(logits, batch["label"]))
             if penalty_form == "none":  # fine-tuning, or a plain baseline: no penalty at all
