@@ -222,6 +222,16 @@ def figures(data: dict[str, Any], study, fig_dir: str) -> dict[str, str]:
         fig.savefig(out[name], dpi=110)
         plt.close(fig)
 
+    def per_epoch(fig, axes, ylabels, title, name, fontsize):
+        """Finish a two-panel per-epoch figure and save it."""
+        for ax, label in zip(axes, ylabels):
+            ax.set_ylabel(label)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=fontsize)
+        fig.suptitle(title)
+        save(fig, name)
+
     # The search: the generator's MAC ratio and the alignment ratio per epoch, SAP vs no alignment.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, (p, arms) in enumerate(data["main"].items()):
@@ -232,14 +242,9 @@ def figures(data: dict[str, Any], study, fig_dir: str) -> dict[str, str]:
             e, m = _search_curve(arms[arm], "alignment_ratio")
             axes[1].plot(e, m, style, color=color, label=f"p = {p}, {arm}")
         axes[0].axhline(float(p), color=color, lw=0.8, ls=":")
-    axes[0].set_ylabel("generator's MAC ratio (deterministic v)")
-    axes[1].set_ylabel("alignment ratio (dropped / kept mean norm)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"search, mean over seeds {tuple(study.seeds)}")
-    save(fig, "search")
+    per_epoch(fig, axes, ("generator's MAC ratio (deterministic v)",
+                          "alignment ratio (dropped / kept mean norm)"),
+              f"search, mean over seeds {tuple(study.seeds)}", "search", 7)
     # Fine-tuning budget: accuracy after 0, 1, 2, ... epochs of fine-tuning.
     n = len(data["main"])
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4), sharey=True, squeeze=False)
@@ -261,14 +266,9 @@ def figures(data: dict[str, Any], study, fig_dir: str) -> dict[str, str]:
         axes[0].plot(e, m, label=f"gamma {g}")
         e, m = _search_curve(rs, "alignment_ratio")
         axes[1].plot(e, m, label=f"gamma {g}")
-    axes[0].set_ylabel("sub-network val. accuracy (BN re-estimated)")
-    axes[1].set_ylabel("alignment ratio")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"gamma sweep at p = {study.budgets[0]}, mean over seeds {tuple(study.sweep_seeds)}")
-    save(fig, "gamma_sweep")
+    per_epoch(fig, axes, ("sub-network val. accuracy (BN re-estimated)", "alignment ratio"),
+              f"gamma sweep at p = {study.budgets[0]}, mean over seeds {tuple(study.sweep_seeds)}",
+              "gamma_sweep", 8)
     # Stability (Figure 2 analogue).
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (p, arms) in enumerate(data["main"].items()):
