@@ -43,6 +43,11 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         # MAC ratio (over budget_scope) of the architecture chosen for the cut, before any
         # trimming to the budget (sap.enforce_budget) or rounding (sap.round_to)
         "chosen_arch_ratio": meta.get("arch_ratio_chosen"),
+        # Where the cut's architecture came from: "generator" (its last v), "generator_best",
+        # "generator_last_within_p" (its latest v within p, when the last one was just over) or
+        # "norm"; last_arch_ratio is the over-budget ratio it replaced.
+        "arch_source": meta.get("arch_source"),
+        "last_arch_ratio": meta.get("arch_ratio_last"),
         "budget_enforced": bool(c.sap.enforce_budget),
         "trimmed_channels": meta.get("trimmed_channels", 0),  # dropped by enforce_budget
         "round_to": meta.get("round_to"),  # kept-width multiple applied at the cut (1 = none)
@@ -88,6 +93,9 @@ def summary(r: dict[str, Any]) -> str:
                      + (f"its {r.get('trimmed_channels', 0)} lowest-norm kept channels were dropped "
                         "at the cut to meet p" if r.get("budget_enforced")
                         else "cut as chosen (sap.enforce_budget = False)"))
+    if r.get("arch_source") == "generator_last_within_p":
+        lines.append(f"  the generator's last architecture kept {r['last_arch_ratio']:.1%} of "
+                     f"{r['budget_scope']} MACs, just over p: the cut took its latest one within p")
     if r.get("saturated_epochs"):
         lines.append(f"  warning: the generator was saturated above p in {r['saturated_epochs']} "
                      "search epochs (see the log)")

@@ -44,6 +44,8 @@ BN_EPOCH = 10**6
 DROPOUT_STREAM = 1 << 30
 #: A generator whose logits have fewer than this share in the sensitive band is saturated.
 SATURATED_BAND = 0.01
+# fit_age before any architecture within the budget has been seen
+NEVER_FIT = 2**30
 
 
 #: Exit code after a preemption notice (SIGTERM): a checkpoint was saved; rerun to resume.
@@ -255,6 +257,22 @@ def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
     return xla_cpu.jit(step, donate_argnums=(0, 2))
 
 
+def make_fit_tracker(structure, p: float, scope: str) -> Callable:
+    """``(fit_arch, fit_age, arch) -> (fit_arch, fit_age)``: the generator's most recent
+    architecture within the budget ``p`` and how many AGN steps ago it came.
+
+    A generator that hovers at p flips single channels across it; on a small model one channel
+    can be 1% of the MACs, so its very last v may sit just over p. The cut then takes this one
+    (SAP's own choice) instead of trimming channels by norm.
+    """
+    def fn(fit_arch, fit_age, arch):
+        ok = flops.mac_ratio(structure, arch, scope) <= p
+        fit_arch = [jnp.where(ok, v, f) for v, f in zip(arch, fit_arch)]
+        return fit_arch, jnp.where(ok, 0, jnp.minimum(fit_age, NEVER_FIT - 1) + 1).astype(jnp.int32)
+
+    return xla_cpu.jit(fn, donate_argnums=(0,))
+
+
 def make_norms(structure, include_bn: bool) -> Callable:
     """``(params, arch) -> (mean dropped, mean kept)`` per-channel norm, summed over a group's tensors."""
     def fn(params, arch):
@@ -353,9 +371,12 @@ class Run:
         return models.create(c.model, seed=c.seed, num_classes=self.data.info.num_classes,
                              widths=widths, dtype=None if c.dtype == "float32" else c.dtype)
 
-    def _programs(self, widths: Sequence[int] | None, phase: str) -> Programs:
+    def _programs(self, widths: Sequence[int] | None, phase: str,
+                  model: models.PrunableModel | None = None) -> Programs:
         c = self.c
-        model = self._model(widths)
+        # A given model (the extracted one) spares a random initialisation: on CPU that compiles
+        # one small program per new parameter shape, ~30 s for a pruned ResNet-20.
+        model = self._model(widths) if model is None else model
         structure = model.structure(c.image_size)
         codec = ModuleCodec(model)
         progs = Programs(model, structure, codec, make_eval_step(codec, self.dtype, structure),
@@ -387,6 +408,7 @@ class Run:
                  "agn_params": agn_params, "agn_rest": agn_rest,
                  "agn_opt_state": self.agn_tx.init(agn_params), "log_lam": np.float32(0.0),
                  "arch": ones, "best_arch": ones, "prev_arch": ones,
+                 "fit_arch": ones, "fit_age": np.int32(NEVER_FIT),
                  "rng": jax.random.key_data(self.key)}
         return state, gen
 
@@ -566,6 +588,7 @@ class Run:
                                  lam_max_scale=c.agn.lam_max_scale, budget_on=c.agn.budget_on,
                                  dtype=self.dtype)
         norms = make_norms(progs.structure, s.include_bn)
+        track_fit = make_fit_tracker(progs.structure, s.p, c.agn.budget_scope)
         initial_arch = xla_cpu.jit(lambda p, r: self.agn_codec.merge(p, r).sample(
             None, tau=c.agn.tau, offset=c.agn.offset))
         ones = [jnp.ones(w) for w in progs.model.widths]
@@ -599,6 +622,8 @@ class Run:
                      am) = agn_step(state["agn_params"], state["agn_rest"], state["agn_opt_state"],
                                     state["log_lam"], state["params"], state["rest"], sb,
                                     jax.random.fold_in(rng, agn_steps))
+                    state["fit_arch"], state["fit_age"] = track_fit(
+                        state["fit_arch"], state["fit_age"], state["arch"])
                     agn_steps += 1
                     agn_acc.append(am)
                 if step % c.log_every_steps == 0:
@@ -688,6 +713,19 @@ class Run:
         host = _to_host({"params": state["params"], "rest": state["rest"], "arch": final})
         scope, chosen = c.agn.budget_scope, host["arch"]
         ratio = baselines.widths_ratio(dense.structure, [int(np.sum(v)) for v in chosen], scope)
+        meta["arch_source"] = {"last": "generator", "best": "generator_best"}.get(
+            c.sap.final_arch, "norm")
+        # A generator that hovers at p may end one channel over it: take its latest in-budget v
+        # if that came within the last search epoch (one AGN step per agn_every weight steps).
+        age = int(_to_host(state["fit_age"])) if "fit_age" in state else NEVER_FIT
+        if c.sap.final_arch == "last" and ratio > c.sap.p and age <= max(1, self.spe // c.sap.agn_every):
+            logging.info("the generator's last architecture keeps %.2f%% of %s MACs, over p = %s; "
+                         "the cut takes its latest one within p, from %d AGN steps earlier",
+                         100 * ratio, scope, c.sap.p, age)
+            meta["arch_ratio_last"], meta["arch_source"] = ratio, "generator_last_within_p"
+            final = state["fit_arch"]
+            host["arch"] = chosen = _to_host(final)
+            ratio = baselines.widths_ratio(dense.structure, [int(np.sum(v)) for v in chosen], scope)
         meta["arch_ratio_chosen"] = ratio
         norms = None  # channel scores, computed once if trimming or rounding needs them
         if c.sap.enforce_budget and ratio > c.sap.p:  # e.g. an AGN that has not reached p yet
@@ -723,7 +761,7 @@ class Run:
         surgery.save(self.workdir / PRUNED_DIR, pruned_model,
                      dense_widths=dense.model.widths, image_size=c.image_size, overwrite=True,
                      metadata={"dataset": c.dataset, "p": c.sap.p, "stage": "after_cut"})
-        pruned = self._programs(widths, "finetune")
+        pruned = self._programs(widths, "finetune", pruned_model)
         params, rest = pruned.codec.split(pruned_model)
         ft = {"params": params, "rest": rest, "opt_state": pruned.tx.init(params),
               "rng": jax.random.key_data(self.key)}

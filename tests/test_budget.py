@@ -73,6 +73,25 @@ def test_paper_config_agn_reaches_p_on_a_frozen_model(name, image_size):
     assert cap < allowed
 
 
+def test_fit_tracker_keeps_the_latest_architecture_within_p():
+    model = models.create("resnet20", num_classes=10)
+    structure = model.structure(8)
+    track = train.make_fit_tracker(structure, 0.5, "prunable")
+    full = [jnp.ones(w) for w in model.widths]
+    half = [jnp.asarray(np.arange(w) < w // 2, jnp.float32) for w in model.widths]
+    third = [jnp.asarray(np.arange(w) < w // 3, jnp.float32) for w in model.widths]
+    fit, age = [jnp.ones(w) for w in model.widths], jnp.int32(train.NEVER_FIT)
+    fit, age = track(fit, age, full)  # over p: nothing within p seen yet
+    assert int(age) == train.NEVER_FIT
+    fit, age = track(fit, age, third)
+    assert int(age) == 0 and all(np.array_equal(f, t) for f, t in zip(fit, third))
+    fit, age = track(fit, age, half)  # also within p (a quarter of the MACs): the newer one wins
+    assert int(age) == 0 and all(np.array_equal(f, t) for f, t in zip(fit, half))
+    for n in range(1, 4):
+        fit, age = track(fit, age, full)
+        assert int(age) == n and all(np.array_equal(f, t) for f, t in zip(fit, half))
+
+
 @pytest.mark.slow
 def test_a_tiny_search_ends_at_its_budget_and_the_cut_trims_nothing(tmp_path):
     """The whole program, tiny: the generator's own architecture meets p (within 0.01, not over
