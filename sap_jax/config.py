@@ -11,7 +11,11 @@ import ml_collections
 
 from sap_jax import agn, baselines, flops, models, resource
 
-DATASETS = ("cifar10", "imagenet2012", "digits")
+DATASETS = ("cifar10", "imagenet2012", "digits", "mnist5k")
+# Training examples per dataset (before the validation split is carved out), to check
+# val_size and batch_size before anything loads; mnist5k's images are 28 px, not resized.
+TRAIN_SIZES = {"digits": 1437, "mnist5k": 4000, "cifar10": 50_000, "imagenet2012": 1_281_167}
+FIXED_IMAGE_SIZE = {"mnist5k": 28, "cifar10": 32}
 SCHEDULES = ("step", "cosine", "constant")
 PENALTIES = ("gradient", "proximal")
 FINAL_ARCH = ("last", "best", "norm")
@@ -102,6 +106,16 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
     if not (_int(c.val_size) and c.val_size >= 0):
         errors.append(f"val_size = {c.val_size!r} must be an integer >= 0 (training examples held "
                       "out as the validation split).")
+    elif _in(c.dataset, DATASETS) and _int(c.batch_size):
+        left = TRAIN_SIZES[c.dataset] - c.val_size
+        if left < c.batch_size:
+            errors.append(f"val_size = {c.val_size} leaves {left} of {c.dataset}'s "
+                          f"{TRAIN_SIZES[c.dataset]} training examples, fewer than one batch "
+                          f"(batch_size = {c.batch_size}).")
+    if (_in(c.dataset, DATASETS) and c.dataset in FIXED_IMAGE_SIZE
+            and c.image_size != FIXED_IMAGE_SIZE[c.dataset]):
+        errors.append(f"image_size = {c.image_size!r}: {c.dataset} images are "
+                      f"{FIXED_IMAGE_SIZE[c.dataset]} px (they are not resized).")
     if not _in(c.on_nonfinite, ON_NONFINITE):
         errors.append(f"on_nonfinite = {c.on_nonfinite!r}; use one of {ON_NONFINITE}.")
     _check_optimizer(c.optim, "optim", c.num_epochs if _num(c.num_epochs) else 0, errors)

