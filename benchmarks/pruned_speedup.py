@@ -21,7 +21,7 @@ import json
 
 import jax
 
-from sap_jax import baselines, flops, models, speed
+from sap_jax import baselines, cut, flops, models, speed
 
 BUDGETS = {"resnet56": (0.48, 32), "resnet50": (0.37, 224), "mobilenet_v2": (0.65, 224),
            "resnet_cifar_tiny": (0.5, 32)}
@@ -34,7 +34,7 @@ def measure(name: str, reps: int, batch: int, round_to: tuple[int, ...]) -> list
     variants = {"uniform": baselines.uniform_widths(s, p)}
     for m in round_to:
         if m > 1:
-            variants[f"rounded to {m}"] = baselines.round_widths(s, variants["uniform"], m, p)
+            variants[f"rounded to {m}"] = cut.round_widths(s, variants["uniform"], m, p)
     full = flops.count(s)
     rows = []
     for label, widths in variants.items():

@@ -6,12 +6,12 @@
   whose producing filters have the largest L1 norm, to given widths
   (``channel_norms(kind="l1")`` + ``arch_by_norm(widths=...)``).
 
-Both read the same channel-group description as the penalty and the surgery.
+Both read the same channel-group description as the penalty and the surgery. The cut's own
+arithmetic (trimming to p, rounding widths) lives in :mod:`sap_jax.cut`.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from sap_jax import flops
+from sap_jax.cut import trim_to_budget, widths_ratio
 from sap_jax import groups as G
 from sap_jax.codec import path_str
 
@@ -77,37 +78,7 @@ def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
             v[np.argsort(-np.asarray(n), kind="stable")[:w]] = 1.0
             out.append(v)
         return out
-    if not 0 < p <= 1:
-        raise ValueError(f"budget p = {p} must lie in (0, 1].")
-    full = flops.count(structure)
-    ratio = lambda ws: widths_ratio(structure, ws, scope, full=full)  # noqa: E731
-
-    if start is None:
-        keep = [np.ones(c, np.float32) for c in sizes]
-    else:
-        keep = [np.asarray(v, np.float32).copy() for v in start]
-        if len(keep) != len(sizes) or any(v.shape != (c,) for v, c in zip(keep, sizes)):
-            raise ValueError(f"start must be {len(sizes)} 0/1 vectors of sizes {sizes}.")
-    kept = [int(v.sum()) for v in keep]
-    order = sorted((float(x), k, i) for k, n in enumerate(norms) for i, x in enumerate(n)
-                   if keep[k][i] == 1)
-    for _, k, i in order:
-        if ratio(kept) <= p:
-            break
-        if kept[k] > G.MIN_KEPT:
-            keep[k][i] = 0.0
-            kept[k] -= 1
-    return keep
-
-
-def widths_ratio(structure: G.Structure, widths: Sequence[int], scope: str = "prunable", *,
-                 full: flops.Counts | None = None) -> float:
-    """MACs of the model at ``widths`` over the dense model's, on ``scope`` ("prunable" or "total").
-
-    ``full``: the dense model's counts, if already known (callers that loop pass it once)."""
-    full = flops.count(structure) if full is None else full
-    c = flops.count(structure, list(widths))
-    return (c.prunable_macs / full.prunable_macs if scope == "prunable" else c.macs / full.macs)
+    return trim_to_budget(norms, structure, p, scope=scope, start=start)
 
 
 def uniform_widths(structure: G.Structure, p: float, scope: str = "prunable") -> list[int]:
@@ -121,77 +92,3 @@ def uniform_widths(structure: G.Structure, p: float, scope: str = "prunable") ->
         ws = [max(G.MIN_KEPT, int(c * mid)) for c in sizes]
         lo, hi = (mid, hi) if widths_ratio(structure, ws, scope, full=full) <= p else (lo, mid)
     return [max(G.MIN_KEPT, int(c * lo)) for c in sizes]
-
-
-def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p: float,
-                 scope: str = "prunable", warn: bool = True) -> list[int]:
-    """Round kept widths to multiples of ``multiple`` (hardware-friendly) within the budget ``p``.
-
-    Each width goes to the nearest multiple (at least ``multiple``, at most the
-    group's size, which is kept even when it is not a multiple). While the MAC
-    ratio exceeds ``p``, the group whose step down saves the most MACs loses one
-    multiple.
-    """
-    if not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"multiple = {multiple!r} must be a positive integer.")
-    sizes = list(structure.widths)
-    if len(widths) != len(sizes):
-        raise ValueError(f"widths has {len(widths)} entries; the model has {len(sizes)} groups.")
-    out = [c if w >= c else min(c, max(multiple, int(round(w / multiple)) * multiple))
-           for w, c in zip(widths, sizes)]
-    full = flops.count(structure)
-    while (now := widths_ratio(structure, out, scope, full=full)) > p:
-        best, saved = None, 0.0
-        for k, w in enumerate(out):
-            down = (w - 1) // multiple * multiple if w % multiple else w - multiple
-            if down < max(G.MIN_KEPT, min(multiple, sizes[k])):
-                continue
-            trial = out[:k] + [down] + out[k + 1:]
-            gain = now - widths_ratio(structure, trial, scope, full=full)
-            if gain > saved:
-                best, saved = (k, down), gain
-        if best is None:  # every group is at its smallest multiple
-            if warn:
-                logging.getLogger(__name__).warning(
-                    "widths rounded to multiples of %d cannot meet the budget p = %s (ratio %.3f)",
-                    multiple, p, now)
-            break
-        out[best[0]] = best[1]
-    return out
-
-
-# Kept-width multiple of sap.round_to = 0 ("auto") per JAX backend: tensor-core tiles on GPUs,
-# the 128-wide MXU/lanes on TPUs; none on CPUs, where rounding measured within noise (benchmarks.md).
-HARDWARE_MULTIPLE = {"gpu": 8, "cuda": 8, "rocm": 8, "tpu": 128}
-
-
-def auto_round_widths(structure: G.Structure, widths: Sequence[int], p: float, backend: str,
-                      scope: str = "prunable") -> tuple[int, list[int]]:
-    """``(multiple, widths)`` for ``sap.round_to = 0``: the backend's multiple, or, where widths
-    rounded to it cannot meet ``p`` (a 16-wide ResNet-56 stage and 128), the largest of its
-    halves that can. ``multiple`` is 1 (widths unchanged) on CPUs or when none can."""
-    multiple = HARDWARE_MULTIPLE.get(backend, 1)
-    while multiple > 1:
-        out = round_widths(structure, widths, multiple, p, scope=scope, warn=False)
-        if widths_ratio(structure, out, scope) <= p:
-            return multiple, out
-        multiple //= 2
-    return 1, list(widths)
-
-
-def resize_arch(arch: Sequence[Any], widths: Sequence[int], norms: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Change each group's kept count to ``widths``: drop the lowest-norm kept channels, or add
-    the highest-norm dropped ones. Channels that stay keep their keep/drop decision."""
-    out = []
-    for v, w, n in zip(arch, widths, norms):
-        v = np.asarray(v, np.float32).copy()
-        n = np.asarray(n, np.float64)
-        k = int(v.sum())
-        if w < k:
-            kept = np.flatnonzero(v == 1)
-            v[kept[np.argsort(n[kept], kind="stable")[:k - w]]] = 0.0
-        elif w > k:
-            dropped = np.flatnonzero(v == 0)
-            v[dropped[np.argsort(-n[dropped], kind="stable")[:w - k]]] = 1.0
-        out.append(v)
-    return out

@@ -10,6 +10,7 @@ import jax
 import ml_collections
 
 from sap_jax import agn, baselines, flops, models, resource
+from sap_jax.errors import ConfigError
 
 DATASETS = ("cifar10", "imagenet2012", "digits", "mnist5k")
 # Training examples per dataset (before the validation split is carved out), to check
@@ -24,8 +25,7 @@ DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
 
 
-class ConfigError(ValueError):
-    """A config field has a value the run cannot use."""
+__all__ = ["ConfigError", "validate"]  # ConfigError lives in sap_jax.errors; re-exported here
 
 
 def _num(x: Any) -> bool:

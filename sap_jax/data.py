@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
+from sap_jax import errors
+
 Batch = dict[str, np.ndarray]
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -38,8 +40,7 @@ PREPARE = {
 }
 
 
-class DatasetNotPrepared(RuntimeError):
-    """A TFDS dataset is missing; the message says how to prepare it."""
+DatasetNotPrepared = errors.DatasetNotPrepared  # where it was defined before sap_jax.errors
 
 
 #: The evaluation splits: "val" is carved from the training data and used for every choice a
@@ -380,14 +381,21 @@ class ImageNet:
             yield empty
 
 
-def load(config) -> ArrayDataset | ImageNet:
-    """The dataset a config names (validated before: dataset name and sizes)."""
-    frac, val = config.sap.subset_fraction, config.val_size
-    if config.dataset == "digits":
-        return digits(config.seed, frac, config.image_size, val)
-    if config.dataset == "mnist5k":
-        return mnist5k(config.seed, frac, val)
-    if config.dataset == "cifar10":
-        return cifar10(config.data_dir, config.seed, frac, val)
-    return ImageNet(config.data_dir, image_size=config.image_size, seed=config.seed,
-                    subset_fraction=frac, shuffle_buffer=config.shuffle_buffer, val_size=val)
+def load(dataset: str, *, image_size: int, seed: int = 0, subset_fraction: float = 0.1,
+         val_size: int = 0, data_dir: str | None = None,
+         shuffle_buffer: int = 10_000) -> ArrayDataset | ImageNet:
+    """The dataset named ``dataset`` ("digits", "mnist5k", "cifar10" or "imagenet2012").
+
+    ``subset_fraction``: the share of the training split the AGN trains on; ``val_size``:
+    training examples held out as the validation split; ``data_dir``: where TFDS data lives.
+    """
+    if dataset == "digits":
+        return digits(seed, subset_fraction, image_size, val_size)
+    if dataset == "mnist5k":
+        return mnist5k(seed, subset_fraction, val_size)
+    if dataset == "cifar10":
+        return cifar10(data_dir, seed, subset_fraction, val_size)
+    if dataset == "imagenet2012":
+        return ImageNet(data_dir, image_size=image_size, seed=seed, subset_fraction=subset_fraction,
+                        shuffle_buffer=shuffle_buffer, val_size=val_size)
+    raise ValueError(f"unknown dataset {dataset!r}; use digits, mnist5k, cifar10 or imagenet2012.")

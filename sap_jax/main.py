@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sap_jax import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
@@ -25,11 +27,11 @@ flags.DEFINE_float("distributed_timeout_s", 300.0,
                    "Multi-process: how long start-up waits for every process before giving up.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-#: Exit codes (message on stderr): 0 done; 2 bad config, missing dataset, unreadable or foreign
-#: checkpoint, or non-finite loss; 3 the multi-process job could not form
-#: (parallel.EXIT_DISTRIBUTED_SETUP); 74 a checkpoint could not be written (train.EXIT_WRITE_FAILED);
-#: 75 preempted by SIGTERM after saving a checkpoint (train.EXIT_PREEMPTED): rerun to resume.
-EXIT_BAD_INPUT = 2
+#: Exit codes (message on stderr): sap_jax.errors; 0 = done.
+EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
+
+#: Hooks passed to the run (sap_jax.train.Hooks); set by code that embeds the CLI via run().
+_HOOKS = None
 
 
 def main(argv: list[str]) -> None:
@@ -43,13 +45,10 @@ def main(argv: list[str]) -> None:
     try:  # before any other JAX call; a no-op on one host
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id, timeout_s=FLAGS.distributed_timeout_s)
-    except parallel.DistributedSetupError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(parallel.EXIT_DISTRIBUTED_SETUP)
+    except errors.DistributedSetupError as e:
+        _fail(e)
     import jax
 
-    from sap_jax import config as config_lib
-    from sap_jax import data as data_lib
     from sap_jax import train
 
     # TensorFlow (input pipeline only) must not grab accelerators.
@@ -62,17 +61,18 @@ def main(argv: list[str]) -> None:
     logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except train.Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr, flush=True)
-        sys.exit(train.EXIT_PREEMPTED)
-    except train.CheckpointWriteError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(train.EXIT_WRITE_FAILED)
-    except (config_lib.ConfigError, data_lib.DatasetNotPrepared, train.NonFiniteLoss,
-            train.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, hooks=_HOOKS)
+    except Exception as e:  # noqa: BLE001 - the documented ones exit with their code, bugs raise
+        if errors.exit_code(e) is None:
+            raise
+        _fail(e)
+
+
+def _fail(e: BaseException) -> None:
+    """One line on stderr and the documented exit code for ``e`` (sap_jax.errors)."""
+    word = "stopped" if isinstance(e, errors.Preempted) else "error"
+    print(f"{word}: {e}", file=sys.stderr, flush=True)
+    sys.exit(errors.exit_code(e))
 
 
 def _load_config(argv: list[str]):
@@ -134,7 +134,10 @@ def check_overrides(argv: list[str]) -> str | None:
     return None
 
 
-def run() -> None:
+def run(hooks=None) -> None:
+    """The command line; ``hooks`` (sap_jax.train.Hooks) observe the run, e.g. in tests."""
+    global _HOOKS
+    _HOOKS = hooks
     problem = check_overrides(sys.argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr, flush=True)

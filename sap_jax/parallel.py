@@ -21,15 +21,13 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sap_jax import errors
+
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
                   "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
 
-#: Exit code of a job whose processes could not form (bad setup or unreachable coordinator).
-EXIT_DISTRIBUTED_SETUP = 3
-
-
-class DistributedSetupError(ValueError):
-    """The multi-process arguments do not describe a job that can start."""
+EXIT_DISTRIBUTED_SETUP = errors.EXIT_DISTRIBUTED_SETUP
+DistributedSetupError = errors.DistributedSetupError
 
 
 def _check_args(coordinator_address: str | None, num_processes: int | None,

@@ -23,22 +23,15 @@ sys.argv = [sys.argv[0]] + sys.argv[4:]
 import orbax.checkpoint as ocp  # noqa: E402
 from sap_jax import main, train  # noqa: E402
 
+hooks = None
 if fault in ("sigterm", "sigkill"):
     sig = signal.SIGTERM if fault == "sigterm" else signal.SIGKILL
-    real_init = train.Run.__init__
 
-    def init(self, *a, **kw):
-        real_init(self, *a, **kw)
-        report = self.progress
+    def on_step(phase, step, metrics):
+        if step == arg:
+            os.kill(os.getpid(), sig)
 
-        def progress(step):
-            report(step)
-            if step == arg:
-                os.kill(os.getpid(), sig)
-
-        self.progress = progress
-
-    train.Run.__init__ = init
+    hooks = train.Hooks(on_step=on_step)
 elif fault == "sigkill-save":
     real_save = ocp.CheckpointManager.save
 
@@ -52,4 +45,4 @@ elif fault == "sigkill-save":
 else:
     assert fault == "none", fault
 
-main.run()
+main.run(hooks)

@@ -21,15 +21,7 @@ assert jax.device_count() == n, jax.devices()
 c = test_tiny.get_config()
 c.num_epochs, c.finetune.num_epochs, c.log_every_steps = 2, 1, 1
 losses = []
-real = train.Run._log_train
-
-
-def spy(self, phase, epoch, step, acc):
-    losses.append(float(acc[-1]["loss"]))
-    return real(self, phase, epoch, step, acc)
-
-
-train.Run._log_train = spy
-r = train.train_and_evaluate(c, sys.argv[2])
+hooks = train.Hooks(on_step=lambda phase, step, m: losses.append(float(m["loss"])))
+r = train.train_and_evaluate(c, sys.argv[2], hooks=hooks)
 print("RESULT " + json.dumps({"losses": losses, "widths": r["widths"], "final_acc": r["final_acc"],
                               "sharding": str(jax.devices())}))

@@ -70,32 +70,6 @@ def test_penalty_overhead_smoke():
     assert p.returncode == 0, p.stderr[-2000:]
 
 
-def test_rounded_widths_are_multiples_within_the_budget():
-    s = models.create_abstract("resnet50").structure(224)
-    uniform = baselines.uniform_widths(s, 0.37)
-    rounded = baselines.round_widths(s, uniform, 8, 0.37)
-    assert all(w % 8 == 0 or w == c for w, c in zip(rounded, s.widths))
-    full = flops.count(s)
-    assert flops.count(s, rounded).prunable_macs / full.prunable_macs <= 0.37
-    assert flops.count(s, uniform).prunable_macs / full.prunable_macs <= 0.37
-
-
-def test_auto_rounding_uses_the_backends_multiple_or_the_largest_half_that_meets_p():
-    s = models.create_abstract("resnet56").structure(32)
-    full, p = flops.count(s), 0.48
-    ratio = lambda w: flops.count(s, w).prunable_macs / full.prunable_macs  # noqa: E731
-    uniform = baselines.uniform_widths(s, p)
-    # CPU: no rounding. GPU: multiples of 8, which ResNet-56 (16-64 channels) can meet.
-    assert baselines.auto_round_widths(s, uniform, p, "cpu") == (1, uniform)
-    m, gpu = baselines.auto_round_widths(s, uniform, p, "gpu")
-    assert m == 8 and ratio(gpu) <= p and all(w % 8 == 0 or w == c for w, c in zip(gpu, s.widths))
-    # TPU: 128 leaves every group whole, and so do 64, 32; 16 keeps the 16-wide first stage
-    # whole (over p), so the multiple falls to 8, the same widths as the GPU's.
-    for too_coarse in (128, 64, 32, 16):
-        assert ratio(baselines.round_widths(s, uniform, too_coarse, p, warn=False)) > p
-    assert baselines.auto_round_widths(s, uniform, p, "tpu") == (8, gpu)
-
-
 def test_no_step_recompiles_after_the_first_epoch_of_each_phase(tmp_path, monkeypatch):
     from jax._src import dispatch
 
@@ -106,29 +80,19 @@ def test_no_step_recompiles_after_the_first_epoch_of_each_phase(tmp_path, monkey
         if name == dispatch.BACKEND_COMPILE_EVENT:
             compiles[tag["now"]] += 1
 
-    real_init, real_cut = train.Run.__init__, train.Run._cut
+    def on_step(phase, step, metrics):
+        tag["now"] = step  # compiles from here to the next step's end are step's
 
-    def init(self, *a, **kw):
-        real_init(self, *a, **kw)
-        report = self.progress
+    def on_phase(name):
+        if name == "cut":
+            tag["now"] = "cut"
 
-        def progress(step):
-            tag["now"] = step
-            report(step)
-
-        self.progress = progress
-
-    def cut(self, *a, **kw):
-        tag["now"] = "cut"
-        return real_cut(self, *a, **kw)
-
-    monkeypatch.setattr(train.Run, "__init__", init)
-    monkeypatch.setattr(train.Run, "_cut", cut)
+    hooks = train.Hooks(on_step=on_step, on_phase=on_phase)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         c = test_tiny.get_config()
         c.plots = False
-        train.train_and_evaluate(c, str(tmp_path))
+        train.train_and_evaluate(c, str(tmp_path), hooks=hooks)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     # 4 steps per epoch: dense epoch = steps 1-4, search epochs 5-8 and 9-12 (with their

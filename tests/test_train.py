@@ -114,7 +114,7 @@ def test_config_validation_checks_sizes_against_the_dataset():
 def test_workdir_with_a_different_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config_lib.to_json_dict(tiny(**{"sap.p": 0.3}))))
     with pytest.raises(config_lib.ConfigError, match=r"different config \(fields sap.p differ\)"):
-        train.Run(tiny(), str(tmp_path))
+        train.train_and_evaluate(tiny(), str(tmp_path))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -132,8 +132,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(train.NonFiniteLoss, match=r"NaN/Inf at step 9 \(phase search, epoch 3\).*"
                                                   r"last good checkpoint \(2, in .*checkpoints\)"):
         train.train_and_evaluate(tiny(), str(tmp_path))
-    run = train.Run(tiny(), str(tmp_path))
-    assert run.ckpt.latest_step() == 2 and run._latest_meta()["epoch"] == 2
+    progress = train.latest_progress(str(tmp_path), tiny())
+    assert progress["ckpt"] == 2 and progress["epoch"] == 2
 
 
 def _main(*args, env=None):

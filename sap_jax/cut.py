@@ -1,0 +1,192 @@
+"""The cut's arithmetic: from the architecture a search chose to the one that is cut.
+
+:func:`final_arch` applies a :class:`CutPolicy` to a chosen architecture ``v`` (K 0/1
+vectors): trim it to the budget p by channel norm if it is over p and the policy enforces
+the budget, round kept widths to hardware-friendly multiples, and resize ``v`` to those
+widths. Pure NumPy on host values; docs/method.md §4 ("The cut") says why each step exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from sap_jax import flops
+from sap_jax import groups as G
+
+#: An architecture: K vectors of shape (C_k,), 1 = keep, 0 = drop.
+Arch = Sequence[Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class CutPolicy:
+    """How a chosen architecture becomes the one that is cut.
+
+    p: the budget, a fraction of the MACs over ``scope`` ("prunable" or "total").
+    enforce_budget: trim an architecture over p by channel norm (lowest first) until it meets p.
+    round_to: kept-width multiple; 1 = none, 0 = the backend's (``HARDWARE_MULTIPLE``).
+    backend: the JAX backend, for ``round_to = 0``.
+    """
+
+    p: float
+    scope: str = "prunable"
+    enforce_budget: bool = True
+    round_to: int = 1
+    backend: str = "cpu"
+
+
+@dataclasses.dataclass
+class CutReport:
+    """What :func:`final_arch` did."""
+
+    chosen_ratio: float  # MAC ratio (over the policy's scope) of the architecture given
+    trimmed_channels: int  # channels dropped to meet p (enforce_budget)
+    round_to: int  # the multiple applied (1 = none)
+    widths: list[int]  # kept width per group of the result
+
+
+def final_arch(structure: G.Structure, chosen: Arch, norms: Callable[[], Sequence[np.ndarray]],
+               policy: CutPolicy) -> tuple[list[np.ndarray], CutReport]:
+    """The architecture to cut, from ``chosen``, and what changed.
+
+    ``norms()`` gives one score per channel (K vectors); it is called only when trimming or
+    rounding needs it. The result is ``chosen`` itself (as float32 arrays) when nothing changes.
+    """
+    arch = [np.asarray(v, np.float32) for v in chosen]
+    ratio = widths_ratio(structure, [int(np.sum(v)) for v in arch], policy.scope)
+    scores = None
+    if policy.enforce_budget and ratio > policy.p:
+        scores = norms()
+        arch = trim_to_budget(scores, structure, policy.p, scope=policy.scope, start=arch)
+    kept = [int(np.sum(v)) for v in arch]
+    trimmed = sum(int(np.sum(v)) for v in chosen) - sum(kept)
+    # Rounding stays within p, or within the chosen ratio when that is over p and kept so.
+    budget = policy.p if policy.enforce_budget else max(policy.p, ratio)
+    if policy.round_to == 0:
+        multiple, widths = auto_round_widths(structure, kept, budget, policy.backend,
+                                             scope=policy.scope)
+    else:
+        multiple = policy.round_to
+        widths = (round_widths(structure, kept, multiple, budget, scope=policy.scope)
+                  if multiple > 1 else kept)
+    if widths != kept:
+        arch = resize_arch(arch, widths, norms() if scores is None else scores)
+    return arch, CutReport(ratio, trimmed, multiple, list(widths))
+
+
+def trim_to_budget(norms: Sequence[np.ndarray], structure: G.Structure, p: float, *,
+                   scope: str = "prunable", start: Arch | None = None) -> list[np.ndarray]:
+    """Drop channels in increasing order of norm (across all groups) while the MAC ratio over
+    ``scope`` exceeds ``p``; a group never drops below one channel. ``start`` (default: keep
+    all) is the architecture to trim: only its kept channels are candidates, so one already
+    within ``p`` comes back unchanged. Returns K float32 0/1 vectors."""
+    if not 0 < p <= 1:
+        raise ValueError(f"budget p = {p} must lie in (0, 1].")
+    sizes = list(structure.widths)
+    if len(norms) != len(sizes) or any(np.shape(n) != (c,) for n, c in zip(norms, sizes)):
+        raise ValueError(f"norms must be {len(sizes)} vectors of sizes {sizes}.")
+    full = flops.count(structure)
+    if start is None:
+        keep = [np.ones(c, np.float32) for c in sizes]
+    else:
+        keep = [np.asarray(v, np.float32).copy() for v in start]
+        if len(keep) != len(sizes) or any(v.shape != (c,) for v, c in zip(keep, sizes)):
+            raise ValueError(f"start must be {len(sizes)} 0/1 vectors of sizes {sizes}.")
+    kept = [int(v.sum()) for v in keep]
+    order = sorted((float(x), k, i) for k, n in enumerate(norms) for i, x in enumerate(n)
+                   if keep[k][i] == 1)
+    for _, k, i in order:
+        if widths_ratio(structure, kept, scope, full=full) <= p:
+            break
+        if kept[k] > G.MIN_KEPT:
+            keep[k][i] = 0.0
+            kept[k] -= 1
+    return keep
+
+
+def widths_ratio(structure: G.Structure, widths: Sequence[int], scope: str = "prunable", *,
+                 full: flops.Counts | None = None) -> float:
+    """MACs of the model at ``widths`` over the dense model's, on ``scope`` ("prunable" or "total").
+
+    ``full``: the dense model's counts, if already known (callers that loop pass it once)."""
+    full = flops.count(structure) if full is None else full
+    c = flops.count(structure, list(widths))
+    return (c.prunable_macs / full.prunable_macs if scope == "prunable" else c.macs / full.macs)
+
+
+def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p: float,
+                 scope: str = "prunable", warn: bool = True) -> list[int]:
+    """Round kept widths to multiples of ``multiple`` (hardware-friendly) within the budget ``p``.
+
+    Each width goes to the nearest multiple (at least ``multiple``, at most the
+    group's size, which is kept even when it is not a multiple). While the MAC
+    ratio exceeds ``p``, the group whose step down saves the most MACs loses one
+    multiple.
+    """
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple = {multiple!r} must be a positive integer.")
+    sizes = list(structure.widths)
+    if len(widths) != len(sizes):
+        raise ValueError(f"widths has {len(widths)} entries; the model has {len(sizes)} groups.")
+    out = [c if w >= c else min(c, max(multiple, int(round(w / multiple)) * multiple))
+           for w, c in zip(widths, sizes)]
+    full = flops.count(structure)
+    while (now := widths_ratio(structure, out, scope, full=full)) > p:
+        best, saved = None, 0.0
+        for k, w in enumerate(out):
+            down = (w - 1) // multiple * multiple if w % multiple else w - multiple
+            if down < max(G.MIN_KEPT, min(multiple, sizes[k])):
+                continue
+            trial = out[:k] + [down] + out[k + 1:]
+            gain = now - widths_ratio(structure, trial, scope, full=full)
+            if gain > saved:
+                best, saved = (k, down), gain
+        if best is None:  # every group is at its smallest multiple
+            if warn:
+                logging.getLogger(__name__).warning(
+                    "widths rounded to multiples of %d cannot meet the budget p = %s (ratio %.3f)",
+                    multiple, p, now)
+            break
+        out[best[0]] = best[1]
+    return out
+
+
+# Kept-width multiple of sap.round_to = 0 ("auto") per JAX backend: tensor-core tiles on GPUs,
+# the 128-wide MXU/lanes on TPUs; none on CPUs, where rounding measured within noise (benchmarks.md).
+HARDWARE_MULTIPLE = {"gpu": 8, "cuda": 8, "rocm": 8, "tpu": 128}
+
+
+def auto_round_widths(structure: G.Structure, widths: Sequence[int], p: float, backend: str,
+                      scope: str = "prunable") -> tuple[int, list[int]]:
+    """``(multiple, widths)`` for ``sap.round_to = 0``: the backend's multiple, or, where widths
+    rounded to it cannot meet ``p`` (a 16-wide ResNet-56 stage and 128), the largest of its
+    halves that can. ``multiple`` is 1 (widths unchanged) on CPUs or when none can."""
+    multiple = HARDWARE_MULTIPLE.get(backend, 1)
+    while multiple > 1:
+        out = round_widths(structure, widths, multiple, p, scope=scope, warn=False)
+        if widths_ratio(structure, out, scope) <= p:
+            return multiple, out
+        multiple //= 2
+    return 1, list(widths)
+
+
+def resize_arch(arch: Sequence[Any], widths: Sequence[int], norms: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Change each group's kept count to ``widths``: drop the lowest-norm kept channels, or add
+    the highest-norm dropped ones. Channels that stay keep their keep/drop decision."""
+    out = []
+    for v, w, n in zip(arch, widths, norms):
+        v = np.asarray(v, np.float32).copy()
+        n = np.asarray(n, np.float64)
+        k = int(v.sum())
+        if w < k:
+            kept = np.flatnonzero(v == 1)
+            v[kept[np.argsort(n[kept], kind="stable")[:k - w]]] = 0.0
+        elif w > k:
+            dropped = np.flatnonzero(v == 0)
+            v[dropped[np.argsort(-n[dropped], kind="stable")[:w - k]]] = 1.0
+        out.append(v)
+    return out

@@ -1,0 +1,187 @@
+"""Checkpoints, the workdir's config guard and the preemption watch.
+
+A checkpoint holds two items: ``state`` (the arrays, a dict of pytrees) and ``meta`` (the
+run's :class:`~sap_jax.train.state.Progress` as JSON). Every orbax failure is translated into
+an error that names the checkpoint and says what to do (:mod:`sap_jax.errors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sap_jax import config as config_lib
+from sap_jax import parallel
+from sap_jax.errors import CheckpointError, CheckpointWriteError, ConfigError
+
+CKPT_DIR = "checkpoints"
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+    """A short hash of the fields that change results: a checkpoint's config must match it."""
+    fields = config_lib.result_fields(config_lib.to_json_dict(config))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict) -> None:
+    """Refuse a workdir that holds a run with a different config; record ours in a new one."""
+    path = workdir / "config.json"
+    mine = config_lib.to_json_dict(config)
+    if path.exists():
+        try:
+            theirs = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{path} is not valid JSON ({e}); the workdir is damaged. Use a new "
+                "--workdir, or delete that file to resume with the current config.") from e
+        diff = sorted(_diff_keys(config_lib.result_fields(theirs), config_lib.result_fields(mine)))
+        if diff:
+            raise ConfigError(
+                f"workdir {workdir} holds a run with a different config "
+                f"(fields {', '.join(diff)} differ). Use a new --workdir, or restore the "
+                f"original values to resume.")
+    parallel.sync("config-checked")  # nobody reads while process 0 writes
+    if jax.process_index() == 0 and not path.exists():
+        parallel.write_text_atomic(path, json.dumps(mine, indent=2))
+
+
+class Checkpoints:
+    """The run's orbax CheckpointManager, with errors that say what to do."""
+
+    def __init__(self, workdir: Any, *, keep: int, config_hash: str):
+        self.dir = workdir / CKPT_DIR
+        self.hash = config_hash
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def path(self, step: int | None = None) -> str:
+        return str(self.dir / str(self.latest_step() if step is None else step))
+
+    def save(self, state: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        """Write checkpoint ``meta["ckpt"] + 1`` and wait for it; returns the meta written."""
+        meta = {**meta, "ckpt": meta.get("ckpt", 0) + 1, "config_hash": self.hash}
+        try:
+            self.manager.save(meta["ckpt"], args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax and the file system raise many types
+            prev = self.latest_step()
+            kept = (f"checkpoint {prev} in {self.dir} is intact" if prev is not None
+                    else "no earlier checkpoint exists")
+            raise CheckpointWriteError(
+                f"could not write checkpoint {meta['ckpt']} to {self.dir}: "
+                f"{type(e).__name__}: {e}. The run stopped; {kept}. Free disk space or fix "
+                "permissions, then rerun the same command to resume.") from e
+        return meta
+
+    def _damaged(self, e: Exception) -> CheckpointError:
+        path = self.path()
+        return CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}). It is damaged or "
+            f"was not written by this run. Delete {path} to resume from the checkpoint before "
+            "it, or start again with a new --workdir.")
+
+    def restore(self, template: dict[str, Any], mesh) -> dict[str, Any]:
+        """The latest checkpoint's arrays, shaped like ``template``, replicated over ``mesh``."""
+        sharding = parallel.param_sharding(mesh)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype if isinstance(x, jax.Array)
+                                           else np.asarray(x).dtype, sharding=sharding), template)
+        try:
+            out = self.manager.restore(self.latest_step(), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable data
+            raise self._damaged(e) from e
+        return out["state"]
+
+    def latest_meta(self) -> dict[str, Any] | None:
+        """The latest checkpoint's progress record (None in a new workdir)."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        try:
+            meta = dict(self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"])
+            meta["phase"], meta["epoch"], meta["step"]  # noqa: B018 - must exist
+        except Exception as e:  # noqa: BLE001
+            raise self._damaged(e) from e
+        if meta.get("config_hash") != self.hash:
+            raise ConfigError(
+                f"checkpoint {self.path(step)} was written by a run with a different "
+                "config. Use a new --workdir, or rerun with the config that wrote it.")
+        return meta
+
+
+def latest_progress(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """Where the run in ``workdir`` stands: its latest checkpoint's progress record (phase,
+    epoch, step, ``ckpt``, history, ...), or None if it has none. Raises like a resume would
+    for a damaged checkpoint or one from another config."""
+    ckpts = Checkpoints(parallel.path(workdir), keep=config.keep_checkpoints,
+                        config_hash=config_hash(config))
+    try:
+        return ckpts.latest_meta()
+    finally:
+        ckpts.manager.close()
+
+
+class PreemptionWatch:
+    """Has a preemption notice (SIGTERM) arrived? Checked at step boundaries.
+
+    A SIGTERM handler sets a local flag. With one process the flag is read at
+    every step. With several, the host that got the signal must not stop alone
+    (the others would wait in the next collective forever), so every
+    ``every_steps`` steps all processes all-gather their flags and stop
+    together at the same step. (JAX's own preemption sync point is not used:
+    orbax's CheckpointManager consumes it with checkpoint ids as step ids.)
+    Use it as a context manager: the previous handler comes back on exit.
+    """
+
+    def __init__(self, every_steps: int):
+        self.multi = jax.process_count() > 1
+        self.every = every_steps
+        self.flag = False
+        self._previous = None
+
+    def __enter__(self) -> PreemptionWatch:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._on_term)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _on_term(self, signum, frame) -> None:
+        self.flag = True
+
+    def __call__(self, step: int) -> bool:
+        if not self.multi:
+            return self.flag
+        if step % self.every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))

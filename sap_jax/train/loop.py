@@ -1,0 +1,162 @@
+"""One epoch loop for every phase.
+
+:func:`run_epochs` does what every phase shares: the weight steps with their dropout keys,
+the non-finite check, step logging and progress, the preemption watch, end-of-epoch
+bookkeeping and the checkpoint policy. What differs between phases (the penalty's ``v`` and
+gamma, the AGN step, the end-of-epoch evaluation) comes in a :class:`Phase` of hooks.
+:class:`Hooks` is the public seam for code that embeds a run (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from sap_jax import parallel
+from sap_jax.errors import NonFiniteLoss, Preempted
+from sap_jax.train.state import Progress
+
+#: Dropout keys are fold_in(fold_in(rng, DROPOUT_STREAM), step), apart from the AGN's noise keys.
+DROPOUT_STREAM = 1 << 30
+
+
+@dataclasses.dataclass
+class Hooks:
+    """Callbacks a run calls; all optional, none may change the run's state.
+
+    on_step(phase, step, metrics): after every weight step (``phase`` is "dense", "search" or
+      "finetune"; ``metrics`` the step's device values: loss, ce, penalty, accuracy, finite).
+    on_phase(name): when the run enters "search" (the dense epochs and the search), "cut",
+      "finetune" and "finish".
+    """
+
+    on_step: Callable[[str, int, dict[str, Any]], None] | None = None
+    on_phase: Callable[[str], None] | None = None
+
+    def step(self, phase: str, step: int, metrics: dict[str, Any]) -> None:
+        if self.on_step is not None:
+            self.on_step(phase, step, metrics)
+
+    def phase(self, name: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(name)
+
+
+def _noop(*_: Any) -> None:
+    return None
+
+
+@dataclasses.dataclass
+class Phase:
+    """One run of epochs, as :func:`run_epochs` needs it."""
+
+    num_epochs: int
+    train_step: Callable  # steps.make_train_step's function
+    label: Callable[[int], str]  # epoch -> "dense" | "search" | "finetune" (logs, times)
+    penalty_arch: Callable[[dict], Any]  # state -> the v the penalty reads
+    gamma: Callable[[int], jax.Array]  # epoch -> the penalty's weight
+    must_save: Callable[[int], bool]  # epochs done -> checkpoint now?
+    data_epoch_offset: int = 0  # the data order of epoch e is that of epoch offset + e
+    start_epoch: Callable[[int, int, dict], None] = _noop  # (epoch, first step, state)
+    after_step: Callable[[int, dict], dict | None] = _noop  # (step, state) -> AGN metrics
+    end_epoch: Callable[[int, dict, float, list[dict]], None] = _noop  # (epoch, state, loss, agn)
+
+
+def host_metrics(acc: list[dict]) -> list[dict[str, Any]]:
+    """Step metrics as JSON-ready host values (scalars as floats, vectors as lists)."""
+    return [{k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist() for k, v in m.items()}
+            for m in acc]
+
+
+def run_epochs(env, ph: Phase, state: dict[str, Any], prog: Progress) -> dict[str, Any]:
+    """Run the phase's remaining epochs from ``prog`` (mid-epoch after a preemption)."""
+    c = env.config
+    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), DROPOUT_STREAM)
+    for epoch in range(prog.epoch, ph.num_epochs):
+        t0 = time.perf_counter()
+        start, acc, agn_acc = prog.pop_partial()
+        label = ph.label(epoch)
+        ph.start_epoch(epoch, start, state)
+        gamma = ph.gamma(epoch)
+        for b in env.data.train_batches(ph.data_epoch_offset + epoch, c.batch_size,
+                                        c.steps_per_epoch or None, start=start):
+            state["params"], state["rest"], state["opt_state"], m = ph.train_step(
+                state["params"], state["rest"], state["opt_state"],
+                parallel.global_batch(b, env.mesh), ph.penalty_arch(state), gamma,
+                jax.random.fold_in(dropout_rng, prog.step))
+            prog.step += 1
+            acc.append(m)
+            am = ph.after_step(prog.step, state)
+            if am is not None:
+                agn_acc.append(am)
+            if prog.step % c.log_every_steps == 0:
+                log_train(env, prog, label, epoch, acc[-c.log_every_steps:])
+            env.report_progress(prog.step)
+            env.hooks.step(label, prog.step, m)
+            if env.watch(prog.step):
+                rows = log_train(env, prog, label, epoch, acc)  # never save a NaN state
+                preempt(env, state, prog, label, epoch, rows, agn_acc, t0)
+        train_loss = epoch_done(prog, log_train(env, prog, label, epoch, acc))
+        ph.end_epoch(epoch, state, train_loss, agn_acc)
+        prog.add_time(label, time.perf_counter() - t0)
+        prog.epoch = epoch + 1
+        if ph.must_save(epoch + 1):
+            save(env, state, prog)
+    return state
+
+
+def log_train(env, prog: Progress, phase: str, epoch: int, acc: list[dict]) -> list[dict[str, Any]]:
+    """Log the mean of ``acc`` (the metrics of the steps up to ``prog.step``); stop on NaN/Inf.
+    Returns ``acc`` as host values, for the end-of-epoch and preemption bookkeeping."""
+    rows = host_metrics(acc)
+    good = [r for r in rows if r["finite"] == 1.0]
+    if len(good) < len(rows) and env.config.on_nonfinite == "stop":
+        first = next(i for i, r in enumerate(rows) if r["finite"] != 1.0)
+        bad = prog.step - len(rows) + first + 1
+        raise NonFiniteLoss(
+            f"loss or gradients became NaN/Inf at step {bad} (phase {phase}, epoch {epoch + 1}): "
+            f"{ {k: v for k, v in rows[first].items() if k != 'finite'} }. The run stopped; the "
+            f"last good checkpoint ({env.ckpts.latest_step()}, in {env.ckpts.dir}) is "
+            "kept. Remedies: lower the learning rate (optim.learning_rate / "
+            "finetune.learning_rate) or sap.gamma, add warm-up (optim.warmup_epochs), use "
+            "dtype=float32, or set on_nonfinite=skip to skip such steps.")
+    vals = {k: float(np.mean([r[k] for r in good])) if good else float("nan")
+            for k in rows[0] if k != "finite"}
+    vals["skipped_steps"] = float(prog.skipped_steps + len(rows) - len(good))
+    env.writer.write_scalars(prog.step, {f"train/{k}": v for k, v in vals.items()})
+    return rows
+
+
+def epoch_done(prog: Progress, rows: list[dict[str, Any]]) -> float:
+    """Count skipped steps of a finished epoch (host metrics); its mean train loss over good steps."""
+    from absl import logging
+
+    good = [r["loss"] for r in rows if r["finite"] == 1.0]
+    prog.skipped_steps += len(rows) - len(good)
+    if len(good) < len(rows):
+        logging.warning("skipped %d non-finite steps this epoch (%d in all)",
+                        len(rows) - len(good), prog.skipped_steps)
+    return float(np.mean(good)) if good else float("nan")
+
+
+def save(env, state: dict[str, Any], prog: Progress) -> None:
+    meta = env.ckpts.save(state, prog.to_json())
+    prog.ckpt, prog.config_hash = meta["ckpt"], meta["config_hash"]
+
+
+def preempt(env, state: dict[str, Any], prog: Progress, phase: str, epoch: int,
+            rows: list[dict[str, Any]], agn_acc: list[dict], t0: float) -> None:
+    """Save mid-epoch (metrics so far included) and stop with :class:`Preempted`."""
+    prog.add_time(phase, time.perf_counter() - t0)
+    prog.epoch, prog.step_in_epoch = epoch, len(rows)
+    prog.partial, prog.partial_agn = rows, host_metrics(agn_acc)
+    save(env, state, prog)
+    raise Preempted(
+        f"preemption notice (SIGTERM): saved checkpoint {prog.ckpt} at step {prog.step} "
+        f"(phase {phase}, epoch {epoch + 1}, {len(rows)} steps into it) in "
+        f"{env.ckpts.dir}. Rerun the same command to resume.")

@@ -1,0 +1,308 @@
+"""The run, start to end: dense training -> search + alignment -> cut -> fine-tuning -> report.
+
+:func:`train_and_evaluate` reads the config once into an :class:`Env` (data, mesh, writers,
+checkpoints), restores or initialises, and runs the phases in order; every phase's epochs go
+through the one loop of :mod:`sap_jax.train.loop`. A run can be stopped at any time and
+resumes from the latest checkpoint in its workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from sap_jax import bnstats, cut, flops, models, parallel, penalty, report, speed, surgery
+from sap_jax import baselines
+from sap_jax import config as config_lib
+from sap_jax import data as data_lib
+from sap_jax.codec import ModuleCodec
+from sap_jax.train import checkpoints, loop, search, steps
+from sap_jax.train import state as state_lib
+from sap_jax.train.state import Progress
+
+PRUNED_DIR = "pruned_model"
+#: The data-order "epoch" of the batches that re-estimate BN statistics: far from any training
+#: epoch, so they are a fixed draw of their own.
+BN_EPOCH = 10**6
+
+
+@dataclasses.dataclass
+class Programs:
+    """Everything compiled for one model shape."""
+
+    model: models.PrunableModel
+    structure: Any
+    codec: ModuleCodec
+    eval_step: Callable
+    bn_step: Callable
+    train_step: Callable | None = None
+    tx: optax.GradientTransformation | None = None
+
+
+class Env:
+    """What every phase reads: the config, data, mesh, writers, checkpoints and hooks."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, hooks: loop.Hooks):
+        config_lib.validate(config)
+        self.config, self.workdir, self.hooks = config, parallel.path(workdir), hooks
+        if jax.process_index() == 0:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        parallel.sync("workdir")
+        checkpoints.check_workdir_config(self.workdir, config)
+        self.mesh = parallel.make_mesh()
+        self.data = data_lib.load(config.dataset, image_size=config.image_size, seed=config.seed,
+                                  subset_fraction=config.sap.subset_fraction,
+                                  val_size=config.val_size, data_dir=config.data_dir,
+                                  shuffle_buffer=config.shuffle_buffer)
+        self.dtype = jnp.dtype(config.dtype)
+        self.spe = config.steps_per_epoch or self.data.steps_per_epoch(config.batch_size)
+        total = (config.num_epochs + config.finetune.num_epochs) * self.spe
+        self.writer = metric_writers.create_default_writer(
+            str(self.workdir), just_logging=jax.process_index() > 0, asynchronous=False)
+        self.report_progress = periodic_actions.ReportProgress(
+            num_train_steps=total, writer=self.writer, every_steps=config.log_every_steps)
+        self.ckpts = checkpoints.Checkpoints(self.workdir, keep=config.keep_checkpoints,
+                                             config_hash=checkpoints.config_hash(config))
+        self.key = jax.random.key(config.seed)
+        self.watch: checkpoints.PreemptionWatch | None = None  # set while the phases run
+        self.cache_stats: parallel.CacheStats | None = None
+
+    def model(self, widths: Sequence[int] | None) -> models.PrunableModel:
+        c = self.config
+        return models.create(c.model, seed=c.seed, num_classes=self.data.info.num_classes,
+                             widths=widths, dtype=None if c.dtype == "float32" else c.dtype)
+
+    def programs(self, widths: Sequence[int] | None, phase: str,
+                 model: models.PrunableModel | None = None) -> Programs:
+        """The compiled steps of the model at ``widths`` for ``phase`` ("search"/"finetune")."""
+        c = self.config
+        # A given model (the extracted one) spares a random initialisation: on CPU that compiles
+        # one small program per new parameter shape, ~30 s for a pruned ResNet-20.
+        model = self.model(widths) if model is None else model
+        structure = model.structure(c.image_size)
+        codec = ModuleCodec(model)
+        progs = Programs(model, structure, codec, steps.make_eval_step(codec, self.dtype, structure),
+                         bnstats.make_batch_stats_step(codec, self.dtype))
+        o = c.optim if phase == "search" else c.finetune
+        epochs = c.num_epochs if phase == "search" else c.finetune.num_epochs
+        sched = steps.lr_schedule(o, self.spe, epochs, c.batch_size)
+        prox = None
+        if phase == "search" and c.sap.penalty == "proximal":
+            start = c.sap.e_start * self.spe
+            prox = lambda lr: penalty.proximal_partial_group_lasso(  # noqa: E731
+                structure, lambda n: lr(n) * c.sap.gamma * (n >= start), include_bn=c.sap.include_bn)
+        progs.tx = steps.make_optimizer(o, sched, proximal=prox)
+        progs.train_step = steps.make_train_step(
+            codec, structure, progs.tx, penalty_form=c.sap.penalty if phase == "search" else "none",
+            include_bn=c.sap.include_bn, dtype=self.dtype, skip_nonfinite=c.on_nonfinite == "skip")
+        return progs
+
+    def evaluate(self, progs: Programs, params: Any, rest: Any, arch,
+                 split: str = "test") -> tuple[float, float]:
+        """Accuracy and loss on ``split``: "val" for every choice, "test" only for reporting.
+        NaN for an empty split (val_size = 0)."""
+        sums = None
+        for b in self.data.eval_batches(self.config.eval_batch_size, split):
+            out = progs.eval_step(params, rest, parallel.global_batch(b, self.mesh), arch)
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        if sums is None:
+            return float("nan"), float("nan")
+        s = search.to_host(sums)
+        n = max(float(s["count"]), 1.0)
+        return float(s["correct"]) / n, float(s["loss"]) / n
+
+    def bn_reestimated(self, progs: Programs, params: Any, rest: Any, arch) -> Any:
+        """``rest`` with BN statistics re-estimated on ``cut.bn_batches`` training batches
+        (unchanged when that is 0)."""
+        c = self.config
+        if not c.cut.bn_batches:
+            return rest
+        batches = (parallel.global_batch(b, self.mesh)
+                   for b in self.data.train_batches(BN_EPOCH, c.batch_size, c.cut.bn_batches))
+        return bnstats.reestimate(progs.bn_step, params, rest, batches, arch)
+
+
+# -- the cut ----------------------------------------------------------------------------------
+
+def chosen_arch(env: Env, state: dict, prog: Progress, structure) -> Any:
+    """The architecture the search hands to the cut, and where it came from (``prog``)."""
+    c = env.config
+    final = state["best_arch"] if c.sap.final_arch == "best" else state["arch"]
+    prog.arch_source = {"last": "generator", "best": "generator_best"}.get(c.sap.final_arch, "norm")
+    ratio = cut.widths_ratio(structure, [int(np.sum(v)) for v in search.to_host(final)],
+                             c.agn.budget_scope)
+    # A generator that hovers at p may end one channel over it: take its latest in-budget v
+    # if that came within the last search epoch (one AGN step per agn_every weight steps).
+    age = int(search.to_host(state["fit_age"]))
+    if c.sap.final_arch == "last" and ratio > c.sap.p and age <= max(1, env.spe // c.sap.agn_every):
+        logging.info("the generator's last architecture keeps %.2f%% of %s MACs, over p = %s; "
+                     "the cut takes its latest one within p, from %d AGN steps earlier",
+                     100 * ratio, c.agn.budget_scope, c.sap.p, age)
+        prog.arch_ratio_last, prog.arch_source = ratio, "generator_last_within_p"
+        final = state["fit_arch"]
+    return final
+
+
+def cut_phase(env: Env, dense: Programs, state: dict, prog: Progress) -> tuple[Programs, dict]:
+    """Cut the chosen architecture out of the dense model; measure it; save it."""
+    c, t0 = env.config, time.perf_counter()
+    final = chosen_arch(env, state, prog, dense.structure)
+    host = search.to_host({"params": state["params"], "rest": state["rest"], "arch": final})
+    policy = cut.CutPolicy(p=c.sap.p, scope=c.agn.budget_scope, enforce_budget=c.sap.enforce_budget,
+                           round_to=c.sap.round_to, backend=jax.default_backend())
+    arch, rep = cut.final_arch(dense.structure, host["arch"], lambda: baselines.channel_norms(
+        host["params"], dense.structure, c.sap.norm), policy)
+    prog.arch_ratio_chosen, prog.trimmed_channels, prog.round_to = (
+        rep.chosen_ratio, rep.trimmed_channels, rep.round_to)
+    if rep.trimmed_channels:
+        logging.warning("the chosen architecture keeps %.2f%% of %s MACs, over p = %s: dropped "
+                        "its %d lowest-norm kept channels to meet p (sap.enforce_budget)",
+                        100 * rep.chosen_ratio, policy.scope, c.sap.p, rep.trimmed_channels)
+    if rep.round_to > 1 and rep.widths != [int(np.sum(v)) for v in host["arch"]]:
+        logging.info("widths rounded to multiples of %d: %s", rep.round_to, rep.widths)
+    changed = any(not np.array_equal(a, h) for a, h in zip(arch, host["arch"]))
+    if changed:
+        final = parallel.replicate(arch, env.mesh)
+    pruned_model = surgery.extract(dense.codec.merge(host["params"], host["rest"]), arch)
+    widths = list(pruned_model.widths)
+    surgery.save(env.workdir / PRUNED_DIR, pruned_model, dense_widths=dense.model.widths,
+                 image_size=c.image_size, overwrite=True,
+                 metadata={"dataset": c.dataset, "p": c.sap.p, "stage": "after_cut"})
+    pruned = env.programs(widths, "finetune", pruned_model)
+    ft = parallel.replicate(search.to_host(state_lib.fresh_weights(pruned, env.key)), env.mesh)
+    measure_cut(env, dense, pruned, state, ft, final, prog)
+    prog.add_time("cut", time.perf_counter() - t0)
+    prog.phase, prog.epoch, prog.widths = "finetune", 0, widths
+    loop.save(env, ft, prog)
+    return pruned, ft
+
+
+def measure_cut(env: Env, dense: Programs, pruned: Programs, state: dict, ft: dict, final,
+                prog: Progress) -> None:
+    """Accuracy right after the cut (BN as trained and re-estimated) and the alignment there."""
+    c = env.config
+    ones = [jnp.ones(w) for w in pruned.model.widths]
+    prog.cut_acc, _ = env.evaluate(pruned, ft["params"], ft["rest"], ones)
+    prog.subnet_acc_at_cut, _ = env.evaluate(dense, state["params"], state["rest"], final)
+    drop, keep = steps.make_norms(dense.structure, c.sap.include_bn)(state["params"], final)
+    prog.alignment_ratio_at_cut = float(drop) / max(float(keep), 1e-12)
+    if c.cut.bn_batches:  # the extracted model measured, and fine-tuned, with its own statistics
+        ft["rest"] = env.bn_reestimated(pruned, ft["params"], ft["rest"], ones)
+        prog.cut_acc_bn, _ = env.evaluate(pruned, ft["params"], ft["rest"], ones)
+    logging.info("cut: widths %s; accuracy %.4f raw, %s with BN re-estimated (gated dense "
+                 "%.4f); alignment ratio %.3f", list(pruned.model.widths), prog.cut_acc,
+                 "-" if prog.cut_acc_bn is None else "%.4f" % prog.cut_acc_bn,
+                 prog.subnet_acc_at_cut, prog.alignment_ratio_at_cut)
+
+
+# -- fine-tuning and the end ------------------------------------------------------------------
+
+def finetune_phase(env: Env, progs: Programs, prog: Progress) -> loop.Phase:
+    c = env.config
+    ones = [jnp.ones(w) for w in progs.model.widths]
+
+    def end_epoch(epoch: int, state: dict, train_loss: float, _agn: list) -> None:
+        a, l = env.evaluate(progs, state["params"], state["rest"], ones)
+        prog.log(ft_epoch=epoch + 1, ft_test_acc=a, ft_train_loss=train_loss)
+        env.writer.write_scalars(prog.step, {"finetune/test_acc": a, "finetune/test_loss": l})
+        logging.info("fine-tune epoch %d/%d  test_acc %.4f  test_loss %.4f", epoch + 1,
+                     c.finetune.num_epochs, a, l)
+
+    n = c.finetune.num_epochs
+    return loop.Phase(num_epochs=n, train_step=progs.train_step, label=lambda e: "finetune",
+                      penalty_arch=lambda st: ones, gamma=lambda e: jnp.float32(0.0),
+                      must_save=lambda done: done == n or done % c.checkpoint_every_epochs == 0,
+                      data_epoch_offset=c.num_epochs, end_epoch=end_epoch)
+
+
+def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progress) -> dict[str, Any]:
+    """Final accuracy, the fine-tuned model on disk, results.json, plots and the summary."""
+    c = env.config
+    ones = [jnp.ones(w) for w in pruned.model.widths]
+    final_acc, _ = env.evaluate(pruned, state["params"], state["rest"], ones)
+    host = search.to_host({"params": state["params"], "rest": state["rest"]})
+    final_model = pruned.codec.merge(host["params"], host["rest"])
+    surgery.save(env.workdir / PRUNED_DIR, final_model, dense_widths=dense.model.widths,
+                 image_size=c.image_size, overwrite=True,
+                 metadata={"dataset": c.dataset, "p": c.sap.p, "stage": "fine_tuned",
+                           "test_accuracy": final_acc})
+    before, after = flops.count(dense.structure), flops.count(pruned.structure)
+    results = report.results(c, prog.to_json(), before, after, final_acc, dense.structure,
+                             pruned.structure)
+    if c.speed.enabled:
+        # Every process times its own first device (no collectives), so hosts stay in step;
+        # process 0's figures are reported. The dense side is a fresh model of the same class
+        # (the trained dense weights are gone after fine-tuning; values do not change speed).
+        t0 = time.perf_counter()
+        results["speed"] = speed.compare(env.model(None), final_model, c.image_size,
+                                         tuple(c.speed.batch_sizes), reps=c.speed.reps,
+                                         dtype=env.dtype)
+        results["times_s"]["speed"] = time.perf_counter() - t0
+    results["compile_cache"] = env.cache_stats.as_dict()  # this process's compilations
+    if jax.process_index() == 0:
+        report.write(env.workdir, results, plots=c.plots)
+    env.writer.flush()
+    if jax.process_index() == 0:
+        print(report.summary(results), flush=True)
+    return results
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+def _start(env: Env) -> Progress:
+    meta = env.ckpts.latest_meta()
+    if meta is None:
+        logging.info("starting a new run in %s", env.workdir)
+        return Progress()
+    prog = Progress.from_json(meta)
+    logging.info("resuming from checkpoint %d: phase %s, %d epochs and %d steps done",
+                 prog.ckpt, prog.phase, prog.epoch, prog.step_in_epoch)
+    return prog
+
+
+def _phases(env: Env) -> dict[str, Any]:
+    prog = _start(env)
+    dense = env.programs(None, "search")
+    gen = search.make_generator(env.config, dense.model.widths)
+    template = state_lib.fresh_search_state(dense, gen, env.key)
+    prog.dense_widths = list(dense.model.widths)
+    if prog.phase == "search":
+        state = (env.ckpts.restore(template, env.mesh) if prog.ckpt
+                 else parallel.replicate(template, env.mesh))
+        env.hooks.phase("search")
+        state = loop.run_epochs(env, search.Search(env, dense, gen, prog, state["rng"]).phase(),
+                                state, prog)
+        prog.dense_acc = prog.history["test_acc"][-1]
+        env.hooks.phase("cut")
+        pruned, state = cut_phase(env, dense, state, prog)
+    else:
+        pruned = env.programs(prog.widths, "finetune")
+        state = env.ckpts.restore(search.to_host(state_lib.fresh_weights(pruned, env.key)), env.mesh)
+    env.hooks.phase("finetune")
+    state = loop.run_epochs(env, finetune_phase(env, pruned, prog), state, prog)
+    env.hooks.phase("finish")
+    return finish(env, dense, pruned, state, prog)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       hooks: loop.Hooks | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole SAP method; returns the results dict also written to results.json.
+
+    ``hooks`` (:class:`~sap_jax.train.loop.Hooks`) are called after every weight step and at
+    every phase; they observe the run without changing it."""
+    env = Env(config, workdir, hooks or loop.Hooks())
+    cache = config.compile_cache
+    cache = env.workdir / "compile_cache" if cache == "workdir" else cache
+    with checkpoints.PreemptionWatch(config.preemption_check_every_steps) as env.watch, \
+            parallel.compilation_cache(cache) as env.cache_stats:
+        return _phases(env)

@@ -1,0 +1,190 @@
+"""SAP's part of the dense/search phase, as hooks of the epoch loop (docs/method.md §4).
+
+From epoch ``sap.e_start`` the penalty reads the current architecture ``v``; every
+``sap.agn_every`` weight steps the generator takes one step on the frozen, gated model and
+proposes a new ``v``. Each search epoch ends with the search's health: sub-network accuracy
+on the validation split, MAC ratio, penalty, alignment ratio and the generator's own signals.
+The norm baselines (``sap.final_arch = "norm"``) choose ``v`` by channel norm instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from sap_jax import agn as agn_lib
+from sap_jax import baselines, flops, parallel, penalty, resource, xla_cpu
+from sap_jax.codec import ModuleCodec
+from sap_jax.train import steps
+from sap_jax.train.loop import Phase
+from sap_jax.train.state import Progress
+
+#: A generator whose logits have fewer than this share in the sensitive band is saturated.
+SATURATED_BAND = 0.01
+
+
+@dataclasses.dataclass
+class Generator:
+    """The AGN module, its codec and its optimizer."""
+
+    module: agn_lib.AGN
+    codec: ModuleCodec
+    tx: optax.GradientTransformation
+
+
+def make_generator(config, widths) -> Generator:
+    a = config.agn
+    gen = agn_lib.AGN(widths, z_dim=a.z_dim, hidden=a.hidden, seed=config.seed + 1)
+    return Generator(gen, ModuleCodec(gen), steps.make_agn_optimizer(a))
+
+
+def to_host(tree: Any) -> Any:
+    """Replicated global arrays -> NumPy (works when arrays span several processes)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+                        else np.asarray(x), tree)
+
+
+class Search:
+    """The hooks of the dense/search phase for one run (see :meth:`phase`)."""
+
+    def __init__(self, env, progs, gen: Generator, prog: Progress, rng_data):
+        c, s = env.config, env.config.sap
+        self.env, self.progs, self.gen, self.prog = env, progs, gen, prog
+        self.budget = resource.ResourceLoss.from_config(c)
+        self.agn_step = steps.make_agn_step(
+            progs.codec, gen.codec, progs.structure, self.budget, gen.tx, tau=c.agn.tau,
+            offset=c.agn.offset, deterministic_v=c.agn.deterministic_v, lam_rate=c.agn.lam_rate,
+            lam_max_scale=c.agn.lam_max_scale, budget_on=c.agn.budget_on, dtype=env.dtype)
+        self.norms = steps.make_norms(progs.structure, s.include_bn)
+        self.track_fit = steps.make_fit_tracker(progs.structure, s.p, c.agn.budget_scope)
+        self.initial_arch = xla_cpu.jit(lambda p, r: gen.codec.merge(p, r).sample(
+            None, tau=c.agn.tau, offset=c.agn.offset))
+        self.ones = [jnp.ones(w) for w in progs.model.widths]
+        self.zeros = [jnp.zeros(w) for w in progs.model.widths]
+        self.use_agn = s.final_arch in ("last", "best")  # "norm": a norm-based baseline, no AGN
+        self.rng = jax.random.wrap_key_data(rng_data)
+        self.searching = False  # set at each epoch's start
+
+    def phase(self) -> Phase:
+        c, s = self.env.config, self.env.config.sap
+        return Phase(
+            num_epochs=c.num_epochs, train_step=self.progs.train_step, label=self.label,
+            # "all": v = 0 marks every channel as dropped, i.e. a plain group lasso.
+            penalty_arch=(lambda st: self.zeros) if s.penalty_scope == "all" else (lambda st: st["arch"]),
+            gamma=lambda e: jnp.float32(s.gamma if e >= s.e_start else 0.0),
+            must_save=lambda done: (done in (s.e_start, c.num_epochs)
+                                    or done % c.checkpoint_every_epochs == 0),
+            start_epoch=self.start_epoch, after_step=self.after_step, end_epoch=self.end_epoch)
+
+    def label(self, epoch: int) -> str:
+        return "search" if epoch >= self.env.config.sap.e_start else "dense"
+
+    def start_epoch(self, epoch: int, start: int, state: dict) -> None:
+        self.searching = epoch >= self.env.config.sap.e_start
+        if epoch == self.env.config.sap.e_start and start == 0 and self.use_agn:
+            # v starts from the (nearly full) AGN output
+            state["arch"] = self.initial_arch(state["agn_params"], state["agn_rest"])
+            state["prev_arch"] = state["arch"]
+
+    def after_step(self, step: int, state: dict) -> dict | None:
+        """One AGN step every ``agn_every`` weight steps of the search."""
+        c, prog = self.env.config, self.prog
+        if not (self.searching and self.use_agn and step % c.sap.agn_every == 0):
+            return None
+        sb = parallel.global_batch(self.env.data.subset_batch(prog.agn_steps, c.agn.batch_size),
+                                   self.env.mesh)
+        (state["agn_params"], state["agn_opt_state"], state["log_lam"], state["arch"],
+         am) = self.agn_step(state["agn_params"], state["agn_rest"], state["agn_opt_state"],
+                             state["log_lam"], state["params"], state["rest"], sb,
+                             jax.random.fold_in(self.rng, prog.agn_steps))
+        state["fit_arch"], state["fit_age"] = self.track_fit(
+            state["fit_arch"], state["fit_age"], state["arch"])
+        prog.agn_steps += 1
+        return am
+
+    # -- end of epoch ------------------------------------------------------------
+    def end_epoch(self, epoch: int, state: dict, train_loss: float, agn_acc: list[dict]) -> None:
+        """Evaluate, compare architectures, log; pick the best architecture so far."""
+        env, s = self.env, self.env.config.sap
+        label = self.label(epoch)
+        row = {"epoch": epoch + 1, "phase": label, "train_loss": train_loss}
+        row["test_acc"], row["test_loss"] = env.evaluate(self.progs, state["params"], state["rest"],
+                                                         self.ones)
+        row["val_acc"], _ = env.evaluate(self.progs, state["params"], state["rest"], self.ones, "val")
+        if self.searching and not self.use_agn:  # the baseline's current choice, to log like v
+            state["arch"] = self.norm_arch(state["params"])
+        if self.searching:
+            row.update(self.search_metrics(state))
+            row.update(self.generator_health(agn_acc))
+            self.choose(epoch, row, state)
+            state["prev_arch"] = state["arch"]
+        self.prog.log(**row)
+        env.writer.write_scalars(self.prog.step, {f"epoch/{k}": v for k, v in row.items()
+                                                  if isinstance(v, float)})
+        logging.info("epoch %d/%d [%s] %s", epoch + 1, env.config.num_epochs, label,
+                     "  ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+
+    def search_metrics(self, state: dict) -> dict[str, float]:
+        """The sub-network's validation accuracy, its MACs, the penalty and the alignment."""
+        env, progs, s = self.env, self.progs, self.env.config.sap
+        arch_np = [np.asarray(v) for v in to_host(state["arch"])]
+        prev_np = [np.asarray(v) for v in to_host(state["prev_arch"])]
+        total = sum(v.size for v in arch_np)
+        row = {"hamming": float(sum(np.sum(a != p) for a, p in zip(arch_np, prev_np)) / total)}
+        row["subnet_val_acc"], _ = env.evaluate(progs, state["params"], state["rest"],
+                                                state["arch"], "val")
+        c = env.config
+        if c.cut.bn_in_search and c.cut.bn_batches and c.val_size:
+            bn_rest = env.bn_reestimated(progs, state["params"], state["rest"], state["arch"])
+            row["subnet_val_acc_bn"], _ = env.evaluate(progs, state["params"], bn_rest,
+                                                       state["arch"], "val")
+        row["mac_ratio"] = float(flops.mac_ratio(progs.structure, arch_np, self.budget.scope))
+        row["mac_ratio_total"] = float(flops.mac_ratio(progs.structure, arch_np, "total"))
+        row["kept_fraction"] = float(np.mean(np.concatenate(arch_np)))
+        row["penalty"] = float(penalty.partial_group_lasso(
+            state["params"], state["arch"], progs.structure, include_bn=s.include_bn))
+        row["dropped_norm"], row["kept_norm"] = map(float, self.norms(state["params"], state["arch"]))
+        # Alignment: how small the channels to be cut are next to the kept ones (0 = free cut).
+        row["alignment_ratio"] = row["dropped_norm"] / max(row["kept_norm"], 1e-12)
+        return row
+
+    @staticmethod
+    def generator_health(agn_acc: list[dict]) -> dict[str, float]:
+        """The epoch's AGN losses, its sampled MAC ratio, lambda and logit band share."""
+        if not agn_acc:
+            return {}
+        mean = lambda k: float(np.mean([float(m[k]) for m in agn_acc]))  # noqa: E731
+        return {"agn_loss": mean("loss"), "agn_resource_loss": mean("resource_loss"),
+                "agn_ce": mean("ce"),
+                "agn_mac_ratio_sampled": mean("mac_ratio_sampled"),  # with Gumbel noise
+                "band_share": float(agn_acc[-1]["band_share"]), "agn_lam": float(agn_acc[-1]["lam"])}
+
+    def choose(self, epoch: int, row: dict, state: dict) -> None:
+        """Keep the best architecture so far and warn about a saturated generator."""
+        s, prog = self.env.config.sap, self.prog
+        # "best": judged on the validation split, with re-estimated BN where measured.
+        judged = row.get("subnet_val_acc_bn", row["subnet_val_acc"])
+        if judged > (-1.0 if prog.best_subnet_val_acc is None else prog.best_subnet_val_acc):
+            prog.best_subnet_val_acc, prog.best_subnet_epoch = judged, epoch + 1
+            state["best_arch"] = state["arch"]
+        if self.use_agn and row["mac_ratio"] > s.p and row.get("band_share", 1.0) < SATURATED_BAND:
+            prog.saturated_epochs += 1
+            logging.warning(
+                "epoch %d: the generator is saturated above its budget (MAC ratio %.3f, p = "
+                "%s; %.1f%% of its logits in the sensitive band): its decisions have stopped "
+                "moving. Lower agn.learning_rate or agn.b2, or raise agn.tau (docs/method.md).",
+                epoch + 1, row["mac_ratio"], s.p, 100 * row["band_share"])
+
+    def norm_arch(self, params: Any) -> list[jax.Array]:
+        """Keep the largest-norm channels (sap.norm), to sap.widths or else the budget p."""
+        s = self.env.config.sap
+        norms = baselines.channel_norms(to_host(params), self.progs.structure, s.norm)
+        arch = baselines.arch_by_norm(norms, self.progs.structure, widths=list(s.widths) or None,
+                                      p=None if s.widths else s.p, scope=self.budget.scope)
+        return parallel.replicate(arch, self.env.mesh)

@@ -1,0 +1,98 @@
+"""The cut's arithmetic (sap_jax.cut): trimming to the budget, rounding widths, resizing."""
+
+import numpy as np
+import pytest
+
+from sap_jax import baselines, cut, flops, models
+
+
+def test_rounded_widths_are_multiples_within_the_budget():
+    s = models.create_abstract("resnet50").structure(224)
+    uniform = baselines.uniform_widths(s, 0.37)
+    rounded = cut.round_widths(s, uniform, 8, 0.37)
+    assert all(w % 8 == 0 or w == c for w, c in zip(rounded, s.widths))
+    full = flops.count(s)
+    assert flops.count(s, rounded).prunable_macs / full.prunable_macs <= 0.37
+    assert flops.count(s, uniform).prunable_macs / full.prunable_macs <= 0.37
+
+
+def test_auto_rounding_uses_the_backends_multiple_or_the_largest_half_that_meets_p():
+    s = models.create_abstract("resnet56").structure(32)
+    full, p = flops.count(s), 0.48
+    ratio = lambda w: flops.count(s, w).prunable_macs / full.prunable_macs  # noqa: E731
+    uniform = baselines.uniform_widths(s, p)
+    # CPU: no rounding. GPU: multiples of 8, which ResNet-56 (16-64 channels) can meet.
+    assert cut.auto_round_widths(s, uniform, p, "cpu") == (1, uniform)
+    m, gpu = cut.auto_round_widths(s, uniform, p, "gpu")
+    assert m == 8 and ratio(gpu) <= p and all(w % 8 == 0 or w == c for w, c in zip(gpu, s.widths))
+    # TPU: 128 leaves every group whole, and so do 64, 32; 16 keeps the 16-wide first stage
+    # whole (over p), so the multiple falls to 8, the same widths as the GPU's.
+    for too_coarse in (128, 64, 32, 16):
+        assert ratio(cut.round_widths(s, uniform, too_coarse, p, warn=False)) > p
+    assert cut.auto_round_widths(s, uniform, p, "tpu") == (8, gpu)
+
+
+def test_resize_arch_keeps_decisions_and_uses_norms_to_change_counts():
+    norms = [np.array([5.0, 1.0, 3.0, 2.0]), np.array([1.0, 2.0, 3.0])]
+    arch = [np.array([1, 1, 0, 0], np.float32), np.array([0, 1, 0], np.float32)]
+    out = cut.resize_arch(arch, [1, 3], norms)
+    np.testing.assert_array_equal(out[0], [1, 0, 0, 0])  # drop the weaker kept channel
+    np.testing.assert_array_equal(out[1], [1, 1, 1])     # add the dropped ones, strongest first
+
+
+def test_trimming_an_over_budget_architecture_drops_its_lowest_norm_kept_channels():
+    from flax import nnx
+
+    model = models.create("resnet20", seed=1)
+    s = model.structure(32)
+    norms = baselines.channel_norms(nnx.state(model, nnx.Param), s, "group_l2")
+    rng = np.random.default_rng(0)
+    start = [(rng.random(w) < 0.85).astype(np.float32) for w in s.widths]
+    for v in start:
+        v[0] = 1.0
+    assert cut.widths_ratio(s, [int(v.sum()) for v in start]) > 0.5
+    out = baselines.arch_by_norm(norms, s, p=0.5, start=start)
+    assert float(flops.mac_ratio(s, out)) <= 0.5
+    assert all(np.all(o <= st) for o, st in zip(out, start))  # only removes channels
+    removed = [(n[(st == 1) & (o == 0)], k) for k, (n, st, o) in enumerate(zip(norms, start, out))]
+    top = max((x.max(), k) for x, k in removed if x.size)
+    survivors = np.concatenate([n[o == 1] for n, o in zip(norms, out) if o.sum() > 1])
+    assert top[0] <= survivors.min()  # lowest norms first
+    # ... and no more than needed: putting back the last one removed breaks the budget.
+    back = [o.copy() for o in out]
+    k = top[1]
+    back[k][np.flatnonzero((norms[k] == top[0]) & (start[k] == 1))[0]] = 1.0
+    assert float(flops.mac_ratio(s, back)) > 0.5
+    # An architecture already within the budget comes back unchanged.
+    same = baselines.arch_by_norm(norms, s, p=0.5, start=out)
+    assert all(np.array_equal(a, b) for a, b in zip(same, out))
+
+
+def test_final_arch_keeps_an_architecture_within_p_and_trims_one_over_it():
+    s = models.create_abstract("resnet20").structure(32)
+    rng = np.random.default_rng(1)
+    norms = [rng.random(w) for w in s.widths]
+    calls = []
+
+    def scores():
+        calls.append(1)
+        return norms
+
+    within = baselines.arch_by_norm(norms, s, p=0.45)
+    out, rep = cut.final_arch(s, within, scores, cut.CutPolicy(p=0.5))
+    assert calls == [] and rep.trimmed_channels == 0 and rep.round_to == 1
+    assert all(np.array_equal(o, w) for o, w in zip(out, within))
+    assert rep.chosen_ratio == pytest.approx(float(flops.mac_ratio(s, within)))
+    over = [np.ones(w, np.float32) for w in s.widths]
+    out, rep = cut.final_arch(s, over, scores, cut.CutPolicy(p=0.5))
+    assert len(calls) == 1 and rep.chosen_ratio == 1.0
+    assert float(flops.mac_ratio(s, out)) <= 0.5
+    assert rep.trimmed_channels == sum(s.widths) - sum(int(v.sum()) for v in out) > 0
+    assert rep.widths == [int(v.sum()) for v in out]
+    # Not enforced: the over-budget architecture is cut as chosen.
+    out, rep = cut.final_arch(s, over, scores, cut.CutPolicy(p=0.5, enforce_budget=False))
+    assert rep.trimmed_channels == 0 and rep.widths == list(s.widths)
+    # Rounded: multiples of 4 (or the whole group), still within p.
+    out, rep = cut.final_arch(s, within, scores, cut.CutPolicy(p=0.5, round_to=4))
+    assert rep.round_to == 4 and float(flops.mac_ratio(s, out)) <= 0.5
+    assert all(w % 4 == 0 or w == c for w, c in zip(rep.widths, s.widths))

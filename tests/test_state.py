@@ -1,0 +1,41 @@
+"""The run's progress record (sap_jax.train.state.Progress): what a checkpoint's meta holds."""
+
+import json
+
+from sap_jax.train import Progress
+
+#: A checkpoint's meta as the training program wrote it before Progress existed (fine-tuning
+#: phase, after a preemption).
+OLD_META = {
+    "phase": "finetune", "epoch": 1, "step": 57, "agn_steps": 14, "ckpt": 6,
+    "config_hash": "0123456789abcdef", "history": {"epoch": [1, 2], "test_acc": [0.5, 0.75]},
+    "times": {"dense": 1.5, "search": 3.0, "cut": 0.5}, "dense_widths": [4, 8, 16],
+    "skipped_steps": 0, "best_subnet_val_acc": 0.625, "best_subnet_epoch": 2,
+    "saturated_epochs": 0, "dense_acc": 0.75, "arch_source": "generator",
+    "arch_ratio_chosen": 0.49, "trimmed_channels": 0, "round_to": 1, "cut_acc": 0.5,
+    "cut_acc_bn": 0.625, "subnet_acc_at_cut": 0.5, "alignment_ratio_at_cut": 0.02,
+    "widths": [2, 4, 9], "step_in_epoch": 3,
+    "partial": [{"loss": 0.5, "finite": 1.0}] * 3, "partial_agn": [],
+}
+
+
+def test_an_old_checkpoint_meta_reads_back_unchanged():
+    p = Progress.from_json(json.loads(json.dumps(OLD_META)))
+    assert p.phase == "finetune" and p.ckpt == 6 and p.widths == [2, 4, 9]
+    assert p.to_json() == OLD_META
+
+
+def test_a_new_run_leaves_unset_fields_out_and_partial_epochs_are_consumed_once():
+    p = Progress()
+    d = p.to_json()
+    assert d["phase"] == "search" and d["ckpt"] == 0
+    assert "cut_acc" not in d and "best_subnet_val_acc" not in d  # the report reads them as absent
+    p.step_in_epoch, p.partial = 2, [{"loss": 1.0, "finite": 1.0}] * 2
+    assert p.pop_partial() == (2, [{"loss": 1.0, "finite": 1.0}] * 2, [])
+    assert p.pop_partial() == (0, [], [])
+    p.log(epoch=1, test_acc=0.5)
+    p.log(epoch=2, test_acc=0.75)
+    assert p.history == {"epoch": [1, 2], "test_acc": [0.5, 0.75]}
+    p.add_time("dense", 1.0)
+    p.add_time("dense", 0.5)
+    assert p.times == {"dense": 1.5}
