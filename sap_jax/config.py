@@ -10,7 +10,7 @@ import jax
 import ml_collections
 
 from sap_jax import agn, baselines, flops, models, resource
-from sap_jax.errors import ConfigError
+from sap_jax.errors import ConfigError  # noqa: F401 - defined here before sap_jax.errors
 
 DATASETS = ("cifar10", "imagenet2012", "digits", "mnist5k")
 # Training examples per dataset (before the validation split is carved out), to check
@@ -23,9 +23,6 @@ FINAL_ARCH = ("last", "best", "norm")
 PENALTY_SCOPES = ("partial", "all")
 DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
-
-
-__all__ = ["ConfigError", "validate"]  # ConfigError lives in sap_jax.errors; re-exported here
 
 
 def _num(x: Any) -> bool:

@@ -45,6 +45,7 @@ class CutReport:
 
     chosen_ratio: float  # MAC ratio (over the policy's scope) of the architecture given
     trimmed_channels: int  # channels dropped to meet p (enforce_budget)
+    kept: list[int]  # kept width per group after trimming, before rounding
     round_to: int  # the multiple applied (1 = none)
     widths: list[int]  # kept width per group of the result
 
@@ -75,7 +76,7 @@ def final_arch(structure: G.Structure, chosen: Arch, norms: Callable[[], Sequenc
                   if multiple > 1 else kept)
     if widths != kept:
         arch = resize_arch(arch, widths, norms() if scores is None else scores)
-    return arch, CutReport(ratio, trimmed, multiple, list(widths))
+    return arch, CutReport(ratio, trimmed, kept, multiple, list(widths))
 
 
 def trim_to_budget(norms: Sequence[np.ndarray], structure: G.Structure, p: float, *,

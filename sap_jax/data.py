@@ -398,4 +398,5 @@ def load(dataset: str, *, image_size: int, seed: int = 0, subset_fraction: float
     if dataset == "imagenet2012":
         return ImageNet(data_dir, image_size=image_size, seed=seed, subset_fraction=subset_fraction,
                         shuffle_buffer=shuffle_buffer, val_size=val_size)
-    raise ValueError(f"unknown dataset {dataset!r}; use digits, mnist5k, cifar10 or imagenet2012.")
+    raise errors.ConfigError(
+        f"unknown dataset {dataset!r}; use digits, mnist5k, cifar10 or imagenet2012.")

@@ -18,7 +18,7 @@ import pruned_speedup  # noqa: E402
 import step_cost  # noqa: E402
 from configs import quickstart, test_tiny  # noqa: E402
 
-from sap_jax import baselines, flops, models, train  # noqa: E402
+from sap_jax import train  # noqa: E402
 
 
 def test_step_cost_smoke():

@@ -135,7 +135,8 @@ class Checkpoints:
 def latest_progress(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
     """Where the run in ``workdir`` stands: its latest checkpoint's progress record (phase,
     epoch, step, ``ckpt``, history, ...), or None if it has none. Raises like a resume would
-    for a damaged checkpoint or one from another config."""
+    for a damaged checkpoint or one from another config. With several processes, call it on
+    every process (orbax's manager synchronises them)."""
     ckpts = Checkpoints(parallel.path(workdir), keep=config.keep_checkpoints,
                         config_hash=config_hash(config))
     try:

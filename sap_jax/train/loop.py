@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from sap_jax import parallel
 from sap_jax.errors import NonFiniteLoss, Preempted
@@ -33,6 +34,10 @@ class Hooks:
       "finetune"; ``metrics`` the step's device values: loss, ce, penalty, accuracy, finite).
     on_phase(name): when the run enters "search" (the dense epochs and the search), "cut",
       "finetune" and "finish".
+
+    Every process calls them. The metrics are global arrays: with several processes read a
+    value with ``np.asarray(m["loss"].addressable_data(0))`` (``float(m["loss"])`` needs
+    every process's data and fails).
     """
 
     on_step: Callable[[str, int, dict[str, Any]], None] | None = None
@@ -134,8 +139,6 @@ def log_train(env, prog: Progress, phase: str, epoch: int, acc: list[dict]) -> l
 
 def epoch_done(prog: Progress, rows: list[dict[str, Any]]) -> float:
     """Count skipped steps of a finished epoch (host metrics); its mean train loss over good steps."""
-    from absl import logging
-
     good = [r["loss"] for r in rows if r["finite"] == 1.0]
     prog.skipped_steps += len(rows) - len(good)
     if len(good) < len(rows):

@@ -117,7 +117,7 @@ class Env:
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         if sums is None:
             return float("nan"), float("nan")
-        s = search.to_host(sums)
+        s = state_lib.to_host(sums)
         n = max(float(s["count"]), 1.0)
         return float(s["correct"]) / n, float(s["loss"]) / n
 
@@ -139,11 +139,11 @@ def chosen_arch(env: Env, state: dict, prog: Progress, structure) -> Any:
     c = env.config
     final = state["best_arch"] if c.sap.final_arch == "best" else state["arch"]
     prog.arch_source = {"last": "generator", "best": "generator_best"}.get(c.sap.final_arch, "norm")
-    ratio = cut.widths_ratio(structure, [int(np.sum(v)) for v in search.to_host(final)],
+    ratio = cut.widths_ratio(structure, [int(np.sum(v)) for v in state_lib.to_host(final)],
                              c.agn.budget_scope)
     # A generator that hovers at p may end one channel over it: take its latest in-budget v
     # if that came within the last search epoch (one AGN step per agn_every weight steps).
-    age = int(search.to_host(state["fit_age"]))
+    age = int(state_lib.to_host(state["fit_age"]))
     if c.sap.final_arch == "last" and ratio > c.sap.p and age <= max(1, env.spe // c.sap.agn_every):
         logging.info("the generator's last architecture keeps %.2f%% of %s MACs, over p = %s; "
                      "the cut takes its latest one within p, from %d AGN steps earlier",
@@ -157,7 +157,7 @@ def cut_phase(env: Env, dense: Programs, state: dict, prog: Progress) -> tuple[P
     """Cut the chosen architecture out of the dense model; measure it; save it."""
     c, t0 = env.config, time.perf_counter()
     final = chosen_arch(env, state, prog, dense.structure)
-    host = search.to_host({"params": state["params"], "rest": state["rest"], "arch": final})
+    host = state_lib.to_host({"params": state["params"], "rest": state["rest"], "arch": final})
     policy = cut.CutPolicy(p=c.sap.p, scope=c.agn.budget_scope, enforce_budget=c.sap.enforce_budget,
                            round_to=c.sap.round_to, backend=jax.default_backend())
     arch, rep = cut.final_arch(dense.structure, host["arch"], lambda: baselines.channel_norms(
@@ -168,8 +168,9 @@ def cut_phase(env: Env, dense: Programs, state: dict, prog: Progress) -> tuple[P
         logging.warning("the chosen architecture keeps %.2f%% of %s MACs, over p = %s: dropped "
                         "its %d lowest-norm kept channels to meet p (sap.enforce_budget)",
                         100 * rep.chosen_ratio, policy.scope, c.sap.p, rep.trimmed_channels)
-    if rep.round_to > 1 and rep.widths != [int(np.sum(v)) for v in host["arch"]]:
-        logging.info("widths rounded to multiples of %d: %s", rep.round_to, rep.widths)
+    if rep.widths != rep.kept:  # hardware-friendly widths, still within the budget
+        logging.info("widths rounded to multiples of %d: %s -> %s", rep.round_to, rep.kept,
+                     rep.widths)
     changed = any(not np.array_equal(a, h) for a, h in zip(arch, host["arch"]))
     if changed:
         final = parallel.replicate(arch, env.mesh)
@@ -179,7 +180,7 @@ def cut_phase(env: Env, dense: Programs, state: dict, prog: Progress) -> tuple[P
                  image_size=c.image_size, overwrite=True,
                  metadata={"dataset": c.dataset, "p": c.sap.p, "stage": "after_cut"})
     pruned = env.programs(widths, "finetune", pruned_model)
-    ft = parallel.replicate(search.to_host(state_lib.fresh_weights(pruned, env.key)), env.mesh)
+    ft = parallel.replicate(state_lib.to_host(state_lib.fresh_weights(pruned, env.key)), env.mesh)
     measure_cut(env, dense, pruned, state, ft, final, prog)
     prog.add_time("cut", time.perf_counter() - t0)
     prog.phase, prog.epoch, prog.widths = "finetune", 0, widths
@@ -230,7 +231,7 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progr
     c = env.config
     ones = [jnp.ones(w) for w in pruned.model.widths]
     final_acc, _ = env.evaluate(pruned, state["params"], state["rest"], ones)
-    host = search.to_host({"params": state["params"], "rest": state["rest"]})
+    host = state_lib.to_host({"params": state["params"], "rest": state["rest"]})
     final_model = pruned.codec.merge(host["params"], host["rest"])
     surgery.save(env.workdir / PRUNED_DIR, final_model, dense_widths=dense.model.widths,
                  image_size=c.image_size, overwrite=True,
@@ -287,7 +288,8 @@ def _phases(env: Env) -> dict[str, Any]:
         pruned, state = cut_phase(env, dense, state, prog)
     else:
         pruned = env.programs(prog.widths, "finetune")
-        state = env.ckpts.restore(search.to_host(state_lib.fresh_weights(pruned, env.key)), env.mesh)
+        state = env.ckpts.restore(state_lib.to_host(state_lib.fresh_weights(pruned, env.key)),
+                                  env.mesh)
     env.hooks.phase("finetune")
     state = loop.run_epochs(env, finetune_phase(env, pruned, prog), state, prog)
     env.hooks.phase("finish")

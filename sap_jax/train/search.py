@@ -23,7 +23,7 @@ from sap_jax import baselines, flops, parallel, penalty, resource, xla_cpu
 from sap_jax.codec import ModuleCodec
 from sap_jax.train import steps
 from sap_jax.train.loop import Phase
-from sap_jax.train.state import Progress
+from sap_jax.train.state import Progress, to_host
 
 #: A generator whose logits have fewer than this share in the sensitive band is saturated.
 SATURATED_BAND = 0.01
@@ -42,12 +42,6 @@ def make_generator(config, widths) -> Generator:
     a = config.agn
     gen = agn_lib.AGN(widths, z_dim=a.z_dim, hidden=a.hidden, seed=config.seed + 1)
     return Generator(gen, ModuleCodec(gen), steps.make_agn_optimizer(a))
-
-
-def to_host(tree: Any) -> Any:
-    """Replicated global arrays -> NumPy (works when arrays span several processes)."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
-                        else np.asarray(x), tree)
 
 
 class Search:

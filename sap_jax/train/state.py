@@ -28,18 +28,31 @@ FINETUNE_KEYS = ("params", "rest", "opt_state", "rng")
 def fresh_weights(progs, key: jax.Array) -> dict[str, Any]:
     """A new model's weights, optimizer state and run key (host arrays)."""
     params, rest = progs.codec.split(progs.model)
-    return {"params": params, "rest": rest, "opt_state": progs.tx.init(params),
-            "rng": jax.random.key_data(key)}
+    out = {"params": params, "rest": rest, "opt_state": progs.tx.init(params),
+           "rng": jax.random.key_data(key)}
+    assert set(out) == set(FINETUNE_KEYS)
+    return out
 
 
 def fresh_search_state(progs, agn, key: jax.Array) -> dict[str, Any]:
     """Weights plus a new generator (``agn``: a :class:`~sap_jax.train.search.Generator`)."""
     ones = [np.ones(w, np.float32) for w in progs.model.widths]
     agn_params, agn_rest = agn.codec.split(agn.module)
-    return {**fresh_weights(progs, key), "agn_params": agn_params, "agn_rest": agn_rest,
-            "agn_opt_state": agn.tx.init(agn_params), "log_lam": np.float32(0.0),
-            "arch": ones, "best_arch": ones, "prev_arch": ones,
-            "fit_arch": ones, "fit_age": np.int32(NEVER_FIT)}
+    out = {**fresh_weights(progs, key), "agn_params": agn_params, "agn_rest": agn_rest,
+           "agn_opt_state": agn.tx.init(agn_params), "log_lam": np.float32(0.0),
+           "arch": ones, "best_arch": ones, "prev_arch": ones,
+           "fit_arch": ones, "fit_age": np.int32(NEVER_FIT)}
+    assert set(out) == set(SEARCH_KEYS)
+    return out
+
+
+_ONLY_IF_SET = ("step_in_epoch", "partial", "partial_agn", "saturated_epochs")
+
+
+def to_host(tree: Any) -> Any:
+    """Replicated global arrays -> NumPy (works when arrays span several processes)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+                        else np.asarray(x), tree)
 
 
 @dataclasses.dataclass
@@ -79,8 +92,10 @@ class Progress:
     alignment_ratio_at_cut: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The fields that are set (None ones are left out, as earlier versions did)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The fields that are set, as earlier versions wrote them: None ones left out, and the
+        preemption and saturation counters only when they hold something."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None and not (k in _ONLY_IF_SET and not v)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Progress:
