@@ -176,13 +176,21 @@ def digits(seed: int = 0, subset_fraction: float = 0.1, image_size: int = 16,
     r = image_size // 8
     images = np.kron(d.images, np.ones((r, r))) * (255.0 / 16.0)
     images = np.repeat(images[..., None], 3, -1).round().astype(np.uint8)
-    order = np.random.default_rng(12345).permutation(len(images))  # fixed split, independent of seed
+    return _gray_80_20(images, d.target, crop_pad=r, seed=seed, subset_fraction=subset_fraction,
+                       val_size=val_size)
+
+
+def _gray_80_20(images: np.ndarray, labels: np.ndarray, *, crop_pad: int, seed: int,
+                subset_fraction: float, val_size: int) -> ArrayDataset:
+    """Ten-class grey images (uint8, repeated to 3 channels) with a fixed 80/20 train/test split,
+    independent of the seed, normalised by the training part's mean and std."""
+    order = np.random.default_rng(12345).permutation(len(images))
     cut = int(0.8 * len(images))
     tr, te = order[:cut], order[cut:]
     mean = tuple(float(images[tr].mean() / 255.0) for _ in range(3))
     std = tuple(float(images[tr].std() / 255.0) for _ in range(3))
-    return ArrayDataset((images[tr], d.target[tr]), (images[te], d.target[te]), num_classes=10,
-                        mean=mean, std=std, crop_pad=r, flip=False, seed=seed,
+    return ArrayDataset((images[tr], labels[tr]), (images[te], labels[te]), num_classes=10,
+                        mean=mean, std=std, crop_pad=crop_pad, flip=False, seed=seed,
                         subset_fraction=subset_fraction, val_size=val_size)
 
 
@@ -197,14 +205,8 @@ def mnist5k(seed: int = 0, subset_fraction: float = 0.1, val_size: int = 0) -> A
                           'pip install -e ".[mnist]"') from e
     x, y = mnist_data()
     images = np.repeat(x.reshape(-1, 28, 28, 1), 3, -1).round().astype(np.uint8)
-    order = np.random.default_rng(12345).permutation(len(images))  # fixed split, independent of seed
-    cut = int(0.8 * len(images))
-    tr, te = order[:cut], order[cut:]
-    mean = tuple(float(images[tr].mean() / 255.0) for _ in range(3))
-    std = tuple(float(images[tr].std() / 255.0) for _ in range(3))
-    return ArrayDataset((images[tr], y[tr].astype(np.int64)), (images[te], y[te].astype(np.int64)),
-                        num_classes=10, mean=mean, std=std, crop_pad=2, flip=False, seed=seed,
-                        subset_fraction=subset_fraction, val_size=val_size)
+    return _gray_80_20(images, y.astype(np.int64), crop_pad=2, seed=seed,
+                       subset_fraction=subset_fraction, val_size=val_size)
 
 
 def _require_prepared(name: str, data_dir: str | None) -> None:
