@@ -130,7 +130,7 @@ def loop_overhead(epochs: int, repeats: int, agn_every: int = 0, agn_batch: int 
     gen = agn_lib.AGN(model.widths)
     agn_codec = ModuleCodec(gen)
     agn_tx = optax.adamw(c.agn.learning_rate)
-    agn_step = train.make_agn_step(codec, agn_codec, structure, resource.ResourceLoss(c.sap.p),
+    agn_step = train.make_agn_step(codec, agn_codec, structure, resource.ResourceLoss(c.budget.p),
                                    agn_tx, tau=0.4, offset=3.0, deterministic_v=True)
     params, rest = codec.split(model)
     a_params, a_rest = agn_codec.split(gen)

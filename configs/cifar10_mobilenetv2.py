@@ -9,5 +9,5 @@ from configs import default
 def get_config():
     c = default.get_config()
     c.model = "mobilenet_v2_cifar"
-    c.sap.p = 0.54
+    c.budget.p = 0.54
     return c

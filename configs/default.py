@@ -45,8 +45,31 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optim = optimizer(0.1, (100, 150))  # dense training: 0.1, x0.1 at 100 and 150 (supp. §A)
 
-    c.sap = ml_collections.ConfigDict(dict(
+    c.budget = ml_collections.ConfigDict(dict(
         p=0.48,  # FLOPs budget: fraction of MACs kept, in (0, 1] (supp. Table 1)
+        scope="prunable",  # p is measured over the "prunable" convs' MACs (paper) or "total" MACs
+        enforce=True,  # at the cut, an architecture over p loses its lowest-norm kept channels
+                       # (score: sap.norm) until it meets p; False = cut as chosen
+        round_to=1,  # round kept widths to multiples of this at the cut, within p; 1 = off (the
+                     # paper's protocol: the same architecture on every backend); 0 = auto for
+                     # deployment: 8 on GPUs, 128 on TPUs (or the largest half of it that meets
+                     # p), off on CPUs
+        # The generator's resource loss lam * R(T(v)/T_full, p) (docs/method.md §6):
+        form="two_sided",  # "two_sided" (ATO, dead band eps: also pulls an architecture far
+                           # under p back up) or "one_sided" (NPPM)
+        eps=0.005,  # dead band of the two-sided form
+        lam=4.0,  # weight of the resource loss (lineage: 4-8)
+        lam_rate=0.05,  # > 0: dual ascent on log(lam) after each AGN step, by lam_rate * (r - p) / p,
+                        # so a generator held above p feels a growing pull until it meets p;
+                        # 0 = a fixed lam (lineage)
+        lam_max_scale=64.0,  # the adaptive lam stays within [lam, lam * lam_max_scale]
+        measure="deterministic",  # the resource loss measures the noise-free v that is cut, or
+                                  # the "sampled" v the CE sees (lineage; Gumbel noise keeps more)
+        target_margin=0.005,  # the generator aims at p - target_margin, so that its wobble
+                              # around the target stays within p (0 = aim at p)
+    ))
+
+    c.sap = ml_collections.ConfigDict(dict(
         e_start=40,  # first epoch of search + alignment; 0 <= e_start < num_epochs
         gamma=5e-4,  # weight of the partial group lasso (CIFAR < 1e-3, ImageNet ~5e-4)
         penalty="gradient",  # "gradient" (loss term) or "proximal" (soft-threshold after SGD)
@@ -54,17 +77,14 @@ def get_config() -> ml_collections.ConfigDict:
                           # them the producing conv's slice is inert (BN is scale-invariant)
         agn_every=10,  # one AGN step every this many weight steps (lineage: 10-20)
         subset_fraction=0.1,  # fraction of the training split the AGN trains on (5-10%)
-        final_arch="last",  # "last" AGN architecture, "best" sub-network accuracy, or "norm"
-                            # (no AGN: keep the largest-norm channels, a baseline)
+        selector="agn",  # who chooses v: "agn" (the generator, SAP) or "norm" (no generator: the
+                         # largest-norm channels, a baseline)
+        final_arch="last",  # which of the selector's architectures is cut: the "last" one, or the
+                            # "best" by sub-network accuracy on the validation split
         penalty_scope="partial",  # "partial": dropped channels only (SAP); "all": classic group lasso
-        norm="group_l2",  # channel score of final_arch="norm": "group_l2" or "l1" (producing filters)
-        widths=(),  # final_arch="norm": kept widths per group; () = meet the budget p instead
-        round_to=1,  # round kept widths to multiples of this at the cut, within p; 1 = off (the
-                     # paper's protocol: the same architecture on every backend); 0 = auto for
-                     # deployment: 8 on GPUs, 128 on TPUs (or the largest half of it that meets
-                     # p), off on CPUs
-        enforce_budget=True,  # at the cut, an architecture over p loses its lowest-norm kept
-                              # channels (score: `norm`) until it meets p; False = cut as chosen
+        norm="group_l2",  # channel score of selector "norm" and of budget trimming: "group_l2"
+                          # or "l1" (producing filters)
+        widths=(),  # selector "norm": kept widths per group; () = meet the budget p instead
     ))
 
     c.agn = ml_collections.ConfigDict(dict(
@@ -76,19 +96,6 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=128,  # global batch of an AGN step (sub-dataset)
         tau=0.4,  # Gumbel-sigmoid temperature (supp. §A)
         offset=3.0,  # logit offset b, so pruning starts from the whole model (supp. §A)
-        lam=4.0,  # weight of the resource loss (lineage: 4-8)
-        lam_rate=0.05,  # > 0: dual ascent on log(lam) after each AGN step, by lam_rate * (r - p) / p,
-                        # so a generator held above p feels a growing pull until it meets p;
-                        # 0 = a fixed lam (lineage). docs/method.md §6
-        lam_max_scale=64.0,  # the adaptive lam stays within [lam, lam * lam_max_scale]
-        budget_on="deterministic",  # the resource loss measures the noise-free v that is cut, or
-                                    # the "sampled" v the CE sees (lineage; Gumbel noise keeps more)
-        target_margin=0.005,  # the generator aims at p - target_margin, so that its wobble
-                              # around the target stays within p (0 = aim at p)
-        resource_form="two_sided",  # "two_sided" (ATO, dead band eps: also pulls an architecture
-                                    # far under p back up) or "one_sided" (NPPM)
-        resource_eps=0.005,  # dead band of the two-sided form
-        budget_scope="prunable",  # p measured over "prunable" convs (paper) or "total" MACs
         z_dim=32,  # width of the fixed AGN input z (supp. Table 2)
         hidden=64,  # GRU hidden width (supp. Table 2)
         deterministic_v=True,  # v after each AGN step: True = no Gumbel noise

@@ -15,7 +15,7 @@ def get_config():
     c.num_epochs = 150
     c.optim = imagenet_r50.default.optimizer(0.045, (), schedule="cosine", weight_decay=4e-5)
     c.optim.base_batch_size = 256
-    c.sap.p = 0.65
+    c.budget.p = 0.65
     c.sap.e_start = 30
     c.finetune = imagenet_r50.default.optimizer(0.045, (), schedule="cosine", weight_decay=4e-5)
     c.finetune.base_batch_size = 256

@@ -11,5 +11,5 @@ from configs import imagenet_r50
 def get_config():
     c = imagenet_r50.get_config()
     c.model = "resnet101"
-    c.sap.p = 0.41
+    c.budget.p = 0.41
     return c

@@ -27,7 +27,7 @@ def get_config():
     c.num_epochs = 90
     c.optim = default.optimizer(0.1, (30, 60))
     c.optim.base_batch_size = 256  # the paper's LR is per 256 images (linear scaling rule)
-    c.sap.p = P
+    c.budget.p = P
     c.sap.e_start = 18
     c.sap.gamma = 5e-4
     c.agn.batch_size = 256  # AGN steps use AdamW at a fixed LR: not scaled with the batch

@@ -24,15 +24,15 @@ def get_config():
     c.steps_per_epoch = 16  # 1,024 images per epoch, a fresh draw each epoch
     c.optim = default.optimizer(0.05, (7,), weight_decay=5e-4)
     c.optim.base_batch_size = 64
-    c.sap.p = 0.5
+    c.budget.p = 0.5
     c.sap.e_start = 2
     c.sap.gamma = 0.5  # the quickstart's: a short search must align
     c.sap.agn_every = 2  # 64 AGN steps in 8 search epochs
     c.sap.subset_fraction = 0.2
     c.agn.batch_size = 32
     c.agn.learning_rate = 1e-2  # as the quickstart: few AGN steps
-    c.agn.lam = 8.0
-    c.agn.lam_rate = 0.15
+    c.budget.lam = 8.0
+    c.budget.lam_rate = 0.15
     c.finetune = default.optimizer(0.02, (2,), weight_decay=5e-4)
     c.finetune.base_batch_size = 64
     c.finetune.num_epochs = 3

@@ -21,7 +21,7 @@ def get_config():
     c.num_epochs = 20
     c.optim = default.optimizer(0.05, (14,), weight_decay=5e-4)
     c.optim.base_batch_size = 64
-    c.sap.p = 0.5
+    c.budget.p = 0.5
     c.sap.e_start = 4
     c.sap.gamma = 0.5  # far above CIFAR's: 16 search epochs must align (docs/results.md, gamma sweep)
     # Frequent, half-size AGN steps: the 16-epoch search needs many AGN steps for v to settle
@@ -32,8 +32,8 @@ def get_config():
     c.sap.subset_fraction = 0.2
     c.agn.batch_size = 32
     c.agn.learning_rate = 1e-2  # 10x the lineage's: only 76 AGN steps in this search
-    c.agn.lam = 8.0  # the lineage's upper value: few AGN steps must reach the budget
-    c.agn.lam_rate = 0.15  # a fast adaptive lam: the budget is met within ~5 search epochs
+    c.budget.lam = 8.0  # the lineage's upper value: few AGN steps must reach the budget
+    c.budget.lam_rate = 0.15  # a fast adaptive lam: the budget is met within ~5 search epochs
     c.finetune = default.optimizer(0.02, (4,), weight_decay=5e-4)
     c.finetune.base_batch_size = 64
     c.finetune.num_epochs = 6

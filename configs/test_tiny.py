@@ -17,7 +17,7 @@ def get_config():
     c.steps_per_epoch = 4  # cap: 4 steps per epoch
     c.optim = default.optimizer(0.05, (2,))
     c.optim.base_batch_size = 16
-    c.sap.p = 0.5
+    c.budget.p = 0.5
     c.sap.e_start = 1
     c.sap.gamma = 1e-2
     c.sap.agn_every = 2

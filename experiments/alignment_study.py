@@ -35,6 +35,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from experiments import study_config  # noqa: E402
+from sap_jax import config as config_lib  # noqa: E402
 
 ARMS = {
     "sap": "SAP (AGN + partial group lasso)",
@@ -56,7 +57,7 @@ def arm_config(study, arm: str, p: float, seed: int, *, gamma: float | None = No
     c = importlib.import_module(f"configs.{base}").get_config()
     for k, v in (study.second.overrides if second else {}).items():
         c[k] = v
-    c.seed, c.sap.p, c.plots = seed, p, False
+    c.seed, c.budget.p, c.plots = seed, p, False
     c.speed.enabled = False  # accuracy study: no inference timing per run
     c.compile_cache = cache  # one cache for all runs: they share most programs
     # Phase boundaries only: a run is redone whole if lost, and per-epoch saves cost ~20 s a run.
@@ -67,9 +68,9 @@ def arm_config(study, arm: str, p: float, seed: int, *, gamma: float | None = No
     elif arm == "no_align":
         c.sap.gamma = 0.0
     elif arm == "group_lasso":
-        c.sap.penalty_scope, c.sap.final_arch, c.sap.norm = "all", "norm", "group_l2"
+        c.sap.penalty_scope, c.sap.selector, c.sap.norm = "all", "norm", "group_l2"
     elif arm == "l1":
-        c.sap.gamma, c.sap.final_arch, c.sap.norm, c.sap.widths = 0.0, "norm", "l1", tuple(widths)
+        c.sap.gamma, c.sap.selector, c.sap.norm, c.sap.widths = 0.0, "norm", "l1", tuple(widths)
     else:
         raise ValueError(f"unknown arm {arm!r}; use one of {list(ARMS)}")
     return c
@@ -92,11 +93,6 @@ def _run_one(tiny: bool, spec: dict[str, Any], workdir: str) -> tuple[dict[str, 
     return r, time.perf_counter() - t0, cpu() - c0
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A run config without the fields that cannot change its numbers (the compile cache's path)."""
-    return {k: v for k, v in config.items() if k != "compile_cache"}
-
-
 class Runner:
     """Runs one training run per distinct config, ``jobs`` at a time in separate processes, and
     files each finished run in ``archive`` (``<name>.json``: its results.json, wall and CPU
@@ -117,7 +113,10 @@ class Runner:
             return None
         with open(path) as f:
             rec = json.load(f)
-        return rec if _comparable(rec["results"]["config"]) == _comparable(want) else None
+        # Runs filed under an earlier release's field names count when the config is the same.
+        config_lib.upgrade(rec["results"]["config"])
+        same = config_lib.result_fields(rec["results"]["config"]) == config_lib.result_fields(want)
+        return rec if same else None
 
     def batch(self, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Run every ``name: spec`` (arm_config's arguments) not already archived; their results."""

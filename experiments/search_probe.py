@@ -4,7 +4,7 @@ sub-network's validation accuracy and the adaptive lambda.
 
     python -m experiments.search_probe NAME [field=value ...] [--config quickstart] [--workdir /tmp/sap_probe]
 
-e.g. ``python -m experiments.search_probe lineage sap.p=0.3 agn.lam_rate=0.0 agn.b2=0.999``.
+e.g. ``python -m experiments.search_probe lineage budget.p=0.3 budget.lam_rate=0.0 agn.b2=0.999``.
 Values are Python literals; strings may be bare. docs/method.md §6 was measured with it.
 """
 

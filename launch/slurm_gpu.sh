@@ -4,7 +4,7 @@
 #
 #   launch/slurm_gpu.sh --nodes 4 --gpus-per-node 8 --config configs/imagenet_r101.py \
 #       --workdir /shared/runs/r101 --data-dir /shared/tensorflow_datasets \
-#       [--per node] [--partition gpu] [--time 72:00:00] [--dry-run] [-- --config.sap.p=0.45]
+#       [--per node] [--partition gpu] [--time 72:00:00] [--dry-run] [-- --config.budget.p=0.45]
 #
 # jax.distributed.initialize() reads the job layout from Slurm's environment.
 # The workdir and data dir must be on storage every node sees. The job is

@@ -4,7 +4,7 @@
 #
 #   launch/tpu_pod.sh --name sap-r50 --zone us-central2-b --accelerator v4-32 \
 #       --bucket gs://my-bucket --config configs/imagenet_r50.py --run r50-p048 \
-#       [--dry-run] [-- --config.sap.p=0.48 ...]
+#       [--dry-run] [-- --config.budget.p=0.48 ...]
 #
 # Every worker runs `python -m sap_jax.main`; jax.distributed.initialize()
 # detects the pod by itself. Data is read from $BUCKET/tensorflow_datasets

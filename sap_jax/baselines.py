@@ -15,39 +15,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-from sap_jax import flops
+from sap_jax import flops, norms
 from sap_jax.cut import trim_to_budget, widths_ratio
 from sap_jax import groups as G
-from sap_jax.codec import path_str
 
-NORMS = ("group_l2", "l1")
+NORMS = ("group_l2", "l1")  # the channel scores a baseline may choose by (sap.norm)
 
 
 def channel_norms(params: Any, structure: G.Structure, kind: str = "group_l2") -> list[np.ndarray]:
-    """One importance score per channel, as K vectors of shape (C_k,).
+    """One importance score per channel, as K vectors of shape (C_k,), on the host in float64:
+    :func:`sap_jax.norms.channel_norms` restricted to the baselines' kinds.
 
-    ``group_l2``: the sum over the group's kernel tensors of each channel
-    slice's L2 norm (the quantity a group lasso shrinks). ``l1``: the L1 norm
-    of the channel's producing filters (the conv output slices).
+    ``group_l2``: the sum over the group's kernel tensors of each channel slice's L2 norm (the
+    quantity a group lasso shrinks). ``l1``: the L1 norm of the channel's producing filters.
     """
     if kind not in NORMS:
         raise ValueError(f"unknown norm {kind!r}; use one of {NORMS}.")
-    flat = {path_str(p): np.asarray(x, np.float64)
-            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    out = [np.zeros(c) for c in structure.widths]
-    for k, g in enumerate(structure.groups):
-        for sl in g.slices:
-            if sl.role not in (("out",) if kind == "l1" else G.KERNEL_ROLES):
-                continue
-            t = flat.get(tuple(map(str, sl.path)))
-            if t is None:
-                raise ValueError(f"params lack {'/'.join(map(str, sl.path))}, which group {k} owns.")
-            t = np.moveaxis(t, sl.axis, 0).reshape(t.shape[sl.axis], -1)
-            out[k] += np.abs(t).sum(1) if kind == "l1" else np.sqrt(np.square(t).sum(1))
-    return out
+    return norms.channel_norms(params, structure, kind)
 
 
 def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,

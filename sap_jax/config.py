@@ -1,15 +1,18 @@
-"""Validation of a run's config: every mistake reported at once, before anything compiles."""
+"""A run's config: every mistake reported at once, before anything compiles, and the renamed
+fields of earlier releases upgraded with a deprecation message."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import warnings
 from typing import Any
 
 import jax
 import ml_collections
 
-from sap_jax import agn, baselines, flops, models, resource
+from sap_jax import agn, baselines, cut, models, resource
 from sap_jax.errors import ConfigError  # noqa: F401 - defined here before sap_jax.errors
 
 DATASETS = ("cifar10", "imagenet2012", "digits", "mnist5k")
@@ -19,7 +22,8 @@ TRAIN_SIZES = {"digits": 1437, "mnist5k": 4000, "cifar10": 50_000, "imagenet2012
 FIXED_IMAGE_SIZE = {"mnist5k": 28, "cifar10": 32}
 SCHEDULES = ("step", "cosine", "constant")
 PENALTIES = ("gradient", "proximal")
-FINAL_ARCH = ("last", "best", "norm")
+SELECTORS = ("agn", "norm")
+FINAL_ARCH = ("last", "best")
 PENALTY_SCOPES = ("partial", "all")
 DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
@@ -36,6 +40,68 @@ def _int(x: Any) -> bool:
 
 def _in(x: Any, options: tuple) -> bool:
     return isinstance(x, str) and x in options
+
+
+#: Fields renamed after 0.1.0 (the budget got one section): old ``section.name`` -> new. The
+#: old names keep working, with a deprecation message, in config files, on the command line
+#: (sap_jax.main) and in the config.json of existing workdirs; they go in the next release.
+RENAMED = {
+    "sap.p": "budget.p", "sap.enforce_budget": "budget.enforce", "sap.round_to": "budget.round_to",
+    "agn.budget_scope": "budget.scope", "agn.budget_on": "budget.measure",
+    "agn.resource_form": "budget.form", "agn.resource_eps": "budget.eps", "agn.lam": "budget.lam",
+    "agn.lam_rate": "budget.lam_rate", "agn.lam_max_scale": "budget.lam_max_scale",
+    "agn.target_margin": "budget.target_margin",
+}
+
+
+def upgrade(c: Any) -> list[str]:
+    """Move renamed fields of ``c`` (a ConfigDict, or a config's JSON dict) to their new places,
+    in place; one message per change (empty for a current config).
+
+    ``sap.final_arch = "norm"`` becomes ``sap.selector = "norm"`` (with ``final_arch = "last"``);
+    a config without ``sap.selector`` gets ``"agn"``, what it meant before the field existed.
+    """
+    notes = []
+    plain = isinstance(c, dict)
+    with contextlib.nullcontext() if plain else c.unlocked():
+        for old, new in RENAMED.items():
+            (osec, oname), (nsec, nname) = old.split("."), new.split(".")
+            if osec not in c or oname not in c[osec]:
+                continue
+            if nsec not in c:
+                c[nsec] = {} if plain else ml_collections.ConfigDict()
+            c[nsec][nname] = c[osec][oname]
+            del c[osec][oname]
+            notes.append(f"config field {old} is now {new}")
+        s = c["sap"] if "sap" in c else {}
+        if "selector" not in s and "final_arch" in s:
+            s["selector"] = "agn"  # what a config meant before the field existed
+        if s.get("final_arch") == "norm":
+            s["selector"], s["final_arch"] = "norm", "last"
+            notes.append('sap.final_arch = "norm" is now sap.selector = "norm"')
+    return notes
+
+
+def upgrade_with_warning(c: Any) -> None:
+    """:func:`upgrade`, with a FutureWarning (shown to users by default, once per message) for each change."""
+    for note in upgrade(c):
+        warnings.warn(f"{note}; the old name goes in the next release.", FutureWarning,
+                      stacklevel=2)
+
+
+def upgrade_override(arg: str) -> tuple[str, str | None]:
+    """A command-line override ``--config.OLD=VALUE`` with its new name, and a message (None when
+    ``arg`` is not a renamed field)."""
+    if not arg.startswith("--config."):
+        return arg, None
+    path, eq, value = arg[len("--config."):].partition("=")
+    if path == "sap.final_arch" and value == "norm":
+        return "--config.sap.selector=norm", ('--config.sap.final_arch=norm is now '
+                                              '--config.sap.selector=norm')
+    if path in RENAMED:
+        new = f"--config.{RENAMED[path]}{eq}{value}"
+        return new, f"--config.{path} is now --config.{RENAMED[path]}"
+    return arg, None
 
 
 def _check_optimizer(o: ml_collections.ConfigDict, name: str, epochs: int, errors: list[str]) -> None:
@@ -59,13 +125,37 @@ def _check_optimizer(o: ml_collections.ConfigDict, name: str, epochs: int, error
         errors.append(f"{name}.weight_decay = {o.weight_decay!r} must be >= 0.")
 
 
-def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
-             process_count: int | None = None) -> None:
-    """Raise :class:`ConfigError` listing every invalid field of ``c``."""
-    errors: list[str] = []
-    device_count = jax.device_count() if device_count is None else device_count
-    process_count = jax.process_count() if process_count is None else process_count
+def _check_budget(c: ml_collections.ConfigDict, errors: list[str]) -> None:
+    """The ``budget`` section, through the constructors the run uses (CutPolicy, ResourceLoss)."""
+    b, first = c.budget, len(errors)
+    for field, ok, want in (
+            ("form", _in(b.form, resource.FORMS), f"one of {resource.FORMS}"),
+            ("eps", _num(b.eps) and b.eps >= 0, ">= 0"),
+            ("lam", _num(b.lam) and b.lam >= 0, ">= 0"),
+            ("lam_rate", _num(b.lam_rate) and b.lam_rate >= 0, ">= 0 (0 = a fixed lam)"),
+            ("lam_max_scale", _num(b.lam_max_scale) and b.lam_max_scale >= 1, ">= 1"),
+            ("measure", _in(b.measure, agn.BUDGET_ON), f"one of {agn.BUDGET_ON}"),
+            ("enforce", isinstance(b.enforce, bool), "True or False"),
+            ("round_to", _int(b.round_to) and b.round_to >= 0,
+             "an integer >= 0 (0 = auto for the backend, 1 = no rounding)")):
+        if not ok:
+            errors.append(f"budget.{field} = {b[field]!r} must be {want}.")
+    try:
+        cut.CutPolicy.from_config(c, backend="cpu")
+    except (ValueError, TypeError) as e:
+        errors.append(f"budget: {e}")
+        return  # the generator's target below would repeat a bad p or scope
+    if not (_num(b.target_margin) and 0 <= b.target_margin < b.p):
+        errors.append(f"budget.target_margin = {b.target_margin!r} must lie in [0, p).")
+    if len(errors) == first:  # the rest is sound: what the generator aims at must be too
+        try:
+            resource.ResourceLoss.from_config(c)
+        except ValueError as e:
+            errors.append(f"budget: {e}")
 
+
+def _check_model(c: ml_collections.ConfigDict, errors: list[str]):
+    """The model name and its image size; the abstract model (None if the name is bad)."""
     model = None
     if not isinstance(c.model, str):
         errors.append(f"model = {c.model!r} must be a model name (see sap_jax.models.names()).")
@@ -86,6 +176,12 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
         except ValueError as e:
             errors.append(f"image_size: {e}")
 
+    return model
+
+
+def _check_data(c: ml_collections.ConfigDict, errors: list[str], device_count: int,
+                process_count: int) -> None:
+    """Batches, epochs, dtype, the validation split and the dense phase's optimizer."""
     for field in ("batch_size", "eval_batch_size"):
         v = c[field]
         if not (_int(v) and v > 0):
@@ -117,11 +213,11 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
         errors.append(f"on_nonfinite = {c.on_nonfinite!r}; use one of {ON_NONFINITE}.")
     _check_optimizer(c.optim, "optim", c.num_epochs if _num(c.num_epochs) else 0, errors)
 
+
+
+def _check_sap(c: ml_collections.ConfigDict, model, errors: list[str]) -> None:
+    """The search: schedule, penalty, selector and the norm baselines' fields."""
     s = c.sap
-    try:
-        resource.check_budget(s.p)
-    except ValueError as e:
-        errors.append(f"sap.p: {e}")
     if not (_int(s.e_start) and 0 <= s.e_start < (c.num_epochs if _num(c.num_epochs) else 0)):
         errors.append(f"sap.e_start = {s.e_start!r} must satisfy 0 <= e_start < num_epochs "
                       f"= {c.num_epochs} (search needs at least one epoch).")
@@ -133,13 +229,10 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
         errors.append(f"sap.agn_every = {s.agn_every!r} must be an integer >= 1.")
     if not (_num(s.subset_fraction) and 0 < s.subset_fraction <= 1):
         errors.append(f"sap.subset_fraction = {s.subset_fraction!r} must lie in (0, 1].")
+    if not _in(s.selector, SELECTORS):
+        errors.append(f"sap.selector = {s.selector!r}; use one of {SELECTORS}.")
     if not _in(s.final_arch, FINAL_ARCH):
         errors.append(f"sap.final_arch = {s.final_arch!r}; use one of {FINAL_ARCH}.")
-    if not (_int(s.round_to) and s.round_to >= 0):
-        errors.append(f"sap.round_to = {s.round_to!r} must be an integer >= 0 "
-                      "(0 = auto for the backend, 1 = no rounding).")
-    if not isinstance(s.enforce_budget, bool):
-        errors.append(f"sap.enforce_budget = {s.enforce_budget!r} must be True or False.")
     if not _in(s.penalty_scope, PENALTY_SCOPES):
         errors.append(f"sap.penalty_scope = {s.penalty_scope!r}; use one of {PENALTY_SCOPES}.")
     if not _in(s.norm, baselines.NORMS):
@@ -147,13 +240,20 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
     w = s.widths
     if not isinstance(w, (tuple, list)) or any(not _int(x) for x in w):
         errors.append(f"sap.widths = {w!r} must be a tuple of integers (or () for none).")
-    elif w and s.final_arch != "norm":
-        errors.append("sap.widths is only used with sap.final_arch='norm'.")
+    elif w and s.selector != "norm":
+        errors.append("sap.widths is only used with sap.selector = 'norm'.")
     elif w and model is not None and (len(w) != model.num_groups or any(
             not 1 <= x <= c for x, c in zip(w, model.widths))):
         errors.append(f"sap.widths = {tuple(w)} must give one width in [1, C_k] per group; "
                       f"{c.model} has groups of {list(model.widths)} channels.")
 
+    if s.final_arch == "best" and _int(c.val_size) and c.val_size == 0:
+        errors.append("sap.final_arch = 'best' judges sub-networks on the validation split: set "
+                      "val_size > 0 (the test split is never used for choices).")
+
+
+def _check_agn(c: ml_collections.ConfigDict, errors: list[str], device_count: int) -> None:
+    """The generator's optimizer, temperature and batch."""
     a = c.agn
     if not (_num(a.tau) and a.tau > 0):
         errors.append(f"agn.tau = {a.tau!r} must be > 0.")
@@ -162,30 +262,14 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
     for field in ("b1", "b2"):
         if not (_num(a[field]) and 0 <= a[field] < 1):
             errors.append(f"agn.{field} = {a[field]!r} must lie in [0, 1).")
-    if not (_num(a.lam_rate) and a.lam_rate >= 0):
-        errors.append(f"agn.lam_rate = {a.lam_rate!r} must be >= 0 (0 = a fixed lam).")
-    if not (_num(a.lam_max_scale) and a.lam_max_scale >= 1):
-        errors.append(f"agn.lam_max_scale = {a.lam_max_scale!r} must be >= 1.")
-    if not _in(a.budget_on, agn.BUDGET_ON):
-        errors.append(f"agn.budget_on = {a.budget_on!r}; use one of {agn.BUDGET_ON}.")
     if not (_int(a.batch_size) and a.batch_size > 0) or a.batch_size % device_count:
         errors.append(f"agn.batch_size = {a.batch_size!r} must be a positive multiple of the "
                       f"{device_count} devices.")
-    p_ok = _num(s.p) and 0 < s.p <= 1
-    if not (_num(a.target_margin) and 0 <= a.target_margin < (s.p if p_ok else 1.0)):
-        errors.append(f"agn.target_margin = {a.target_margin!r} must lie in [0, p).")
-    else:
-        try:
-            resource.ResourceLoss.from_config(c) if p_ok else resource.ResourceLoss(
-                1.0, lam=a.lam, form=a.resource_form, eps=a.resource_eps, scope=a.budget_scope)
-        except ValueError as e:
-            errors.append(f"agn: {e}")
-    if not _in(a.budget_scope, flops.SCOPES) and not any("scope" in e for e in errors):
-        errors.append(f"agn.budget_scope = {a.budget_scope!r}; use one of {flops.SCOPES}.")
 
-    if s.final_arch == "best" and _int(c.val_size) and c.val_size == 0:
-        errors.append("sap.final_arch = 'best' judges sub-networks on the validation split: set "
-                      "val_size > 0 (the test split is never used for choices).")
+
+
+def _check_rest(c: ml_collections.ConfigDict, errors: list[str]) -> None:
+    """The cut, fine-tuning, logging, checkpoints, speed and the compile cache."""
     cut = c.cut
     if not (_int(cut.bn_batches) and cut.bn_batches >= 0):
         errors.append(f"cut.bn_batches = {cut.bn_batches!r} must be an integer >= 0 (0 = no BN "
@@ -212,6 +296,21 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
     if not isinstance(c.compile_cache, str):
         errors.append(f"compile_cache = {c.compile_cache!r} must be a string: \"workdir\", a "
                       "directory, or \"\" (JAX's own setting).")
+
+def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
+             process_count: int | None = None) -> None:
+    """Raise :class:`ConfigError` listing every invalid field of ``c`` (renamed fields of
+    earlier releases are upgraded first, see :func:`upgrade`)."""
+    upgrade_with_warning(c)
+    errors: list[str] = []
+    device_count = jax.device_count() if device_count is None else device_count
+    process_count = jax.process_count() if process_count is None else process_count
+    model = _check_model(c, errors)
+    _check_data(c, errors, device_count, process_count)
+    _check_budget(c, errors)
+    _check_sap(c, model, errors)
+    _check_agn(c, errors, device_count)
+    _check_rest(c, errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 

@@ -10,7 +10,7 @@ Convention (stated once, used everywhere):
   BatchNorm scale and bias. BatchNorm running statistics are not counted.
 * **Prunable** MACs/params are those of layers that have at least one channel
   dimension in a prunable group. The paper's budget ``p`` is read over the
-  prunable MACs (``flops_budget_scope="prunable"``); ``"total"`` reads it
+  prunable MACs (``budget.scope = "prunable"``); ``"total"`` reads it
   over the whole network.
 
 Every count is a polynomial of the group widths read from the model's
@@ -106,12 +106,12 @@ def count(structure: G.Structure, widths: Sequence[Any] | None = None, *,
     return Counts(macs, params, pmacs, pparams)
 
 
-def kept_widths(arch: Sequence[jax.Array]) -> list[jax.Array]:
+def kept_widths(arch: G.Arch) -> list[jax.Array]:
     """Kept width of each group, ``sum_i v_k,i``, differentiable in ``v``."""
     return [jnp.sum(jnp.asarray(v, jnp.float32)) for v in arch]
 
 
-def macs_from_arch(structure: G.Structure, arch: Sequence[jax.Array],
+def macs_from_arch(structure: G.Structure, arch: G.Arch,
                    scope: str = "prunable") -> jax.Array:
     """MACs of the sub-network selected by ``arch`` (K vectors of shape (C_k,)).
 
@@ -126,7 +126,7 @@ def macs_from_arch(structure: G.Structure, arch: Sequence[jax.Array],
     return jnp.asarray(c.prunable_macs if scope == "prunable" else c.macs, jnp.float32)
 
 
-def mac_ratio(structure: G.Structure, arch: Sequence[jax.Array], scope: str = "prunable") -> jax.Array:
+def mac_ratio(structure: G.Structure, arch: G.Arch, scope: str = "prunable") -> jax.Array:
     """``T(v) / T_full`` over ``scope``: the quantity the budget ``p`` constrains."""
     full = count(structure)
     denom = full.prunable_macs if scope == "prunable" else full.macs

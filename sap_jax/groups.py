@@ -37,7 +37,20 @@ from typing import Any, Union
 
 import numpy as np
 
-Path = tuple[Union[str, int], ...]
+#: A parameter's path in the model's state, every key a string (an NNX list index 0 is "0"),
+#: as in :func:`sap_jax.codec.path_str` and saved models.
+Path = tuple[str, ...]
+
+
+#: An architecture vector v: K vectors of shape (C_k,), 1 = keep channel i of group k, 0 = drop
+#: (NumPy or JAX arrays; binary where it is cut, relaxed inside the generator). Every module
+#: passes it by this name, ``arch``.
+Arch = Sequence[Any]
+
+
+def as_path(keys: Sequence[Any]) -> Path:
+    """``keys`` (strings or list indices) as a :data:`Path`."""
+    return tuple(str(k) for k in keys)
 
 #: Every group keeps at least this many channels (see module docstring).
 MIN_KEPT = 1
@@ -206,21 +219,22 @@ class StructureBuilder:
         self._input_hw = input_hw
         self._in_channels = in_channels
 
-    def group(self, path: Path, width: int) -> GroupRef:
-        self._names.append(".".join(str(p) for p in path))
+    def group(self, path: Sequence[Any], width: int) -> GroupRef:
+        self._names.append(".".join(as_path(path)))
         self._widths.append(int(width))
         return GroupRef(len(self._widths) - 1)
 
-    def conv(self, path: Path, in_ch: Dim, out_ch: Dim, kernel: int, out_hw: tuple[int, int],
-             stride: int = 1, *, depthwise: bool = False, bias: bool = False) -> None:
-        self._layers.append(ConvLayer(path, in_ch, out_ch, (kernel, kernel), tuple(out_hw),
+    def conv(self, path: Sequence[Any], in_ch: Dim, out_ch: Dim, kernel: int,
+             out_hw: tuple[int, int], stride: int = 1, *, depthwise: bool = False,
+             bias: bool = False) -> None:
+        self._layers.append(ConvLayer(as_path(path), in_ch, out_ch, (kernel, kernel), tuple(out_hw),
                                       stride, depthwise, bias))
 
-    def norm(self, path: Path, ch: Dim) -> None:
-        self._layers.append(NormLayer(path, ch))
+    def norm(self, path: Sequence[Any], ch: Dim) -> None:
+        self._layers.append(NormLayer(as_path(path), ch))
 
-    def dense(self, path: Path, in_ch: Dim, out_ch: Dim, *, bias: bool = True) -> None:
-        self._layers.append(DenseLayer(path, in_ch, out_ch, bias))
+    def dense(self, path: Sequence[Any], in_ch: Dim, out_ch: Dim, *, bias: bool = True) -> None:
+        self._layers.append(DenseLayer(as_path(path), in_ch, out_ch, bias))
 
     def build(self) -> Structure:
         return Structure(tuple(self._names), tuple(self._widths), tuple(self._layers),
@@ -231,7 +245,7 @@ class StructureBuilder:
 # Architecture vectors
 # --------------------------------------------------------------------------
 
-def check_arch(arch: Sequence[Any], widths: Sequence[int], names: Sequence[str] | None = None,
+def check_arch(arch: Arch, widths: Sequence[int], names: Sequence[str] | None = None,
                *, what: str = "architecture vector") -> None:
     """Raise a clear ``ValueError`` unless ``arch`` has one (C_k,) vector per group.
 
@@ -259,7 +273,7 @@ def check_arch(arch: Sequence[Any], widths: Sequence[int], names: Sequence[str] 
                              "floating values (1 = keep, 0 = drop).")
 
 
-def check_binary(arch: Sequence[Any], names: Sequence[str] | None = None) -> list[np.ndarray]:
+def check_binary(arch: Arch, names: Sequence[str] | None = None) -> list[np.ndarray]:
     """Return ``arch`` as boolean NumPy vectors, or raise if any entry is not 0/1."""
     out = []
     for k, v in enumerate(arch):
@@ -280,7 +294,7 @@ def check_binary(arch: Sequence[Any], names: Sequence[str] | None = None) -> lis
     return out
 
 
-def ensure_min_kept(arch: Sequence[Any], scores: Sequence[Any] | None = None,
+def ensure_min_kept(arch: Arch, scores: Sequence[Any] | None = None,
                     names: Sequence[str] | None = None) -> list[np.ndarray]:
     """Apply the minimum-width rule: every group keeps >= ``MIN_KEPT`` channels.
 

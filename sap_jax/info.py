@@ -41,7 +41,13 @@ def model_report(name: str, image_size: int | None = None) -> dict[str, Any]:
 
 
 def pruned_report(directory: str, image_size: int | None = None) -> dict[str, Any]:
-    """Before/after counts of a saved model directory as a JSON-ready dict."""
+    """Before/after counts of a saved model directory (or of a run's workdir, which holds it
+    in ``pruned_model/``) as a JSON-ready dict."""
+    from sap_jax import parallel
+
+    run_model = parallel.path(directory) / "pruned_model"
+    if not surgery.is_saved_model(directory) and surgery.is_saved_model(run_model):
+        directory = str(run_model)
     info = surgery.read_info(directory)
     cfg = info["config"]
     after = models.from_config(info["class"], cfg, abstract=True)
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sap_jax.info", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help=f"a model name: {', '.join(models.names())}")
-    src.add_argument("--pruned", metavar="DIR", help="a directory written by sap_jax.surgery.save")
+    src.add_argument("--pruned", metavar="DIR", help="a directory written by sap_jax.surgery.save, "
+                     "or a run's workdir (its pruned_model/)")
     ap.add_argument("--image-size", "--image_size", type=int, default=None,
                     help="input height = width (default: the model's own, 32 or 224)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

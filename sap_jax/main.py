@@ -1,7 +1,7 @@
 """Run SAP end to end: ``python -m sap_jax.main --config=configs/NAME.py --workdir=DIR``.
 
 Any config field can be overridden on the command line, e.g.
-``--config.num_epochs=3 --config.sap.p=0.5``. Rerunning with the same
+``--config.num_epochs=3 --config.budget.p=0.5``. Rerunning with the same
 workdir resumes from the latest checkpoint.
 """
 
@@ -75,17 +75,47 @@ def _fail(e: BaseException) -> None:
     sys.exit(errors.exit_code(e))
 
 
+def _config_path(argv: list[str]) -> str | None:
+    """The PATH of ``--config=PATH`` (or ``--config PATH``) in ``argv``; None if absent."""
+    path = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--":
+            break
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    return path
+
+
+def parse_flags(argv: list[str]) -> tuple[list[str] | None, str | None]:
+    """Parse the command line once, as app.run would: the arguments left over, or the problem
+    as one line (a config file that is missing or does not load, an override of the wrong
+    type, a missing required flag), which absl would answer with a traceback or "FATAL Flags
+    parsing error" and exit code 1."""
+    import os
+
+    path = _config_path(argv)
+    if path is not None and not os.path.isfile(path):
+        return None, f"config file {path} does not exist (--config=configs/NAME.py)"
+    app.define_help_flags()  # as app.run does: --help and friends print the usage
+    try:
+        rest = FLAGS(argv)  # also loads the config file and applies the overrides
+        if path is not None:
+            FLAGS.config  # noqa: B018 - loading happens on first access
+    except flags.Error as e:
+        return None, str(e)
+    except Exception as e:  # noqa: BLE001 - whatever the user's config file raises
+        return None, f"config file {path} cannot be loaded: {type(e).__name__}: {e}"
+    return rest, None
+
+
 def _load_config(argv: list[str]):
     """The config named by ``--config=PATH`` in ``argv`` (None if absent or not loadable)."""
     import importlib.util
     import os
 
-    path = None
-    for i, arg in enumerate(argv[1:], 1):
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
+    path = _config_path(argv)
     if not path or not os.path.isfile(path):
         return None  # absl reports a missing or bad --config itself
     try:
@@ -122,7 +152,7 @@ def check_overrides(argv: list[str]) -> str | None:
             config_path.split(path)
         except ValueError:
             return (f"malformed override {arg!r}: use --config.FIELD=VALUE with a dotted "
-                    "field name from the config, e.g. --config.sap.p=0.5")
+                    "field name from the config, e.g. --config.budget.p=0.5")
         config = config if config is not None else _load_config(argv)
         if config is None:
             return None
@@ -134,15 +164,34 @@ def check_overrides(argv: list[str]) -> str | None:
     return None
 
 
+def upgrade_overrides(argv: list[str]) -> list[str]:
+    """``argv`` with overrides of renamed config fields under their new names, each change
+    reported on stderr (the old names go in the next release)."""
+    from sap_jax import config as config_lib
+
+    out = []
+    for arg in argv:
+        new, note = config_lib.upgrade_override(arg)
+        if note:
+            print(f"deprecated: {note}; the old name goes in the next release.", file=sys.stderr,
+                  flush=True)
+        out.append(new)
+    return out
+
+
 def run(hooks=None) -> None:
     """The command line; ``hooks`` (sap_jax.train.Hooks) observe the run, e.g. in tests."""
     global _HOOKS
     _HOOKS = hooks
+    sys.argv[:] = upgrade_overrides(sys.argv)
     problem = check_overrides(sys.argv)
+    rest = None
+    if not problem:
+        rest, problem = parse_flags(sys.argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
-    app.run(main)
+    app.run(main, flags_parser=lambda _argv: rest)  # parsed above, once
 
 
 if __name__ == "__main__":

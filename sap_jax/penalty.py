@@ -26,8 +26,6 @@ subgradient). With nothing dropped the penalty and its gradient are exactly 0.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -35,71 +33,40 @@ import jax.numpy as jnp
 import optax
 
 from sap_jax import groups as G
+from sap_jax import norms
 from sap_jax.codec import path_str
 
 Params = Any  # a pytree of arrays (nnx.State, a pure dict, ...) keyed like the model
 
-_WEIGHT_ROLES = G.KERNEL_ROLES
-_BN_ROLES = ("bn_scale", "bn_bias")
-
-
-@functools.lru_cache(maxsize=64)
 def owned_slices(structure: G.Structure, include_bn: bool = False
                  ) -> dict[tuple[str, ...], tuple[tuple[int, int], ...]]:
     """``{param path: ((group k, axis), ...)}`` of every tensor the penalty touches."""
-    roles = _WEIGHT_ROLES + (_BN_ROLES if include_bn else ())
-    out: dict[tuple[str, ...], list[tuple[int, int]]] = {}
-    for k, g in enumerate(structure.groups):
-        for sl in g.slices:
-            if sl.role in roles:
-                out.setdefault(tuple(map(str, sl.path)), []).append((k, sl.axis))
-    return {p: tuple(v) for p, v in out.items()}
+    return norms.owned_slices(structure, norms.roles_of("group_l2", include_bn))
 
 
-def _leaves(params: Params, structure: G.Structure, include_bn: bool) -> dict[tuple[str, ...], jax.Array]:
-    found = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    need = owned_slices(structure, include_bn)
-    missing = [p for p in need if p not in found]
-    if missing:
-        raise ValueError(
-            f"params lack {len(missing)} tensor(s) the channel groups own, e.g. "
-            f"{'/'.join(missing[0])}. Pass the parameters of the model the structure was "
-            f"built from (e.g. nnx.state(model, nnx.Param)).")
-    return {p: found[p] for p in need}
-
-
-def _slice_norms(t: jax.Array, axis: int) -> jax.Array:
-    """L2 norm of every slice of ``t`` along ``axis``; gradient 0 (not NaN) at a zero slice."""
-    t = t.astype(jnp.float32)
-    axis = axis % t.ndim
-    sq = jnp.sum(jnp.square(t), axis=tuple(a for a in range(t.ndim) if a != axis))
-    positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-
-
-def _dropped(arch: Sequence[jax.Array]) -> list[jax.Array]:
+def _dropped(arch: G.Arch) -> list[jax.Array]:
     return [1.0 - jax.lax.stop_gradient(jnp.asarray(v, jnp.float32)) for v in arch]
 
 
-def group_weights(arch: Sequence[jax.Array]) -> jax.Array:
+def group_weights(arch: G.Arch) -> jax.Array:
     """``N_k / N``, shape (K,): each group's share of all dropped channels (0 if none dropped)."""
     n = jnp.stack([jnp.sum(d) for d in _dropped(arch)])
     return n / jnp.maximum(jnp.sum(n), 1.0)
 
 
-def group_penalties(params: Params, arch: Sequence[jax.Array], structure: G.Structure, *,
+def group_penalties(params: Params, arch: G.Arch, structure: G.Structure, *,
                     include_bn: bool = False) -> jax.Array:
     """Unweighted ``sum_{i dropped} sum_t ||t[slice i]||_2`` of each group, shape (K,)."""
     G.check_arch(arch, structure.widths, structure.group_names, what="mask")
     dropped = _dropped(arch)
     per_group = [jnp.zeros((), jnp.float32)] * structure.num_groups
-    for path, t in _leaves(params, structure, include_bn).items():
-        for k, axis in owned_slices(structure, include_bn)[path]:
-            per_group[k] = per_group[k] + jnp.sum(dropped[k] * _slice_norms(t, axis))
+    # Slice by slice (not via channel_norms): the sums keep the order the penalty always had.
+    for k, n in norms.slice_norms(params, structure, include_bn=include_bn, xp=jnp):
+        per_group[k] = per_group[k] + jnp.sum(dropped[k] * n)
     return jnp.stack(per_group)
 
 
-def partial_group_lasso(params: Params, arch: Sequence[jax.Array], structure: G.Structure, *,
+def partial_group_lasso(params: Params, arch: G.Arch, structure: G.Structure, *,
                         include_bn: bool = False) -> jax.Array:
     """``R_w(W; v)``, a float32 scalar (units of weight L2 norm).
 
@@ -127,7 +94,7 @@ class ProximalState(NamedTuple):
 
 def _shrink(t: jax.Array, axis: int, threshold: jax.Array) -> jax.Array:
     """Group soft-threshold of the slices of ``t`` along ``axis`` (``threshold`` per slice)."""
-    n = _slice_norms(t, axis)
+    n = norms.l2_along(t, axis)
     factor = jnp.where(n > threshold, 1.0 - threshold / jnp.where(n > 0, n, 1.0), 0.0)
     shape = [1] * t.ndim
     shape[axis % t.ndim] = -1
@@ -164,7 +131,7 @@ def proximal_partial_group_lasso(structure: G.Structure, strength: float | optax
         thresholds = [jnp.asarray(schedule(state.count), jnp.float32) * w * d for w, d in
                       zip(group_weights(arch), _dropped(arch))]
         owned = owned_slices(structure, include_bn)
-        _leaves(params, structure, include_bn)  # clear error if the params do not fit
+        norms.owned_tensors(params, structure, norms.roles_of("group_l2", include_bn))  # or a clear error
 
         def one(path, u, w):
             slices = owned.get(path_str(path))

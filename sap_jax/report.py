@@ -15,8 +15,8 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
     """Everything a run reports, JSON-ready."""
     ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
     return {
-        "model": c.model, "dataset": c.dataset, "image_size": c.image_size, "p": c.sap.p,
-        "budget_scope": c.agn.budget_scope,
+        "model": c.model, "dataset": c.dataset, "image_size": c.image_size, "p": c.budget.p,
+        "budget_scope": c.budget.scope,
         "dense_acc": meta.get("dense_acc"),
         "subnet_acc_at_cut": meta.get("subnet_acc_at_cut"),
         "cut_acc": meta.get("cut_acc"),  # extracted model, BN statistics as trained
@@ -34,22 +34,22 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         "alignment_ratio_at_cut": meta.get("alignment_ratio_at_cut"),
         # The generator's own (deterministic) MAC ratio at the end of the search.
         "generator_ratio": ((meta.get("history", {}).get("mac_ratio") or [None])[-1]
-                            if c.sap.final_arch != "norm" else None),
+                            if c.sap.selector == "agn" else None),
         "saturated_epochs": meta.get("saturated_epochs", 0),
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": ratio(after.macs, before.macs),
         "prunable_macs_before": before.prunable_macs, "prunable_macs_after": after.prunable_macs,
         "prunable_macs_ratio": ratio(after.prunable_macs, before.prunable_macs),
         # MAC ratio (over budget_scope) of the architecture chosen for the cut, before any
-        # trimming to the budget (sap.enforce_budget) or rounding (sap.round_to)
+        # trimming to the budget (budget.enforce) or rounding (budget.round_to)
         "chosen_arch_ratio": meta.get("arch_ratio_chosen"),
         # Where the cut's architecture came from: "generator" (its last v), "generator_best",
         # "generator_last_within_p" (its latest v within p, when the last one was just over) or
         # "norm"; last_arch_ratio is the over-budget ratio it replaced.
         "arch_source": meta.get("arch_source"),
         "last_arch_ratio": meta.get("arch_ratio_last"),
-        "budget_enforced": bool(c.sap.enforce_budget),
-        "trimmed_channels": meta.get("trimmed_channels", 0),  # dropped by enforce_budget
+        "budget_enforced": bool(c.budget.enforce),
+        "trimmed_channels": meta.get("trimmed_channels", 0),  # dropped by budget.enforce
         "round_to": meta.get("round_to"),  # kept-width multiple applied at the cut (1 = none)
         "params_before": before.params, "params_after": after.params,
         "params_ratio": ratio(after.params, before.params),
@@ -92,7 +92,7 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"  the chosen architecture kept {chosen:.1%} of {r['budget_scope']} MACs, over p; "
                      + (f"its {r.get('trimmed_channels', 0)} lowest-norm kept channels were dropped "
                         "at the cut to meet p" if r.get("budget_enforced")
-                        else "cut as chosen (sap.enforce_budget = False)"))
+                        else "cut as chosen (budget.enforce = False)"))
     if r.get("arch_source") == "generator_last_within_p":
         lines.append(f"  the generator's last architecture kept {r['last_arch_ratio']:.1%} of "
                      f"{r['budget_scope']} MACs, just over p: the cut took its latest one within p")
@@ -100,7 +100,7 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"  warning: the generator was saturated above p in {r['saturated_epochs']} "
                      "search epochs (see the log)")
     if (r.get("round_to") or 1) > 1:
-        lines.append(f"  kept widths rounded to multiples of {r['round_to']} (sap.round_to)")
+        lines.append(f"  kept widths rounded to multiples of {r['round_to']} (budget.round_to)")
     if r.get("speed"):
         lines += [""] + speed.summary_lines(r["speed"])
     lines += ["", "  wall time per phase: " + ", ".join(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,18 +86,16 @@ class ResourceLoss:
 
     @classmethod
     def from_config(cls, c) -> "ResourceLoss":
-        """The generator's budget of a run config: it aims at ``sap.p - agn.target_margin`` (so
-        that its wobble around the target stays within p), with the ``agn`` section's weight,
-        form, dead band and scope."""
-        a = c.agn
-        return cls(c.sap.p - a.target_margin, lam=a.lam, form=a.resource_form, eps=a.resource_eps,
-                   scope=a.budget_scope)
+        """The generator's budget of a run config's ``budget`` section: it aims at
+        ``p - target_margin`` (so that its wobble around the target stays within p)."""
+        b = c.budget
+        return cls(b.p - b.target_margin, lam=b.lam, form=b.form, eps=b.eps, scope=b.scope)
 
-    def ratio(self, structure: G.Structure, arch: Sequence[jax.Array]) -> jax.Array:
+    def ratio(self, structure: G.Structure, arch: G.Arch) -> jax.Array:
         """Kept MAC fraction of ``arch`` over this loss's scope (differentiable)."""
         return flops.mac_ratio(structure, arch, self.scope)
 
-    def __call__(self, structure: G.Structure, arch: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, structure: G.Structure, arch: G.Arch) -> tuple[jax.Array, jax.Array]:
         """Return ``(lam * R(r, p), r)`` for the architecture ``arch``."""
         r = self.ratio(structure, arch)
         return self.lam * resource_loss(r, self.p, form=self.form, eps=self.eps), r

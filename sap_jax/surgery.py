@@ -26,7 +26,7 @@ from flax import nnx, traverse_util
 
 from sap_jax import groups as G
 from sap_jax import models as M
-from sap_jax import parallel
+from sap_jax import norms, parallel
 
 FORMAT = "sap_jax.pruned_model/1"
 _JSON = "model.json"
@@ -39,29 +39,22 @@ def _structure(model: M.PrunableModel) -> G.Structure:
 
 
 def _flat_state(model: M.PrunableModel) -> dict[G.Path, Any]:
-    return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
+    """Every array of ``model`` by its :data:`~sap_jax.groups.Path` (string keys, as saved)."""
+    return {G.as_path(k): v for k, v in
+            traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
 
 
 def channel_scores(model: M.PrunableModel) -> list[np.ndarray]:
     """Per-channel L2 norm of the weights that produce each group's channels.
 
-    Returns K vectors of shape (C_k,): for each channel, the norm of its
-    output slice(s) in the producing conv(s) (roles "out" and "depthwise").
-    Used by the minimum-width rule and available as a magnitude criterion.
+    Returns K vectors of shape (C_k,): for each channel, the norm of its output slice(s) in
+    the producing conv(s) (``norms.channel_norms`` kind ``producer_l2``). Used by the
+    minimum-width rule and available as a magnitude criterion.
     """
-    flat = _flat_state(model)
-    scores = []
-    for g in _structure(model).groups:
-        sq = np.zeros((g.size,))
-        for sl in g.slices:
-            if sl.role in ("out", "depthwise"):
-                w = np.moveaxis(np.asarray(flat[sl.path], np.float64), sl.axis, -1)
-                sq += (w.reshape(-1, g.size) ** 2).sum(0)
-        scores.append(np.sqrt(sq))
-    return scores
+    return norms.channel_norms(nnx.state(model, nnx.Param), _structure(model), "producer_l2")
 
 
-def kept_arch(model: M.PrunableModel, arch: Sequence[Any]) -> list[np.ndarray]:
+def kept_arch(model: M.PrunableModel, arch: G.Arch) -> list[np.ndarray]:
     """The binary vectors :func:`extract` actually applies to ``arch``.
 
     Validates shape and binarity, then applies the minimum-width rule
@@ -73,7 +66,7 @@ def kept_arch(model: M.PrunableModel, arch: Sequence[Any]) -> list[np.ndarray]:
     return G.ensure_min_kept(arch, channel_scores(model), s.group_names)
 
 
-def extract(model: M.PrunableModel, arch: Sequence[Any]) -> M.PrunableModel:
+def extract(model: M.PrunableModel, arch: G.Arch) -> M.PrunableModel:
     """Return a genuinely smaller model holding only the channels ``arch`` keeps.
 
     Args:
@@ -101,24 +94,22 @@ def extract(model: M.PrunableModel, arch: Sequence[Any]) -> M.PrunableModel:
 def _load_into(abstract: M.PrunableModel, flat: dict[G.Path, Any], source: str) -> M.PrunableModel:
     """Fill an abstract model with arrays, checking every name and shape first."""
     graphdef, state = nnx.split(abstract)
-    expected = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    by_name = {tuple(str(p) for p in k): v for k, v in flat.items()}
-    missing = [k for k in expected if tuple(map(str, k)) not in by_name]
-    extra = sorted(set(by_name) - {tuple(map(str, k)) for k in expected})
-    wrong = [(k, tuple(np.shape(by_name[tuple(map(str, k))])), tuple(v.shape))
-             for k, v in expected.items()
-             if tuple(map(str, k)) in by_name
-             and tuple(np.shape(by_name[tuple(map(str, k))])) != tuple(v.shape)]
+    keys = traverse_util.flatten_dict(nnx.to_pure_dict(state))  # the model's own keys (ints)
+    expected = {G.as_path(k): v for k, v in keys.items()}
+    missing = [k for k in expected if k not in flat]
+    extra = sorted(set(flat) - set(expected))
+    wrong = [(k, tuple(np.shape(flat[k])), tuple(v.shape)) for k, v in expected.items()
+             if k in flat and tuple(np.shape(flat[k])) != tuple(v.shape)]
     if missing or extra or wrong:
-        lines = [f"  missing {'/'.join(map(str, k))}" for k in missing[:5]]
+        lines = [f"  missing {'/'.join(k)}" for k in missing[:5]]
         lines += [f"  unexpected {'/'.join(k)}" for k in extra[:5]]
-        lines += [f"  {'/'.join(map(str, k))}: has shape {a}, widths need {b}" for k, a, b in wrong[:5]]
+        lines += [f"  {'/'.join(k)}: has shape {a}, widths need {b}" for k, a, b in wrong[:5]]
         raise ValueError(
             f"{source} cannot fill a {type(abstract).__name__} with widths "
             f"{list(abstract.widths)} ({len(missing)} missing, {len(extra)} unexpected, "
             f"{len(wrong)} mis-shaped arrays):\n" + "\n".join(lines))
     pure = traverse_util.unflatten_dict(
-        {k: jnp.asarray(by_name[tuple(map(str, k))], v.dtype) for k, v in expected.items()})
+        {k: jnp.asarray(flat[G.as_path(k)], v.dtype) for k, v in keys.items()})
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
@@ -161,9 +152,8 @@ def save(directory: str | os.PathLike, model: M.PrunableModel, *,
             "dense_widths": list(dense_widths if dense_widths is not None else model.widths),
             "image_size": None if image_size is None else int(image_size),
             "metadata": metadata or {}}
-    # Orbax wants string keys; NNX lists give integer ones.
-    pure = traverse_util.unflatten_dict(
-        {tuple(map(str, k)): np.asarray(v) for k, v in _flat_state(model).items()})
+    # Orbax wants string keys (NNX lists give integer ones): paths are strings.
+    pure = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in _flat_state(model).items()})
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(state_path, pure)
         ckptr.wait_until_finished()
@@ -174,10 +164,19 @@ def save(directory: str | os.PathLike, model: M.PrunableModel, *,
     return str(path)
 
 
+def is_saved_model(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a complete model written by :func:`save`."""
+    return (parallel.path(directory) / _JSON).is_file()
+
+
 def read_info(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``model.json`` of a saved model, validated."""
     path = parallel.path(directory)
     jpath = path / _JSON
+    if not path.exists():
+        raise ValueError(f"{path} does not exist.")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not a saved model's directory.")
     if not jpath.is_file():
         raise ValueError(f"{path} is not a saved sap_jax model: {_JSON} is missing (was the save "
                          f"interrupted? re-run the extraction or point at another directory).")

@@ -20,8 +20,15 @@ from sap_jax import train  # noqa: E402
 assert jax.device_count() == n, jax.devices()
 c = test_tiny.get_config()
 c.num_epochs, c.finetune.num_epochs, c.log_every_steps = 2, 1, 1
-losses = []
-hooks = train.Hooks(on_step=lambda phase, step, m: losses.append(float(m["loss"])))
-r = train.train_and_evaluate(c, sys.argv[2], hooks=hooks)
-print("RESULT " + json.dumps({"losses": losses, "widths": r["widths"], "final_acc": r["final_acc"],
+losses, phases = [], []
+
+
+def on_step(phase, step, m):
+    losses.append(float(m["loss"]))
+    phases.append(phase)
+
+
+r = train.train_and_evaluate(c, sys.argv[2], hooks=train.Hooks(on_step=on_step))
+print("RESULT " + json.dumps({"losses": losses, "dense_steps": phases.count("dense"),
+                              "widths": r["widths"], "final_acc": r["final_acc"],
                               "sharding": str(jax.devices())}))

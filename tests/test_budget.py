@@ -39,8 +39,8 @@ def steps_to_reach_budget(c, image_size: int, batch: int, max_steps: int, tol: f
     budget = resource.ResourceLoss.from_config(c)
     step = train.make_agn_step(codec, agn_codec, structure, budget, tx, tau=c.agn.tau,
                                offset=c.agn.offset, deterministic_v=c.agn.deterministic_v,
-                               lam_rate=c.agn.lam_rate, lam_max_scale=c.agn.lam_max_scale,
-                               budget_on=c.agn.budget_on)
+                               lam_rate=c.budget.lam_rate, lam_max_scale=c.budget.lam_max_scale,
+                               budget_on=c.budget.measure)
     params, rest = codec.split(model)
     ap, ar = agn_codec.split(gen)
     state = [ap, tx.init(ap), jnp.float32(0.0)]
@@ -55,8 +55,8 @@ def steps_to_reach_budget(c, image_size: int, batch: int, max_steps: int, tol: f
         ap, opt, log_lam, arch, _ = step(state[0], ar, state[1], state[2], params, rest, b,
                                          jax.random.key(n))
         state = [ap, opt, log_lam]
-        ratio = float(flops.mac_ratio(structure, arch, c.agn.budget_scope))
-        if abs(ratio - c.sap.p) <= tol:
+        ratio = float(flops.mac_ratio(structure, arch, c.budget.scope))
+        if abs(ratio - c.budget.p) <= tol:
             return n + 1, ratio
     return max_steps + 1, ratio
 
@@ -69,7 +69,7 @@ def test_paper_config_agn_reaches_p_on_a_frozen_model(name, image_size):
     # Bounded here to keep the suite short; far below what each config's search gives it.
     cap = min(allowed, 600)
     steps, ratio = steps_to_reach_budget(c, image_size, batch=8, max_steps=cap)
-    assert steps <= cap, f"{name}: deterministic MAC ratio {ratio:.3f} after {cap} AGN steps, p = {c.sap.p}"
+    assert steps <= cap, f"{name}: deterministic MAC ratio {ratio:.3f} after {cap} AGN steps, p = {c.budget.p}"
     assert cap < allowed
 
 
@@ -94,18 +94,25 @@ def test_fit_tracker_keeps_the_latest_architecture_within_p():
 
 @pytest.mark.slow
 def test_a_tiny_search_ends_at_its_budget_and_the_cut_trims_nothing(tmp_path):
-    """The whole program, tiny: the generator's own architecture meets p (within 0.01, not over
-    it), so sap.enforce_budget has nothing to trim and the cut keeps SAP's choice."""
+    """The whole program, tiny: the generator's own architecture meets p (within one channel of
+    it, not over it), so budget.enforce has nothing to trim and the cut keeps SAP's choice."""
     from configs import test_tiny
+    from sap_jax import cut, models
 
     c = test_tiny.get_config()
-    c.num_epochs, c.sap.agn_every, c.agn.lam_rate = 8, 1, 0.3  # 28 AGN steps
+    c.num_epochs, c.sap.agn_every, c.budget.lam_rate = 8, 1, 0.3  # 28 AGN steps
     c.finetune.num_epochs = 0
     r = train.train_and_evaluate(c, str(tmp_path))
-    assert abs(r["generator_ratio"] - c.sap.p) <= 0.01
-    assert r["chosen_arch_ratio"] <= c.sap.p and r["trimmed_channels"] == 0
+    # On this 4/8/16-channel model one channel moves the MAC ratio by up to ~0.04, so the
+    # generator can only land on that coarse grid: within one channel under p, never over it.
+    structure = models.create_abstract(c.model).structure(c.image_size)
+    w = r["widths"]
+    step = max(cut.widths_ratio(structure, [x + (i == k) for i, x in enumerate(w)])
+               - cut.widths_ratio(structure, w) for k in range(len(w)))
+    assert c.budget.p - step <= r["generator_ratio"] <= c.budget.p
+    assert r["chosen_arch_ratio"] <= c.budget.p and r["trimmed_channels"] == 0
     assert r["prunable_macs_ratio"] == pytest.approx(r["chosen_arch_ratio"])
     assert r["saturated_epochs"] == 0
     h = r["history"]
-    assert h["mac_ratio"][0] > c.sap.p + 0.1  # it started well above p and came down
-    assert max(h["agn_lam"]) > c.agn.lam  # the adaptive lambda took part
+    assert h["mac_ratio"][0] > c.budget.p + 0.1  # it started well above p and came down
+    assert max(h["agn_lam"]) > c.budget.lam  # the adaptive lambda took part

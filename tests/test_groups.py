@@ -11,7 +11,7 @@ from sap_jax import groups as G
 
 def _flat_shapes(model):
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
-    return {k: tuple(v.shape) for k, v in flat.items()}
+    return {G.as_path(k): tuple(v.shape) for k, v in flat.items()}
 
 
 @pytest.mark.parametrize("name", TINY + FULL)

@@ -37,6 +37,19 @@ def test_pruned_directory_before_after_table(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["groups"] == [2, 8, 16] and r["dense_groups"] == [4, 8, 16]
     assert 0 < r["macs_ratio"] < 1
+    # A run's workdir holds its model in pruned_model/: --pruned finds it there.
+    surgery.save(tmp_path / "run" / "pruned_model", surgery.extract(dense, arch),
+                 dense_widths=dense.widths, image_size=32)
+    assert info.main(["--pruned", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["groups"] == [2, 8, 16]
+
+
+def test_a_missing_or_unfinished_model_directory_is_named_for_what_it_is(tmp_path, capsys):
+    assert info.main(["--pruned", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()  # a save that never wrote model.json
+    assert info.main(["--pruned", str(tmp_path / "half")]) == 2
+    assert "model.json is missing (was the save interrupted?" in capsys.readouterr().err
 
 
 def test_errors_exit_2_with_a_message():

@@ -49,7 +49,7 @@ def test_launchers_pass_shellcheck():
 
 def test_tpu_dry_run_prints_create_install_and_the_same_command_on_every_worker(tmp_path):
     env, log = _fake(tmp_path, "gcloud", "exit 0\n")
-    p = _sh(TPU, *TPU_ARGS, "--spot", "--dry-run", "--", "--config.sap.p=0.4", "--config.seed=3",
+    p = _sh(TPU, *TPU_ARGS, "--spot", "--dry-run", "--", "--config.budget.p=0.4", "--config.seed=3",
             env=env)
     assert p.returncode == 0, p.stderr
     assert not log.exists()  # a dry run calls nothing
@@ -67,15 +67,15 @@ def test_tpu_dry_run_prints_create_install_and_the_same_command_on_every_worker(
     assert inner[3] == "TFDS_DATA_DIR=gs://bkt/tensorflow_datasets"
     assert inner[4:7] == [".venv/bin/python", "-m", "sap_jax.main"]
     assert inner[7:] == ["--config=configs/imagenet_r50.py", "--workdir=gs://bkt/runs/r50",
-                         "--config.data_dir=gs://bkt/tensorflow_datasets", "--config.sap.p=0.4",
+                         "--config.data_dir=gs://bkt/tensorflow_datasets", "--config.budget.p=0.4",
                          "--config.seed=3"]
 
 
 def test_tpu_launcher_runs_exactly_what_its_dry_run_prints(tmp_path):
     # describe fails: the slice does not exist yet, so it is created.
     env, log = _fake(tmp_path, "gcloud", '[[ "$4" == describe ]] && exit 1\nexit 0\n')
-    dry = _sh(TPU, *TPU_ARGS, "--dry-run", "--", "--config.sap.p=it's", env=env)
-    real = _sh(TPU, *TPU_ARGS, "--", "--config.sap.p=it's", env=env)
+    dry = _sh(TPU, *TPU_ARGS, "--dry-run", "--", "--config.budget.p=it's", env=env)
+    real = _sh(TPU, *TPU_ARGS, "--", "--config.budget.p=it's", env=env)
     assert real.returncode == 0, real.stderr
     printed = [shlex.split(x) for x in dry.stdout.splitlines() if x and not x.startswith("#")]
     calls = _calls(log)
@@ -117,7 +117,7 @@ def _script(stdout):
 
 
 def test_slurm_dry_run_one_process_per_gpu(tmp_path):
-    p = _sh(SLURM, *SLURM_ARGS, "--dry-run", "--", "--config.sap.p=0.45")
+    p = _sh(SLURM, *SLURM_ARGS, "--dry-run", "--", "--config.budget.p=0.45")
     assert p.returncode == 0, p.stderr
     s = _script(p.stdout)
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
@@ -128,7 +128,7 @@ def test_slurm_dry_run_one_process_per_gpu(tmp_path):
     assert srun[:2] == ["srun", "--kill-on-bad-exit=1"]
     assert srun[3:] == ["-m", "sap_jax.main", "--config=configs/imagenet_r101.py",
                         "--workdir=/shared/runs/r101", "--config.data_dir=/shared/tfds",
-                        "--config.sap.p=0.45"]
+                        "--config.budget.p=0.45"]
     assert "8 processes, 8 GPUs" in p.stdout
     # The generated batch script is itself valid bash.
     (tmp_path / "job.sbatch").write_text(s)

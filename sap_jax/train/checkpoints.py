@@ -24,10 +24,14 @@ from sap_jax.errors import CheckpointError, CheckpointWriteError, ConfigError
 CKPT_DIR = "checkpoints"
 
 
+def _hash(config_json: dict[str, Any]) -> str:
+    fields = config_lib.result_fields(config_json)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def config_hash(config: ml_collections.ConfigDict) -> str:
     """A short hash of the fields that change results: a checkpoint's config must match it."""
-    fields = config_lib.result_fields(config_lib.to_json_dict(config))
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return _hash(config_lib.to_json_dict(config))
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -39,18 +43,34 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict) -> None:
-    """Refuse a workdir that holds a run with a different config; record ours in a new one."""
+def _stored_config(workdir: Any) -> tuple[dict[str, Any], str | None] | None:
+    """The workdir's config.json in the current layout, and the hash its checkpoints carry when
+    it was written with the field names of an earlier release (None if current); None if
+    there is no config.json."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return None
+    try:
+        theirs = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path} is not valid JSON ({e}); the workdir is damaged. Use a new "
+            "--workdir, or delete that file to resume with the current config.") from e
+    old_hash = _hash(theirs)
+    renamed = config_lib.upgrade(theirs)  # its checkpoints keep the hash of the old layout
+    return theirs, old_hash if renamed else None
+
+
+def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict) -> str | None:
+    """Refuse a workdir that holds a run with a different config; record ours in a new one.
+
+    A workdir written with the field names of an earlier release resumes when its config is
+    the same after renaming; returns the config hash its checkpoints carry then (else None)."""
     path = workdir / "config.json"
     mine = config_lib.to_json_dict(config)
-    if path.exists():
-        try:
-            theirs = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"{path} is not valid JSON ({e}); the workdir is damaged. Use a new "
-                "--workdir, or delete that file to resume with the current config.") from e
-        diff = sorted(_diff_keys(config_lib.result_fields(theirs), config_lib.result_fields(mine)))
+    stored = _stored_config(workdir)
+    if stored is not None:
+        diff = sorted(_diff_keys(config_lib.result_fields(stored[0]), config_lib.result_fields(mine)))
         if diff:
             raise ConfigError(
                 f"workdir {workdir} holds a run with a different config "
@@ -59,14 +79,16 @@ def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict) -> Non
     parallel.sync("config-checked")  # nobody reads while process 0 writes
     if jax.process_index() == 0 and not path.exists():
         parallel.write_text_atomic(path, json.dumps(mine, indent=2))
+    return None if stored is None else stored[1]
 
 
 class Checkpoints:
     """The run's orbax CheckpointManager, with errors that say what to do."""
 
-    def __init__(self, workdir: Any, *, keep: int, config_hash: str):
+    def __init__(self, workdir: Any, *, keep: int, config_hash: str, old_hash: str | None = None):
         self.dir = workdir / CKPT_DIR
-        self.hash = config_hash
+        self.hash = config_hash  # written into every checkpoint; a restore must match it, or
+        self.old_hash = old_hash  # the hash of the same config under earlier field names
         self.manager = ocp.CheckpointManager(
             self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_names=("state", "meta"))
@@ -125,7 +147,7 @@ class Checkpoints:
             meta["phase"], meta["epoch"], meta["step"]  # noqa: B018 - must exist
         except Exception as e:  # noqa: BLE001
             raise self._damaged(e) from e
-        if meta.get("config_hash") != self.hash:
+        if meta.get("config_hash") not in (self.hash, self.old_hash or self.hash):
             raise ConfigError(
                 f"checkpoint {self.path(step)} was written by a run with a different "
                 "config. Use a new --workdir, or rerun with the config that wrote it.")
@@ -137,8 +159,9 @@ def latest_progress(workdir: str, config: ml_collections.ConfigDict) -> dict[str
     epoch, step, ``ckpt``, history, ...), or None if it has none. Raises like a resume would
     for a damaged checkpoint or one from another config. With several processes, call it on
     every process (orbax's manager synchronises them)."""
+    stored = _stored_config(parallel.path(workdir))
     ckpts = Checkpoints(parallel.path(workdir), keep=config.keep_checkpoints,
-                        config_hash=config_hash(config))
+                        config_hash=config_hash(config), old_hash=stored and stored[1])
     try:
         return ckpts.latest_meta()
     finally:

@@ -21,11 +21,12 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from sap_jax import bnstats, cut, flops, models, parallel, penalty, report, speed, surgery
+from sap_jax import bnstats, cut, flops, models, parallel, penalty, report, resource, speed, surgery
 from sap_jax import baselines
 from sap_jax import config as config_lib
 from sap_jax import data as data_lib
 from sap_jax.codec import ModuleCodec
+from sap_jax.errors import ConfigError
 from sap_jax.train import checkpoints, loop, search, steps
 from sap_jax.train import state as state_lib
 from sap_jax.train.state import Progress
@@ -49,6 +50,19 @@ class Programs:
     tx: optax.GradientTransformation | None = None
 
 
+def _check_writable(workdir) -> None:
+    """Create ``workdir`` and write a file in it, before anything compiles; a ConfigError (exit
+    code 2) naming the path if that fails."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".sap_jax_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir} cannot be written ({type(e).__name__}: "
+                          f"{e.strerror or e}): choose a --workdir you can write to.") from e
+
+
 class Env:
     """What every phase reads: the config, data, mesh, writers, checkpoints and hooks."""
 
@@ -56,9 +70,9 @@ class Env:
         config_lib.validate(config)
         self.config, self.workdir, self.hooks = config, parallel.path(workdir), hooks
         if jax.process_index() == 0:
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.workdir)
         parallel.sync("workdir")
-        checkpoints.check_workdir_config(self.workdir, config)
+        old_hash = checkpoints.check_workdir_config(self.workdir, config)
         self.mesh = parallel.make_mesh()
         self.data = data_lib.load(config.dataset, image_size=config.image_size, seed=config.seed,
                                   subset_fraction=config.sap.subset_fraction,
@@ -72,8 +86,12 @@ class Env:
         self.report_progress = periodic_actions.ReportProgress(
             num_train_steps=total, writer=self.writer, every_steps=config.log_every_steps)
         self.ckpts = checkpoints.Checkpoints(self.workdir, keep=config.keep_checkpoints,
-                                             config_hash=checkpoints.config_hash(config))
+                                             config_hash=checkpoints.config_hash(config),
+                                             old_hash=old_hash)
         self.key = jax.random.key(config.seed)
+        # The budget, read once: what the generator aims at and how the cut meets p.
+        self.budget = resource.ResourceLoss.from_config(config)
+        self.cut_policy = cut.CutPolicy.from_config(config, backend=jax.default_backend())
         self.watch: checkpoints.PreemptionWatch | None = None  # set while the phases run
         self.cache_stats: parallel.CacheStats | None = None
 
@@ -136,18 +154,20 @@ class Env:
 
 def chosen_arch(env: Env, state: dict, prog: Progress, structure) -> Any:
     """The architecture the search hands to the cut, and where it came from (``prog``)."""
-    c = env.config
-    final = state["best_arch"] if c.sap.final_arch == "best" else state["arch"]
-    prog.arch_source = {"last": "generator", "best": "generator_best"}.get(c.sap.final_arch, "norm")
+    s, policy = env.config.sap, env.cut_policy
+    final = state["best_arch"] if s.final_arch == "best" else state["arch"]
+    prog.arch_source = ("norm" if s.selector == "norm"
+                        else {"last": "generator", "best": "generator_best"}[s.final_arch])
     ratio = cut.widths_ratio(structure, [int(np.sum(v)) for v in state_lib.to_host(final)],
-                             c.agn.budget_scope)
+                             policy.scope)
     # A generator that hovers at p may end one channel over it: take its latest in-budget v
     # if that came within the last search epoch (one AGN step per agn_every weight steps).
     age = int(state_lib.to_host(state["fit_age"]))
-    if c.sap.final_arch == "last" and ratio > c.sap.p and age <= max(1, env.spe // c.sap.agn_every):
+    if (prog.arch_source == "generator" and ratio > policy.p
+            and age <= max(1, env.spe // s.agn_every)):
         logging.info("the generator's last architecture keeps %.2f%% of %s MACs, over p = %s; "
                      "the cut takes its latest one within p, from %d AGN steps earlier",
-                     100 * ratio, c.agn.budget_scope, c.sap.p, age)
+                     100 * ratio, policy.scope, policy.p, age)
         prog.arch_ratio_last, prog.arch_source = ratio, "generator_last_within_p"
         final = state["fit_arch"]
     return final
@@ -158,16 +178,15 @@ def cut_phase(env: Env, dense: Programs, state: dict, prog: Progress) -> tuple[P
     c, t0 = env.config, time.perf_counter()
     final = chosen_arch(env, state, prog, dense.structure)
     host = state_lib.to_host({"params": state["params"], "rest": state["rest"], "arch": final})
-    policy = cut.CutPolicy(p=c.sap.p, scope=c.agn.budget_scope, enforce_budget=c.sap.enforce_budget,
-                           round_to=c.sap.round_to, backend=jax.default_backend())
+    policy = env.cut_policy
     arch, rep = cut.final_arch(dense.structure, host["arch"], lambda: baselines.channel_norms(
         host["params"], dense.structure, c.sap.norm), policy)
     prog.arch_ratio_chosen, prog.trimmed_channels, prog.round_to = (
         rep.chosen_ratio, rep.trimmed_channels, rep.round_to)
     if rep.trimmed_channels:
         logging.warning("the chosen architecture keeps %.2f%% of %s MACs, over p = %s: dropped "
-                        "its %d lowest-norm kept channels to meet p (sap.enforce_budget)",
-                        100 * rep.chosen_ratio, policy.scope, c.sap.p, rep.trimmed_channels)
+                        "its %d lowest-norm kept channels to meet p (budget.enforce)",
+                        100 * rep.chosen_ratio, policy.scope, policy.p, rep.trimmed_channels)
     if rep.widths != rep.kept:  # hardware-friendly widths, still within the budget
         logging.info("widths rounded to multiples of %d: %s -> %s", rep.round_to, rep.kept,
                      rep.widths)
@@ -178,7 +197,7 @@ def cut_phase(env: Env, dense: Programs, state: dict, prog: Progress) -> tuple[P
     widths = list(pruned_model.widths)
     surgery.save(env.workdir / PRUNED_DIR, pruned_model, dense_widths=dense.model.widths,
                  image_size=c.image_size, overwrite=True,
-                 metadata={"dataset": c.dataset, "p": c.sap.p, "stage": "after_cut"})
+                 metadata={"dataset": c.dataset, "p": policy.p, "stage": "after_cut"})
     pruned = env.programs(widths, "finetune", pruned_model)
     ft = parallel.replicate(state_lib.to_host(state_lib.fresh_weights(pruned, env.key)), env.mesh)
     measure_cut(env, dense, pruned, state, ft, final, prog)
@@ -235,7 +254,7 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progr
     final_model = pruned.codec.merge(host["params"], host["rest"])
     surgery.save(env.workdir / PRUNED_DIR, final_model, dense_widths=dense.model.widths,
                  image_size=c.image_size, overwrite=True,
-                 metadata={"dataset": c.dataset, "p": c.sap.p, "stage": "fine_tuned",
+                 metadata={"dataset": c.dataset, "p": c.budget.p, "stage": "fine_tuned",
                            "test_accuracy": final_acc})
     before, after = flops.count(dense.structure), flops.count(pruned.structure)
     results = report.results(c, prog.to_json(), before, after, final_acc, dense.structure,

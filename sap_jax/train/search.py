@@ -4,7 +4,7 @@ From epoch ``sap.e_start`` the penalty reads the current architecture ``v``; eve
 ``sap.agn_every`` weight steps the generator takes one step on the frozen, gated model and
 proposes a new ``v``. Each search epoch ends with the search's health: sub-network accuracy
 on the validation split, MAC ratio, penalty, alignment ratio and the generator's own signals.
-The norm baselines (``sap.final_arch = "norm"``) choose ``v`` by channel norm instead.
+The norm baselines (``sap.selector = "norm"``) choose ``v`` by channel norm instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import optax
 from absl import logging
 
 from sap_jax import agn as agn_lib
-from sap_jax import baselines, flops, parallel, penalty, resource, xla_cpu
+from sap_jax import baselines, flops, parallel, penalty, xla_cpu
 from sap_jax.codec import ModuleCodec
 from sap_jax.train import steps
 from sap_jax.train.loop import Phase
@@ -48,20 +48,20 @@ class Search:
     """The hooks of the dense/search phase for one run (see :meth:`phase`)."""
 
     def __init__(self, env, progs, gen: Generator, prog: Progress, rng_data):
-        c, s = env.config, env.config.sap
+        c, s, b = env.config, env.config.sap, env.config.budget
         self.env, self.progs, self.gen, self.prog = env, progs, gen, prog
-        self.budget = resource.ResourceLoss.from_config(c)
+        self.budget = env.budget
         self.agn_step = steps.make_agn_step(
             progs.codec, gen.codec, progs.structure, self.budget, gen.tx, tau=c.agn.tau,
-            offset=c.agn.offset, deterministic_v=c.agn.deterministic_v, lam_rate=c.agn.lam_rate,
-            lam_max_scale=c.agn.lam_max_scale, budget_on=c.agn.budget_on, dtype=env.dtype)
+            offset=c.agn.offset, deterministic_v=c.agn.deterministic_v, lam_rate=b.lam_rate,
+            lam_max_scale=b.lam_max_scale, budget_on=b.measure, dtype=env.dtype)
         self.norms = steps.make_norms(progs.structure, s.include_bn)
-        self.track_fit = steps.make_fit_tracker(progs.structure, s.p, c.agn.budget_scope)
+        self.track_fit = steps.make_fit_tracker(progs.structure, env.cut_policy.p, self.budget.scope)
         self.initial_arch = xla_cpu.jit(lambda p, r: gen.codec.merge(p, r).sample(
             None, tau=c.agn.tau, offset=c.agn.offset))
         self.ones = [jnp.ones(w) for w in progs.model.widths]
         self.zeros = [jnp.zeros(w) for w in progs.model.widths]
-        self.use_agn = s.final_arch in ("last", "best")  # "norm": a norm-based baseline, no AGN
+        self.use_agn = s.selector == "agn"  # "norm": a norm-based baseline, no AGN
         self.rng = jax.random.wrap_key_data(rng_data)
         self.searching = False  # set at each epoch's start
 
@@ -161,24 +161,25 @@ class Search:
 
     def choose(self, epoch: int, row: dict, state: dict) -> None:
         """Keep the best architecture so far and warn about a saturated generator."""
-        s, prog = self.env.config.sap, self.prog
+        p, prog = self.env.cut_policy.p, self.prog
         # "best": judged on the validation split, with re-estimated BN where measured.
         judged = row.get("subnet_val_acc_bn", row["subnet_val_acc"])
         if judged > (-1.0 if prog.best_subnet_val_acc is None else prog.best_subnet_val_acc):
             prog.best_subnet_val_acc, prog.best_subnet_epoch = judged, epoch + 1
             state["best_arch"] = state["arch"]
-        if self.use_agn and row["mac_ratio"] > s.p and row.get("band_share", 1.0) < SATURATED_BAND:
+        if self.use_agn and row["mac_ratio"] > p and row.get("band_share", 1.0) < SATURATED_BAND:
             prog.saturated_epochs += 1
             logging.warning(
                 "epoch %d: the generator is saturated above its budget (MAC ratio %.3f, p = "
                 "%s; %.1f%% of its logits in the sensitive band): its decisions have stopped "
                 "moving. Lower agn.learning_rate or agn.b2, or raise agn.tau (docs/method.md).",
-                epoch + 1, row["mac_ratio"], s.p, 100 * row["band_share"])
+                epoch + 1, row["mac_ratio"], p, 100 * row["band_share"])
 
     def norm_arch(self, params: Any) -> list[jax.Array]:
         """Keep the largest-norm channels (sap.norm), to sap.widths or else the budget p."""
         s = self.env.config.sap
         norms = baselines.channel_norms(to_host(params), self.progs.structure, s.norm)
         arch = baselines.arch_by_norm(norms, self.progs.structure, widths=list(s.widths) or None,
-                                      p=None if s.widths else s.p, scope=self.budget.scope)
+                                      p=None if s.widths else self.env.cut_policy.p,
+                                      scope=self.budget.scope)
         return parallel.replicate(arch, self.env.mesh)

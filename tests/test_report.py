@@ -1,0 +1,74 @@
+"""The end of a run (sap_jax/report.py): results.json's figures, the summary's lines, the files."""
+
+import json
+import os
+import sys
+
+from sap_jax import flops, models, report
+from sap_jax.train import Progress
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import test_tiny  # noqa: E402
+
+
+def _results(**cut):
+    c = test_tiny.get_config()
+    dense = models.create_abstract(c.model).structure(c.image_size)
+    pruned = models.create_abstract(c.model, widths=[2, 4, 8]).structure(c.image_size)
+    prog = Progress(dense_acc=0.9, cut_acc=0.5, cut_acc_bn=0.8, subnet_acc_at_cut=0.5,
+                    alignment_ratio_at_cut=0.02, arch_source="generator", arch_ratio_chosen=0.45,
+                    trimmed_channels=0, round_to=1, times={"dense": 1.0, "search": 2.0},
+                    history={"epoch": [1, 2, 3], "mac_ratio": [0.9, 0.47], "hamming": [0.1, 0.0],
+                             "test_acc": [0.5, 0.8, 0.9]})
+    for k, v in cut.items():
+        setattr(prog, k, v)
+    before, after = flops.count(dense), flops.count(pruned)
+    return c, report.results(c, prog.to_json(), before, after, 0.85, dense, pruned), before, after
+
+
+def test_results_carry_the_measured_ratios_and_the_configs_budget():
+    c, r, before, after = _results()
+    assert r["macs_ratio"] == after.macs / before.macs < 1
+    assert r["prunable_macs_ratio"] == after.prunable_macs / before.prunable_macs
+    assert r["params_ratio"] == after.params / before.params
+    assert (r["p"], r["budget_scope"], r["budget_enforced"]) == (c.budget.p, "prunable", True)
+    assert r["generator_ratio"] == 0.47  # the generator's last MAC ratio
+    assert r["widths"] == [2, 4, 8] and r["dense_widths"] == [4, 8, 16]
+    assert r["final_acc"] == 0.85 and r["splits"]["final_acc"] == "test"
+    assert r["config"]["budget"]["p"] == c.budget.p
+    c.sap.selector = "norm"  # no generator ran: no generator ratio, whatever the history holds
+    s = models.create_abstract(c.model).structure(c.image_size)
+    assert report.results(c, {"history": {"mac_ratio": [0.4]}}, before, before, 0.8, s, s
+                          )["generator_ratio"] is None
+
+
+def test_the_summary_says_what_the_cut_did():
+    _, r, _, _ = _results()
+    text = report.summary(r)
+    for part in ("budget p = 0.5 of prunable MACs", "final (after fine-tuning)", "85.00%",
+                 "alignment at the cut: dropped channels' mean norm is 0.020"):
+        assert part in text, part
+    assert "over p" not in text and "rounded" not in text
+    _, r, _, _ = _results(arch_ratio_chosen=0.55, trimmed_channels=3, round_to=2)
+    text = report.summary(r)
+    assert "kept 55.0% of prunable MACs, over p; its 3 lowest-norm kept channels were dropped" in text
+    assert "kept widths rounded to multiples of 2 (budget.round_to)" in text
+    _, r, _, _ = _results(arch_source="generator_last_within_p", arch_ratio_last=0.505)
+    assert "last architecture kept 50.5% of prunable MACs, just over p" in report.summary(r)
+    _, r, _, _ = _results(arch_ratio_chosen=0.55)
+    r["budget_enforced"] = False
+    assert "cut as chosen (budget.enforce = False)" in report.summary(r)
+
+
+def test_write_puts_results_summary_and_plots_in_the_workdir(tmp_path):
+    _, r, _, _ = _results()
+    report.write(str(tmp_path), r, plots=True)
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(r))
+    assert (tmp_path / "summary.txt").read_text() == report.summary(r) + "\n"
+    for name in ("accuracy.png", "hamming.png", "widths.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
+    (tmp_path / "quiet").mkdir()
+    report.write(str(tmp_path / "quiet"), r, plots=False)
+    assert sorted(os.listdir(tmp_path / "quiet")) == ["results.json", "summary.txt"]
