@@ -9,8 +9,10 @@ EXIT_BAD_INPUT = 2
 EXIT_DISTRIBUTED_SETUP = 3
 #: A checkpoint could not be written (disk full, permissions); the previous one is intact.
 EXIT_WRITE_FAILED = 74
-#: Preempted by SIGTERM after saving a checkpoint: rerun the same command to resume.
+#: Preempted by SIGTERM (or a first Ctrl-C) after saving a checkpoint: rerun to resume.
 EXIT_PREEMPTED = 75
+#: A second Ctrl-C: stopped at once, without saving (the shell's code for SIGINT).
+EXIT_ABORTED = 130
 
 
 class ConfigError(ValueError):

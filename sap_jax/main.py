@@ -62,6 +62,10 @@ def main(argv: list[str]) -> None:
                  jax.devices())
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir, hooks=_HOOKS)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and exits 75)
+        print("aborted: a second Ctrl-C stopped the run without saving; rerun to resume from "
+              "its last checkpoint.", file=sys.stderr, flush=True)
+        sys.exit(errors.EXIT_ABORTED)
     except Exception as e:  # noqa: BLE001 - the documented ones exit with their code, bugs raise
         if errors.exit_code(e) is None:
             raise

@@ -5,6 +5,8 @@
 FAULT is one of
   none 0          run normally
   sigterm K       send this process SIGTERM right after weight step K
+  sigint K        send it SIGINT (Ctrl-C) right after weight step K
+  sigint2 K       send it SIGINT twice right after weight step K
   sigkill K       SIGKILL this process right after weight step K
   sigkill-save N  SIGKILL this process while checkpoint N is being written
 """
@@ -24,12 +26,13 @@ import orbax.checkpoint as ocp  # noqa: E402
 from sap_jax import main, train  # noqa: E402
 
 hooks = None
-if fault in ("sigterm", "sigkill"):
-    sig = signal.SIGTERM if fault == "sigterm" else signal.SIGKILL
+if fault in ("sigterm", "sigkill", "sigint", "sigint2"):
+    sig = {"sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}.get(fault, signal.SIGINT)
 
     def on_step(phase, step, metrics):
         if step == arg:
-            os.kill(os.getpid(), sig)
+            for _ in range(2 if fault == "sigint2" else 1):
+                os.kill(os.getpid(), sig)
 
     hooks = train.Hooks(on_step=on_step)
 elif fault == "sigkill-save":

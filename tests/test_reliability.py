@@ -64,14 +64,18 @@ def reference(tmp_path_factory):
 
 # -- 1. preemption -------------------------------------------------------------------
 
-@pytest.mark.parametrize("step, phase, ckpt, into", [(6, "search", 2, 2), (15, "finetune", 5, 3)])
-def test_sigterm_saves_at_the_next_step_exits_75_and_resumes_exactly(reference, tmp_path, step,
-                                                                     phase, ckpt, into):
+@pytest.mark.parametrize("signal_, step, phase, ckpt, into", [
+    ("sigterm", 6, "search", 2, 2), ("sigterm", 15, "finetune", 5, 3),
+    ("sigint", 6, "search", 2, 2)])  # a first Ctrl-C is taken like a preemption notice
+def test_sigterm_saves_at_the_next_step_exits_75_and_resumes_exactly(reference, tmp_path, signal_,
+                                                                     step, phase, ckpt, into):
     # Every program goes into the workdir's compilation cache (not only those that take over 1 s
     # to compile), so the resumed process runs programs loaded from it, not compiled afresh.
     cache_all = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    p = _fault_run(tmp_path, "sigterm", step, env=cache_all)
+    p = _fault_run(tmp_path, signal_, step, env=cache_all)
     assert p.returncode == train.EXIT_PREEMPTED == 75, p.stderr[-3000:]
+    assert ("Ctrl-C: saved checkpoint" in p.stderr) == (signal_ == "sigint")
+    assert "Traceback" not in p.stderr
     assert (f"saved checkpoint {ckpt} at step {step} (phase {phase}" in p.stderr
             and f"{into} steps into it" in p.stderr and "Rerun the same command" in p.stderr)
     assert not (tmp_path / "results.json").exists()
@@ -81,6 +85,14 @@ def test_sigterm_saves_at_the_next_step_exits_75_and_resumes_exactly(reference, 
     cache = json.loads((tmp_path / "results.json").read_text())["compile_cache"]
     assert cache["directory"] == str(tmp_path / "compile_cache") and cache["loaded"] > 0
     _assert_identical(_outcome(reference), _outcome(tmp_path))
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
+    p = _fault_run(tmp_path, "sigint2", 6)
+    assert p.returncode == 130, p.stderr[-3000:]
+    assert "aborted: a second Ctrl-C" in p.stderr and "Traceback" not in p.stderr
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved == [1]  # only the phase-start checkpoint; nothing written at the abort
 
 
 # -- 2. crash safety -------------------------------------------------------------------
@@ -117,10 +129,26 @@ def test_same_seed_is_bit_identical_and_another_seed_is_not(reference, tmp_path)
 
 # -- 4. damaged or foreign state ------------------------------------------------------------
 
-def _copy(reference, tmp_path):
+def _copy(reference, tmp_path, finished=False):
+    """The reference workdir; unless ``finished``, as if the run stopped just before writing
+    its results (so a rerun restores the last checkpoint)."""
     wd = tmp_path / "wd"
     shutil.copytree(reference, wd)
+    if not finished:
+        (wd / "results.json").unlink()
     return wd
+
+
+def test_rerunning_a_finished_run_prints_its_summary_and_changes_nothing(reference, tmp_path, capsys):
+    wd = _copy(reference, tmp_path, finished=True)
+    before = {f: (wd / f).read_bytes() for f in ("results.json", "summary.txt")}
+    steps, phases = [], []
+    hooks = train.Hooks(on_step=lambda *a: steps.append(a), on_phase=phases.append)
+    r = train.train_and_evaluate(test_tiny.get_config(), str(wd), hooks=hooks)
+    assert steps == [] and phases == []  # nothing trained, nothing cut
+    assert r == json.loads(before["results.json"])
+    assert {f: (wd / f).read_bytes() for f in before} == before
+    assert capsys.readouterr().out.strip() == before["summary.txt"].decode().strip()
 
 
 def test_corrupted_checkpoint_names_its_path_and_what_to_do(reference, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import sys
 from typing import Any
 
 import jax
@@ -169,7 +170,8 @@ def latest_progress(workdir: str, config: ml_collections.ConfigDict) -> dict[str
 
 
 class PreemptionWatch:
-    """Has a preemption notice (SIGTERM) arrived? Checked at step boundaries.
+    """Has a preemption notice (SIGTERM) or a Ctrl-C (SIGINT) arrived? Checked at step
+    boundaries.
 
     A SIGTERM handler sets a local flag. With one process the flag is read at
     every step. With several, the host that got the signal must not stop alone
@@ -177,29 +179,42 @@ class PreemptionWatch:
     ``every_steps`` steps all processes all-gather their flags and stop
     together at the same step. (JAX's own preemption sync point is not used:
     orbax's CheckpointManager consumes it with checkpoint ids as step ids.)
-    Use it as a context manager: the previous handler comes back on exit.
+    The first Ctrl-C is taken like a SIGTERM: the run saves at the next step
+    and exits 75, ready to resume; a second one aborts at once
+    (KeyboardInterrupt). Use it as a context manager: the previous handlers
+    come back on exit.
     """
 
     def __init__(self, every_steps: int):
         self.multi = jax.process_count() > 1
         self.every = every_steps
         self.flag = False
-        self._previous = None
+        self.reason = "preemption notice (SIGTERM)"  # what set the flag, for the message
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> PreemptionWatch:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._on_term)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
+        for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_int)):
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _on_term(self, signum, frame) -> None:
         self.flag = True
+
+    def _on_int(self, signum, frame) -> None:
+        if self.flag:  # the second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.flag, self.reason = True, "Ctrl-C"
+        print("\nCtrl-C: saving a checkpoint at the next step, then stopping (exit code 75; "
+              "rerun to resume). Press Ctrl-C again to abort without saving.", file=sys.stderr,
+              flush=True)
 
     def __call__(self, step: int) -> bool:
         if not self.multi:

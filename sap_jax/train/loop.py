@@ -160,6 +160,6 @@ def preempt(env, state: dict[str, Any], prog: Progress, phase: str, epoch: int,
     prog.partial, prog.partial_agn = rows, host_metrics(agn_acc)
     save(env, state, prog)
     raise Preempted(
-        f"preemption notice (SIGTERM): saved checkpoint {prog.ckpt} at step {prog.step} "
+        f"{env.watch.reason}: saved checkpoint {prog.ckpt} at step {prog.step} "
         f"(phase {phase}, epoch {epoch + 1}, {len(rows)} steps into it) in "
         f"{env.ckpts.dir}. Rerun the same command to resume.")

@@ -9,6 +9,7 @@ resumes from the latest checkpoint in its workdir.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -290,8 +291,24 @@ def _start(env: Env) -> Progress:
     return prog
 
 
+def _finished(env: Env, prog: Progress) -> dict[str, Any] | None:
+    """The results of a run that already finished in this workdir (its last checkpoint is the
+    end of fine-tuning and results.json is written), else None."""
+    path = env.workdir / "results.json"
+    if prog.phase != "finetune" or prog.epoch < env.config.finetune.num_epochs or not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
 def _phases(env: Env) -> dict[str, Any]:
     prog = _start(env)
+    done = _finished(env, prog)
+    if done is not None:  # rerunning a finished run redoes nothing and rewrites nothing
+        logging.info("%s holds a finished run: nothing to do (delete its results.json to "
+                     "evaluate and measure it again)", env.workdir)
+        if jax.process_index() == 0:
+            print(report.summary(done), flush=True)
+        return done
     dense = env.programs(None, "search")
     gen = search.make_generator(env.config, dense.model.widths)
     template = state_lib.fresh_search_state(dense, gen, env.key)
