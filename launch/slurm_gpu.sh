@@ -3,16 +3,18 @@
 # one per node, on N nodes, all running `python -m sap_jax.main`.
 #
 #   launch/slurm_gpu.sh --nodes 4 --gpus-per-node 8 --config configs/imagenet_r101.py \
-#       --workdir /shared/runs/r101 --data-dir /shared/tensorflow_datasets \
+#       --workdir /shared/runs/r101 [--data-dir /shared/tensorflow_datasets] \
 #       [--per node] [--partition gpu] [--time 72:00:00] [--dry-run] [-- --config.budget.p=0.45]
 #
 # jax.distributed.initialize() reads the job layout from Slurm's environment.
-# The workdir and data dir must be on storage every node sees. The job is
-# requeueable: after a preemption or a requeue it resumes from the workdir.
+# The workdir and data dir must be on storage every node sees. Slurm sends
+# SIGTERM to every process some time before the time limit (--signal-lead):
+# the run saves a checkpoint and exits 75, and the job requeues itself and
+# resumes from the workdir, as after a preemption.
 set -euo pipefail
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   cat <<'EOF'
 
 Options:
@@ -25,7 +27,8 @@ Options:
   --account A            Slurm account (default: yours)
   --config PATH          sap_jax config, relative to the repository root
   --workdir DIR          shared directory for checkpoints and results
-  --data-dir DIR         shared TFDS data directory (TFDS_DATA_DIR)
+  --data-dir DIR         shared TFDS data directory (TFDS_DATA_DIR); not needed for digits/mnist5k
+  --signal-lead S        seconds before the time limit that Slurm sends SIGTERM (default 300)
   --venv DIR             virtual environment with sap_jax and jax[cuda12] (default: REPO/.venv)
   --dry-run              print the batch script and the sbatch command; submit nothing
   -- ARGS...             passed on to python -m sap_jax.main (config overrides)
@@ -37,7 +40,7 @@ die() { echo "slurm_gpu.sh: $*" >&2; exit 2; }
 posint() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer (got '$2')"; }
 
 nodes=1 gpus=8 per=gpu cpus=12 time_limit=48:00:00 partition="" account=""
-config="" workdir="" data_dir="" venv="" dry_run=0
+config="" workdir="" data_dir="" venv="" dry_run=0 lead=300
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -52,6 +55,7 @@ while [[ $# -gt 0 ]]; do
     --workdir) val "$@"; workdir="$2"; shift 2 ;;
     --data-dir) val "$@"; data_dir="$2"; shift 2 ;;
     --venv) val "$@"; venv="$2"; shift 2 ;;
+    --signal-lead) val "$@"; lead="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
@@ -62,10 +66,10 @@ done
 posint --nodes "$nodes"
 posint --gpus-per-node "$gpus"
 posint --cpus-per-gpu "$cpus"
+posint --signal-lead "$lead"
 [[ "$per" == gpu || "$per" == node ]] || die "--per must be 'gpu' or 'node' (got '$per')"
 [[ -n "$config" ]] || die "--config is required"
 [[ -n "$workdir" ]] || die "--workdir is required (a directory every node can reach)"
-[[ -n "$data_dir" ]] || die "--data-dir is required (the TFDS data directory, shared by all nodes)"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 [[ -f "$root/$config" ]] || die "config '$config' not found under $root"
 venv="${venv:-$root/.venv}"
@@ -84,7 +88,7 @@ else
 fi
 
 main="$(q "$venv/bin/python") -m sap_jax.main --config=$(q "$config") --workdir=$(q "$workdir")"
-main+=" --config.data_dir=$(q "$data_dir")"
+[[ -z "$data_dir" ]] || main+=" --config.data_dir=$(q "$data_dir")"
 for a in "${extra[@]}"; do main+=" $(q "$a")"; done
 
 script="#!/usr/bin/env bash
@@ -95,16 +99,21 @@ script="#!/usr/bin/env bash
 #SBATCH --cpus-per-task=$cpus_per_task
 #SBATCH --time=$time_limit
 #SBATCH --requeue
+#SBATCH --signal=TERM@$lead
 #SBATCH --output=$workdir/slurm-%j.out"
 [[ -z "$partition" ]] || script+=$'\n'"#SBATCH --partition=$partition"
 [[ -z "$account" ]] || script+=$'\n'"#SBATCH --account=$account"
 script+="
-set -euo pipefail
-cd $(q "$root")
-export TFDS_DATA_DIR=$(q "$data_dir")"
+set -uo pipefail
+cd $(q "$root")"
+[[ -z "$data_dir" ]] || script+=$'\n'"export TFDS_DATA_DIR=$(q "$data_dir")"
 [[ -z "$device_ids" ]] || script+=$'\n'"export JAX_LOCAL_DEVICE_IDS=$device_ids"
+# Exit code 75: the run saved a checkpoint on SIGTERM (time limit or preemption); requeue.
 script+="
-srun --kill-on-bad-exit=1 $main"
+srun --kill-on-bad-exit=1 $main
+rc=\$?
+if [[ \$rc -eq 75 ]]; then scontrol requeue \"\$SLURM_JOB_ID\"; fi
+exit \$rc"
 
 if [[ $dry_run -eq 1 ]]; then
   echo "# batch script ($((nodes * tasks)) processes, $((nodes * gpus)) GPUs):"
@@ -114,6 +123,8 @@ if [[ $dry_run -eq 1 ]]; then
   exit 0
 fi
 command -v sbatch >/dev/null || die "sbatch not found: run this on a Slurm login node (or use --dry-run)"
+[[ -x "$venv/bin/python" ]] || die "no virtual environment at $venv: create it as the README says \
+(on a node with the cluster's CUDA), or pass --venv DIR"
 mkdir -p "$workdir"
 printf '%s\n' "$script" > "$workdir/sap_jax.sbatch"
 sbatch "$workdir/sap_jax.sbatch"

@@ -56,7 +56,7 @@ def test_any_cli_override_validates_or_fails_clearly(pairs):
     overrides = [f"--config.{k}={v}" for k, v in pairs]
     try:
         c = _parse(overrides)
-    except flags.Error as e:  # absl prints this as one line and exits with code 1
+    except flags.Error as e:  # main prints this as one "error:" line and exits with code 2
         assert str(e)
         return
     try:

@@ -124,7 +124,8 @@ def test_slurm_dry_run_one_process_per_gpu(tmp_path):
                  "#SBATCH --partition=gpu", "#SBATCH --requeue", "export TFDS_DATA_DIR=/shared/tfds"):
         assert line in s.splitlines()
     assert "JAX_LOCAL_DEVICE_IDS" not in s
-    srun = shlex.split(s.splitlines()[-1])
+    assert "#SBATCH --signal=TERM@300" in s.splitlines()  # SIGTERM 5 minutes before the limit
+    srun = shlex.split(next(line for line in s.splitlines() if line.startswith("srun ")))
     assert srun[:2] == ["srun", "--kill-on-bad-exit=1"]
     assert srun[3:] == ["-m", "sap_jax.main", "--config=configs/imagenet_r101.py",
                         "--workdir=/shared/runs/r101", "--config.data_dir=/shared/tfds",
@@ -133,6 +134,39 @@ def test_slurm_dry_run_one_process_per_gpu(tmp_path):
     # The generated batch script is itself valid bash.
     (tmp_path / "job.sbatch").write_text(s)
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+
+
+@pytest.mark.parametrize("rc, requeued", [(75, True), (0, False), (1, False)])
+def test_slurm_job_requeues_itself_when_the_run_saved_on_sigterm(tmp_path, rc, requeued):
+    """The batch script, run by bash with stand-in srun and scontrol: a run that exits 75 (it
+    saved a checkpoint on Slurm's SIGTERM before the time limit) is requeued; others are not."""
+    p = _sh(SLURM, *SLURM_ARGS, "--dry-run")
+    (tmp_path / "job.sbatch").write_text(_script(p.stdout))
+    env, srun_log = _fake(tmp_path, "srun", f"exit {rc}\n")
+    _, scontrol_log = _fake(tmp_path, "scontrol", "")
+    job = subprocess.run(["bash", str(tmp_path / "job.sbatch")], capture_output=True, text=True,
+                         env={**env, "SLURM_JOB_ID": "4242"}, cwd=tmp_path, timeout=60)
+    assert job.returncode == rc, job.stderr
+    assert len(_calls(srun_log)) == 1
+    calls = _calls(scontrol_log) if scontrol_log.exists() else []
+    assert calls == ([["requeue", "4242"]] if requeued else [])
+
+
+def test_slurm_without_a_data_dir_and_without_a_venv(tmp_path):
+    args = [a for a in SLURM_ARGS if a not in ("--data-dir", "/shared/tfds")]
+    s = _script(_sh(SLURM, *args, "--dry-run").stdout)
+    assert "TFDS_DATA_DIR" not in s and "data_dir" not in s  # digits and mnist5k need none
+    env, log = _fake(tmp_path, "sbatch", "")
+    p = _sh(SLURM, *args, "--venv", str(tmp_path / "novenv"), env=env)
+    assert p.returncode == 2 and f"no virtual environment at {tmp_path / 'novenv'}" in p.stderr
+    assert not log.exists()  # nothing submitted
+
+
+def test_help_prints_the_header_and_options_only():
+    for script in (TPU, SLURM):
+        p = _sh(script, "--help")
+        assert p.returncode == 0 and "Options:" in p.stdout
+        assert "set -euo pipefail" not in p.stdout and "#!" not in p.stdout
 
 
 def test_slurm_one_process_per_node_sees_all_its_gpus():
