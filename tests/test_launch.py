@@ -3,16 +3,20 @@
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(ROOT, "launch", "tpu_pod.sh")
 SLURM = os.path.join(ROOT, "launch", "slurm_gpu.sh")
+HEAD = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                      check=True).stdout.strip()
 TPU_ARGS = ["--name", "sap-r50", "--zone", "us-central2-b", "--accelerator", "v4-32",
             "--bucket", "gs://bkt/", "--config", "configs/imagenet_r50.py", "--run", "r50",
-            "--repo", "https://example.org/sap_jax.git", "--ref", "abc123"]
+            "--repo", "https://example.org/sap_jax.git", "--ref", HEAD]
 
 
 def _sh(*args, env=None):
@@ -47,6 +51,34 @@ def test_launchers_pass_shellcheck():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def _fake_gcloud(tmp_path, state):
+    """A stand-in gcloud whose TPU is in ``state`` (MISSING: none); create/delete/start change it
+    as the real service would, and a CREATING slice is READY at the next look."""
+    state_file = tmp_path / "tpu_state"
+    state_file.write_text(state)
+    return _fake(tmp_path, "gcloud", f"""sf={shlex.quote(str(state_file))}
+case "$4" in
+  describe) s=$(cat "$sf"); [[ $s == MISSING ]] && exit 1
+            [[ $s == CREATING ]] && echo READY > "$sf"; echo "$s" ;;
+  create) echo CREATING > "$sf" ;;
+  delete) echo MISSING > "$sf" ;;
+  start) echo READY > "$sf" ;;
+esac
+exit 0
+""")
+
+
+def _main_of(start_cmd):
+    """The sap_jax.main command line inside the detached start command, and the whole command."""
+    tokens = shlex.split(start_cmd)
+    i = tokens.index("nohup")
+    assert tokens[i + 1:i + 3] == ["bash", "-c"]
+    lex = shlex.shlex(tokens[i + 3], posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    words = list(lex)
+    return words[:words.index(";")], tokens
+
+
 def test_tpu_dry_run_prints_create_install_and_the_same_command_on_every_worker(tmp_path):
     env, log = _fake(tmp_path, "gcloud", "exit 0\n")
     p = _sh(TPU, *TPU_ARGS, "--spot", "--dry-run", "--", "--config.budget.p=0.4", "--config.seed=3",
@@ -61,19 +93,20 @@ def test_tpu_dry_run_prints_create_install_and_the_same_command_on_every_worker(
         assert c[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "sap-r50"]
         assert "--worker=all" in c
     inner = install[install.index("--command") + 1]
-    assert "git checkout --quiet abc123" in inner and "-c constraints.txt 'jax[tpu]'" in inner
-    inner = shlex.split(run[run.index("--command") + 1])
-    assert inner[:3] == ["cd", "sap_jax", "&&"]
-    assert inner[3] == "TFDS_DATA_DIR=gs://bkt/tensorflow_datasets"
-    assert inner[4:7] == [".venv/bin/python", "-m", "sap_jax.main"]
-    assert inner[7:] == ["--config=configs/imagenet_r50.py", "--workdir=gs://bkt/runs/r50",
-                         "--config.data_dir=gs://bkt/tensorflow_datasets", "--config.budget.p=0.4",
-                         "--config.seed=3"]
+    assert f"git checkout --quiet {HEAD}" in inner and "-c constraints.txt 'jax[tpu]'" in inner
+    # The runtime's Python 3.10 is not enough: 3.11 is installed, and the venv checked.
+    assert "sys.version_info < (3, 11)" in inner and "apt-get install -y -qq python3.11" in inner
+    main, start = _main_of(run[run.index("--command") + 1])
+    assert start[:3] == ["cd", "sap_jax", "&&"] and "already running" in " ".join(start)
+    assert main[0] == "TFDS_DATA_DIR=gs://bkt/tensorflow_datasets"
+    assert main[1:4] == [".venv/bin/python", "-m", "sap_jax.main"]
+    assert main[4:] == ["--config=configs/imagenet_r50.py", "--workdir=gs://bkt/runs/r50",
+                        "--config.data_dir=gs://bkt/tensorflow_datasets", "--config.budget.p=0.4",
+                        "--config.seed=3"]
 
 
 def test_tpu_launcher_runs_exactly_what_its_dry_run_prints(tmp_path):
-    # describe fails: the slice does not exist yet, so it is created.
-    env, log = _fake(tmp_path, "gcloud", '[[ "$4" == describe ]] && exit 1\nexit 0\n')
+    env, log = _fake_gcloud(tmp_path, "MISSING")  # created, then READY
     dry = _sh(TPU, *TPU_ARGS, "--dry-run", "--", "--config.budget.p=it's", env=env)
     real = _sh(TPU, *TPU_ARGS, "--", "--config.budget.p=it's", env=env)
     assert real.returncode == 0, real.stderr
@@ -83,12 +116,107 @@ def test_tpu_launcher_runs_exactly_what_its_dry_run_prints(tmp_path):
     assert [c for c in calls if c[3] != "describe"] == [c[1:] for c in printed]
 
 
+@pytest.mark.parametrize("state, verbs", [
+    ("READY", ["describe", "ssh", "ssh"]),
+    ("PREEMPTED", ["describe", "delete", "create", "describe", "describe", "ssh", "ssh"]),
+    ("TERMINATED", ["describe", "delete", "create", "describe", "describe", "ssh", "ssh"]),
+    ("STOPPED", ["describe", "start", "describe", "ssh", "ssh"]),
+    ("CREATING", ["describe", "describe", "ssh", "ssh"]),
+])
+def test_tpu_launcher_brings_the_slice_to_ready_from_every_state(tmp_path, state, verbs):
+    env, log = _fake_gcloud(tmp_path, state)
+    p = _sh(TPU, *TPU_ARGS, env={**env, "SAP_JAX_TPU_POLL_S": "0"})
+    assert p.returncode == 0, p.stderr
+    assert [c[3] for c in _calls(log)] == verbs
+    assert (tmp_path / "tpu_state").read_text().strip() == "READY"
+
+
+def test_tpu_launcher_gives_up_on_a_state_it_does_not_know(tmp_path):
+    env, _ = _fake_gcloud(tmp_path, "SUSPENDED")
+    p = _sh(TPU, *TPU_ARGS, env=env)
+    assert p.returncode == 2 and "in state 'SUSPENDED'" in p.stderr
+
+
 def test_tpu_launcher_reuses_an_existing_slice_and_can_skip_install(tmp_path):
-    env, log = _fake(tmp_path, "gcloud", "exit 0\n")
+    env, log = _fake_gcloud(tmp_path, "READY")
     p = _sh(TPU, *TPU_ARGS, "--skip-install", env=env)
     assert p.returncode == 0, p.stderr
-    verbs = [c[3] for c in _calls(log)]
-    assert verbs == ["describe", "ssh"]
+    assert [c[3] for c in _calls(log)] == ["describe", "ssh"]
+
+
+def test_the_workers_start_the_run_detached_and_never_twice(tmp_path):
+    """The start command the workers get, run here by bash: the first start detaches the run
+    (it outlives the ssh session) and a second start while it lives starts nothing."""
+    p = _sh(TPU, *TPU_ARGS, "--dry-run")
+    run = shlex.split([x for x in p.stdout.splitlines() if x and not x.startswith("#")][-1])
+    start = run[run.index("--command") + 1]
+    home = tmp_path / "home"
+    (home / "sap_jax" / ".venv" / "bin").mkdir(parents=True)
+    python = home / "sap_jax" / ".venv" / "bin" / "python"
+    python.write_text("#!/usr/bin/env bash\necho \"run $*\"\nsleep 30\n")  # a long run
+    python.chmod(0o755)
+    env = {**os.environ, "HOME": str(home)}
+    # A session of its own, as an ssh login has: the test can then stop everything it started.
+    first = subprocess.run(["bash", "-c", start], capture_output=True, text=True, cwd=home, env=env,
+                           timeout=30, start_new_session=True)
+    second = subprocess.run(["bash", "-c", start], capture_output=True, text=True, cwd=home, env=env,
+                            timeout=30)
+    pid = int((home / "sap_jax_logs" / "r50.pid").read_text())
+    try:
+        assert "started r50" in first.stdout and "r50 is already running" in second.stdout
+        os.kill(pid, 0)  # still alive after the starting shell ended
+        for _ in range(50):  # the log fills as the run writes
+            if "sap_jax.main" in (home / "sap_jax_logs" / "r50.log").read_text():
+                break
+            time.sleep(0.1)
+        assert "run -m sap_jax.main --config=configs/imagenet_r50.py" in (
+            home / "sap_jax_logs" / "r50.log").read_text()
+    finally:
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+def test_logs_and_attach_read_worker_0s_log(tmp_path):
+    env, log = _fake_gcloud(tmp_path, "READY")
+    assert _sh(TPU, *TPU_ARGS, "--logs", env=env).returncode == 0
+    assert _sh(TPU, *TPU_ARGS, "--skip-install", "--attach", env=env).returncode == 0
+    ssh = [c for c in _calls(log) if c[3] == "ssh"]
+    assert "--worker=0" in ssh[0] and ssh[0][-1] == "tail -n 100 $HOME/sap_jax_logs/r50.log"
+    assert "--worker=all" in ssh[1] and "--worker=0" in ssh[2]
+    assert ssh[2][-1] == "tail -n +1 -F $HOME/sap_jax_logs/r50.log"
+
+
+def _clone_with_launcher(tmp_path):
+    """A small git repository holding the launchers and one committed config."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    (repo / "configs").mkdir()
+    for f in ("tpu_pod.sh", "lib.sh"):
+        shutil.copy(os.path.join(ROOT, "launch", f), repo / "launch" / f)
+    shutil.copy(os.path.join(ROOT, "configs", "quickstart.py"), repo / "configs" / "quickstart.py")
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a],  # noqa: E731
+                                    cwd=repo, check=True, capture_output=True)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    return repo, git
+
+
+def test_tpu_launcher_refuses_what_the_workers_cannot_have(tmp_path):
+    repo, git = _clone_with_launcher(tmp_path)
+    args = ["--name", "n", "--zone", "z", "--bucket", "gs://b", "--run", "r", "--dry-run"]
+    script = str(repo / "launch" / "tpu_pod.sh")
+    ok = _sh(script, *args, "--config", "configs/quickstart.py", "--repo", "https://x.org/r.git")
+    assert ok.returncode == 0, ok.stderr
+    git("remote", "add", "origin", str(tmp_path / "elsewhere"))  # a path on this machine
+    p = _sh(script, *args, "--config", "configs/quickstart.py")
+    assert p.returncode == 2 and "local path the workers cannot reach" in p.stderr
+    shutil.copy(repo / "configs" / "quickstart.py", repo / "configs" / "my_local.py")
+    p = _sh(script, *args, "--config", "configs/my_local.py", "--repo", "https://x.org/r.git")
+    assert p.returncode == 2 and "is not in commit" in p.stderr
+    with open(repo / "configs" / "quickstart.py", "a") as f:
+        f.write("# edited, not committed\n")
+    p = _sh(script, *args, "--config", "configs/quickstart.py", "--repo", "git@host:r.git")
+    assert p.returncode == 2 and "differs from commit" in p.stderr
 
 
 @pytest.mark.parametrize("args, message", [
