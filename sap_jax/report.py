@@ -157,6 +157,14 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
     if h.get("ft_test_acc"):
         last = h["epoch"][-1] if h.get("epoch") else 0
         ax.plot([last + e for e in h["ft_epoch"]], h["ft_test_acc"], label="pruned model, fine-tuning")
+    e_start = (r.get("config") or {}).get("sap", {}).get("e_start")
+    if e_start is not None and h.get("epoch"):
+        ax.axvline(e_start + 0.5, color="grey", ls=":", lw=1)
+        ax.annotate("search starts", (e_start + 0.5, 0.98), xycoords=("data", "axes fraction"),
+                    rotation=90, fontsize=8, color="grey", ha="right", va="top")
+        ax.axvline(h["epoch"][-1] + 0.5, color="black", ls="--", lw=1)
+        ax.annotate("cut", (h["epoch"][-1] + 0.5, 0.98), xycoords=("data", "axes fraction"),
+                    rotation=90, fontsize=8, ha="right", va="top")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{r['model']} on {r['dataset']}, p = {r['p']}")
@@ -169,18 +177,26 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
     if h.get("hamming"):
         e0 = len(h["epoch"]) - len(h["hamming"])
         ax.plot(h["epoch"][e0:], h["hamming"], marker="o")
-    ax.axhline(0.05, color="grey", ls="--", lw=1, label="0.05 (supp. §D)")
+    ax.axhline(0.05, color="grey", ls="--", lw=1, label="5%: the architecture counts as settled")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("Hamming distance of v to previous epoch")
+    ax.set_ylabel("fraction of channels whose keep/drop\nchanged since the previous epoch")
+    ax.set_title("how much the chosen architecture still moves")
     ax.legend()
     ax.grid(alpha=0.3)
     out.append(_save(fig, workdir, "hamming.png"))
     plt.close(fig)
 
     k = range(len(r["widths"]))
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(r["widths"]) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(r["widths"]) + 2), 4.5))
     ax.bar(k, r["dense_widths"], color="lightgrey", label="original")
     ax.bar(k, r["widths"], color="tab:blue", label="kept")
+    names = r.get("group_names") or []
+    if names and len(names) <= 32:  # every group by name
+        ax.set_xticks(list(k), names, rotation=90, fontsize=7)
+    elif names:  # many groups: one tick per stage (the name up to its last part)
+        stages = [n.rsplit(".", 1)[0] for n in names]
+        first = [i for i, st in enumerate(stages) if i == 0 or st != stages[i - 1]]
+        ax.set_xticks(first, [stages[i] for i in first], rotation=90, fontsize=7)
     ax.set_xlabel("channel group")
     ax.set_ylabel("channels")
     ax.set_title(f"kept widths: MACs {r['macs_ratio']:.1%} of dense")

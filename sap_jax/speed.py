@@ -72,6 +72,12 @@ def time_interleaved(fns: Sequence[Callable[[], jax.Array]], reps: int, warmup: 
     return times
 
 
+def spread(xs: Sequence[float]) -> tuple[float, float]:
+    """The interquartile range (25th and 75th percentiles, linear interpolation) of ``xs``."""
+    q25, q75 = np.percentile(np.asarray(xs, np.float64), [25, 75])
+    return float(q25), float(q75)
+
+
 def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes: Sequence[int], *,
             reps: int = 10, dtype: Any = jnp.float32, device: jax.Device | None = None) -> dict[str, Any]:
     """Inference speed of ``pruned`` vs ``dense`` (both ``PrunableModel`` s), JSON-ready.
@@ -92,12 +98,19 @@ def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes:
         fns = [forward_fn(m, image_size, int(b), dtype=dtype, device=device) for m in (dense, pruned)]
         t_dense, t_pruned = time_interleaved(fns, reps)
         d, p = statistics.median(t_dense), statistics.median(t_pruned)
+        # Each round times both models back to back: the per-round ratios show the noise.
+        q25, q75 = spread([x / y for x, y in zip(t_dense, t_pruned)])
         rows.append({
             "batch": int(b),
             "dense_ms": 1e3 * d, "pruned_ms": 1e3 * p,
             "dense_min_ms": 1e3 * min(t_dense), "pruned_min_ms": 1e3 * min(t_pruned),
+            "dense_iqr_ms": [1e3 * x for x in spread(t_dense)],
+            "pruned_iqr_ms": [1e3 * x for x in spread(t_pruned)],
             "dense_images_per_s": b / d, "pruned_images_per_s": b / p,
             "speedup": d / p, "efficiency": (d / p) / mac_speedup,
+            "speedup_iqr": [q25, q75],
+            # The middle half of the rounds' speed-ups lies on both sides of 1: not a measured gain.
+            "within_noise": q25 <= 1.0 <= q75,
         })
     return {"device": device.device_kind, "platform": device.platform, "dtype": jnp.dtype(dtype).name,
             "reps": reps, "image_size": image_size, "macs_dense": full, "macs_pruned": small,
@@ -106,15 +119,23 @@ def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes:
 
 def summary_lines(s: dict[str, Any]) -> list[str]:
     """The speed table of a run's summary."""
-    lines = [f"  inference on {s['device']} ({s['dtype']}), median of {s['reps']}; "
-             f"MACs {s['mac_speedup']:.2f}x fewer",
-             f"  {'':<18} {'dense':>11} {'pruned':>11} {'speed-up':>9} {'efficiency':>11}"]
+    lines = [f"  inference on {s['device']} ({s['dtype']}), median of {s['reps']} (speed-up: "
+             f"its IQR over the rounds); MACs {s['mac_speedup']:.2f}x fewer",
+             f"  {'':<18} {'dense':>11} {'pruned':>11} {'speed-up':>9} {'IQR':>11} {'efficiency':>11}"]
+    noisy = []
     for r in s["batches"]:
+        iqr = r.get("speedup_iqr")
+        iqr_text = f"{iqr[0]:.2f}-{iqr[1]:.2f}" if iqr else "-"
+        if r.get("within_noise"):
+            noisy.append(str(r["batch"]))
         if r["batch"] == 1:
             lines.append(f"  {'batch 1 latency':<18} {r['dense_ms']:>8.2f} ms {r['pruned_ms']:>8.2f} ms "
-                         f"{r['speedup']:>8.2f}x {r['efficiency']:>11.2f}")
+                         f"{r['speedup']:>8.2f}x {iqr_text:>11} {r['efficiency']:>11.2f}")
         else:
             label = f"batch {r['batch']} img/s"
             lines.append(f"  {label:<18} {r['dense_images_per_s']:>11.1f} {r['pruned_images_per_s']:>11.1f} "
-                         f"{r['speedup']:>8.2f}x {r['efficiency']:>11.2f}")
+                         f"{r['speedup']:>8.2f}x {iqr_text:>11} {r['efficiency']:>11.2f}")
+    if noisy:
+        lines.append(f"  at batch {', '.join(noisy)} the speed-up is within the noise: its IQR "
+                     "includes 1 (more speed.reps, or a quieter machine, would tell)")
     return lines

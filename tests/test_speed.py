@@ -51,7 +51,21 @@ def test_compare_reports_speedups_and_efficiency_against_the_mac_ratio():
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["pruned_ms"])
         assert row["pruned_images_per_s"] == pytest.approx(1e3 * b / row["pruned_ms"])
         assert row["efficiency"] == pytest.approx(row["speedup"] / r["mac_speedup"])
+        lo, hi = row["speedup_iqr"]
+        assert lo <= hi and row["within_noise"] == (lo <= 1 <= hi)
+        assert row["dense_iqr_ms"][0] <= row["dense_iqr_ms"][1]
     lines = speed.summary_lines(r)
     assert "batch 1 latency" in lines[2] and "batch 2 img/s" in lines[3]
     with pytest.raises(ValueError, match="batch_sizes"):
         speed.compare(dense, pruned, 16, (0,))
+
+
+def test_spread_and_the_noise_verdict_against_hand_computed_quartiles():
+    assert speed.spread([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
+    row = {"batch": 1, "dense_ms": 2.0, "pruned_ms": 1.9, "speedup": 1.05, "efficiency": 0.5,
+           "speedup_iqr": [0.94, 1.43], "within_noise": True}
+    s = {"device": "cpu", "dtype": "float32", "reps": 10, "mac_speedup": 2.0, "batches": [row]}
+    lines = speed.summary_lines(s)
+    assert "0.94-1.43" in lines[2] and "at batch 1 the speed-up is within the noise" in lines[-1]
+    row.update(speedup_iqr=[1.1, 1.3], within_noise=False)
+    assert "within the noise" not in "\n".join(speed.summary_lines(s))

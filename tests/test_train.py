@@ -52,6 +52,8 @@ def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     h = saved["history"]
     assert len(h["test_acc"]) == 3 and len(h["hamming"]) == 2 and len(h["ft_test_acc"]) == 2
     assert set(saved["times_s"]) == {"dense", "search", "cut", "finetune", "speed"}
+    assert saved["devices"] == {"platform": "cpu", "kind": "cpu", "count": 1, "per_process": 1,
+                                "processes": 1}
     # Measured inference speed of the extracted model vs the dense one, on this device.
     sp = saved["speed"]
     assert sp["platform"] == "cpu" and sp["reps"] == 2 and sp["image_size"] == 32

@@ -270,6 +270,9 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progr
                                          dtype=env.dtype)
         results["times_s"]["speed"] = time.perf_counter() - t0
     results["compile_cache"] = env.cache_stats.as_dict()  # this process's compilations
+    results["devices"] = {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
+                          "count": jax.device_count(), "per_process": jax.local_device_count(),
+                          "processes": jax.process_count()}
     if jax.process_index() == 0:
         report.write(env.workdir, results, plots=c.plots)
     env.writer.flush()
