@@ -315,14 +315,18 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
 
-#: Fields that change where a run keeps things, not what it computes: a run may resume with
-#: other values (another machine's cache directory).
-NOT_RESULT_FIELDS = ("compile_cache",)
+#: Fields that change where a run keeps or reads things, what it logs and plots, how often it
+#: saves, and the speed measurement, never what it computes: a run may resume with other values
+#: (another machine's cache or data directory, more logging, a speed re-measurement).
+NOT_RESULT_FIELDS = ("compile_cache", "data_dir", "log_every_steps", "plots", "speed",
+                     "checkpoint_every_epochs", "keep_checkpoints", "preemption_check_every_steps")
+#: The same, as 0.1.0 had it: the hash its checkpoints carry leaves out only these.
+NOT_RESULT_FIELDS_0_1 = ("compile_cache",)
 
 
-def result_fields(d: dict[str, Any]) -> dict[str, Any]:
-    """A config's JSON dict without :data:`NOT_RESULT_FIELDS` (what resuming must match)."""
-    return {k: v for k, v in d.items() if k not in NOT_RESULT_FIELDS}
+def result_fields(d: dict[str, Any], exclude: tuple[str, ...] = NOT_RESULT_FIELDS) -> dict[str, Any]:
+    """A config's JSON dict without the fields in ``exclude`` (what resuming must match)."""
+    return {k: v for k, v in d.items() if k not in exclude}
 
 
 def to_json_dict(c: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -19,6 +19,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results and plots.")
+flags.DEFINE_boolean("allow_config_change", False,
+                     "Continue a started run in --workdir although a field that changes results "
+                     "differs from its config (recorded in results.json's config_changes).")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-process: HOST:PORT of process 0. Not needed on Cloud TPU or under Slurm.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes in the job.")
@@ -61,7 +64,8 @@ def main(argv: list[str]) -> None:
     logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, hooks=_HOOKS)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, hooks=_HOOKS,
+                                 allow_config_change=FLAGS.allow_config_change)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and exits 75)
         print("aborted: a second Ctrl-C stopped the run without saving; rerun to resume from "
               "its last checkpoint.", file=sys.stderr, flush=True)

@@ -62,8 +62,14 @@ def test_config_validation_checks_sizes_against_the_dataset():
 
 
 def test_workdir_with_a_different_config_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(config_lib.to_json_dict(tiny(**{"budget.p": 0.3}))))
-    with pytest.raises(config_lib.ConfigError, match=r"different config \(fields budget.p differ\)"):
+    """Once a run has saved a checkpoint, a result-affecting field may not change unasked."""
+    started = tiny(**{"budget.p": 0.3})
+    checkpoints.check_workdir_config(tmp_path, started)
+    ckpts = checkpoints.Checkpoints(tmp_path, keep=1, config_hash=checkpoints.config_hash(started))
+    ckpts.save({"x": np.zeros(3, np.float32)}, {"phase": "search", "epoch": 1, "step": 0})
+    ckpts.manager.close()
+    with pytest.raises(config_lib.ConfigError, match=r"different config \(fields budget.p differ\)"
+                                                     r".*--allow_config_change"):
         train.train_and_evaluate(tiny(), str(tmp_path))
 
 
@@ -127,8 +133,8 @@ def test_a_workdir_written_under_the_old_field_names_resumes(tmp_path):
     c = tiny()
     legacy = config_lib.to_json_dict(_old_names(tiny()))
     (tmp_path / "config.json").write_text(json.dumps(legacy))
-    old_hash = checkpoints.check_workdir_config(tmp_path, c)  # the same config: accepted
-    assert old_hash is not None and old_hash != checkpoints.config_hash(c)
+    accepted = checkpoints.check_workdir_config(tmp_path, c)  # the same config: accepted
+    (old_hash,) = accepted - {checkpoints.config_hash(c)}  # and the hash 0.1.0 gave it
     ckpts = checkpoints.Checkpoints(tmp_path, keep=1, config_hash=old_hash)  # as 0.1.0 wrote it
     ckpts.save({"x": np.zeros(3, np.float32)}, {"phase": "search", "epoch": 1, "step": 0})
     ckpts.manager.close()
@@ -138,3 +144,18 @@ def test_a_workdir_written_under_the_old_field_names_resumes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(legacy))
     with pytest.raises(config_lib.ConfigError, match=r"fields budget.p differ"):
         checkpoints.check_workdir_config(tmp_path, c)
+
+
+def test_fields_that_cannot_change_results_may_change_and_any_may_before_the_first_checkpoint(tmp_path):
+    c = tiny()
+    checkpoints.check_workdir_config(tmp_path, c)
+    # Where data and caches live, logging, plots, speed and checkpoint cadence: not the results.
+    moved = tiny(**{"data_dir": "/elsewhere", "log_every_steps": 7, "plots": True,
+                    "speed.enabled": True, "checkpoint_every_epochs": 2})
+    assert checkpoints.config_hash(moved) == checkpoints.config_hash(c)
+    assert checkpoints.config_hash(c) in checkpoints.check_workdir_config(tmp_path, moved)
+    # Nothing saved yet: even a result-affecting change simply replaces the config.
+    other = tiny(**{"sap.gamma": 0.5})
+    checkpoints.check_workdir_config(tmp_path, other)
+    assert json.loads((tmp_path / "config.json").read_text())["sap"]["gamma"] == 0.5
+    assert checkpoints.config_changes(tmp_path) == []

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from sap_jax import config as config_lib
 from sap_jax import info, report, surgery, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +98,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         train.train_and_evaluate(tiny(), str(tmp_path))
     progress = train.latest_progress(str(tmp_path), tiny())
     assert progress["ckpt"] == 2 and progress["epoch"] == 2
+    # The remedy (a lower learning rate) changes a result-affecting field of a started run:
+    # refused unless asked for, then the run continues from checkpoint 2 and records the change.
+    monkeypatch.setattr(data_lib.ArrayDataset, "train_batches", real)
+    lower = tiny(**{"optim.learning_rate": 0.01})
+    with pytest.raises(config_lib.ConfigError, match="--allow_config_change"):
+        train.train_and_evaluate(lower, str(tmp_path))
+    phases = []
+    r = train.train_and_evaluate(lower, str(tmp_path), train.Hooks(on_phase=phases.append),
+                                 allow_config_change=True)
+    assert phases == ["search", "cut", "finetune", "finish"]
+    assert r["config_changes"] == [{"from_checkpoint": 2, "fields": {
+        "optim.learning_rate": [tiny().optim.learning_rate, 0.01]},
+        "from_hashes": r["config_changes"][0]["from_hashes"]}]
+    assert len(r["history"]["test_acc"]) == tiny().num_epochs  # the two epochs before it kept
 
 
 def _main(*args, env=None):

@@ -25,8 +25,12 @@ from sap_jax.errors import CheckpointError, CheckpointWriteError, ConfigError
 CKPT_DIR = "checkpoints"
 
 
-def _hash(config_json: dict[str, Any]) -> str:
-    fields = config_lib.result_fields(config_json)
+CHANGES = "config_changes.json"
+
+
+def _hash(config_json: dict[str, Any],
+          exclude: tuple[str, ...] = config_lib.NOT_RESULT_FIELDS) -> str:
+    fields = config_lib.result_fields(config_json, exclude)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -44,10 +48,15 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _stored_config(workdir: Any) -> tuple[dict[str, Any], str | None] | None:
-    """The workdir's config.json in the current layout, and the hash its checkpoints carry when
-    it was written with the field names of an earlier release (None if current); None if
-    there is no config.json."""
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for k in dotted.split("."):
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def _stored_config(workdir: Any) -> tuple[dict[str, Any], set[str]] | None:
+    """The workdir's config.json (in the current field names) and the hashes its checkpoints may
+    carry: that of its result fields now, and as 0.1.0 computed it; None without config.json."""
     path = workdir / "config.json"
     if not path.exists():
         return None
@@ -57,39 +66,78 @@ def _stored_config(workdir: Any) -> tuple[dict[str, Any], str | None] | None:
         raise ConfigError(
             f"{path} is not valid JSON ({e}); the workdir is damaged. Use a new "
             "--workdir, or delete that file to resume with the current config.") from e
-    old_hash = _hash(theirs)
-    renamed = config_lib.upgrade(theirs)  # its checkpoints keep the hash of the old layout
-    return theirs, old_hash if renamed else None
+    hashes = {_hash(theirs, config_lib.NOT_RESULT_FIELDS_0_1)}  # as 0.1.0 wrote its checkpoints
+    config_lib.upgrade(theirs)
+    return theirs, hashes | {_hash(theirs)}
 
 
-def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict) -> str | None:
-    """Refuse a workdir that holds a run with a different config; record ours in a new one.
+def _has_checkpoints(workdir: Any) -> bool:
+    d = workdir / CKPT_DIR
+    return d.exists() and any(p.name.isdigit() for p in d.iterdir())
 
-    A workdir written with the field names of an earlier release resumes when its config is
-    the same after renaming; returns the config hash its checkpoints carry then (else None)."""
+
+def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict, *,
+                         allow_change: bool = False) -> set[str]:
+    """Compare ``config`` with the one the workdir's run was started with; keep config.json
+    current. Returns the config hashes a checkpoint of this workdir may carry.
+
+    Fields that cannot change results (config.NOT_RESULT_FIELDS) may always change. Before the
+    first checkpoint any field may. After it, a field that changes results is refused unless
+    ``allow_change``; then the change is recorded in config_changes.json (and results.json).
+    A workdir written with the field names of 0.1.0 resumes when its config is the same."""
     path = workdir / "config.json"
     mine = config_lib.to_json_dict(config)
     stored = _stored_config(workdir)
+    accepted = {config_hash(config)}
+    replace = stored is None  # config.json records the config the checkpoints were written with
     if stored is not None:
-        diff = sorted(_diff_keys(config_lib.result_fields(stored[0]), config_lib.result_fields(mine)))
-        if diff:
+        theirs, hashes = stored
+        diff = sorted(_diff_keys(config_lib.result_fields(theirs), config_lib.result_fields(mine)))
+        if not diff:  # (checkpoints may predate a change this run was allowed earlier)
+            accepted |= hashes | {h for c in config_changes(workdir) for h in c["from_hashes"]}
+        elif not _has_checkpoints(workdir):
+            replace = True  # nothing saved yet: the new config simply replaces the old one
+        elif allow_change:
+            _record_change(workdir, {f: [_get(theirs, f), _get(mine, f)] for f in diff}, hashes)
+            accepted |= hashes
+            replace = True
+        else:
             raise ConfigError(
-                f"workdir {workdir} holds a run with a different config "
-                f"(fields {', '.join(diff)} differ). Use a new --workdir, or restore the "
-                f"original values to resume.")
+                f"workdir {workdir} holds a run with a different config (fields "
+                f"{', '.join(diff)} differ). Use a new --workdir, restore the original values, "
+                "or pass --allow_config_change to continue this run with the new values (the "
+                "change is recorded in its results).")
     parallel.sync("config-checked")  # nobody reads while process 0 writes
-    if jax.process_index() == 0 and not path.exists():
+    if jax.process_index() == 0 and replace:
         parallel.write_text_atomic(path, json.dumps(mine, indent=2))
-    return None if stored is None else stored[1]
+    parallel.sync("config-written")
+    return accepted
+
+
+def _record_change(workdir: Any, fields: dict[str, list], from_hashes: set[str]) -> None:
+    if jax.process_index() != 0:
+        return
+    changes = config_changes(workdir)
+    last = max(int(p.name) for p in (workdir / CKPT_DIR).iterdir() if p.name.isdigit())
+    changes.append({"from_checkpoint": last, "fields": fields, "from_hashes": sorted(from_hashes)})
+    parallel.write_text_atomic(workdir / CHANGES, json.dumps(changes, indent=2))
+
+
+def config_changes(workdir: Any) -> list[dict[str, Any]]:
+    """Every change of a result-affecting field this run was continued with (--allow_config_change):
+    the checkpoint it resumed from and each field's old and new value."""
+    path = workdir / CHANGES
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 class Checkpoints:
     """The run's orbax CheckpointManager, with errors that say what to do."""
 
-    def __init__(self, workdir: Any, *, keep: int, config_hash: str, old_hash: str | None = None):
+    def __init__(self, workdir: Any, *, keep: int, config_hash: str,
+                 accept: set[str] | frozenset[str] = frozenset()):
         self.dir = workdir / CKPT_DIR
-        self.hash = config_hash  # written into every checkpoint; a restore must match it, or
-        self.old_hash = old_hash  # the hash of the same config under earlier field names
+        self.hash = config_hash  # written into every checkpoint; a restore must match it or
+        self.accept = set(accept) | {config_hash}  # one of these (check_workdir_config)
         self.manager = ocp.CheckpointManager(
             self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_names=("state", "meta"))
@@ -148,7 +196,7 @@ class Checkpoints:
             meta["phase"], meta["epoch"], meta["step"]  # noqa: B018 - must exist
         except Exception as e:  # noqa: BLE001
             raise self._damaged(e) from e
-        if meta.get("config_hash") not in (self.hash, self.old_hash or self.hash):
+        if meta.get("config_hash") not in self.accept:
             raise ConfigError(
                 f"checkpoint {self.path(step)} was written by a run with a different "
                 "config. Use a new --workdir, or rerun with the config that wrote it.")
@@ -161,8 +209,10 @@ def latest_progress(workdir: str, config: ml_collections.ConfigDict) -> dict[str
     for a damaged checkpoint or one from another config. With several processes, call it on
     every process (orbax's manager synchronises them)."""
     stored = _stored_config(parallel.path(workdir))
+    same = stored is not None and not _diff_keys(config_lib.result_fields(stored[0]),
+                                                 config_lib.result_fields(config_lib.to_json_dict(config)))
     ckpts = Checkpoints(parallel.path(workdir), keep=config.keep_checkpoints,
-                        config_hash=config_hash(config), old_hash=stored and stored[1])
+                        config_hash=config_hash(config), accept=stored[1] if same else set())
     try:
         return ckpts.latest_meta()
     finally:

@@ -123,11 +123,14 @@ def log_train(env, prog: Progress, phase: str, epoch: int, acc: list[dict]) -> l
     if len(good) < len(rows) and env.config.on_nonfinite == "stop":
         first = next(i for i, r in enumerate(rows) if r["finite"] != 1.0)
         bad = prog.step - len(rows) + first + 1
+        last = env.ckpts.latest_step()
+        kept = (f"the last good checkpoint ({last}, in {env.ckpts.dir}) is kept; rerun with the "
+                "remedy and --allow_config_change to continue from it" if last is not None else
+                "no checkpoint was written yet; rerun with the remedy in the same workdir")
         raise NonFiniteLoss(
             f"loss or gradients became NaN/Inf at step {bad} (phase {phase}, epoch {epoch + 1}): "
-            f"{ {k: v for k, v in rows[first].items() if k != 'finite'} }. The run stopped; the "
-            f"last good checkpoint ({env.ckpts.latest_step()}, in {env.ckpts.dir}) is "
-            "kept. Remedies: lower the learning rate (optim.learning_rate / "
+            f"{ {k: v for k, v in rows[first].items() if k != 'finite'} }. The run stopped; "
+            f"{kept}. Remedies: lower the learning rate (optim.learning_rate / "
             "finetune.learning_rate) or sap.gamma, add warm-up (optim.warmup_epochs), use "
             "dtype=float32, or set on_nonfinite=skip to skip such steps.")
     vals = {k: float(np.mean([r[k] for r in good])) if good else float("nan")

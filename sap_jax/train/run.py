@@ -67,13 +67,15 @@ def _check_writable(workdir) -> None:
 class Env:
     """What every phase reads: the config, data, mesh, writers, checkpoints and hooks."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, hooks: loop.Hooks):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, hooks: loop.Hooks,
+                 allow_config_change: bool = False):
         config_lib.validate(config)
         self.config, self.workdir, self.hooks = config, parallel.path(workdir), hooks
         if jax.process_index() == 0:
             _check_writable(self.workdir)
         parallel.sync("workdir")
-        old_hash = checkpoints.check_workdir_config(self.workdir, config)
+        accept = checkpoints.check_workdir_config(self.workdir, config,
+                                                  allow_change=allow_config_change)
         self.mesh = parallel.make_mesh()
         self.data = data_lib.load(config.dataset, image_size=config.image_size, seed=config.seed,
                                   subset_fraction=config.sap.subset_fraction,
@@ -88,7 +90,7 @@ class Env:
             num_train_steps=total, writer=self.writer, every_steps=config.log_every_steps)
         self.ckpts = checkpoints.Checkpoints(self.workdir, keep=config.keep_checkpoints,
                                              config_hash=checkpoints.config_hash(config),
-                                             old_hash=old_hash)
+                                             accept=accept)
         self.key = jax.random.key(config.seed)
         # The budget, read once: what the generator aims at and how the cut meets p.
         self.budget = resource.ResourceLoss.from_config(config)
@@ -270,6 +272,7 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progr
                                          dtype=env.dtype)
         results["times_s"]["speed"] = time.perf_counter() - t0
     results["compile_cache"] = env.cache_stats.as_dict()  # this process's compilations
+    results["config_changes"] = checkpoints.config_changes(env.workdir)
     results["devices"] = {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
                           "count": jax.device_count(), "per_process": jax.local_device_count(),
                           "processes": jax.process_count()}
@@ -336,12 +339,15 @@ def _phases(env: Env) -> dict[str, Any]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       hooks: loop.Hooks | None = None) -> dict[str, Any]:
+                       hooks: loop.Hooks | None = None, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
     """Run (or resume) the whole SAP method; returns the results dict also written to results.json.
 
     ``hooks`` (:class:`~sap_jax.train.loop.Hooks`) are called after every weight step and at
-    every phase; they observe the run without changing it."""
-    env = Env(config, workdir, hooks or loop.Hooks())
+    every phase; they observe the run without changing it. ``allow_config_change``: continue a
+    started run whose config changes a result-affecting field (recorded in results.json's
+    ``config_changes``); otherwise such a workdir is refused."""
+    env = Env(config, workdir, hooks or loop.Hooks(), allow_config_change)
     cache = config.compile_cache
     cache = env.workdir / "compile_cache" if cache == "workdir" else cache
     with checkpoints.PreemptionWatch(config.preemption_check_every_steps) as env.watch, \
