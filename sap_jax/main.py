@@ -7,8 +7,12 @@ workdir resumes from the latest checkpoint.
 
 from __future__ import annotations
 
-import logging as pylogging
+import contextlib
+import os
 import sys
+
+# TensorFlow (the input pipeline) prints C++ banners at import; warnings and errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -40,10 +44,9 @@ _HOOKS = None
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Orbax logs every checkpoint step at INFO; keep our progress readable.
-    logging.get_absl_handler().addFilter(
-        lambda r: r.levelno >= pylogging.WARNING or "/orbax/" not in r.pathname)
-    from sap_jax import parallel
+    from sap_jax import console, parallel
+
+    console.setup_terminal(FLAGS.verbosity)
 
     try:  # before any other JAX call; a no-op on one host
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -52,15 +55,17 @@ def main(argv: list[str]) -> None:
         _fail(e)
     import jax
 
-    from sap_jax import train
+    with console.quiet_stderr() if FLAGS.verbosity <= 0 else contextlib.nullcontext():
+        from sap_jax import train  # (clu imports TensorFlow)
 
-    # TensorFlow (input pipeline only) must not grab accelerators.
-    try:
-        import tensorflow as tf
+        # TensorFlow (input pipeline only) must not grab accelerators.
+        try:
+            import tensorflow as tf
 
-        tf.config.set_visible_devices([], "GPU")
-    except Exception:  # noqa: BLE001 - TF absent or already initialised: nothing to hide
-        pass
+            tf.config.set_visible_devices([], "GPU")
+        except Exception:  # noqa: BLE001 - TF absent or already initialised: nothing to hide
+            pass
+    console.setup_file(FLAGS.workdir, jax.process_index())
     logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())
     try:

@@ -54,12 +54,28 @@ def _assert_identical(a, b):
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
 
 
+_REFERENCE_OUTPUT = {}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     wd = tmp_path_factory.mktemp("reference")
     p = _fault_run(wd)
     assert p.returncode == 0, p.stderr[-3000:]
+    _REFERENCE_OUTPUT.update(stdout=p.stdout, stderr=p.stderr)
     return str(wd)
+
+
+def test_the_terminal_gets_one_line_per_epoch_and_the_workdir_the_full_log(reference):
+    err = _REFERENCE_OUTPUT["stderr"]
+    c = test_tiny.get_config()
+    epochs = [line for line in err.splitlines() if " epoch " in line]
+    assert len(epochs) == c.num_epochs + c.finetune.num_epochs
+    for noise in ("logging_writer", "Setting work unit notes", "oneDNN", "libtpu", "train/loss="):
+        assert noise not in err, noise
+    assert len(err.splitlines()) <= len(epochs) + 6  # start, cut, a warning at most
+    log = open(os.path.join(reference, "log.txt")).read()  # everything, metrics included
+    assert "train/loss=" in log and "epoch 1/" in log and "cut: widths" in log
 
 
 # -- 1. preemption -------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The end of a run (sap_jax/report.py): results.json's figures, the summary's lines, the files."""
 
+import io
 import json
 import os
 import sys
+import time
 
 from sap_jax import flops, models, report
 from sap_jax.train import Progress
@@ -72,3 +74,28 @@ def test_write_puts_results_summary_and_plots_in_the_workdir(tmp_path):
     (tmp_path / "quiet").mkdir()
     report.write(str(tmp_path / "quiet"), r, plots=False)
     assert sorted(os.listdir(tmp_path / "quiet")) == ["results.json", "summary.txt"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_progress_line_redraws_in_place_on_a_terminal_and_stays_silent_elsewhere():
+    from sap_jax import console
+
+    out = _Terminal()
+    line = console.ProgressLine(100, stream=out, every_s=0.0)
+    line.update(10, "search epoch 2/5")  # the first call only starts the clock
+    time.sleep(0.01)
+    line.update(20, "search epoch 2/5")
+    text = out.getvalue()
+    assert text.startswith("\r  search epoch 2/5  step 20/100") and "steps/s  ETA " in text
+    line.clear()
+    assert out.getvalue().endswith("\r") and line.width == 0
+    quiet = io.StringIO()  # not a terminal: a batch job's log gets whole lines only
+    line = console.ProgressLine(100, stream=quiet, every_s=0.0)
+    line.update(1, "x")
+    line.update(2, "x")
+    line.clear()
+    assert quiet.getvalue() == ""

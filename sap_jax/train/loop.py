@@ -102,10 +102,13 @@ def run_epochs(env, ph: Phase, state: dict[str, Any], prog: Progress) -> dict[st
             if prog.step % c.log_every_steps == 0:
                 log_train(env, prog, label, epoch, acc[-c.log_every_steps:])
             env.report_progress(prog.step)
+            env.progress_line.update(prog.step, f"{label} epoch {epoch + 1}/{ph.num_epochs}")
             env.hooks.step(label, prog.step, m)
             if env.watch(prog.step):
+                env.progress_line.clear()
                 rows = log_train(env, prog, label, epoch, acc)  # never save a NaN state
                 preempt(env, state, prog, label, epoch, rows, agn_acc, t0)
+        env.progress_line.clear()  # whole lines from here: the epoch's
         train_loss = epoch_done(prog, log_train(env, prog, label, epoch, acc))
         ph.end_epoch(epoch, state, train_loss, agn_acc)
         prog.add_time(label, time.perf_counter() - t0)

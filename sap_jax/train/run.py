@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from sap_jax import bnstats, cut, flops, models, parallel, penalty, report, resource, speed, surgery
+from sap_jax import bnstats, console, cut, flops, models, parallel, penalty, report, resource, speed, surgery
 from sap_jax import baselines
 from sap_jax import config as config_lib
 from sap_jax import data as data_lib
@@ -88,6 +88,7 @@ class Env:
             str(self.workdir), just_logging=jax.process_index() > 0, asynchronous=False)
         self.report_progress = periodic_actions.ReportProgress(
             num_train_steps=total, writer=self.writer, every_steps=config.log_every_steps)
+        self.progress_line = console.ProgressLine(total, enabled=jax.process_index() == 0)
         self.ckpts = checkpoints.Checkpoints(self.workdir, keep=config.keep_checkpoints,
                                              config_hash=checkpoints.config_hash(config),
                                              accept=accept)
