@@ -49,6 +49,12 @@ DatasetNotPrepared = errors.DatasetNotPrepared  # where it was defined before sa
 SPLITS = ("val", "test")
 
 
+#: CIFAR-10's label names, in label order.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+DIGIT_CLASSES = tuple(str(i) for i in range(10))
+
+
 @dataclasses.dataclass
 class Info:
     num_classes: int
@@ -56,6 +62,17 @@ class Info:
     train_size: int
     eval_size: int  # the test split
     val_size: int = 0
+    # The model's input: RGB pixels scaled to [0, 1], then (x - mean) / std per channel.
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    class_names: tuple[str, ...] | None = None  # label order; None where unknown
+
+    def model_input(self) -> dict:
+        """What a deployed model expects, for model.json: size, layout and normalisation."""
+        return {"image_size": self.image_size, "layout": "NHWC", "channels": "RGB",
+                "pixel_range": [0.0, 1.0], "mean": [float(m) for m in self.mean],
+                "std": [float(s) for s in self.std], "num_classes": self.num_classes,
+                "class_names": None if self.class_names is None else list(self.class_names)}
 
 
 def _normalise(images: np.ndarray, mean, std) -> np.ndarray:
@@ -78,7 +95,8 @@ class ArrayDataset:
     """
 
     def __init__(self, train, test, *, num_classes: int, mean, std, crop_pad: int = 0,
-                 flip: bool = False, seed: int = 0, subset_fraction: float = 0.1, val_size: int = 0):
+                 flip: bool = False, seed: int = 0, subset_fraction: float = 0.1, val_size: int = 0,
+                 class_names: tuple[str, ...] | None = None):
         x, y = train
         if not 0 <= val_size < len(y):
             raise ValueError(f"val_size = {val_size} must lie in [0, {len(y)}) (the training "
@@ -92,7 +110,8 @@ class ArrayDataset:
         n = len(self.train_y)
         k = max(1, int(round(subset_fraction * n)))
         self.subset = np.sort(np.random.default_rng([seed, 7]).permutation(n)[:k])
-        self.info = Info(num_classes, self.train_x.shape[1], n, len(self.test_y), val_size)
+        self.info = Info(num_classes, self.train_x.shape[1], n, len(self.test_y), val_size,
+                         tuple(mean), tuple(std), class_names)
 
     def steps_per_epoch(self, global_batch: int) -> int:
         steps = self.info.train_size // global_batch
@@ -191,7 +210,8 @@ def _gray_80_20(images: np.ndarray, labels: np.ndarray, *, crop_pad: int, seed: 
     std = tuple(float(images[tr].std() / 255.0) for _ in range(3))
     return ArrayDataset((images[tr], labels[tr]), (images[te], labels[te]), num_classes=10,
                         mean=mean, std=std, crop_pad=crop_pad, flip=False, seed=seed,
-                        subset_fraction=subset_fraction, val_size=val_size)
+                        subset_fraction=subset_fraction, val_size=val_size,
+                        class_names=DIGIT_CLASSES)
 
 
 def mnist5k(seed: int = 0, subset_fraction: float = 0.1, val_size: int = 0) -> ArrayDataset:
@@ -245,7 +265,7 @@ def cifar10(data_dir: str | None = None, seed: int = 0, subset_fraction: float =
                          np.concatenate([b["label"] for b in parts]))
     return ArrayDataset(splits["train"], splits["test"], num_classes=10, mean=CIFAR_MEAN,
                         std=CIFAR_STD, crop_pad=4, flip=True, seed=seed, subset_fraction=subset_fraction,
-                        val_size=val_size)
+                        val_size=val_size, class_names=CIFAR10_CLASSES)
 
 
 class ImageNet:
@@ -273,8 +293,13 @@ class ImageNet:
         # slice; training reads the rest. ImageNet's own "validation" split is the test split.
         self.train_split = f"train[{val_size}:]" if val_size else "train"
         self.val_split = f"train[:{val_size}]"
+        try:
+            names = tuple(builder.info.features["label"].names)
+        except Exception:  # noqa: BLE001 - metadata without names: the model still works
+            names = None
         self.info = Info(1000, image_size, train - val_size,
-                         _num_examples(builder, "validation", self.data_dir), val_size)
+                         _num_examples(builder, "validation", self.data_dir), val_size,
+                         tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), names)
         self._subset_iter = None
 
     def steps_per_epoch(self, global_batch: int) -> int:

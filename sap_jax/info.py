@@ -67,7 +67,23 @@ def pruned_report(directory: str, image_size: int | None = None) -> dict[str, An
             "prunable_macs_ratio": ratio(ca.prunable_macs, cb.prunable_macs),
             "params_ratio": ratio(ca.params, cb.params),
             "groups": list(sa.widths), "dense_groups": list(sb.widths),
-            "group_names": list(sa.group_names)}
+            "group_names": list(sa.group_names),
+            "input": info.get("metadata", {}).get("input"),
+            "metadata": {k: v for k, v in info.get("metadata", {}).items() if k != "input"}}
+
+
+def format_input(x: dict[str, Any] | None) -> list[str]:
+    """How to feed the model: size, layout, pixel range, normalisation and classes."""
+    if not x:
+        return ["input: not recorded (a model saved before sap_jax recorded its input)"]
+    mean = ", ".join(f"{m:.4f}" for m in x["mean"])
+    std = ", ".join(f"{s:.4f}" for s in x["std"])
+    names = x.get("class_names")
+    shown = "" if not names else ": " + ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    return [f"input: {x['image_size']}x{x['image_size']} {x['channels']} {x['layout']}, pixels in "
+            f"[{x['pixel_range'][0]:g}, {x['pixel_range'][1]:g}], then (x - mean) / std",
+            f"  mean ({mean}), std ({std})",
+            f"  {x['num_classes']} classes{shown}"]
 
 
 def format_model(r: dict[str, Any]) -> str:
@@ -95,6 +111,7 @@ def format_pruned(r: dict[str, Any]) -> str:
                        ("params total", "params"), ("params prunable", "prunable_params")):
         b, a = d[key], r[key]
         lines.append(f"  {label:<18} {_human(b):>10} {_human(a):>10} {a / b:>7.1%}")
+    lines += [""] + format_input(r.get("input"))
     return "\n".join(lines)
 
 

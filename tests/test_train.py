@@ -30,6 +30,8 @@ def tiny(**overrides):
 def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     import tensorflow_datasets as tfds
 
+    from sap_jax import data as data_lib
+
     c = tiny(dataset="cifar10", image_size=32, plots=True,
              **{"speed.enabled": True, "speed.batch_sizes": (1, 4), "speed.reps": 2})
     with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -67,6 +69,10 @@ def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     model = surgery.load(tmp_path / "pruned_model")
     assert list(model.widths) == saved["widths"]
     assert info.main(["--pruned", str(tmp_path / "pruned_model")]) == 0
+    # The saved model says how to feed it: size, normalisation and the dataset's classes.
+    x = surgery.read_info(tmp_path / "pruned_model")["metadata"]["input"]
+    assert x["image_size"] == 32 and x["mean"] == list(data_lib.CIFAR_MEAN)
+    assert x["class_names"][0] == "airplane" and x["num_classes"] == 10
 
 
 def _final(workdir):

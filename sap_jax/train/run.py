@@ -99,6 +99,12 @@ class Env:
         self.watch: checkpoints.PreemptionWatch | None = None  # set while the phases run
         self.cache_stats: parallel.CacheStats | None = None
 
+    def model_metadata(self, stage: str, **extra: Any) -> dict[str, Any]:
+        """What a saved model carries so it can be used without this config (model.json):
+        its input (size, normalisation, classes), the dataset, the budget and the stage."""
+        return {"dataset": self.config.dataset, "p": self.cut_policy.p, "stage": stage,
+                "input": self.data.info.model_input(), **extra}
+
     def model(self, widths: Sequence[int] | None) -> models.PrunableModel:
         c = self.config
         return models.create(c.model, seed=c.seed, num_classes=self.data.info.num_classes,
@@ -201,7 +207,7 @@ def cut_phase(env: Env, dense: Programs, state: dict, prog: Progress) -> tuple[P
     widths = list(pruned_model.widths)
     surgery.save(env.workdir / PRUNED_DIR, pruned_model, dense_widths=dense.model.widths,
                  image_size=c.image_size, overwrite=True,
-                 metadata={"dataset": c.dataset, "p": policy.p, "stage": "after_cut"})
+                 metadata=env.model_metadata("after_cut"))
     pruned = env.programs(widths, "finetune", pruned_model)
     ft = parallel.replicate(state_lib.to_host(state_lib.fresh_weights(pruned, env.key)), env.mesh)
     measure_cut(env, dense, pruned, state, ft, final, prog)
@@ -258,8 +264,7 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progr
     final_model = pruned.codec.merge(host["params"], host["rest"])
     surgery.save(env.workdir / PRUNED_DIR, final_model, dense_widths=dense.model.widths,
                  image_size=c.image_size, overwrite=True,
-                 metadata={"dataset": c.dataset, "p": c.budget.p, "stage": "fine_tuned",
-                           "test_accuracy": final_acc})
+                 metadata=env.model_metadata("fine_tuned", test_accuracy=final_acc))
     before, after = flops.count(dense.structure), flops.count(pruned.structure)
     results = report.results(c, prog.to_json(), before, after, final_acc, dense.structure,
                              pruned.structure)
