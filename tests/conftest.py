@@ -19,6 +19,11 @@ FULL = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18",
 assert sorted(TINY + FULL) == models.names(), "add new presets to TINY or FULL"
 
 
+def slow(names):
+    """``names`` as parameters of the full suite only (pytest -m "not slow" leaves them out)."""
+    return [pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 def randomize(model, seed: int = 0):
     """Give every parameter and BN statistic random values, in place.
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import randomize
+from conftest import randomize, slow
 from test_resource import np_resource
 from sap_jax import agn as A
 from sap_jax import flops, models, resource
@@ -71,7 +71,7 @@ def test_gumbel_sigmoid_forward_and_straight_through_gradient():
     np.testing.assert_array_equal(det, (np.asarray(o) + 3.0 > 0).astype(np.float32))
 
 
-@pytest.mark.parametrize("name", ["resnet56", "resnet50", "mobilenet_v2"])
+@pytest.mark.parametrize("name", slow(["resnet56", "resnet50", "mobilenet_v2"]))
 def test_pruning_starts_from_the_whole_model(name):
     widths = models.create_abstract(name).widths
     g = A.AGN(widths, seed=0)

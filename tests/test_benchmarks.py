@@ -8,6 +8,9 @@ import sys
 import jax
 import pytest
 
+
+pytestmark = pytest.mark.slow  # benchmark smoke runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

@@ -49,6 +49,7 @@ def _compiled_train_step_hlo(name: str) -> str:
     return step.lower(params, rest, tx.init(params), batch, arch, jnp.float32(0)).compile().as_text()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's fusion decisions")
 def test_backward_pass_does_not_recompute_the_residual_chain(monkeypatch):
     """Without the barrier, XLA:CPU fuses every earlier block's BN + ReLU + add into the weight

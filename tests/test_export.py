@@ -12,6 +12,9 @@ import pytest
 from conftest import randomize
 from sap_jax import export, info, models, surgery
 
+
+pytestmark = pytest.mark.slow  # exports reloaded in fresh interpreters
+
 INPUT = {"image_size": 32, "layout": "NHWC", "channels": "RGB", "pixel_range": [0.0, 1.0],
          "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "num_classes": 10,
          "class_names": [f"c{i}" for i in range(10)]}

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FULL, TINY
+from conftest import FULL, TINY, slow
 from sap_jax import flops, models
 
 # Standard figures (multiply-adds of convs + linear layers; params incl. BN affine).
@@ -81,7 +81,7 @@ def test_scope_and_shape_errors():
         flops.macs_from_arch(s, [jnp.ones(5)] + [jnp.ones(w) for w in s.widths[1:]])
 
 
-@pytest.mark.parametrize("name", TINY + FULL)
+@pytest.mark.parametrize("name", TINY + slow(FULL))
 def test_analytic_count_agrees_with_xla(name):
     """XLA counts 2 FLOPs per MAC but skips taps on zero padding, and adds BN/activations.
 

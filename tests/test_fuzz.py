@@ -14,6 +14,9 @@ from ml_collections import config_flags
 from sap_jax import agn, flops, main, models, penalty, surgery
 from sap_jax import config as config_lib
 
+
+pytestmark = pytest.mark.slow  # hypothesis: hundreds of examples per test
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import test_tiny  # noqa: E402

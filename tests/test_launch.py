@@ -107,6 +107,7 @@ def test_tpu_dry_run_prints_create_install_and_the_same_command_on_every_worker(
 
 def test_tpu_launcher_runs_exactly_what_its_dry_run_prints(tmp_path):
     env, log = _fake_gcloud(tmp_path, "MISSING")  # created, then READY
+    env["SAP_JAX_TPU_POLL_S"] = "0"
     dry = _sh(TPU, *TPU_ARGS, "--dry-run", "--", "--config.budget.p=it's", env=env)
     real = _sh(TPU, *TPU_ARGS, "--", "--config.budget.p=it's", env=env)
     assert real.returncode == 0, real.stderr

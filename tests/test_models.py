@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import FULL, TINY, randomize
+from conftest import FULL, TINY, randomize, slow
 from sap_jax import models
 
 NUM_GROUPS = {"resnet20": 9, "resnet32": 15, "resnet44": 21, "resnet56": 27, "resnet110": 54,
@@ -34,7 +34,7 @@ def test_tiny_forward_shapes_and_gate(name):
     assert not np.allclose(_apply(model, x, [h.astype(jnp.float32) for h in half]), y)
 
 
-@pytest.mark.parametrize("name", FULL)
+@pytest.mark.parametrize("name", slow(FULL))
 def test_full_models_shapes_without_allocating(name):
     preset = models.get_preset(name)
     model = models.create_abstract(name)
@@ -104,6 +104,7 @@ def test_config_round_trip_rebuilds_the_same_shapes():
         assert jax.tree.map(jnp.shape, nnx.state(r)) == jax.tree.map(jnp.shape, nnx.state(m))
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_dropout_applies_in_training_only():
     """The train step draws dropout masks from its key (different keys, different losses; no key,
     no dropout); evaluation never drops."""

@@ -19,6 +19,9 @@ from flax import nnx, traverse_util
 
 from sap_jax import parallel, surgery
 
+
+pytestmark = pytest.mark.slow  # several processes training a tiny model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config=configs/test_tiny.py", "--config.plots=False"]
 

@@ -11,6 +11,9 @@ import pytest
 from sap_jax import config as config_lib
 from sap_jax import info, report, surgery, train
 
+
+pytestmark = pytest.mark.slow  # whole tiny runs, in-process and through the CLI
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import test_tiny  # noqa: E402
