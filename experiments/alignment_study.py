@@ -372,11 +372,17 @@ def _claim_table(arms: dict[str, list[dict]], claims: list[tuple[str, str, str, 
     return L + [""]
 
 
-def _first_below(h: list[float], thr: float, first_epoch: int) -> int | None:
+def _settled_from(h: list[float], thr: float, first_epoch: int) -> int | None:
+    """The first epoch from which every later epoch's change stays under ``thr`` (the first
+    search epoch compares with the generator's nearly full start, so a first small value alone
+    says nothing); None if the last one is not under it."""
+    at = None
     for i, x in enumerate(h):
-        if x < thr:
-            return first_epoch + i
-    return None
+        if x >= thr:
+            at = None
+        elif at is None:
+            at = first_epoch + i
+    return at
 
 
 def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_dir: str) -> str:
@@ -462,14 +468,14 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
           f"`configs/{study.base}.py` uses gamma = {data['base_gamma']}.", ""]
     # stability
     L += ["## 4. Stability (Figure 2 analogue)", "", "![stability](" + rel("stability") + ")", "",
-          f"First epoch whose architecture differs from the previous epoch's in fewer than "
-          f"{study.stable_hamming:.0%} of the channels (SAP):", ""]
+          f"The epoch from which the architecture differs from the previous epoch's in fewer "
+          f"than {study.stable_hamming:.0%} of the channels at every later epoch (SAP):", ""]
     for p, arms in data["main"].items():
         firsts = []
         for r in arms["sap"]:
             h = r["history"]
             e0 = len(h["epoch"]) - len(h["hamming"]) + 1
-            firsts.append(_first_below(h["hamming"], study.stable_hamming, e0))
+            firsts.append(_settled_from(h["hamming"], study.stable_hamming, e0))
         L.append(f"* p = {p}: " + ", ".join(f"seed {r['config']['seed']}: "
                                             + (f"epoch {f}" if f else "never")
                                             for r, f in zip(arms["sap"], firsts))
