@@ -108,11 +108,13 @@ set -uo pipefail
 cd $(q "$root")"
 [[ -z "$data_dir" ]] || script+=$'\n'"export TFDS_DATA_DIR=$(q "$data_dir")"
 [[ -z "$device_ids" ]] || script+=$'\n'"export JAX_LOCAL_DEVICE_IDS=$device_ids"
-# Exit code 75: the run saved a checkpoint on SIGTERM (time limit or preemption); requeue.
+# The run saved a checkpoint on SIGTERM (time limit or preemption): it exits 75 and leaves
+# WORKDIR/PREEMPTED (srun may report another code when it stops the sibling tasks); requeue.
+marker="$(q "$workdir/PREEMPTED")"
 script+="
 srun --kill-on-bad-exit=1 $main
 rc=\$?
-if [[ \$rc -eq 75 ]]; then scontrol requeue \"\$SLURM_JOB_ID\"; fi
+if [[ \$rc -eq 75 || -f $marker ]]; then rm -f $marker; scontrol requeue \"\$SLURM_JOB_ID\"; fi
 exit \$rc"
 
 if [[ $dry_run -eq 1 ]]; then

@@ -156,6 +156,8 @@ ensure_ready() {
 ssh_all=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all)
 ssh_0=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=0)
 log="\$HOME/sap_jax_logs/$run.log"
+pid="\$HOME/sap_jax_logs/$run.pid"
+alive="[ -f $pid ] && kill -0 \$(cat $pid) 2>/dev/null"
 if [[ $logs_only -eq 1 ]]; then
   run_cmd "${ssh_0[@]}" --command "tail -n 100 $log"
   exit 0
@@ -175,7 +177,10 @@ fi
 # 2. The project on every worker: a pinned install, plus JAX's TPU runtime. The runtime's
 # Python may be older than the 3.11 sap_jax needs (tpu-ubuntu2204-base has 3.10): install it.
 if [[ $skip_install -eq 0 ]]; then
-  install="set -e; if [ ! -d sap_jax ]; then git clone $(q "$repo") sap_jax; fi; cd sap_jax"
+  # A worker whose run is alive keeps its code: checking out another commit under it would
+  # make its next resume run mixed code.
+  install="if $alive; then echo \"\$(hostname): $run is running: not reinstalling\"; exit 0; fi"
+  install+="; set -e; if [ ! -d sap_jax ]; then git clone $(q "$repo") sap_jax; fi; cd sap_jax"
   install+=" && git fetch --all --quiet && git checkout --quiet $(q "$ref")"
   install+=" && py=python3 && if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'"
   install+="; then sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv"
@@ -193,9 +198,8 @@ main+=" --config=$(q "$config") --workdir=$(q "$workdir")"
 main+=" --config.data_dir=$(q "$tfds_dir")"
 for a in "${extra[@]}"; do main+=" $(q "$a")"; done
 main+="; rc=\$?; gcloud storage cp $log $(q "$workdir/logs/")\$(hostname).log >/dev/null 2>&1; exit \$rc"
-pid="\$HOME/sap_jax_logs/$run.pid"
 start="cd sap_jax && mkdir -p \$HOME/sap_jax_logs"
-start+=" && if [ -f $pid ] && kill -0 \$(cat $pid) 2>/dev/null; then echo \"\$(hostname): $run is already running\""
+start+=" && if $alive; then echo \"\$(hostname): $run is already running\""
 start+="; else nohup bash -c $(q "$main") > $log 2>&1 < /dev/null & echo \$! > $pid"
 start+="; echo \"\$(hostname): started $run\"; fi"
 run_cmd "${ssh_all[@]}" --command "$start"

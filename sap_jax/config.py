@@ -54,9 +54,10 @@ RENAMED = {
 }
 
 
-def upgrade(c: Any) -> list[str]:
+def upgrade(c: Any, keep: tuple[str, ...] | set[str] = ()) -> list[str]:
     """Move renamed fields of ``c`` (a ConfigDict, or a config's JSON dict) to their new places,
-    in place; one message per change (empty for a current config).
+    in place; one message per change (empty for a current config). A new name in ``keep`` (set
+    on the command line) keeps its value: the old name's value from the file is dropped.
 
     ``sap.final_arch = "norm"`` becomes ``sap.selector = "norm"`` (with ``final_arch = "last"``);
     a config without ``sap.selector`` gets ``"agn"``, what it meant before the field existed.
@@ -70,38 +71,41 @@ def upgrade(c: Any) -> list[str]:
                 continue
             if nsec not in c:
                 c[nsec] = {} if plain else ml_collections.ConfigDict()
-            c[nsec][nname] = c[osec][oname]
+            if new in keep:
+                notes.append(f"config field {old} is now {new}; the command line's {new} wins")
+            else:
+                c[nsec][nname] = c[osec][oname]
+                notes.append(f"config field {old} is now {new}")
             del c[osec][oname]
-            notes.append(f"config field {old} is now {new}")
         s = c["sap"] if "sap" in c else {}
         if "selector" not in s and "final_arch" in s:
             s["selector"] = "agn"  # what a config meant before the field existed
-        if s.get("final_arch") == "norm":
+        if s.get("final_arch") == "norm" and "sap.final_arch" not in keep:
             s["selector"], s["final_arch"] = "norm", "last"
             notes.append('sap.final_arch = "norm" is now sap.selector = "norm"')
     return notes
 
 
-def upgrade_with_warning(c: Any) -> None:
+def upgrade_with_warning(c: Any, keep: tuple[str, ...] | set[str] = ()) -> None:
     """:func:`upgrade`, with a FutureWarning (shown to users by default, once per message) for each change."""
-    for note in upgrade(c):
+    for note in upgrade(c, keep):
         warnings.warn(f"{note}; the old name goes in the next release.", FutureWarning,
                       stacklevel=2)
 
 
-def upgrade_override(arg: str) -> tuple[str, str | None]:
-    """A command-line override ``--config.OLD=VALUE`` with its new name, and a message (None when
-    ``arg`` is not a renamed field)."""
+def upgrade_override(arg: str) -> tuple[list[str], str | None]:
+    """A command-line override ``--config.OLD=VALUE`` as the argument(s) of its new name, and a
+    message (``[arg]`` and None when ``arg`` is not a renamed field)."""
     if not arg.startswith("--config."):
-        return arg, None
+        return [arg], None
     path, eq, value = arg[len("--config."):].partition("=")
-    if path == "sap.final_arch" and value == "norm":
-        return "--config.sap.selector=norm", ('--config.sap.final_arch=norm is now '
-                                              '--config.sap.selector=norm')
+    if path == "sap.final_arch" and value == "norm":  # "norm" meant: no generator, the last v
+        return (["--config.sap.selector=norm", "--config.sap.final_arch=last"],
+                "--config.sap.final_arch=norm is now --config.sap.selector=norm")
     if path in RENAMED:
         new = f"--config.{RENAMED[path]}{eq}{value}"
-        return new, f"--config.{path} is now --config.{RENAMED[path]}"
-    return arg, None
+        return [new], f"--config.{path} is now --config.{RENAMED[path]}"
+    return [arg], None
 
 
 def _check_optimizer(o: ml_collections.ConfigDict, name: str, epochs: int, errors: list[str]) -> None:

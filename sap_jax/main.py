@@ -37,6 +37,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 #: Exit codes (message on stderr): sap_jax.errors; 0 = done.
 EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
 
+#: Left in the workdir by a run that saved and stopped on SIGTERM (exit 75); a new start removes it.
+PREEMPTED_MARKER = "PREEMPTED"
+
 #: Hooks passed to the run (sap_jax.train.Hooks); set by code that embeds the CLI via run().
 _HOOKS = None
 
@@ -44,6 +47,7 @@ _HOOKS = None
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from sap_jax import config as config_lib
     from sap_jax import console, parallel
 
     console.setup_terminal(FLAGS.verbosity)
@@ -68,12 +72,15 @@ def main(argv: list[str]) -> None:
     console.setup_file(FLAGS.workdir, jax.process_index())
     logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())
+    # Old field names in the config file move to the new ones, where the command line did not
+    # set the new name itself (which then wins).
+    config_lib.upgrade_with_warning(FLAGS.config, keep=_overridden(sys.argv))
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir, hooks=_HOOKS,
                                  allow_config_change=FLAGS.allow_config_change)
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and exits 75)
-        print("aborted: a second Ctrl-C stopped the run without saving; rerun to resume from "
-              "its last checkpoint.", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one before training started
+        print("aborted by Ctrl-C without saving; rerun to resume from the last checkpoint.",
+              file=sys.stderr, flush=True)
         sys.exit(errors.EXIT_ABORTED)
     except Exception as e:  # noqa: BLE001 - the documented ones exit with their code, bugs raise
         if errors.exit_code(e) is None:
@@ -82,8 +89,16 @@ def main(argv: list[str]) -> None:
 
 
 def _fail(e: BaseException) -> None:
-    """One line on stderr and the documented exit code for ``e`` (sap_jax.errors)."""
+    """One line on stderr and the documented exit code for ``e`` (sap_jax.errors). A preempted
+    run also leaves ``<workdir>/PREEMPTED`` (process 0), for schedulers that see another code."""
     word = "stopped" if isinstance(e, errors.Preempted) else "error"
+    if isinstance(e, errors.Preempted) and FLAGS.workdir:
+        import jax
+
+        from sap_jax import parallel
+
+        if jax.process_index() == 0:
+            parallel.write_text_atomic(parallel.path(FLAGS.workdir) / PREEMPTED_MARKER, str(e))
     print(f"{word}: {e}", file=sys.stderr, flush=True)
     sys.exit(errors.exit_code(e))
 
@@ -188,8 +203,13 @@ def upgrade_overrides(argv: list[str]) -> list[str]:
         if note:
             print(f"deprecated: {note}; the old name goes in the next release.", file=sys.stderr,
                   flush=True)
-        out.append(new)
+        out.extend(new)
     return out
+
+
+def _overridden(argv: list[str]) -> set[str]:
+    """The config fields ``--config.FIELD=VALUE`` arguments set."""
+    return {a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")}
 
 
 def run(hooks=None) -> None:

@@ -121,11 +121,27 @@ def test_a_config_file_with_the_old_field_names_still_works_with_a_deprecation_w
 
 def test_old_command_line_overrides_are_renamed():
     assert config_lib.upgrade_override("--config.agn.lam=6") == (
-        "--config.budget.lam=6", "--config.agn.lam is now --config.budget.lam")
-    assert config_lib.upgrade_override("--config.sap.final_arch=norm")[0] == "--config.sap.selector=norm"
+        ["--config.budget.lam=6"], "--config.agn.lam is now --config.budget.lam")
+    assert config_lib.upgrade_override("--config.sap.final_arch=norm")[0] == [
+        "--config.sap.selector=norm", "--config.sap.final_arch=last"]  # what "norm" meant
     assert config_lib.upgrade_override("--config.sap.final_arch=best") == (
-        "--config.sap.final_arch=best", None)
-    assert config_lib.upgrade_override("--workdir=/tmp/x") == ("--workdir=/tmp/x", None)
+        ["--config.sap.final_arch=best"], None)
+    assert config_lib.upgrade_override("--workdir=/tmp/x") == (["--workdir=/tmp/x"], None)
+
+
+def test_a_new_name_set_on_the_command_line_wins_over_the_old_name_in_the_file():
+    c = tiny(**{"budget.p": 0.4})  # --config.budget.p=0.4 on the command line
+    with c.unlocked():
+        c.sap.p = 0.3  # and the old name in the config file
+    notes = config_lib.upgrade(c, keep={"budget.p"})
+    assert c.budget.p == 0.4 and "p" not in c.sap
+    assert any("the command line's budget.p wins" in n for n in notes)
+    c = tiny()
+    with c.unlocked():
+        c.sap.p = 0.3
+    config_lib.upgrade(c)  # nothing on the command line: the file's value moves over
+    assert c.budget.p == 0.3
+
 
 
 def test_a_workdir_written_under_the_old_field_names_resumes(tmp_path):
@@ -148,14 +164,22 @@ def test_a_workdir_written_under_the_old_field_names_resumes(tmp_path):
 
 def test_fields_that_cannot_change_results_may_change_and_any_may_before_the_first_checkpoint(tmp_path):
     c = tiny()
+    (tmp_path / "fresh").mkdir()
+    checkpoints.check_workdir_config(tmp_path / "fresh", c)
+    # Nothing saved yet: even a result-affecting change simply replaces the config.
+    other = tiny(**{"sap.gamma": 0.5})
+    checkpoints.check_workdir_config(tmp_path / "fresh", other)
+    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["sap"]["gamma"] == 0.5
+    assert checkpoints.config_changes(tmp_path / "fresh") == []
+    # After a checkpoint: where data and caches live, logging, plots, speed and checkpoint
+    # cadence may change (they are not the results); a result-affecting field may not.
     checkpoints.check_workdir_config(tmp_path, c)
-    # Where data and caches live, logging, plots, speed and checkpoint cadence: not the results.
+    ckpts = checkpoints.Checkpoints(tmp_path, keep=1, config_hash=checkpoints.config_hash(c))
+    ckpts.save({"x": np.zeros(3, np.float32)}, {"phase": "search", "epoch": 1, "step": 0})
+    ckpts.manager.close()
     moved = tiny(**{"data_dir": "/elsewhere", "log_every_steps": 7, "plots": True,
                     "speed.enabled": True, "checkpoint_every_epochs": 2})
     assert checkpoints.config_hash(moved) == checkpoints.config_hash(c)
     assert checkpoints.config_hash(c) in checkpoints.check_workdir_config(tmp_path, moved)
-    # Nothing saved yet: even a result-affecting change simply replaces the config.
-    other = tiny(**{"sap.gamma": 0.5})
-    checkpoints.check_workdir_config(tmp_path, other)
-    assert json.loads((tmp_path / "config.json").read_text())["sap"]["gamma"] == 0.5
-    assert checkpoints.config_changes(tmp_path) == []
+    with pytest.raises(config_lib.ConfigError, match="fields sap.gamma differ"):
+        checkpoints.check_workdir_config(tmp_path, other)

@@ -96,6 +96,7 @@ def test_tpu_dry_run_prints_create_install_and_the_same_command_on_every_worker(
     assert f"git checkout --quiet {HEAD}" in inner and "-c constraints.txt 'jax[tpu]'" in inner
     # The runtime's Python 3.10 is not enough: 3.11 is installed, and the venv checked.
     assert "sys.version_info < (3, 11)" in inner and "apt-get install -y -qq python3.11" in inner
+    assert inner.startswith("if [ -f $HOME/sap_jax_logs/r50.pid ] && kill -0")  # live: no install
     main, start = _main_of(run[run.index("--command") + 1])
     assert start[:3] == ["cd", "sap_jax", "&&"] and "already running" in " ".join(start)
     assert main[0] == "TFDS_DATA_DIR=gs://bkt/tensorflow_datasets"
@@ -265,13 +266,19 @@ def test_slurm_dry_run_one_process_per_gpu(tmp_path):
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
 
 
-@pytest.mark.parametrize("rc, requeued", [(75, True), (0, False), (1, False)])
-def test_slurm_job_requeues_itself_when_the_run_saved_on_sigterm(tmp_path, rc, requeued):
-    """The batch script, run by bash with stand-in srun and scontrol: a run that exits 75 (it
-    saved a checkpoint on Slurm's SIGTERM before the time limit) is requeued; others are not."""
-    p = _sh(SLURM, *SLURM_ARGS, "--dry-run")
+@pytest.mark.parametrize("rc, marker, requeued", [(75, True, True), (143, True, True),
+                                                 (0, False, False), (1, False, False)])
+def test_slurm_job_requeues_itself_when_the_run_saved_on_sigterm(tmp_path, rc, marker, requeued):
+    """The batch script, run by bash with stand-in srun and scontrol: a run that saved a
+    checkpoint on Slurm's SIGTERM (exit 75 and WORKDIR/PREEMPTED; srun may report 143 when it
+    stops the sibling tasks) is requeued and the marker cleared; others are not."""
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    args = [str(wd) if a == "/shared/runs/r101" else a for a in SLURM_ARGS]
+    p = _sh(SLURM, *args, "--dry-run")
     (tmp_path / "job.sbatch").write_text(_script(p.stdout))
-    env, srun_log = _fake(tmp_path, "srun", f"exit {rc}\n")
+    touch = f"touch {shlex.quote(str(wd / 'PREEMPTED'))}\n" if marker else ""
+    env, srun_log = _fake(tmp_path, "srun", f"{touch}exit {rc}\n")
     _, scontrol_log = _fake(tmp_path, "scontrol", "")
     job = subprocess.run(["bash", str(tmp_path / "job.sbatch")], capture_output=True, text=True,
                          env={**env, "SLURM_JOB_ID": "4242"}, cwd=tmp_path, timeout=60)
@@ -279,6 +286,7 @@ def test_slurm_job_requeues_itself_when_the_run_saved_on_sigterm(tmp_path, rc, r
     assert len(_calls(srun_log)) == 1
     calls = _calls(scontrol_log) if scontrol_log.exists() else []
     assert calls == ([["requeue", "4242"]] if requeued else [])
+    assert not (wd / "PREEMPTED").exists() or not requeued
 
 
 def test_slurm_without_a_data_dir_and_without_a_venv(tmp_path):

@@ -92,9 +92,11 @@ def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict, *,
     replace = stored is None  # config.json records the config the checkpoints were written with
     if stored is not None:
         theirs, hashes = stored
+        # Checkpoints may predate changes this run was allowed earlier.
+        hashes = hashes | {h for c in config_changes(workdir) for h in c["from_hashes"]}
         diff = sorted(_diff_keys(config_lib.result_fields(theirs), config_lib.result_fields(mine)))
-        if not diff:  # (checkpoints may predate a change this run was allowed earlier)
-            accepted |= hashes | {h for c in config_changes(workdir) for h in c["from_hashes"]}
+        if not diff:
+            accepted |= hashes
         elif not _has_checkpoints(workdir):
             replace = True  # nothing saved yet: the new config simply replaces the old one
         elif allow_change:
@@ -211,8 +213,9 @@ def latest_progress(workdir: str, config: ml_collections.ConfigDict) -> dict[str
     stored = _stored_config(parallel.path(workdir))
     same = stored is not None and not _diff_keys(config_lib.result_fields(stored[0]),
                                                  config_lib.result_fields(config_lib.to_json_dict(config)))
+    earlier = {h for c in config_changes(parallel.path(workdir)) for h in c["from_hashes"]}
     ckpts = Checkpoints(parallel.path(workdir), keep=config.keep_checkpoints,
-                        config_hash=config_hash(config), accept=stored[1] if same else set())
+                        config_hash=config_hash(config), accept=stored[1] | earlier if same else set())
     try:
         return ckpts.latest_meta()
     finally:

@@ -73,6 +73,9 @@ class Env:
         self.config, self.workdir, self.hooks = config, parallel.path(workdir), hooks
         if jax.process_index() == 0:
             _check_writable(self.workdir)
+            marker = self.workdir / "PREEMPTED"  # left by the previous, preempted start
+            if marker.exists():
+                marker.unlink()
         parallel.sync("workdir")
         accept = checkpoints.check_workdir_config(self.workdir, config,
                                                   allow_change=allow_config_change)
