@@ -22,6 +22,14 @@ from absl import logging
 #: work-unit notes, orbax, the compilation cache, JAX's backend probing (tpu on a CPU host).
 QUIET_SOURCES = ("logging_writer.py", "clu/", "/orbax/", "compilation_cache.py", "xla_bridge.py")
 LOG_FILE = "log.txt"
+#: A logger for lines that belong in the log file only (every metric of an epoch).
+DETAIL = "sap_jax.detail"
+pylogging.getLogger(DETAIL).setLevel(pylogging.INFO)
+
+
+def detail(msg: str, *args) -> None:
+    """Log a line for ``log.txt`` (and ``--verbosity=1``), not for the terminal."""
+    pylogging.getLogger(DETAIL).info(msg, *args, stacklevel=2)
 
 
 @contextlib.contextmanager
@@ -41,8 +49,9 @@ def quiet_stderr():
 
 
 def _quiet(record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or not any(s in record.pathname
-                                                           for s in QUIET_SOURCES)
+    if record.levelno >= pylogging.WARNING:
+        return True
+    return record.name != DETAIL and not any(s in record.pathname for s in QUIET_SOURCES)
 
 
 def setup_terminal(verbosity: int) -> None:

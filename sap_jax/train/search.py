@@ -19,7 +19,7 @@ import optax
 from absl import logging
 
 from sap_jax import agn as agn_lib
-from sap_jax import baselines, flops, parallel, penalty, xla_cpu
+from sap_jax import baselines, console, flops, parallel, penalty, xla_cpu
 from sap_jax.codec import ModuleCodec
 from sap_jax.train import steps
 from sap_jax.train.loop import Phase
@@ -122,7 +122,23 @@ class Search:
         env.writer.write_scalars(self.prog.step, {f"epoch/{k}": v for k, v in row.items()
                                                   if isinstance(v, float)})
         logging.info("epoch %d/%d [%s] %s", epoch + 1, env.config.num_epochs, label,
-                     "  ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+                     self.short(row))
+        console.detail("epoch %d/%d [%s] %s", epoch + 1, env.config.num_epochs, label,
+                       "  ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+
+    def short(self, row: dict) -> str:
+        """The epoch's line on the terminal: what says how the run and the search are going
+        (every metric is in log.txt and TensorBoard)."""
+        pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+        out = [f"loss {row['train_loss']:.3f}", f"test {pct(row['test_acc'])}",
+               f"val {pct(row['val_acc'])}"]
+        if self.searching:
+            sub = row.get("subnet_val_acc_bn", row["subnet_val_acc"])
+            out += [f"MACs {pct(row['mac_ratio'])}", f"sub-net val {pct(sub)}",
+                    f"align {row['alignment_ratio']:.3f}", f"changed {pct(row['hamming'])}"]
+            if "agn_lam" in row:
+                out.append(f"lambda {row['agn_lam']:.1f}")
+        return "  ".join(out)
 
     def search_metrics(self, state: dict) -> dict[str, float]:
         """The sub-network's validation accuracy, its MACs, the penalty and the alignment."""
