@@ -144,9 +144,19 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h = r["history"]
     out = []
-    fig, ax = plt.subplots(figsize=(7, 4))
+    for draw, name, size in ((_plot_accuracy, "accuracy.png", (7, 4)),
+                             (_plot_hamming, "hamming.png", (7, 4)),
+                             (_plot_widths, "widths.png", (max(6, 0.25 * len(r["widths"]) + 2), 4.5))):
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax, r)
+        out.append(_save(fig, workdir, name))
+        plt.close(fig)
+    return out
+
+
+def _plot_accuracy(ax, r: dict[str, Any]) -> None:
+    h = r["history"]
     if h.get("test_acc"):
         ax.plot(h["epoch"], h["test_acc"], label="dense model")
     for key, label in (("subnet_val_acc", "sub-network (gated by v), validation"),
@@ -159,21 +169,20 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
         ax.plot([last + e for e in h["ft_epoch"]], h["ft_test_acc"], label="pruned model, fine-tuning")
     e_start = (r.get("config") or {}).get("sap", {}).get("e_start")
     if e_start is not None and h.get("epoch"):
-        ax.axvline(e_start + 0.5, color="grey", ls=":", lw=1)
-        ax.annotate("search starts", (e_start + 0.5, 0.98), xycoords=("data", "axes fraction"),
-                    rotation=90, fontsize=8, color="grey", ha="right", va="top")
-        ax.axvline(h["epoch"][-1] + 0.5, color="black", ls="--", lw=1)
-        ax.annotate("cut", (h["epoch"][-1] + 0.5, 0.98), xycoords=("data", "axes fraction"),
-                    rotation=90, fontsize=8, ha="right", va="top")
+        for x, text, style in ((e_start + 0.5, "search starts", dict(color="grey", ls=":")),
+                               (h["epoch"][-1] + 0.5, "cut", dict(color="black", ls="--"))):
+            ax.axvline(x, lw=1, **style)
+            ax.annotate(text, (x, 0.98), xycoords=("data", "axes fraction"), rotation=90,
+                        fontsize=8, color=style["color"], ha="right", va="top")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{r['model']} on {r['dataset']}, p = {r['p']}")
     ax.legend()
     ax.grid(alpha=0.3)
-    out.append(_save(fig, workdir, "accuracy.png"))
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+
+def _plot_hamming(ax, r: dict[str, Any]) -> None:
+    h = r["history"]
     if h.get("hamming"):
         e0 = len(h["epoch"]) - len(h["hamming"])
         ax.plot(h["epoch"][e0:], h["hamming"], marker="o")
@@ -183,11 +192,10 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
     ax.set_title("how much the chosen architecture still moves")
     ax.legend()
     ax.grid(alpha=0.3)
-    out.append(_save(fig, workdir, "hamming.png"))
-    plt.close(fig)
 
+
+def _plot_widths(ax, r: dict[str, Any]) -> None:
     k = range(len(r["widths"]))
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(r["widths"]) + 2), 4.5))
     ax.bar(k, r["dense_widths"], color="lightgrey", label="original")
     ax.bar(k, r["widths"], color="tab:blue", label="kept")
     names = r.get("group_names") or []
@@ -201,6 +209,3 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
     ax.set_ylabel("channels")
     ax.set_title(f"kept widths: MACs {r['macs_ratio']:.1%} of dense")
     ax.legend()
-    out.append(_save(fig, workdir, "widths.png"))
-    plt.close(fig)
-    return out
