@@ -19,6 +19,25 @@ FULL = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18",
 assert sorted(TINY + FULL) == models.names(), "add new presets to TINY or FULL"
 
 
+def tiny_config(**overrides):
+    """configs/test_tiny.py with dotted fields overridden: ``tiny_config(**{"budget.p": 0.3})``."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from configs import test_tiny
+
+    c = test_tiny.get_config()
+    for k, v in overrides.items():
+        node = c
+        *head, last = k.split(".")
+        for h in head:
+            node = node[h]
+        node[last] = v
+    return c
+
+
 def slow(names):
     """``names`` as parameters of the full suite only (pytest -m "not slow" leaves them out)."""
     return [pytest.param(n, marks=pytest.mark.slow) for n in names]

@@ -10,25 +10,16 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import tiny_config
 from sap_jax import config as config_lib
 from sap_jax import train
 from sap_jax.train import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import test_tiny  # noqa: E402
 
 
-def tiny(**overrides):
-    c = test_tiny.get_config()
-    for k, v in overrides.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
-    return c
-
+tiny = tiny_config  # configs/test_tiny.py with dotted overrides
 
 def test_config_validation_lists_every_error():
     c = tiny(**{"budget.p": 1.5, "sap.e_start": 3, "model": "resnet57", "dataset": "mnist",

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import tiny_config
 from sap_jax import config as config_lib
 from sap_jax import info, report, surgery, train
 
@@ -16,18 +17,9 @@ pytestmark = pytest.mark.slow  # whole tiny runs, in-process and through the CLI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import test_tiny  # noqa: E402
 
 
-def tiny(**overrides):
-    c = test_tiny.get_config()
-    for k, v in overrides.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
-    return c
+tiny = tiny_config  # configs/test_tiny.py with dotted overrides
 
 
 def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
