@@ -7,6 +7,7 @@ FAULT is one of
   sigterm K       send this process SIGTERM right after weight step K
   sigint K        send it SIGINT (Ctrl-C) right after weight step K
   sigint2 K       send it SIGINT twice right after weight step K
+  sigint-cut 0    send it SIGINT when the cut begins (outside any training step)
   sigkill K       SIGKILL this process right after weight step K
   sigkill-save N  SIGKILL this process while checkpoint N is being written
 """
@@ -38,6 +39,8 @@ if fault in ("sigterm", "sigkill", "sigint", "sigint2"):
                 os.kill(os.getpid(), sig)
 
     hooks = train.Hooks(on_step=on_step)
+elif fault == "sigint-cut":
+    hooks = train.Hooks(on_phase=lambda name: name == "cut" and os.kill(os.getpid(), signal.SIGINT))
 elif fault == "sigkill-save":
     real_save = ocp.CheckpointManager.save
 

@@ -105,6 +105,15 @@ def test_sigterm_saves_at_the_next_step_exits_75_and_resumes_exactly(reference, 
     _assert_identical(_outcome(reference), _outcome(tmp_path))
 
 
+def test_a_ctrl_c_during_the_cut_stops_after_it_and_resumes_exactly(reference, tmp_path):
+    p = _fault_run(tmp_path, "sigint-cut", 0)
+    assert p.returncode == 75, p.stderr[-3000:]
+    assert "Ctrl-C: stopped after the cut" in p.stderr and "Traceback" not in p.stderr
+    again = _fault_run(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_identical(_outcome(reference), _outcome(tmp_path))
+
+
 def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
     p = _fault_run(tmp_path, "sigint2", 6)
     assert p.returncode == 130, p.stderr[-3000:]

@@ -269,6 +269,14 @@ class PreemptionWatch:
               "rerun to resume). Press Ctrl-C again to abort without saving.", file=sys.stderr,
               flush=True)
 
+    def agreed(self) -> bool:
+        """Whether any process got the signal, asked of every process now (phase boundaries)."""
+        if not self.multi:
+            return self.flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+
     def __call__(self, step: int) -> bool:
         if not self.multi:
             return self.flag

@@ -27,7 +27,7 @@ from sap_jax import baselines
 from sap_jax import config as config_lib
 from sap_jax import data as data_lib
 from sap_jax.codec import ModuleCodec
-from sap_jax.errors import ConfigError
+from sap_jax.errors import ConfigError, Preempted
 from sap_jax.train import checkpoints, loop, search, steps
 from sap_jax.train import state as state_lib
 from sap_jax.train.state import Progress
@@ -337,14 +337,24 @@ def _phases(env: Env) -> dict[str, Any]:
         prog.dense_acc = prog.history["test_acc"][-1]
         env.hooks.phase("cut")
         pruned, state = cut_phase(env, dense, state, prog)
+        _stop_if_asked(env, prog, "after the cut")
     else:
         pruned = env.programs(prog.widths, "finetune")
         state = env.ckpts.restore(state_lib.to_host(state_lib.fresh_weights(pruned, env.key)),
                                   env.mesh)
     env.hooks.phase("finetune")
     state = loop.run_epochs(env, finetune_phase(env, pruned, prog), state, prog)
+    _stop_if_asked(env, prog, "after fine-tuning, before the final evaluation")
     env.hooks.phase("finish")
     return finish(env, dense, pruned, state, prog)
+
+
+def _stop_if_asked(env: Env, prog: Progress, where: str) -> None:
+    """A stop request that came outside the training steps (during the cut, the last
+    evaluation): the phase just saved a checkpoint, so stop there."""
+    if env.watch.agreed():
+        raise Preempted(f"{env.watch.reason}: stopped {where}; checkpoint {prog.ckpt} in "
+                        f"{env.ckpts.dir} holds it. Rerun the same command to resume.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
