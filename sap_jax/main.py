@@ -37,9 +37,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 #: Exit codes (message on stderr): sap_jax.errors; 0 = done.
 EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
 
-#: Left in the workdir by a run that saved and stopped on SIGTERM (exit 75); a new start removes it.
-PREEMPTED_MARKER = "PREEMPTED"
-
 #: Hooks passed to the run (sap_jax.train.Hooks); set by code that embeds the CLI via run().
 _HOOKS = None
 
@@ -90,15 +87,17 @@ def main(argv: list[str]) -> None:
 
 def _fail(e: BaseException) -> None:
     """One line on stderr and the documented exit code for ``e`` (sap_jax.errors). A preempted
-    run also leaves ``<workdir>/PREEMPTED`` (process 0), for schedulers that see another code."""
+    run also leaves its marker file in the workdir (process 0, train.checkpoints.PREEMPTED_MARKER)."""
     word = "stopped" if isinstance(e, errors.Preempted) else "error"
     if isinstance(e, errors.Preempted) and FLAGS.workdir:
         import jax
 
         from sap_jax import parallel
+        from sap_jax.train import checkpoints
 
         if jax.process_index() == 0:
-            parallel.write_text_atomic(parallel.path(FLAGS.workdir) / PREEMPTED_MARKER, str(e))
+            marker = parallel.path(FLAGS.workdir) / checkpoints.PREEMPTED_MARKER
+            parallel.write_text_atomic(marker, str(e))
     print(f"{word}: {e}", file=sys.stderr, flush=True)
     sys.exit(errors.exit_code(e))
 

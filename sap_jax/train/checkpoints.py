@@ -26,6 +26,9 @@ CKPT_DIR = "checkpoints"
 
 
 CHANGES = "config_changes.json"
+#: Left in the workdir by a run that saved and stopped on SIGTERM or Ctrl-C (exit 75), for
+#: schedulers that see another exit code (Slurm's srun); a new start removes it.
+PREEMPTED_MARKER = "PREEMPTED"
 
 
 def _hash(config_json: dict[str, Any],
@@ -71,9 +74,14 @@ def _stored_config(workdir: Any) -> tuple[dict[str, Any], set[str]] | None:
     return theirs, hashes | {_hash(theirs)}
 
 
-def _has_checkpoints(workdir: Any) -> bool:
+def _checkpoint_steps(workdir: Any) -> list[int]:
     d = workdir / CKPT_DIR
-    return d.exists() and any(p.name.isdigit() for p in d.iterdir())
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _earlier_hashes(workdir: Any) -> set[str]:
+    """The config hashes of the checkpoints before each change this run was allowed."""
+    return {h for c in config_changes(workdir) for h in c["from_hashes"]}
 
 
 def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict, *,
@@ -93,11 +101,11 @@ def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict, *,
     if stored is not None:
         theirs, hashes = stored
         # Checkpoints may predate changes this run was allowed earlier.
-        hashes = hashes | {h for c in config_changes(workdir) for h in c["from_hashes"]}
+        hashes = hashes | _earlier_hashes(workdir)
         diff = sorted(_diff_keys(config_lib.result_fields(theirs), config_lib.result_fields(mine)))
         if not diff:
             accepted |= hashes
-        elif not _has_checkpoints(workdir):
+        elif not _checkpoint_steps(workdir):
             replace = True  # nothing saved yet: the new config simply replaces the old one
         elif allow_change:
             _record_change(workdir, {f: [_get(theirs, f), _get(mine, f)] for f in diff}, hashes)
@@ -120,8 +128,7 @@ def _record_change(workdir: Any, fields: dict[str, list], from_hashes: set[str])
     if jax.process_index() != 0:
         return
     changes = config_changes(workdir)
-    last = max(int(p.name) for p in (workdir / CKPT_DIR).iterdir() if p.name.isdigit())
-    changes.append({"from_checkpoint": last, "fields": fields, "from_hashes": sorted(from_hashes)})
+    changes.append({"from_checkpoint": _checkpoint_steps(workdir)[-1], "fields": fields, "from_hashes": sorted(from_hashes)})
     parallel.write_text_atomic(workdir / CHANGES, json.dumps(changes, indent=2))
 
 
@@ -213,7 +220,7 @@ def latest_progress(workdir: str, config: ml_collections.ConfigDict) -> dict[str
     stored = _stored_config(parallel.path(workdir))
     same = stored is not None and not _diff_keys(config_lib.result_fields(stored[0]),
                                                  config_lib.result_fields(config_lib.to_json_dict(config)))
-    earlier = {h for c in config_changes(parallel.path(workdir)) for h in c["from_hashes"]}
+    earlier = _earlier_hashes(parallel.path(workdir))
     ckpts = Checkpoints(parallel.path(workdir), keep=config.keep_checkpoints,
                         config_hash=config_hash(config), accept=stored[1] | earlier if same else set())
     try:

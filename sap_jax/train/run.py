@@ -73,7 +73,7 @@ class Env:
         self.config, self.workdir, self.hooks = config, parallel.path(workdir), hooks
         if jax.process_index() == 0:
             _check_writable(self.workdir)
-            marker = self.workdir / "PREEMPTED"  # left by the previous, preempted start
+            marker = self.workdir / checkpoints.PREEMPTED_MARKER  # from the previous start
             if marker.exists():
                 marker.unlink()
         parallel.sync("workdir")
