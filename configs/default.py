@@ -28,7 +28,11 @@ def optimizer(lr: float, boundaries: tuple, *, schedule: str = "step", weight_de
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = "resnet56"  # a name from sap_jax.models.names(); num_classes comes from the dataset
+    c.model = "resnet56"  # a name from sap_jax.models.names(), or your own network's factory
+    # "package.module:function" (README, "Prune your own model"); num_classes comes from the data
+    c.model_kwargs = "{}"  # JSON of more arguments for a factory, e.g. '{"width": 16}'
+    c.model_prune = "inner"  # a factory's groups: "inner" (uncoupled, as the paper) | "all" (+ residual streams)
+    c.model_ignore = ()  # a factory's layers whose output channels are never pruned, e.g. ("stem",)
     c.dataset = "cifar10"  # "cifar10" | "imagenet2012" (TFDS) | "digits" (scikit-learn, offline)
     c.data_dir = ""  # TFDS data directory; "" = TFDS default (~/tensorflow_datasets)
     c.image_size = 32  # training/eval resolution (a multiple of the model's total stride)

@@ -4,6 +4,7 @@ fields of earlier releases upgraded with a deprecation message."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import numbers
 import warnings
@@ -12,7 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from sap_jax import agn, baselines, cut, models, resource
+from sap_jax import agn, baselines, cut, models, resource, trace
 from sap_jax.errors import ConfigError  # noqa: F401 - defined here before sap_jax.errors
 
 DATASETS = ("cifar10", "imagenet2012", "digits", "mnist5k")
@@ -20,6 +21,7 @@ DATASETS = ("cifar10", "imagenet2012", "digits", "mnist5k")
 # val_size and batch_size before anything loads; mnist5k's images are 28 px, not resized.
 TRAIN_SIZES = {"digits": 1437, "mnist5k": 4000, "cifar10": 50_000, "imagenet2012": 1_281_167}
 FIXED_IMAGE_SIZE = {"mnist5k": 28, "cifar10": 32}
+NUM_CLASSES = {"digits": 10, "mnist5k": 10, "cifar10": 10, "imagenet2012": 1000}
 SCHEDULES = ("step", "cosine", "constant")
 PENALTIES = ("gradient", "proximal")
 SELECTORS = ("agn", "norm")
@@ -54,6 +56,10 @@ RENAMED = {
 }
 
 
+#: Top-level fields added after 0.2, with the value an older config means.
+NEW_FIELDS = {"model_kwargs": "{}", "model_prune": "inner", "model_ignore": ()}
+
+
 def upgrade(c: Any, keep: tuple[str, ...] | set[str] = ()) -> list[str]:
     """Move renamed fields of ``c`` (a ConfigDict, or a config's JSON dict) to their new places,
     in place; one message per change (empty for a current config). A new name in ``keep`` (set
@@ -77,6 +83,9 @@ def upgrade(c: Any, keep: tuple[str, ...] | set[str] = ()) -> list[str]:
                 c[nsec][nname] = c[osec][oname]
                 notes.append(f"config field {old} is now {new}")
             del c[osec][oname]
+        for name, default in NEW_FIELDS.items():  # what a config meant before they existed
+            if name not in c and "model" in c:
+                c[name] = list(default) if plain and isinstance(default, tuple) else default
         s = c["sap"] if "sap" in c else {}
         if "selector" not in s and "final_arch" in s:
             s["selector"] = "agn"  # what a config meant before the field existed
@@ -158,11 +167,51 @@ def _check_budget(c: ml_collections.ConfigDict, errors: list[str]) -> None:
             errors.append(f"budget: {e}")
 
 
+def model_arguments(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What ``models.create(c.model, ...)`` needs beyond a preset's arguments: for a factory
+    ``"package.module:function"``, the input size, its JSON arguments and the group choice."""
+    if not models.is_factory_path(c.model):
+        return {}
+    return dict(image_size=c.image_size, factory_kwargs=json.loads(c.model_kwargs),
+                prune=c.model_prune, ignore=tuple(c.model_ignore))
+
+
+def _check_factory(c: ml_collections.ConfigDict, errors: list[str]):
+    """A user's model: its fields, then the factory called and traced abstractly."""
+    first = len(errors)
+    try:
+        kwargs = json.loads(c.model_kwargs) if isinstance(c.model_kwargs, str) else None
+    except json.JSONDecodeError as e:
+        kwargs = None
+        errors.append(f"model_kwargs = {c.model_kwargs!r} is not valid JSON ({e}).")
+    if not isinstance(kwargs, dict) and len(errors) == first:
+        errors.append(f"model_kwargs = {c.model_kwargs!r} must be a JSON object, e.g. '{{\"width\": 16}}'.")
+    if not _in(c.model_prune, trace.PRUNE):
+        errors.append(f"model_prune = {c.model_prune!r}; use one of {trace.PRUNE}.")
+    if not (isinstance(c.model_ignore, (tuple, list)) and all(isinstance(x, str) for x in c.model_ignore)):
+        errors.append(f"model_ignore = {c.model_ignore!r} must be a tuple of layer paths.")
+    if len(errors) > first or not (_int(c.image_size) and c.image_size > 0):
+        return None
+    try:
+        dtype = c.dtype if _in(c.dtype, DTYPES) and c.dtype != "float32" else None
+        return models.create_abstract(c.model, num_classes=NUM_CLASSES.get(c.dataset), dtype=dtype,
+                                      **model_arguments(c))
+    except trace.TraceError as e:
+        errors.append(f"model: {e}")
+    except ValueError as e:
+        errors.append(f"model: {e}")
+    except Exception as e:  # noqa: BLE001 - a user's factory may raise anything
+        errors.append(f"model: building {c.model} failed: {type(e).__name__}: {e}")
+    return None
+
+
 def _check_model(c: ml_collections.ConfigDict, errors: list[str]):
     """The model name and its image size; the abstract model (None if the name is bad)."""
     model = None
     if not isinstance(c.model, str):
         errors.append(f"model = {c.model!r} must be a model name (see sap_jax.models.names()).")
+    elif models.is_factory_path(c.model):
+        model = _check_factory(c, errors)
     elif c.model not in models.PRESETS:
         try:
             models.get_preset(c.model)

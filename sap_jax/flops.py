@@ -46,13 +46,14 @@ class Counts:
         return dataclasses.asdict(self)
 
 
-def _dim(d: G.Dim, widths: Sequence[Any]) -> Any:
-    return widths[d.index] if isinstance(d, G.GroupRef) else d
+_dim = G.dim_value
 
 
-def _valid_taps(out: int, kernel: int, stride: int) -> int:
+def _valid_taps(out: int, kernel: int, stride: int, pad: int | None = None,
+                n: int | None = None) -> int:
     """Kernel taps that land inside the input along one axis, summed over outputs."""
-    n, pad = out * stride, kernel // 2
+    n = out * stride if n is None else n
+    pad = kernel // 2 if pad is None else pad
     return sum(1 for o in range(out) for j in range(kernel) if 0 <= o * stride - pad + j < n)
 
 
@@ -63,26 +64,35 @@ def layer_macs(layer: G.Layer, widths: Sequence[Any], *, count_padding: bool = T
     is how XLA's cost analysis counts convolutions; the standard convention
     (and the default) counts every tap.
     """
-    if isinstance(layer, G.NormLayer):
+    if isinstance(layer, (G.NormLayer, G.ScaleLayer)):
         return 0
     cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
     if isinstance(layer, G.DenseLayer):
-        return cin * cout
+        return layer.tokens * cin * cout
     (h, w), (kh, kw) = layer.out_hw, layer.kernel
-    taps = h * w * kh * kw if count_padding else (
-        _valid_taps(h, kh, layer.stride) * _valid_taps(w, kw, layer.stride))
-    # A depthwise conv has one input channel per output channel.
-    return taps * (1 if layer.depthwise else cin) * cout
+    if count_padding:
+        taps = h * w * kh * kw
+    else:
+        (pt, _), (pl, _) = layer.padding or ((None, None), (None, None))
+        ih, iw = layer.in_hw or (None, None)
+        taps = _valid_taps(h, kh, layer.stride, pt, ih) * _valid_taps(w, kw, layer.stride, pl, iw)
+    # A depthwise conv has one input channel per output channel, a grouped one cin / groups.
+    per_out = 1 if layer.depthwise else (cin if layer.groups == 1 else cin // layer.groups)
+    return taps * per_out * cout
 
 
 def layer_params(layer: G.Layer, widths: Sequence[Any]) -> Any:
     """Trainable parameters of one layer, given the group widths."""
     if isinstance(layer, G.NormLayer):
-        return 2 * _dim(layer.ch, widths)
+        return sum(n in ("scale", "bias") for n in layer.names) * _dim(layer.ch, widths)
+    if isinstance(layer, G.ScaleLayer):
+        return _dim(layer.ch, widths)
     cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
     kh, kw = layer.kernel if isinstance(layer, G.ConvLayer) else (1, 1)
     depthwise = isinstance(layer, G.ConvLayer) and layer.depthwise
-    return kh * kw * (1 if depthwise else cin) * cout + (cout if layer.bias else 0)
+    groups = getattr(layer, "groups", 1)
+    per_out = 1 if depthwise else (cin if groups == 1 else cin // groups)
+    return kh * kw * per_out * cout + (cout if layer.bias else 0)
 
 
 def count(structure: G.Structure, widths: Sequence[Any] | None = None, *,

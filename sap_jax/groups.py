@@ -63,7 +63,18 @@ class GroupRef:
     index: int
 
 
-Dim = Union[int, GroupRef]
+@dataclasses.dataclass(frozen=True)
+class DimSum:
+    """A channel dimension made of parts: ``sum(coef * dim)`` over ``terms``.
+
+    Traced models need it where a layer reads a concatenation (``(g3, 1), (g5, 1), (16, 1)``)
+    or a flattened feature map (``((g7, 49),)``: 7x7 positions of group 7's channels).
+    """
+
+    terms: tuple[tuple[Union[int, GroupRef], int], ...]
+
+
+Dim = Union[int, GroupRef, DimSum]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +94,21 @@ class ConvLayer:
     stride: int = 1
     depthwise: bool = False
     bias: bool = False
+    groups: int = 1  # feature_group_count of a grouped (not depthwise) conv
+    # Padding ((top, bottom), (left, right)) and input size when they are not the described
+    # convention (kernel // 2 each side, input = out_hw * stride); only MAC counts that leave
+    # out padded taps read them.
+    padding: tuple[tuple[int, int], tuple[int, int]] | None = None
+    in_hw: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class NormLayer:
-    """A BatchNorm over ``ch`` channels (scale, bias, mean, var)."""
+    """A normalisation over ``ch`` channels holding the per-channel arrays ``names``."""
 
     path: Path
     ch: Dim
+    names: tuple[str, ...] = ("scale", "bias", "mean", "var")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +119,22 @@ class DenseLayer:
     in_ch: Dim
     out_ch: Dim
     bias: bool = True
+    tokens: int = 1  # rows per image it is applied to (a channels-last MLP on H*W positions)
 
 
-Layer = Union[ConvLayer, NormLayer, DenseLayer]
+@dataclasses.dataclass(frozen=True)
+class ScaleLayer:
+    """One other per-channel parameter (a layer scale), the array at ``path``."""
+
+    path: Path
+    ch: Dim
+
+
+Layer = Union[ConvLayer, NormLayer, DenseLayer, ScaleLayer]
 
 #: Slice roles. Kernel roles are what the partial group lasso penalises by
-#: default; BN affine roles are optional; running statistics are only sliced.
+#: default; norm affine roles (BatchNorm, LayerNorm, ...) are optional; running statistics
+#: and other per-channel arrays ("channel", e.g. a layer scale) are only sliced.
 KERNEL_ROLES = ("out", "in", "depthwise", "bias")
 BN_AFFINE_ROLES = ("bn_scale", "bn_bias")
 BN_STAT_ROLES = ("bn_mean", "bn_var")
@@ -114,11 +142,31 @@ BN_STAT_ROLES = ("bn_mean", "bn_var")
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-    """One tensor of a group: the variable at ``path``, channels on ``axis``."""
+    """One tensor of a group: the variable at ``path``, channels on ``axis``.
+
+    Channel ``i``'s ``r``-th copy sits at position ``offset + i * stride + r * period`` of the
+    axis: the defaults are the whole axis; a concatenation gives an offset, a flattened
+    feature map ``repeats`` copies (NHWC flatten: ``period`` = channels per position; NCHW:
+    ``stride`` = positions per channel).
+    """
 
     path: Path
     axis: int
     role: str
+    offset: int = 0
+    stride: int = 1
+    repeats: int = 1
+    period: int = 0
+
+    @property
+    def whole(self) -> bool:
+        """Whether the group's channels are the tensor's whole axis, in order (size permitting)."""
+        return (self.offset, self.stride, self.repeats) == (0, 1, 1)
+
+    def positions(self, size: int) -> np.ndarray:
+        """``(repeats, size)`` positions along the axis of each channel's copies."""
+        return (self.offset + np.arange(size)[None, :] * self.stride
+                + np.arange(self.repeats)[:, None] * self.period)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,14 +178,27 @@ class Group:
     slices: tuple[Slice, ...]
 
 
-def _dim(d: Dim, widths: Sequence[Any]) -> Any:
-    return widths[d.index] if isinstance(d, GroupRef) else d
+def dim_value(d: Dim, widths: Sequence[Any]) -> Any:
+    """The size of ``d`` given the group widths (ints, or traced scalars)."""
+    if isinstance(d, GroupRef):
+        return widths[d.index]
+    if isinstance(d, DimSum):
+        return sum(c * dim_value(t, widths) for t, c in d.terms)
+    return d
+
+
+_dim = dim_value
+
+
+def _has_group(d: Dim) -> bool:
+    return isinstance(d, GroupRef) or (isinstance(d, DimSum) and any(
+        isinstance(t, GroupRef) for t, _ in d.terms))
 
 
 def is_prunable(layer: Layer) -> bool:
     """Whether any channel dimension of ``layer`` belongs to a group."""
-    dims = (layer.ch,) if isinstance(layer, NormLayer) else (layer.in_ch, layer.out_ch)
-    return any(isinstance(d, GroupRef) for d in dims)
+    dims = (layer.ch,) if isinstance(layer, (NormLayer, ScaleLayer)) else (layer.in_ch, layer.out_ch)
+    return any(_has_group(d) for d in dims)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +211,8 @@ class Structure:
       layers: every conv, norm and linear layer, in forward order.
       input_hw: the input's spatial size (H, W).
       in_channels: the input's channel count.
+      slices: each group's slices, given explicitly (a traced model); ``None`` derives them
+        from the layers (a hand-written description).
     """
 
     group_names: tuple[str, ...]
@@ -157,6 +220,7 @@ class Structure:
     layers: tuple[Layer, ...]
     input_hw: tuple[int, int]
     in_channels: int
+    slices: tuple[tuple[Slice, ...], ...] | None = None
 
     @property
     def num_groups(self) -> int:
@@ -164,7 +228,10 @@ class Structure:
 
     @functools.cached_property
     def groups(self) -> tuple[Group, ...]:
-        """Each group with every parameter slice it owns, derived from the layers."""
+        """Each group with every parameter slice it owns (derived from the layers unless given)."""
+        if self.slices is not None:
+            return tuple(Group(n, w, tuple(s)) for n, w, s in
+                         zip(self.group_names, self.widths, self.slices))
         slices: list[list[Slice]] = [[] for _ in self.widths]
 
         def add(d: Dim, path: Path, axis: int, role: str) -> None:
@@ -173,9 +240,11 @@ class Structure:
 
         for layer in self.layers:
             if isinstance(layer, NormLayer):
-                for name, role in (("scale", "bn_scale"), ("bias", "bn_bias"),
-                                   ("mean", "bn_mean"), ("var", "bn_var")):
-                    add(layer.ch, layer.path + (name,), 0, role)
+                for name in layer.names:
+                    add(layer.ch, layer.path + (name,), 0, "bn_" + name)
+                continue
+            if isinstance(layer, ScaleLayer):
+                add(layer.ch, layer.path, 0, "channel")
                 continue
             kernel = layer.path + ("kernel",)
             if isinstance(layer, ConvLayer) and layer.depthwise:
@@ -195,12 +264,15 @@ class Structure:
         for layer in self.layers:
             if isinstance(layer, NormLayer):
                 c = _dim(layer.ch, widths)
-                for name in ("scale", "bias", "mean", "var"):
+                for name in layer.names:
                     shapes[layer.path + (name,)] = (c,)
+                continue
+            if isinstance(layer, ScaleLayer):
+                shapes[layer.path] = (_dim(layer.ch, widths),)
                 continue
             cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
             if isinstance(layer, ConvLayer):
-                per_group_in = 1 if layer.depthwise else cin
+                per_group_in = 1 if layer.depthwise else cin // layer.groups  # ints here
                 shapes[layer.path + ("kernel",)] = (*layer.kernel, per_group_in, cout)
             else:
                 shapes[layer.path + ("kernel",)] = (cin, cout)

@@ -39,15 +39,27 @@ KINDS = {"group_l2": G.KERNEL_ROLES, "l1": ("out",), "producer_l2": ("out", "dep
 
 @functools.lru_cache(maxsize=64)
 def owned_slices(structure: G.Structure, roles: tuple[str, ...]
-                 ) -> dict[G.Path, tuple[tuple[int, int], ...]]:
-    """``{param path: ((group k, axis), ...)}`` of every tensor slice with one of ``roles``, in
+                 ) -> dict[G.Path, tuple[tuple[int, G.Slice], ...]]:
+    """``{param path: ((group k, slice), ...)}`` of every tensor slice with one of ``roles``, in
     the order the tensors first appear in the groups."""
-    out: dict[G.Path, list[tuple[int, int]]] = {}
+    out: dict[G.Path, list[tuple[int, G.Slice]]] = {}
     for k, g in enumerate(structure.groups):
         for sl in g.slices:
             if sl.role in roles:
-                out.setdefault(sl.path, []).append((k, sl.axis))
+                out.setdefault(sl.path, []).append((k, sl))
     return {p: tuple(v) for p, v in out.items()}
+
+
+def channel_view(t: Any, sl: G.Slice, size: int, xp=jnp) -> Any:
+    """``t``'s entries of each of the group's ``size`` channels, as a ``(size, rest)`` matrix.
+
+    A whole-axis slice is a transpose; a slice of a concatenation or of a flattened feature
+    map gathers its (static) positions, every copy of channel ``i`` in row ``i``.
+    """
+    t = xp.moveaxis(t, sl.axis, 0)
+    if not (sl.whole and t.shape[0] == size):
+        t = t[sl.positions(size).T.ravel()]
+    return t.reshape(size, -1)
 
 
 def roles_of(kind: str, include_bn: bool = False) -> tuple[str, ...]:
@@ -80,11 +92,12 @@ def l2_along(t: Any, axis: int, xp=jnp) -> Any:
     return xp.where(positive, xp.sqrt(xp.where(positive, sq, 1.0)), 0.0)
 
 
-def _measure(t: Any, axis: int, kind: str, xp) -> Any:
+def _measure(t: Any, sl: G.Slice, size: int, kind: str, xp) -> Any:
+    if kind == "group_l2" and sl.whole and np.shape(t)[sl.axis] == size:
+        return l2_along(t, sl.axis, xp)  # no transpose on the penalty's hot path
+    t = channel_view(xp.asarray(t, xp.float32 if xp is jnp else xp.float64), sl, size, xp)
     if kind == "group_l2":
-        return l2_along(t, axis, xp)
-    t = xp.moveaxis(xp.asarray(t, xp.float32 if xp is jnp else xp.float64), axis, 0)
-    t = t.reshape(t.shape[0], -1)
+        return l2_along(t, 0, xp)
     return xp.abs(t).sum(1) if kind == "l1" else xp.square(t).sum(1)  # producer_l2: squares
 
 
@@ -94,8 +107,8 @@ def slice_norms(params: Any, structure: G.Structure, kind: str = "group_l2", *,
     roles = roles_of(kind, include_bn)
     owned = owned_slices(structure, roles)
     for path, t in owned_tensors(params, structure, roles).items():
-        for k, axis in owned[path]:
-            yield k, _measure(t, axis, kind, xp)
+        for k, sl in owned[path]:
+            yield k, _measure(t, sl, structure.widths[k], kind, xp)
 
 
 def channel_norms(params: Any, structure: G.Structure, kind: str = "group_l2", *,

@@ -39,8 +39,8 @@ from sap_jax.codec import path_str
 Params = Any  # a pytree of arrays (nnx.State, a pure dict, ...) keyed like the model
 
 def owned_slices(structure: G.Structure, include_bn: bool = False
-                 ) -> dict[tuple[str, ...], tuple[tuple[int, int], ...]]:
-    """``{param path: ((group k, axis), ...)}`` of every tensor the penalty touches."""
+                 ) -> dict[tuple[str, ...], tuple[tuple[int, G.Slice], ...]]:
+    """``{param path: ((group k, slice), ...)}`` of every tensor the penalty touches."""
     return norms.owned_slices(structure, norms.roles_of("group_l2", include_bn))
 
 
@@ -92,12 +92,18 @@ class ProximalState(NamedTuple):
     count: jax.Array  # steps taken, for a strength schedule
 
 
-def _shrink(t: jax.Array, axis: int, threshold: jax.Array) -> jax.Array:
-    """Group soft-threshold of the slices of ``t`` along ``axis`` (``threshold`` per slice)."""
-    n = norms.l2_along(t, axis)
+def _shrink(t: jax.Array, sl: G.Slice, threshold: jax.Array) -> jax.Array:
+    """Group soft-threshold of the channels of slice ``sl`` of ``t`` (``threshold`` per channel)."""
+    size, axis = threshold.shape[0], sl.axis % t.ndim
+    whole = sl.whole and t.shape[axis] == size
+    n = norms.l2_along(t, axis) if whole else norms.l2_along(norms.channel_view(t, sl, size), 0)
     factor = jnp.where(n > threshold, 1.0 - threshold / jnp.where(n > 0, n, 1.0), 0.0)
+    if not whole:  # the scale of every position of the axis
+        pos = sl.positions(size)
+        factor = jnp.ones((t.shape[axis],), factor.dtype).at[pos.ravel()].set(
+            jnp.tile(factor, pos.shape[0]))
     shape = [1] * t.ndim
-    shape[axis % t.ndim] = -1
+    shape[axis] = -1
     return t * factor.reshape(shape).astype(t.dtype)
 
 
@@ -138,8 +144,8 @@ def proximal_partial_group_lasso(structure: G.Structure, strength: float | optax
             if not slices:
                 return u
             new = w + u
-            for k, axis in slices:
-                new = _shrink(new, axis, thresholds[k])
+            for k, sl in slices:
+                new = _shrink(new, sl, thresholds[k])
             return u + (new - (w + u))  # kept slices: adds exactly 0
 
         return (jax.tree_util.tree_map_with_path(one, updates, params),

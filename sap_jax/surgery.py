@@ -26,7 +26,7 @@ from flax import nnx, traverse_util
 
 from sap_jax import groups as G
 from sap_jax import models as M
-from sap_jax import norms, parallel
+from sap_jax import norms, parallel, trace
 
 FORMAT = "sap_jax.pruned_model/1"
 _JSON = "model.json"
@@ -79,13 +79,7 @@ def extract(model: M.PrunableModel, arch: G.Arch) -> M.PrunableModel:
     """
     s = _structure(model)
     keep = kept_arch(model, arch)
-    flat = _flat_state(model)
-    for g, k in zip(s.groups, keep):
-        if k.all():
-            continue
-        idx = np.flatnonzero(k)
-        for sl in g.slices:  # on the host: no compilation per new shape
-            flat[sl.path] = np.take(np.asarray(flat[sl.path]), idx, axis=sl.axis)
+    flat = trace.slice_arrays(_flat_state(model), s, keep)
     config = {**model.config(), "widths": [int(k.sum()) for k in keep]}
     abstract = M.from_config(type(model).__name__, config, abstract=True)
     return _load_into(abstract, flat, source="the sliced dense model")

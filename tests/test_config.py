@@ -2,6 +2,7 @@
 guard, and the renamed fields of 0.1.0 (config files, command line, old workdirs)."""
 
 import importlib
+import hashlib
 import json
 import os
 import sys
@@ -135,13 +136,37 @@ def test_a_new_name_set_on_the_command_line_wins_over_the_old_name_in_the_file()
 
 
 
+def _sha(fields) -> str:
+    """The checkpoint config hash, computed independently of sap_jax.train.checkpoints."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_a_workdir_from_before_the_model_fields_resumes(tmp_path):
+    """A config.json without model_kwargs/model_prune/model_ignore means their defaults, and
+    its checkpoints' hash (computed without them) is accepted."""
+    c = tiny()
+    before = config_lib.to_json_dict(tiny())
+    for name in config_lib.NEW_FIELDS:
+        del before[name]
+    (tmp_path / "config.json").write_text(json.dumps(before))
+    accepted = checkpoints.check_workdir_config(tmp_path, c)
+    assert _sha(config_lib.result_fields(before)) in accepted
+    ckpts = checkpoints.Checkpoints(tmp_path, keep=1, config_hash=_sha(config_lib.result_fields(before)))
+    ckpts.save({"x": np.zeros(3, np.float32)}, {"phase": "search", "epoch": 2, "step": 0})
+    ckpts.manager.close()
+    assert train.latest_progress(str(tmp_path), c)["epoch"] == 2
+
+
 def test_a_workdir_written_under_the_old_field_names_resumes(tmp_path):
     """Its config.json has the 0.1.0 layout and its checkpoints carry that layout's hash."""
     c = tiny()
     legacy = config_lib.to_json_dict(_old_names(tiny()))
+    for name in config_lib.NEW_FIELDS:  # 0.1.0 had none of the fields added since
+        del legacy[name]
     (tmp_path / "config.json").write_text(json.dumps(legacy))
     accepted = checkpoints.check_workdir_config(tmp_path, c)  # the same config: accepted
-    (old_hash,) = accepted - {checkpoints.config_hash(c)}  # and the hash 0.1.0 gave it
+    old_hash = _sha(config_lib.result_fields(legacy, config_lib.NOT_RESULT_FIELDS_0_1))
+    assert old_hash in accepted  # and the hash 0.1.0 gave it
     ckpts = checkpoints.Checkpoints(tmp_path, keep=1, config_hash=old_hash)  # as 0.1.0 wrote it
     ckpts.save({"x": np.zeros(3, np.float32)}, {"phase": "search", "epoch": 1, "step": 0})
     ckpts.manager.close()

@@ -17,10 +17,12 @@ from sap_jax.models.common import PrunableModel
 from sap_jax.models.mobilenet_v2 import CIFAR_SETTING, MobileNetV2
 from sap_jax.models.resnet import ResNet
 from sap_jax.models.resnet_cifar import ResNetCifar
+from sap_jax.models.traced import TracedModel, is_factory_path
 
-#: Classes a saved model may name (pruned checkpoints store the class name).
+#: Classes a saved model may name (pruned checkpoints store the class name). A user's own
+#: network is a TracedModel, which stores its factory's import path: no entry needed here.
 MODEL_CLASSES: dict[str, type[PrunableModel]] = {
-    c.__name__: c for c in (ResNetCifar, ResNet, MobileNetV2)}
+    c.__name__: c for c in (ResNetCifar, ResNet, MobileNetV2, TracedModel)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,13 @@ def get_preset(name: str) -> Preset:
 
 
 def create(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None, **overrides: Any) -> PrunableModel:
-    """Build the preset ``name``; ``overrides`` replace constructor arguments (e.g. ``widths``)."""
+    """Build the preset ``name``; ``overrides`` replace constructor arguments (e.g. ``widths``).
+
+    ``name`` may also be a factory ``"package.module:function"`` of any NNX CNN (a
+    :class:`TracedModel`; ``overrides`` then take its arguments, e.g. ``image_size``).
+    """
+    if is_factory_path(name):
+        return TracedModel(name, seed=seed, **overrides)
     preset = get_preset(name)
     return preset.cls(**{**preset.kwargs, **overrides}, rngs=rngs or nnx.Rngs(seed))
 
@@ -96,5 +104,6 @@ def from_config(class_name: str, config: dict[str, Any], *, rngs: nnx.Rngs | Non
     return nnx.eval_shape(build) if abstract else build()
 
 
-__all__ = ["PrunableModel", "ResNetCifar", "ResNet", "MobileNetV2", "MODEL_CLASSES", "PRESETS",
+__all__ = ["PrunableModel", "ResNetCifar", "ResNet", "MobileNetV2", "TracedModel",
+           "is_factory_path", "MODEL_CLASSES", "PRESETS",
            "Preset", "names", "get_preset", "create", "create_abstract", "from_config"]

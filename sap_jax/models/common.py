@@ -109,6 +109,12 @@ class PrunableModel(nnx.Module):
             hw = block.describe(b, path, hw)
         return hw
 
+    def trace_ignore(self) -> tuple[str, ...]:
+        """Layers whose output channels the paper's recipe leaves whole: with
+        ``sap_jax.trace.structure(model, x, ignore=model.trace_ignore())`` the traced groups
+        are exactly :meth:`describe`'s (the stem's output is not an inner width)."""
+        return ("stem_conv",)
+
     @property
     def num_groups(self) -> int:
         return len(self.widths)

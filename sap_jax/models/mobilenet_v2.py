@@ -108,6 +108,12 @@ class MobileNetV2(PrunableModel):
             x = self.dropout(x, rngs=rngs)
         return self.head(x)
 
+    def trace_ignore(self) -> tuple[str, ...]:
+        """Only the expanded hidden widths are groups: the stem, the last conv and every
+        block's (linear bottleneck) projection keep their outputs."""
+        return ("stem_conv", "last_conv", *(".".join(map(str, path + ("project_conv",)))
+                                            for path, _ in self.blocks()))
+
     def describe(self, b: G.StructureBuilder, hw: tuple[int, int]) -> None:
         cin = make_divisible(self.stem_width * self.width_mult)
         hw = down(hw, self.stem_stride)

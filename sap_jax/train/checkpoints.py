@@ -69,7 +69,8 @@ def _stored_config(workdir: Any) -> tuple[dict[str, Any], set[str]] | None:
         raise ConfigError(
             f"{path} is not valid JSON ({e}); the workdir is damaged. Use a new "
             "--workdir, or delete that file to resume with the current config.") from e
-    hashes = {_hash(theirs, config_lib.NOT_RESULT_FIELDS_0_1)}  # as 0.1.0 wrote its checkpoints
+    # As 0.1.0 wrote its checkpoints, and as a config without the fields added since did.
+    hashes = {_hash(theirs, config_lib.NOT_RESULT_FIELDS_0_1), _hash(theirs)}
     config_lib.upgrade(theirs)
     return theirs, hashes | {_hash(theirs)}
 

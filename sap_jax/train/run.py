@@ -111,7 +111,8 @@ class Env:
     def model(self, widths: Sequence[int] | None) -> models.PrunableModel:
         c = self.config
         return models.create(c.model, seed=c.seed, num_classes=self.data.info.num_classes,
-                             widths=widths, dtype=None if c.dtype == "float32" else c.dtype)
+                             widths=widths, dtype=None if c.dtype == "float32" else c.dtype,
+                             **config_lib.model_arguments(c))
 
     def programs(self, widths: Sequence[int] | None, phase: str,
                  model: models.PrunableModel | None = None) -> Programs:

@@ -1,0 +1,290 @@
+"""Any NNX CNN, traced: groups equal the hand-written descriptions, gating and surgery are exact.
+
+The zoo (examples/zoo.py) is written like a user's code and imports nothing from sap_jax.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import randomize, slow
+from conftest import tiny_config as tiny
+from examples import zoo
+from sap_jax import agn as A
+from sap_jax import flops, models, penalty, resource, surgery, trace
+from sap_jax import groups as G
+from sap_jax import config as config_lib
+from sap_jax.config import ConfigError
+
+HW, CIN, WIDTH = 8, 3, 4  # digits scale; the pipeline feeds 3-channel images
+ZOO = sorted(zoo.ZOO)
+SMALL_PRESETS = ["resnet_cifar_tiny", "resnet_tiny", "resnet_bottleneck_tiny", "mobilenet_v2_tiny",
+                 "mobilenet_v2_cifar_tiny"]
+BIG_PRESETS = sorted(set(models.names()) - set(SMALL_PRESETS))
+
+
+def _slices(s: G.Structure) -> list[set]:
+    return [{dataclasses.astuple(sl) for sl in g.slices} for g in s.groups]
+
+
+# ------------------------------------------------------- one mechanism: traced == describe()
+
+def _check_traced_equals_described(name):
+    preset = models.get_preset(name)
+    model = models.create_abstract(name)
+    ref = model.structure(preset.image_size)
+    s = trace.structure(model, (1, preset.image_size, preset.image_size, 3),
+                        ignore=model.trace_ignore())
+    assert s.widths == ref.widths
+    assert _slices(s) == _slices(ref)  # every group: the same (path, axis, role) slices
+    assert {x.path: x for x in s.layers} == {x.path: x for x in ref.layers}  # dims, kernels, hw
+    assert flops.count(s) == flops.count(ref)
+
+
+@pytest.mark.parametrize("name", SMALL_PRESETS + slow(BIG_PRESETS))
+def test_traced_groups_equal_the_hand_written_description(name):
+    _check_traced_equals_described(name)
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck_tiny", "mobilenet_v2_tiny"])
+def test_gate_and_its_gradient_equal_the_hand_written_gate(name):
+    """Train mode (batch statistics): logits, new BN statistics and d/dv all agree."""
+    model = randomize(models.create(name), seed=1)
+    s = trace.structure(model, (1, 32, 32, 3), ignore=model.trace_ignore())
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
+    arch = [jnp.asarray(rng.uniform(0, 1, w), jnp.float32) for w in model.widths]
+    graphdef, state = nnx.split(model)
+
+    def loss(arch, state, gated):
+        m = nnx.merge(graphdef, state)
+        m.train()
+        y = trace.gated_call(m, x, arch, s) if gated else m(x, arch)
+        return jnp.sum(y * jnp.arange(y.shape[-1])), (y, nnx.state(m, nnx.BatchStat))
+
+    # The state is differentiated too, so that its variables live at the gradient's level.
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+    (_, (y1, st1)), (g1, _) = grad(arch, state, False)
+    (_, (y2, st2)), (g2, _) = grad(arch, state, True)
+    np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(st2), jax.tree.leaves(st1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g2, g1):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+# ------------------------------------------------------------------ the zoo
+
+@pytest.fixture(scope="module")
+def zoo_models():
+    """Each zoo model with random parameters and BN statistics, and its groups (coupled ones
+    too, so residual streams are cut as well)."""
+    out = {}
+    for i, name in enumerate(ZOO):
+        m = randomize(zoo.ZOO[name](10, CIN, image_size=HW, width=WIDTH), seed=i)
+        m.eval()
+        out[name] = (m, trace.structure(m, (1, HW, HW, CIN), prune="all"))
+    return out
+
+
+def _masks(widths, seed):
+    """A random mask, and one keeping a single (random) channel of every group."""
+    rng = np.random.default_rng(seed)
+    rand = [rng.random(w) < 0.5 for w in widths]
+    one = [np.arange(w) == rng.integers(w) for w in widths]
+    return [rand, one]
+
+
+def _images(n=3, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(n, HW, HW, CIN)), jnp.float32)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_extracted_model_computes_the_gated_dense_one(zoo_models, name):
+    model, s = zoo_models[name]
+    assert s.num_groups > 0
+    x = _images()
+    for mask in _masks(s.widths, seed=len(name)):
+        kept = [np.where(m.any(), m, np.arange(len(m)) == 0) for m in mask]  # min. width 1
+        gated = trace.gated_call(model, x, [k.astype(np.float32) for k in kept], s)
+        small = trace.extract(model, kept, s)
+        small.eval()
+        out = small(x)
+        assert float(jnp.abs(out - gated).max()) <= 1e-5 * max(1.0, float(jnp.abs(gated).max()))
+        # A genuinely smaller network of the same classes, with the kept widths.
+        assert type(small) is type(model)
+        assert trace.structure(small, (1, HW, HW, CIN), prune="all").widths == tuple(
+            int(k.sum()) for k in kept)
+
+
+def _xla_conv_dot_flops(model, x) -> float:
+    """XLA's own FLOP count of every convolution and matrix product in the forward pass,
+    each lowered on its own from the jaxpr (independent of the tracer's analysis)."""
+    graphdef, state = nnx.split(model)
+
+    def fwd(state, x):
+        m = nnx.merge(graphdef, state)
+        m.eval()
+        return m(x)
+
+    total = 0.0
+
+    def walk(jaxpr):
+        nonlocal total
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+                args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+                f = jax.jit(lambda *a, e=eqn: e.primitive.bind(*a, **e.params))
+                total += float(f.lower(*args).cost_analysis()["flops"])
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else [p]):
+                    if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        walk(sub.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fwd)(state, x).jaxpr)
+    return total
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_macs_agree_with_xla(zoo_models, name):
+    """Dense and extracted: 2 x the analytic MACs (taps on zero padding left out, as XLA
+    counts) equal XLA's cost of the network's convolutions and matrix products, per image."""
+    model, s = zoo_models[name]
+    small = trace.extract(model, _masks(s.widths, seed=3)[0], s)
+    for m in (model, small):
+        st = trace.structure(m, (1, HW, HW, CIN), prune="all")
+        analytic = flops.count(st, count_padding=False).macs
+        assert _xla_conv_dot_flops(m, _images(1)) == pytest.approx(2 * analytic, rel=1e-9)
+    # The prunable share moves with the widths: the smaller model has fewer MACs.
+    assert flops.count(trace.structure(small, (1, HW, HW, CIN), prune="all")).macs < flops.count(s).macs
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_save_load_round_trips_bit_exactly(tmp_path, name):
+    """Through the factory path: no registry edit, the factory's import path is enough."""
+    model = models.create(f"examples.zoo:{name}", image_size=HW, num_classes=10,
+                          factory_kwargs={"width": WIDTH}, prune="all")
+    randomize(model, seed=5)
+    arch = _masks(model.widths, seed=7)[0]
+    small = surgery.extract(model, arch)
+    assert list(small.widths) == [max(1, int(a.sum())) for a in arch]
+    surgery.save(tmp_path / "p", small, dense_widths=model.widths, image_size=HW)
+    info = json.loads((tmp_path / "p" / "model.json").read_text())
+    assert info["config"]["factory"] == f"examples.zoo:{name}"
+    back = surgery.load(tmp_path / "p")
+    a, b = nnx.to_pure_dict(nnx.state(small)), nnx.to_pure_dict(nnx.state(back))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert u.dtype == v.dtype and np.array_equal(np.asarray(u), np.asarray(v))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    small.eval(), back.eval()
+    x = _images()
+    assert np.array_equal(np.asarray(small(x)), np.asarray(back(x)))
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_penalty_and_agn_step_compile_once(zoo_models, name):
+    model, s = zoo_models[name]
+    params = nnx.state(model, nnx.Param)
+    pen = jax.jit(jax.value_and_grad(lambda p, a: penalty.partial_group_lasso(p, a, s)))
+    apply_fn, state = trace.gated_apply(model, s)
+    gen = A.AGN(s.widths, seed=0)
+    gdef, gstate = nnx.split(gen)
+    batch = {"image": _images(4), "label": jnp.arange(4) % 10}
+    budget = resource.ResourceLoss(0.5, lam=2.0)
+
+    @jax.jit
+    def agn_step(gstate, key):
+        return A.agn_value_and_grad(nnx.merge(gdef, gstate), apply_fn, state, batch, key,
+                                    structure=s, resource=budget)
+
+    for seed, mask in enumerate(_masks(s.widths, seed=11)):
+        value, grads = pen(params, [m.astype(np.float32) for m in mask])
+        assert np.isfinite(value) and value > 0
+        loss, metrics, agn_grads = agn_step(gstate, jax.random.key(seed))
+        assert np.isfinite(loss)
+        assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(agn_grads))
+    assert pen._cache_size() == 1 and agn_step._cache_size() == 1
+
+
+def test_default_groups_follow_the_paper_and_say_why_others_are_left(zoo_models):
+    """Inner widths only; residual streams are coupled, grouped convs and channel-wise
+    reductions (LayerNorm) fix theirs, and the reason is reported per layer."""
+    _, status = trace.trace(zoo_models["resnext"][0], (1, HW, HW, CIN))
+    assert "grouped convolution" in status["blocks.0.conv1"]
+    assert status["stem"].startswith("coupled")
+    _, status = trace.trace(zoo_models["convnext"][0], (1, HW, HW, CIN))
+    assert "reduced over" in status["stem"] and status["blocks.0.fc1"] == "prunable"
+    s_inner, status = trace.trace(zoo_models["se_resnet"][0], (1, HW, HW, CIN))
+    s_all = zoo_models["se_resnet"][1]
+    assert s_all.num_groups > s_inner.num_groups and status["head"] == "the model output"
+    ignored, status = trace.trace(zoo_models["se_resnet"][0], (1, HW, HW, CIN),
+                                  ignore=["layer1/conv1"])
+    assert status["layer1.conv1"] == "ignored" and ignored.num_groups == s_inner.num_groups - 1
+    with pytest.raises(trace.TraceError, match="not a convolution or linear layer.*layer1.conv1"):
+        trace.trace(zoo_models["se_resnet"][0], (1, HW, HW, CIN), ignore=["layer1.nope"])
+
+
+class _Spectral(nnx.Module):
+    """A conv followed by an op the tracer does not know (an FFT over the channels)."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 6, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(6, 10, rngs=rngs)
+
+    def __call__(self, x):
+        y = jnp.abs(jnp.fft.fft(self.conv(x), axis=-1))
+        return self.head(y.mean(axis=(1, 2)))
+
+
+def test_an_unknown_op_names_itself_and_the_layer_to_ignore():
+    model = _Spectral(nnx.Rngs(0))
+    with pytest.raises(trace.TraceError) as e:
+        trace.structure(model, (1, HW, HW, CIN))
+    msg = str(e.value)
+    assert "'fft'" in msg and "conv" in msg and "ignore=['conv']" in msg and "model_ignore" in msg
+    s, status = trace.trace(model, (1, HW, HW, CIN), ignore=["conv"])  # as the message says
+    assert s.num_groups == 0 and status["conv"] == "ignored"
+
+
+def test_a_bad_factory_or_an_untraceable_model_is_a_config_error():
+    c = tiny(model="examples.zoo:nope")
+    with pytest.raises(ConfigError, match="examples.zoo has no attribute 'nope'"):
+        config_lib.validate(c, device_count=1, process_count=1)
+    c = tiny(model="examples.zoo:vgg11_bn", model_kwargs="{width: 4}", model_prune="some")
+    with pytest.raises(ConfigError, match="model_kwargs.*not valid JSON(.|\n)*model_prune"):
+        config_lib.validate(c, device_count=1, process_count=1)
+    c = tiny(model="test_trace:_Spectral", model_kwargs="{}")
+    with pytest.raises(ConfigError, match="'fft'"):
+        config_lib.validate(c, device_count=1, process_count=1)
+
+
+# ------------------------------------------------------------------ the whole pipeline
+
+@pytest.mark.slow
+def test_quickstart_prunes_a_zoo_model_end_to_end(tmp_path):
+    """The quickstart with --config.model=<factory>, shortened: MACs, widths, the pruned
+    model's measured speed and an accuracy far above chance (10 %)."""
+    wd = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sap_jax.main", "--config=configs/quickstart.py",
+           f"--workdir={wd}", "--config.model=examples.zoo:densenet",
+           '--config.model_kwargs={"width": 8}', "--config.num_epochs=8", "--config.sap.e_start=2",
+           "--config.optim.boundaries=(6,)", "--config.finetune.num_epochs=2",
+           "--config.finetune.boundaries=(1,)", "--config.speed.reps=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((wd / "results.json").read_text())
+    assert res["final_acc"] > 0.5
+    assert res["macs_after"] < res["macs_before"] and 0 < res["prunable_macs_ratio"] < 1
+    assert len(res["widths"]) == len(res["dense_widths"]) > 0
+    assert res["speed"]["batches"] and res["speed"]["macs_pruned"] == res["macs_after"]
+    info = json.loads((wd / "pruned_model" / "model.json").read_text())
+    assert info["class"] == "TracedModel" and info["config"]["factory"] == "examples.zoo:densenet"
