@@ -19,6 +19,7 @@ from conftest import tiny_config as tiny
 from examples import zoo
 from sap_jax import agn as A
 from sap_jax import flops, models, penalty, resource, surgery, trace
+from sap_jax import info as info_cli
 from sap_jax import groups as G
 from sap_jax import config as config_lib
 from sap_jax.config import ConfigError
@@ -188,6 +189,39 @@ def test_zoo_save_load_round_trips_bit_exactly(tmp_path, name):
     small.eval(), back.eval()
     x = _images()
     assert np.array_equal(np.asarray(small(x)), np.asarray(back(x)))
+    assert info_cli.main(["--pruned", str(tmp_path / "p")]) == 0  # before/after table
+
+
+@pytest.mark.parametrize("name", ["flatten_cnn", "densenet", "vgg11_bn"])
+def test_proximal_step_zeroes_dropped_channels_wherever_they_sit(zoo_models, name):
+    """Flattened heads and concatenations: a dropped channel is zeroed at every position it
+    occupies (all its copies), and nothing else changes."""
+    model, s = zoo_models[name]
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    mask = _masks(s.widths, seed=2)[0]
+    tx = penalty.proximal_partial_group_lasso(s, 1e6)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    new, _ = tx.update(zeros, tx.init(params), params, arch=[m.astype(np.float32) for m in mask])
+    flat_old, flat_new = trace.flat_arrays(model), {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(new)[0]:
+        flat_new[tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = np.asarray(leaf)
+    dropped_positions = {}
+    for g, m in zip(s.groups, mask):
+        for sl in g.slices:
+            if sl.role in G.KERNEL_ROLES:
+                pos = sl.positions(g.size)[:, ~m].ravel()
+                dropped_positions.setdefault((sl.path, sl.axis), []).extend(pos.tolist())
+    for path in {p for p, _ in dropped_positions}:
+        w = np.asarray(flat_old[path])
+        zeroed = np.zeros(w.shape, bool)
+        for (q, axis), pos in dropped_positions.items():
+            if q == path:
+                sel = [slice(None)] * w.ndim
+                sel[axis] = pos
+                zeroed[tuple(sel)] = True
+        delta = flat_new[path]  # the update: -w where a dropped channel sits, 0 elsewhere
+        np.testing.assert_allclose(delta[zeroed], -w[zeroed], rtol=1e-6, atol=1e-7)
+        assert not np.any(delta[~zeroed])
 
 
 @pytest.mark.parametrize("name", ZOO)
