@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model_kwargs = "{}"  # JSON of more arguments for a factory, e.g. '{"width": 16}'
     c.model_prune = "inner"  # a factory's groups: "inner" (uncoupled, as the paper) | "all" (+ residual streams)
     c.model_ignore = ()  # a factory's layers whose output channels are never pruned, e.g. ("stem",)
+    # Start from trained weights: "torchvision:/path/resnet50.pth" (ResNet-18/34/50/101,
+    # MobileNetV2) or "sap_jax:/path" (a saved model or a run's workdir); "" = random init.
+    # The schedule is unchanged: shorten the dense phase yourself (e.g. sap.e_start = 0).
+    c.init_from = ""
     c.dataset = "cifar10"  # "cifar10" | "imagenet2012" (TFDS) | "digits" (scikit-learn, offline)
     c.data_dir = ""  # TFDS data directory; "" = TFDS default (~/tensorflow_datasets)
     c.image_size = 32  # training/eval resolution (a multiple of the model's total stride)

@@ -4,9 +4,11 @@ fields of earlier releases upgraded with a deprecation message."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import numbers
+import os
 import warnings
 from typing import Any
 
@@ -57,7 +59,7 @@ RENAMED = {
 
 
 #: Top-level fields added after 0.2, with the value an older config means.
-NEW_FIELDS = {"model_kwargs": "{}", "model_prune": "inner", "model_ignore": ()}
+NEW_FIELDS = {"model_kwargs": "{}", "model_prune": "inner", "model_ignore": (), "init_from": ""}
 
 
 def upgrade(c: Any, keep: tuple[str, ...] | set[str] = ()) -> list[str]:
@@ -203,6 +205,33 @@ def _check_factory(c: ml_collections.ConfigDict, errors: list[str]):
     except Exception as e:  # noqa: BLE001 - a user's factory may raise anything
         errors.append(f"model: building {c.model} failed: {type(e).__name__}: {e}")
     return None
+
+
+def _check_init_from(c: ml_collections.ConfigDict, model, errors: list[str]) -> None:
+    """``init_from``: its form, that the file or directory exists, and what reads it."""
+    from sap_jax import pretrained
+
+    if c.init_from == "":
+        return
+    if not isinstance(c.init_from, str):
+        errors.append(f"init_from = {c.init_from!r} must be a string.")
+        return
+    try:
+        kind, path = pretrained.parse(c.init_from)
+    except ValueError as e:
+        errors.append(str(e))
+        return
+    if kind == "torchvision":
+        if not os.path.isfile(path):
+            errors.append(f"init_from: {path} is not a file (a torchvision .pth state_dict).")
+        if model is not None and not isinstance(model, (models.ResNet, models.MobileNetV2)):
+            errors.append(f"init_from = {c.init_from!r}: torchvision weights convert to the "
+                          f"ImageNet ResNets and MobileNetV2, not to model = {c.model!r}.")
+        if importlib.util.find_spec("torch") is None:
+            errors.append("init_from = 'torchvision:...' reads .pth files with torch: "
+                          "pip install -e '.[torch]' (a CPU build is enough).")
+    elif not os.path.isdir(path):
+        errors.append(f"init_from: {path} is not a directory (a saved model or a run's workdir).")
 
 
 def _check_model(c: ml_collections.ConfigDict, errors: list[str]):
@@ -364,6 +393,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
     _check_sap(c, model, errors)
     _check_agn(c, errors, device_count)
     _check_rest(c, errors)
+    _check_init_from(c, model, errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 

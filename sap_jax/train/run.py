@@ -23,7 +23,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from sap_jax import bnstats, console, cut, flops, models, parallel, penalty, report, resource, speed, surgery
-from sap_jax import baselines
+from sap_jax import baselines, pretrained
 from sap_jax import config as config_lib
 from sap_jax import data as data_lib
 from sap_jax.codec import ModuleCodec
@@ -33,6 +33,8 @@ from sap_jax.train import state as state_lib
 from sap_jax.train.state import Progress
 
 PRUNED_DIR = "pruned_model"
+#: The starting weights' accuracy when the run began from ``init_from``.
+INIT_FILE = "init_from.json"
 #: The data-order "epoch" of the batches that re-estimate BN statistics: far from any training
 #: epoch, so they are a fixed draw of their own.
 BN_EPOCH = 10**6
@@ -283,6 +285,8 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progr
         results["times_s"]["speed"] = time.perf_counter() - t0
     results["compile_cache"] = env.cache_stats.as_dict()  # this process's compilations
     results["config_changes"] = checkpoints.config_changes(env.workdir)
+    init = env.workdir / INIT_FILE
+    results["init_from"] = json.loads(init.read_text()) if init.exists() else None
     results["devices"] = {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
                           "count": jax.device_count(), "per_process": jax.local_device_count(),
                           "processes": jax.process_count()}
@@ -327,11 +331,17 @@ def _phases(env: Env) -> dict[str, Any]:
         return done
     dense = env.programs(None, "search")
     gen = search.make_generator(env.config, dense.model.widths)
+    new_run = prog.phase == "search" and not prog.ckpt
+    if new_run and env.config.init_from:
+        n = pretrained.load_into(dense.model, env.config.init_from)
+        logging.info("started from %s (%d tensors)", env.config.init_from, n)
     template = state_lib.fresh_search_state(dense, gen, env.key)
     prog.dense_widths = list(dense.model.widths)
     if prog.phase == "search":
         state = (env.ckpts.restore(template, env.mesh) if prog.ckpt
                  else parallel.replicate(template, env.mesh))
+        if new_run and env.config.init_from:
+            _record_init(env, dense, state)
         env.hooks.phase("search")
         state = loop.run_epochs(env, search.Search(env, dense, gen, prog, state["rng"]).phase(),
                                 state, prog)
@@ -348,6 +358,17 @@ def _phases(env: Env) -> dict[str, Any]:
     _stop_if_asked(env, prog, "after fine-tuning, before the final evaluation")
     env.hooks.phase("finish")
     return finish(env, dense, pruned, state, prog)
+
+
+def _record_init(env: Env, dense: Programs, state: dict[str, Any]) -> None:
+    """The starting weights' accuracy, before any training step (results.json's init_from)."""
+    ones = [jnp.ones(w) for w in dense.model.widths]
+    test_acc, _ = env.evaluate(dense, state["params"], state["rest"], ones, "test")
+    val_acc, _ = env.evaluate(dense, state["params"], state["rest"], ones, "val")
+    logging.info("starting weights: test accuracy %.4f, val %.4f", test_acc, val_acc)
+    if jax.process_index() == 0:
+        parallel.write_text_atomic(env.workdir / INIT_FILE, json.dumps(
+            {"source": env.config.init_from, "test_acc": test_acc, "val_acc": val_acc}))
 
 
 def _stop_if_asked(env: Env, prog: Progress, where: str) -> None:
