@@ -26,6 +26,10 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, result
 flags.DEFINE_boolean("allow_config_change", False,
                      "Continue a started run in --workdir although a field that changes results "
                      "differs from its config (recorded in results.json's config_changes).")
+flags.DEFINE_boolean("remeasure_speed", False,
+                     "On a finished run in --workdir: time the dense and pruned models again and "
+                     "report the new figures (the earlier ones stay in results.json's "
+                     "speed_earlier); nothing else is redone.")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-process: HOST:PORT of process 0. Not needed on Cloud TPU or under Slurm.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes in the job.")
@@ -74,7 +78,8 @@ def main(argv: list[str]) -> None:
     config_lib.upgrade_with_warning(FLAGS.config, keep=_overridden(sys.argv))
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir, hooks=_HOOKS,
-                                 allow_config_change=FLAGS.allow_config_change)
+                                 allow_config_change=FLAGS.allow_config_change,
+                                 remeasure_speed=FLAGS.remeasure_speed)
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one before training started
         print("aborted by Ctrl-C without saving; rerun to resume from the last checkpoint.",
               file=sys.stderr, flush=True)

@@ -178,6 +178,27 @@ def test_rerunning_a_finished_run_prints_its_summary_and_changes_nothing(referen
     assert capsys.readouterr().out.strip() == before["summary.txt"].decode().strip()
 
 
+def test_remeasuring_a_finished_runs_speed_keeps_the_earlier_figures(reference, tmp_path):
+    """--remeasure_speed times the models again and changes nothing else; each earlier
+    measurement stays in speed_earlier."""
+    wd = _copy(reference, tmp_path, finished=True)
+    before = json.loads((wd / "results.json").read_text())
+    c = test_tiny.get_config()
+    c.speed.enabled, c.speed.reps, c.speed.batch_sizes = True, 1, (1,)
+    steps = []
+    hooks = train.Hooks(on_step=lambda *a: steps.append(a))
+    first = train.train_and_evaluate(c, str(wd), hooks=hooks, remeasure_speed=True)
+    second = train.train_and_evaluate(c, str(wd), hooks=hooks, remeasure_speed=True)
+    assert steps == []  # nothing trained
+    assert first["speed"]["batches"]
+    assert first["speed_earlier"] == ([before["speed"]] if before.get("speed") else [])
+    assert second["speed_earlier"] == first["speed_earlier"] + [first["speed"]]
+    on_disk = json.loads((wd / "results.json").read_text())
+    assert on_disk == second
+    assert {k: v for k, v in on_disk.items() if not k.startswith("speed")} == {
+        k: v for k, v in before.items() if not k.startswith("speed")}
+
+
 def test_corrupted_checkpoint_names_its_path_and_what_to_do(reference, tmp_path):
     wd = _copy(reference, tmp_path)
     state = wd / "checkpoints" / "6" / "state"

@@ -103,6 +103,7 @@ class Env:
         self.cut_policy = cut.CutPolicy.from_config(config, backend=jax.default_backend())
         self.watch: checkpoints.PreemptionWatch | None = None  # set while the phases run
         self.cache_stats: parallel.CacheStats | None = None
+        self.remeasure_speed = False  # set by train_and_evaluate for a finished run
 
     def model_metadata(self, stage: str, **extra: Any) -> dict[str, Any]:
         """What a saved model carries so it can be used without this config (model.json):
@@ -320,12 +321,31 @@ def _finished(env: Env, prog: Progress) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def _remeasure_speed(env: Env, done: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's results with the speed measured again; earlier figures are kept in
+    ``speed_earlier`` (most recent last)."""
+    c = env.config
+    pruned = surgery.load(env.workdir / PRUNED_DIR)
+    new = speed.compare(env.model(None), pruned, c.image_size, tuple(c.speed.batch_sizes),
+                        reps=c.speed.reps, dtype=env.dtype)
+    earlier = done.get("speed_earlier") or []
+    done = {**done, "speed": new,
+            "speed_earlier": earlier + ([done["speed"]] if done.get("speed") else [])}
+    if jax.process_index() == 0:
+        report.write(env.workdir, done, plots=False)
+    return done
+
+
 def _phases(env: Env) -> dict[str, Any]:
     prog = _start(env)
     done = _finished(env, prog)
     if done is not None:  # rerunning a finished run redoes nothing and rewrites nothing
-        logging.info("%s holds a finished run: nothing to do (delete its results.json to "
-                     "evaluate and measure it again)", env.workdir)
+        if env.remeasure_speed:
+            logging.info("%s holds a finished run: measuring its speed again", env.workdir)
+            done = _remeasure_speed(env, done)
+        else:
+            logging.info("%s holds a finished run: nothing to do (--remeasure_speed times it "
+                         "again; delete its results.json to evaluate it again)", env.workdir)
         if jax.process_index() == 0:
             print(report.summary(done), flush=True)
         return done
@@ -381,14 +401,17 @@ def _stop_if_asked(env: Env, prog: Progress, where: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: loop.Hooks | None = None, *,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+                       allow_config_change: bool = False,
+                       remeasure_speed: bool = False) -> dict[str, Any]:
     """Run (or resume) the whole SAP method; returns the results dict also written to results.json.
 
     ``hooks`` (:class:`~sap_jax.train.loop.Hooks`) are called after every weight step and at
     every phase; they observe the run without changing it. ``allow_config_change``: continue a
     started run whose config changes a result-affecting field (recorded in results.json's
-    ``config_changes``); otherwise such a workdir is refused."""
+    ``config_changes``); otherwise such a workdir is refused. ``remeasure_speed``: on a
+    finished run, time the models again (the earlier figures stay in ``speed_earlier``)."""
     env = Env(config, workdir, hooks or loop.Hooks(), allow_config_change)
+    env.remeasure_speed = remeasure_speed
     cache = config.compile_cache
     cache = env.workdir / "compile_cache" if cache == "workdir" else cache
     with checkpoints.PreemptionWatch(config.preemption_check_every_steps) as env.watch, \
