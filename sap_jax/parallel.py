@@ -168,6 +168,15 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process; every process must call it (a collective)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
 def write_text_atomic(target: Any, text: str) -> None:
     """Write ``text`` to ``target`` via a temporary file and a rename (readers never see half)."""
     target = path(target)

@@ -191,6 +191,17 @@ def test_per_process_batch_that_does_not_divide_is_refused_before_compiling(tmp_
         assert rc == 2 and "batch_size = 6" in err and "Traceback" not in err
 
 
+def test_an_unwritable_workdir_stops_every_process_at_once(tmp_path):
+    """Process 0 finds the workdir unwritable; process 1 must not wait for it at a barrier
+    until the job's time-out, but stop with the same exit code."""
+    (tmp_path / "a_file").write_text("")
+    start = time.monotonic()
+    runs = _wait(_job(tmp_path / "a_file" / "wd", timeout_s=120))
+    for rc, _, err in runs:
+        assert rc == 2 and "cannot be written" in err and "Traceback" not in err, err[-2000:]
+    assert time.monotonic() - start < 100  # well before the 120 s coordination time-out
+
+
 def test_explicit_start_up_needs_all_three_flags(tmp_path):
     (rc, _, err), = _wait([_main([*TINY, f"--workdir={tmp_path}", "--num_processes=2"],
                                  local_devices=1)])

@@ -73,12 +73,21 @@ class Env:
                  allow_config_change: bool = False):
         config_lib.validate(config)
         self.config, self.workdir, self.hooks = config, parallel.path(workdir), hooks
+        problem = None
         if jax.process_index() == 0:
-            _check_writable(self.workdir)
-            marker = self.workdir / checkpoints.PREEMPTED_MARKER  # from the previous start
-            if marker.exists():
-                marker.unlink()
-        parallel.sync("workdir")
+            try:
+                _check_writable(self.workdir)
+            except ConfigError as e:
+                problem = e
+            else:
+                marker = self.workdir / checkpoints.PREEMPTED_MARKER  # from the previous start
+                if marker.exists():
+                    marker.unlink()
+        # Every process learns of process 0's failure and stops too, instead of waiting for it
+        # at the next barrier until the job's time-out.
+        if parallel.any_process(problem is not None):
+            raise problem or ConfigError(f"workdir {self.workdir} cannot be written (process "
+                                         "0 names the reason): choose a --workdir you can write to.")
         accept = checkpoints.check_workdir_config(self.workdir, config,
                                                   allow_change=allow_config_change)
         self.mesh = parallel.make_mesh()
