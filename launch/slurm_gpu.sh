@@ -38,6 +38,18 @@ EOF
 val() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 die() { echo "slurm_gpu.sh: $*" >&2; exit 2; }
 posint() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer (got '$2')"; }
+# A Slurm --time value (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds.
+slurm_seconds() {
+  local t="$1" d=0 a b c
+  if [[ "$t" == *-* ]]; then
+    d="${t%%-*}"; IFS=: read -r a b c <<< "${t#*-}"
+    echo $(( 10#$d * 86400 + 10#$a * 3600 + 10#${b:-0} * 60 + 10#${c:-0} ))
+  else
+    IFS=: read -r a b c <<< "$t"
+    if [[ -n "$c" ]]; then echo $(( 10#$a * 3600 + 10#$b * 60 + 10#$c ))
+    else echo $(( 10#$a * 60 + 10#${b:-0} )); fi
+  fi
+}
 
 nodes=1 gpus=8 per=gpu cpus=12 time_limit=48:00:00 partition="" account=""
 config="" workdir="" data_dir="" venv="" dry_run=0 lead=300
@@ -68,6 +80,13 @@ posint --gpus-per-node "$gpus"
 posint --cpus-per-gpu "$cpus"
 posint --signal-lead "$lead"
 [[ "$per" == gpu || "$per" == node ]] || die "--per must be 'gpu' or 'node' (got '$per')"
+[[ "$time_limit" =~ ^([0-9]+-[0-9]+(:[0-9]+){0,2}|[0-9]+(:[0-9]+){0,2})$ ]] ||
+  die "--time must be a Slurm time limit such as 48:00:00, 90 (minutes) or 2-00:00 (got '$time_limit')"
+(( $(slurm_seconds "$time_limit") > lead )) ||
+  die "--signal-lead $lead s must be shorter than --time $time_limit, or the run is told to stop as it starts"
+for opt in partition account; do  # they become #SBATCH lines: one plain word each
+  [[ "${!opt}" =~ ^[A-Za-z0-9_.,:+-]*$ ]] || die "--$opt must be a Slurm name without spaces (got '${!opt}')"
+done
 [[ -n "$config" ]] || die "--config is required"
 [[ -n "$workdir" ]] || die "--workdir is required (a directory every node can reach)"
 root="$(cd "$(dirname "$0")/.." && pwd)"

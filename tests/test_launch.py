@@ -328,6 +328,10 @@ def test_slurm_launcher_submits_the_script_its_dry_run_prints(tmp_path):
     (["--nodes", "0"], "--nodes must be a positive integer"),
     (["--per", "socket"], "--per must be 'gpu' or 'node'"),
     (["--workdir", ""], "--workdir needs a value"),
+    (["--time", "two days"], "--time must be a Slurm time limit"),
+    (["--time", "4"], "--signal-lead 300 s must be shorter than --time 4"),
+    (["--time", "0-00:04:59"], "must be shorter than --time 0-00:04:59"),
+    (["--partition", "gpu\n#SBATCH --exclusive"], "--partition must be a Slurm name"),
 ])
 def test_slurm_launcher_bad_input(args, message):
     base = dict(zip(SLURM_ARGS[::2], SLURM_ARGS[1::2]))
