@@ -135,6 +135,9 @@ class _Analysis:
                  strict: bool = True, depthwise: Sequence[G.Path] = ()):
         self.leaf_ndims = dict(leaf_ndims)
         self.depthwise = set(depthwise)  # convs known to be depthwise (even at one channel)
+        # (param path, param axis) pairs whose entries a reduction or product mixed (weight
+        # standardisation, spectral norm): a channel there cannot be cut on its own.
+        self.mixed: set[tuple[G.Path, int]] = set()
         self.ignore = set(ignore)  # producers whose spaces are fixed from the start
         self.strict = strict  # raise on an unknown op (else: its channels are fixed)
         self.parent: list[int] = []
@@ -169,11 +172,18 @@ class _Analysis:
             self.fix_ids([ra, rb], "tied to channels of another size")
         lo, hi = min(ra, rb), max(ra, rb)
         self.parent[hi] = lo
-        for r in (hi,):
-            if r in self.fixed and lo not in self.fixed:
-                self.fixed[lo] = self.fixed[r]
+        if hi in self.fixed and lo not in self.fixed:
+            self.fixed[lo] = self.fixed[hi]
         if coupled or hi in self.coupled:
             self.coupled.add(lo)
+
+    def record(self, kind: str, path: G.Path, axis: int | None, sid, cidx) -> None:
+        """A per-channel use of parameter ``path`` along ``axis`` (None: an axis the tracer
+        lost, e.g. a kernel stored flat and reshaped: those channels stay whole)."""
+        if axis is None:
+            self.fix_ids(sid, f"read through {'/'.join(path)} along an axis it cannot follow")
+            return
+        self.records.append(_Record(kind, path, axis, self.leaf_ndims[path], sid, cidx))
 
     def fix_ids(self, ids, reason: str) -> None:
         for i in set(int(s) for s in np.asarray(ids).ravel() if s >= 0):
@@ -264,6 +274,28 @@ class _Analysis:
     def _no_act(self, name, eqn, ins, shapes) -> list[Any]:
         outs = eqn.outvars
         pars = [a for a in ins if isinstance(a, _Par)]
+        if name in ("conv_general_dilated", "dot_general") and any(
+                isinstance(a, _Par) for a in ins) and not all(isinstance(a, _Par) for a in ins):
+            # A layer fed by values the tracer lost track of: still a layer (MACs), its
+            # input channels fixed.
+            i = next(j for j, a in enumerate(ins) if not isinstance(a, _Par))
+            if name == "conv_general_dilated":
+                axis = eqn.params["dimension_numbers"].lhs_spec[1]
+            else:
+                (lc, rc), _ = eqn.params["dimension_numbers"]
+                axis = (lc if i == 0 else rc)[0] if (lc if i == 0 else rc) else len(shapes[i]) - 1
+            ins = list(ins)
+            ins[i] = self.act(shapes[i][axis], "a value the tracer does not follow", axis,
+                              fixed="computed by ops the tracer does not follow")
+            return getattr(self, "_" + name)(eqn, ins, shapes, ())
+        for a in pars:  # a reduction or product over parameter axes mixes their entries
+            if name in _REDUCE or name in _CUMULATIVE or name in (
+                    "dot_general", "conv_general_dilated", "sort", "top_k"):
+                axes = (eqn.params.get("axes") or (eqn.params.get("axis"),)
+                        if name not in ("dot_general", "conv_general_dilated") else None)
+                for path, ax in a.items:
+                    mixed = range(len(ax)) if axes is None else [d for d in axes if d is not None]
+                    self.mixed.update((path, ax[d]) for d in mixed if d < len(ax) and ax[d] is not None)
         if pars and name in _UNARY:
             return [ins[0]] * len(outs)
         if pars and name in _NARY and all(isinstance(a, (_Par, _Const)) for a in ins):
@@ -299,8 +331,7 @@ class _Analysis:
             if isinstance(a, _Par):
                 for path, axes in a.items:
                     if base.axis < len(axes) and axes[base.axis] is not None:
-                        self.records.append(_Record("param", path, axes[base.axis],
-                                                    self.leaf_ndims[path], base.sid, base.cidx))
+                        self.record("param", path, axes[base.axis], base.sid, base.cidx)
             elif isinstance(a, _Const) and base.axis in a.vary and len(shape) > base.axis \
                     and shape[base.axis] > 1:
                 self.fix(base, f"combined by '{name}' with a value that differs per channel "
@@ -323,7 +354,14 @@ class _Analysis:
     def _reshape(self, eqn, ins, shapes, key):
         a, old, new = ins[0], shapes[0], tuple(eqn.params["new_sizes"])
         grp = _reshape_groups(old, new)
-        if len(a.sid) == 1:  # one channel: it goes with the axes it is flattened with
+        if len(a.sid) == 1:  # one channel: ambiguous, as any size-1 axis is
+            inner = int(np.prod(old[a.axis + 1:]))
+            outer = int(np.prod(old[:a.axis]))
+            kept = [j for j in range(len(new)) if new[j] == 1 and int(np.prod(new[j + 1:])) == inner
+                    and int(np.prod(new[:j])) == outer]
+            if kept:  # a size-1 axis with the same elements after it: the channel axis survives
+                return [_Act(kept[0], a.sid, a.cidx)]
+            # Flattened: it goes with the axes it is merged with.
             after = [k for k in range(a.axis + 1, len(old)) if old[k] > 1]
             before = [k for k in range(a.axis) if old[k] > 1]
             k = after[0] if after else (before[-1] if before else None)
@@ -367,9 +405,17 @@ class _Analysis:
                 else self._mixed(acts, "concatenated with a constant", eqn)]
 
     def _mixed(self, acts, reason, eqn):
+        """Fix ``acts``' channels; the output keeps a (fixed) channel axis where it still has
+        the first one's, so the layers after it are still seen."""
         for a in acts:
             self.fix(a, reason)
-        return _Const(frozenset(_vary_all(eqn.outvars[0].aval)))
+        out = eqn.outvars[0].aval
+        a = acts[0] if acts else None
+        if a is not None and a.axis < len(out.shape) and out.shape[a.axis] == len(a.sid) and (
+                len(out.shape) == len(eqn.invars[0].aval.shape)):
+            return self.act(len(a.sid), self.name[self.find(int(a.sid[a.sid >= 0][0]))]
+                            if (a.sid >= 0).any() else "?", a.axis, fixed=reason)
+        return _Const(frozenset(_vary_all(out)))
 
     def _pad(self, eqn, ins, shapes, key):
         a, cfg = ins[0], eqn.params["padding_config"]
@@ -438,6 +484,10 @@ class _Analysis:
         _sort = _top_k = _select_and_gather_add
 
     def _while(self, eqn, ins, shapes, key):
+        acts = [a for a in ins if isinstance(a, _Act)]
+        if all(self.find(int(t)) in self.fixed for a in acts for t in a.sid if t >= 0):
+            return [self._mixed(acts, f"passed through a loop ('{eqn.primitive.name}')", eqn)
+                    ] * len(eqn.outvars)
         raise TraceError(
             f"the tracer cannot follow channels through a loop ('{eqn.primitive.name}'; e.g. "
             f"nnx.scan over layers), which receives the channels produced by "
@@ -460,7 +510,7 @@ class _Analysis:
                 else "convolved over a non-channel axis"
             return [self._mixed([a for a in ins if isinstance(a, _Act)], reason, eqn)]
         path, axes = w.items[0]
-        module = path[:-1]
+        module = path[:-1] or path  # a bare parameter on the model: name it by itself
         kernel = tuple(int(shapes[1][d]) for d in rhs_spec[2:4])
         out_hw = tuple(int(out_shape[d]) for d in out_spec[2:4])
         stride = int(eqn.params["window_strides"][0])
@@ -476,11 +526,11 @@ class _Analysis:
         if (g == cin > 1 and cout == cin) or (module in self.depthwise and cout == cin):
             out = _Act(out_spec[1], x.sid, x.cidx)
             rec.depthwise = True
-            self.records.append(_Record("depthwise", path, axes[rhs_spec[0]], ndim, x.sid, x.cidx))
+            self.record("depthwise", path, axes[rhs_spec[0]], x.sid, x.cidx)
         elif g == 1:
-            self.records.append(_Record("in", path, axes[rhs_spec[1]], ndim, x.sid, x.cidx))
+            self.record("in", path, axes[rhs_spec[1]], x.sid, x.cidx)
             out = self.act(cout, ".".join(module), out_spec[1])
-            self.records.append(_Record("out", path, axes[rhs_spec[0]], ndim, out.sid, out.cidx))
+            self.record("out", path, axes[rhs_spec[0]], out.sid, out.cidx)
         else:
             self.fix(x, f"mixed by the grouped convolution {'.'.join(module)} "
                         f"(feature_group_count={g})")
@@ -515,9 +565,9 @@ class _Analysis:
         if x.axis in x_free:  # a product along another axis (token mixing): channels pass
             return [_Act(x_free_pos[x.axis], x.sid, x.cidx)]
         wd = wc[list(xc).index(x.axis)]
-        module = path[:-1]
+        module = path[:-1] or path  # a bare parameter on the model: name it by itself
         self.consumers[key] = (ai, x)
-        self.records.append(_Record("in", path, axes[wd], self.leaf_ndims[path], x.sid, x.cidx))
+        self.record("in", path, axes[wd], x.sid, x.cidx)
         big = [d for d in w_free if axes[d] is not None]  # the kernel's output axis
         rows = int(np.prod([shapes[ai][d] for d in x_free[1:]])) if len(x_free) > 1 else 1
         rec = _LayerRec("dense", module, ins=(x.sid, x.cidx), tokens=rows)
@@ -527,7 +577,7 @@ class _Analysis:
             return [_Const(frozenset(_vary_all(eqn.outvars[0].aval)))]
         d = big[0]
         out = self.act(shapes[1 - ai][d], ".".join(module), w_free_pos[d])
-        self.records.append(_Record("out", path, axes[d], self.leaf_ndims[path], out.sid, out.cidx))
+        self.record("out", path, axes[d], out.sid, out.cidx)
         rec.out = (out.sid, out.cidx)
         assert out_shape[w_free_pos[d]] == len(out.sid)
         return [out]
@@ -634,15 +684,40 @@ def _module_getter(model: nnx.Module) -> Callable[[G.Path], Any]:
     return get
 
 
+def _tie_shared(an: _Analysis) -> None:
+    """One tensor axis is one set of channels: a module called twice (weight sharing) ties the
+    spaces its calls read or write, channel by channel; parameters whose entries a reduction
+    mixed along that axis (weight standardisation) fix them."""
+    by_axis: dict[tuple[G.Path, int], list[_Record]] = {}
+    for r in an.records:
+        by_axis.setdefault((r.path, r.axis), []).append(r)
+    for key, recs in by_axis.items():
+        if key in an.mixed:
+            for r in recs:
+                an.fix_ids(r.sid, f"its parameter {'/'.join(key[0])} is normalised across "
+                                  "channels (e.g. weight standardisation)")
+            continue
+        first = recs[0]
+        for r in recs[1:]:
+            if len(r.sid) != len(first.sid) or not np.array_equal(r.cidx, first.cidx):
+                an.fix_ids(np.concatenate([first.sid, r.sid]),
+                           f"{'/'.join(key[0])} is used twice with different channel layouts")
+                continue
+            for a, b in zip(first.sid, r.sid):
+                if a >= 0 and b >= 0:
+                    an.union(int(a), int(b), coupled=False)
+
+
 def _build(an: _Analysis, module_of, *, prune: str, ignore: Sequence[str], input_hw, in_channels,
            prefix: G.Path = ()) -> tuple[G.Structure, dict[str, str]]:
+    _tie_shared(an)
     find = np.vectorize(lambda s: an.find(int(s)) if s >= 0 else -1, otypes=[int])
     rec_roots = [find(r.sid) for r in an.records]
     producers: dict[int, list[int]] = {}
     for i, r in enumerate(an.records):
         if r.kind == "out":
             producers.setdefault(int(rec_roots[i][0]), []).append(i)
-    layer_names = {".".join(r.path[:-1]) for r in an.records if r.kind == "out"}
+    layer_names = {".".join(r.path[:-1] or r.path) for r in an.records if r.kind == "out"}
     for name in ignore:
         if name.replace("/", ".") not in layer_names:
             raise TraceError(f"ignore names {name!r}, which is not a convolution or linear layer of "
@@ -651,7 +726,7 @@ def _build(an: _Analysis, module_of, *, prune: str, ignore: Sequence[str], input
     status: dict[str, str] = {}
     chosen: list[tuple[int, list[G.Slice]]] = []
     for root, recs in producers.items():
-        name = ".".join(an.records[recs[0]].path[:-1])
+        name = ".".join(an.records[recs[0]].path[:-1] or an.records[recs[0]].path)
         if root in an.fixed or name in ignored:
             status[name] = an.fixed.get(root, "ignored")
             continue
@@ -822,6 +897,9 @@ def trace(model: nnx.Module, sample: Any, *, prune: str = "inner", ignore: Seque
     x = _as_aval(sample)
     if len(x.shape) != 4:
         raise ValueError(f"sample must be one NHWC batch (4 dimensions); got shape {x.shape}.")
+    # A batch of 2: with one image the batch axis is one more size-1 axis, and a width-1
+    # group flattened next to it would be ambiguous.
+    x = jax.ShapeDtypeStruct((max(2, x.shape[0]), *x.shape[1:]), x.dtype)
     prog, _ = _program(model, x, "eval", ignore)
     return _build(prog.analysis, _module_getter(model), prune=prune, ignore=list(ignore),
                   input_hw=x.shape[1:3], in_channels=x.shape[3], prefix=G.as_path(prefix))
@@ -947,14 +1025,22 @@ def slice_arrays(flat: dict[G.Path, Any], s: G.Structure, keep: Sequence[np.ndar
     every position no group drops; each tensor is sliced once per axis, on the host.
     """
     masks: dict[tuple[G.Path, int], np.ndarray] = {}
-    for g, k in zip(s.groups, keep):
+    owners: dict[tuple[G.Path, int], np.ndarray] = {}  # which group owns each position
+    for gi, (g, k) in enumerate(zip(s.groups, keep)):
         if np.all(k):
             continue
         for sl in g.slices:
             t = flat[sl.path]
             axis = sl.axis % np.ndim(t)
             m = masks.setdefault((sl.path, axis), np.ones(np.shape(t)[axis], bool))
-            m[sl.positions(g.size)] = np.broadcast_to(np.asarray(k, bool), (sl.repeats, g.size))
+            owner = owners.setdefault((sl.path, axis), np.full(np.shape(t)[axis], -1))
+            pos = sl.positions(g.size)
+            clash = owner[pos]
+            if ((clash >= 0) & (clash != gi)).any():
+                raise ValueError(f"groups {int(clash[clash >= 0][0])} and {gi} both own positions "
+                                 f"of {'/'.join(sl.path)} axis {axis}: the structure is inconsistent.")
+            owner[pos] = gi
+            m[pos] = np.broadcast_to(np.asarray(k, bool), (sl.repeats, g.size))
     out = dict(flat)
     for (path, axis), m in masks.items():
         t = out[path]  # on the host (no compile per new shape) unless abstract (nnx.eval_shape)
@@ -968,8 +1054,10 @@ def resize_modules(model: nnx.Module) -> None:
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Conv):
             k = node.kernel.shape
+            # Depthwise with one filter per channel (a depth multiplier's convs stay fixed).
             depthwise = getattr(node, _DEPTHWISE, False) or (
-                node.feature_group_count == node.in_features and node.feature_group_count > 1)
+                node.feature_group_count == node.in_features > 1 and k[-2] == 1
+                and node.out_features == node.in_features)
             node.out_features = int(k[-1])
             node.in_features = int(k[-1]) if depthwise else int(k[-2]) * node.feature_group_count
             if depthwise:  # remembered: at one channel it would look like a plain conv
@@ -979,9 +1067,10 @@ def resize_modules(model: nnx.Module) -> None:
         elif isinstance(node, nnx.Linear):
             node.in_features, node.out_features = (int(d) for d in node.kernel.shape)
         elif isinstance(node, _NORM_TYPES):
-            node.num_features = int(next(v for v in (getattr(node, "scale", None),
-                                                     getattr(node, "mean", None))
-                                         if v is not None).shape[0])
+            sized = [v for v in (getattr(node, n, None) for n in ("scale", "bias", "mean"))
+                     if isinstance(v, nnx.Variable)]
+            if sized:  # a norm without any per-channel array has nothing to resize
+                node.num_features = int(sized[0].shape[0])
 
 
 def flat_arrays(model: nnx.Module) -> dict[G.Path, Any]:

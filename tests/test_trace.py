@@ -301,6 +301,81 @@ def test_a_bad_factory_or_an_untraceable_model_is_a_config_error():
         config_lib.validate(c, device_count=1, process_count=1)
 
 
+# ------------------------------------------------------ models that are easy to get wrong
+
+class _Shared(nnx.Module):
+    """One conv applied to two branches (weight sharing): its channels are one group."""
+
+    def __init__(self, rngs):
+        self.a, self.b = nnx.Conv(3, 8, (3, 3), rngs=rngs), nnx.Conv(3, 8, (1, 1), rngs=rngs)
+        self.sh, self.head = nnx.Conv(8, 6, (3, 3), rngs=rngs), nnx.Linear(12, 5, rngs=rngs)
+
+    def __call__(self, x):
+        u, v = self.sh(jax.nn.relu(self.a(x))), self.sh(jax.nn.relu(self.b(x)))
+        return self.head(jnp.concatenate([jax.nn.relu(u), jax.nn.relu(v)], -1).mean((1, 2)))
+
+
+class _Standardised(nnx.Module):
+    """Weight standardisation: c2's kernel is normalised over its input channels, so c1's
+    channels cannot be cut from it one by one."""
+
+    def __init__(self, rngs):
+        self.c1, self.c2 = nnx.Conv(3, 8, (3, 3), rngs=rngs), nnx.Conv(8, 6, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(6, 5, rngs=rngs)
+
+    def __call__(self, x):
+        k = self.c2.kernel[...]
+        k = (k - k.mean((0, 1, 2))) / (k.std((0, 1, 2)) + 1e-5)
+        y = jax.lax.conv_general_dilated(jax.nn.relu(self.c1(x)), k, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return self.head(jax.nn.relu(y).mean((1, 2)))
+
+
+class _Odd(nnx.Module):
+    """A depth-multiplier conv (fixed), a LayerNorm without scale over another axis, a
+    channel shuffle, and a token MLP on (B, H*W, C)."""
+
+    def __init__(self, rngs):
+        self.c0, self.c1 = nnx.Conv(3, 4, (1, 1), rngs=rngs), nnx.Conv(3, 8, (1, 1), rngs=rngs)
+        self.dw = nnx.Conv(4, 8, (3, 3), feature_group_count=4, rngs=rngs)
+        self.norm = nnx.LayerNorm(8, use_scale=False, use_bias=False, rngs=rngs)
+        self.c2 = nnx.Conv(16, 8, (1, 1), rngs=rngs)
+        self.fc, self.head = nnx.Linear(8, 6, rngs=rngs), nnx.Linear(6, 5, rngs=rngs)
+
+    def __call__(self, x):
+        a, b = jax.nn.relu(self.c1(x)), jax.nn.relu(self.dw(jax.nn.relu(self.c0(x))))
+        y = jnp.concatenate([a, b], -1)
+        n, h, w, c = y.shape  # channel shuffle: the tracer cannot follow it, c2 reads fixed channels
+        y = y.reshape(n, h, w, 2, c // 2).transpose(0, 1, 2, 4, 3).reshape(n, h, w, c)
+        y = jax.nn.relu(self.c2(y))
+        y = y.reshape(n, h * w, y.shape[-1])
+        return self.head(jax.nn.relu(self.fc(y)).mean(1))
+
+
+@pytest.mark.parametrize("cls", [_Shared, _Standardised, _Odd])
+def test_models_that_are_easy_to_get_wrong(cls):
+    model = randomize(cls(nnx.Rngs(0)), seed=2)
+    model.eval()
+    s, status = trace.trace(model, (1, HW, HW, CIN), prune="all")
+    x = _images()
+    for mask in _masks(s.widths, seed=4):
+        gated = trace.gated_call(model, x, [m.astype(np.float32) for m in mask], s)
+        small = trace.extract(model, mask, s)
+        small.eval()
+        assert float(jnp.abs(small(x) - gated).max()) <= 1e-5 * max(1.0, float(jnp.abs(gated).max()))
+        assert trace.structure(small, (1, HW, HW, CIN), prune="all").widths == tuple(
+            int(m.sum()) for m in mask)  # width 1 too: the same groups after the cut
+    if cls is _Shared:
+        assert s.group_names == ("a", "sh")  # a and b write what sh reads: one group
+    if cls is _Standardised:
+        assert "normalised across channels" in status["c1"] and s.group_names == ("c2",)
+    if cls is _Odd:
+        assert "grouped convolution" in status["c0"] and "spread over several axes" in status["c1"]
+        assert s.group_names == ("c2", "fc")
+        # Every layer is still counted, also after the shuffle the tracer cannot follow.
+        assert {x.path for x in s.layers} >= {("c0",), ("c1",), ("dw",), ("c2",), ("fc",), ("head",)}
+
+
 # ------------------------------------------------------------------ the whole pipeline
 
 @pytest.mark.slow

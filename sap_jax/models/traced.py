@@ -152,6 +152,11 @@ class TracedModel(PrunableModel):
         return trace.structure(self.net, (1, *hw, self.in_channels), prune=self.prune,
                                ignore=list(self.ignore))
 
+    def status(self) -> dict[str, str]:
+        """Per layer: "prunable", or why its output channels stay whole (see trace.trace)."""
+        return trace.trace(self.net, (1, self.image_size, self.image_size, self.in_channels),
+                           prune=self.prune, ignore=list(self.ignore))[1]
+
     def default_widths(self) -> tuple[int, ...]:
         return self.dense_widths
 

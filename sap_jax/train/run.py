@@ -359,6 +359,9 @@ def _phases(env: Env) -> dict[str, Any]:
             print(report.summary(done), flush=True)
         return done
     dense = env.programs(None, "search")
+    if isinstance(dense.model, models.TracedModel):  # say what the tracer chose, and why
+        for layer, why in dense.model.status().items():
+            logging.info("traced %s: %s", layer, why)
     gen = search.make_generator(env.config, dense.model.widths)
     new_run = prog.phase == "search" and not prog.ckpt
     if new_run and env.config.init_from:
