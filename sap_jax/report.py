@@ -87,6 +87,44 @@ def summary(r: dict[str, Any]) -> str:
     if r.get("alignment_ratio_at_cut") is not None:
         lines.append(f"  alignment at the cut: dropped channels' mean norm is "
                      f"{r['alignment_ratio_at_cut']:.3f} of the kept ones'")
+    lines += _notes(r)
+    if r.get("speed"):
+        lines += [""] + speed.summary_lines(r["speed"])
+    lines += ["", "  wall time per phase: " + ", ".join(
+        f"{k} {v:.1f}s" for k, v in r["times_s"].items())]
+    cache = r.get("compile_cache") or {}
+    if cache.get("directory"):
+        lines.append(f"  compilation cache: {cache['loaded']} of {cache['requests']} programs loaded, "
+                     f"{cache['saved_s']:.1f}s of compiling saved ({cache['directory']})")
+    return "\n".join(lines)
+
+
+def brief(r: dict[str, Any], workdir: Any) -> str:
+    """What the terminal shows at the end: the headline figures in a few lines (the tables
+    are in summary.txt)."""
+    bn = r.get("cut_acc_bn")
+    acc = (f"dense {_pct(r['dense_acc'])}, after the cut {_pct(r['cut_acc'])}"
+           + (f" ({_pct(bn)} with BN re-estimated)" if bn is not None else "")
+           + f", final {_pct(r['final_acc'])}")
+    size = (f"MACs {_human(r['macs_before'])} -> {_human(r['macs_after'])} "
+            f"({r['macs_after'] / r['macs_before']:.1%}; prunable "
+            f"{r['prunable_macs_after'] / r['prunable_macs_before']:.1%}), params "
+            f"{_human(r['params_before'])} -> {_human(r['params_after'])} "
+            f"({r['params_after'] / r['params_before']:.1%})")
+    if r.get("alignment_ratio_at_cut") is not None:
+        size += f"; alignment {r['alignment_ratio_at_cut']:.3f}"
+    lines = [f"SAP {r['model']} on {r['dataset']} ({r['image_size']}px), budget p = {r['p']} "
+             f"of {r['budget_scope']} MACs", "  accuracy: " + acc, "  " + size, *_notes(r)]
+    if r.get("speed"):
+        lines.append(speed.brief_line(r["speed"]))
+    lines.append("  wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["times_s"].items())
+                 + f"; full report: {workdir}/summary.txt")
+    return "\n".join(lines)
+
+
+def _notes(r: dict[str, Any]) -> list[str]:
+    """What a reader must know about how the cut met the budget."""
+    lines = []
     chosen = r.get("chosen_arch_ratio")
     if chosen is not None and chosen > r["p"]:
         lines.append(f"  the chosen architecture kept {chosen:.1%} of {r['budget_scope']} MACs, over p; "
@@ -101,15 +139,7 @@ def summary(r: dict[str, Any]) -> str:
                      "search epochs (see the log)")
     if (r.get("round_to") or 1) > 1:
         lines.append(f"  kept widths rounded to multiples of {r['round_to']} (budget.round_to)")
-    if r.get("speed"):
-        lines += [""] + speed.summary_lines(r["speed"])
-    lines += ["", "  wall time per phase: " + ", ".join(
-        f"{k} {v:.1f}s" for k, v in r["times_s"].items())]
-    cache = r.get("compile_cache") or {}
-    if cache.get("directory"):
-        lines.append(f"  compilation cache: {cache['loaded']} of {cache['requests']} programs loaded, "
-                     f"{cache['saved_s']:.1f}s of compiling saved ({cache['directory']})")
-    return "\n".join(lines)
+    return lines
 
 
 def write(workdir: str, r: dict[str, Any], *, plots: bool = True) -> None:

@@ -139,3 +139,15 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"  at batch {', '.join(noisy)} the speed-up is within the noise: its IQR "
                      "includes 1 (more speed.reps, or a quieter machine, would tell)")
     return lines
+
+
+def brief_line(s: dict[str, Any]) -> str:
+    """The speed-ups in one line: pruned over dense per batch size, with their IQR."""
+    parts = []
+    for r in s["batches"]:
+        iqr = r.get("speedup_iqr")
+        spread = f" [{iqr[0]:.2f}-{iqr[1]:.2f}{', within noise' if r.get('within_noise') else ''}]" \
+            if iqr else ""
+        parts.append(f"batch {r['batch']} {r['speedup']:.2f}x{spread}")
+    return (f"  speed-up on {s['device']} ({s['dtype']}, median of {s['reps']}, IQR): "
+            + ", ".join(parts) + f"; MACs {s['mac_speedup']:.2f}x fewer")

@@ -63,6 +63,19 @@ def test_the_summary_says_what_the_cut_did():
     assert "cut as chosen (budget.enforce = False)" in report.summary(r)
 
 
+def test_the_terminal_gets_a_brief_with_the_headline_figures_and_the_notes():
+    _, r, _, _ = _results(arch_ratio_chosen=0.55, trimmed_channels=3)
+    r["speed"] = {"device": "cpu", "dtype": "float32", "reps": 5, "mac_speedup": 2.0, "batches": [
+        {"batch": 1, "speedup": 1.1, "speedup_iqr": [0.9, 1.3], "within_noise": True},
+        {"batch": 64, "speedup": 1.5, "speedup_iqr": [1.4, 1.6], "within_noise": False}]}
+    text = report.brief(r, "/wd")
+    assert len(text.splitlines()) <= 6
+    for part in ("budget p = 0.5 of prunable MACs", "final 85.00%", "alignment 0.020",
+                 "its 3 lowest-norm kept channels were dropped", "batch 1 1.10x [0.90-1.30, within noise]",
+                 "batch 64 1.50x [1.40-1.60]", "full report: /wd/summary.txt"):
+        assert part in text, part
+
+
 def test_write_puts_results_summary_and_plots_in_the_workdir(tmp_path):
     _, r, _, _ = _results()
     report.write(str(tmp_path), r, plots=True)

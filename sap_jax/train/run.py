@@ -304,7 +304,7 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progr
         report.write(env.workdir, results, plots=c.plots)
     env.writer.flush()
     if jax.process_index() == 0:
-        print(report.summary(results), flush=True)
+        print(report.brief(results, env.workdir), flush=True)
     return results
 
 
@@ -356,7 +356,7 @@ def _phases(env: Env) -> dict[str, Any]:
             logging.info("%s holds a finished run: nothing to do (--remeasure_speed times it "
                          "again; delete its results.json to evaluate it again)", env.workdir)
         if jax.process_index() == 0:
-            print(report.summary(done), flush=True)
+            print(report.brief(done, env.workdir), flush=True)
         return done
     dense = env.programs(None, "search")
     if isinstance(dense.model, models.TracedModel):  # say what the tracer chose, and why
