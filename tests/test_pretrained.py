@@ -95,6 +95,13 @@ def test_converted_torchvision_models_match_torchvision_logits(tmp_path, name):
     assert err < 1e-4
 
 
+def test_a_damaged_pth_file_is_named(tmp_path):
+    pytest.importorskip("torch", reason="the optional extra [torch] is not installed")
+    (tmp_path / "w.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(pretrained.PretrainedError, match=r"cannot read .*w\.pth as a PyTorch file"):
+        pretrained.load_into(models.create("resnet_tiny"), f"torchvision:{tmp_path / 'w.pth'}")
+
+
 def test_a_saved_sap_jax_model_starts_another(tmp_path):
     src = randomize(models.create("resnet_tiny"), seed=3)
     surgery.save(tmp_path / "dense", src, image_size=32)
