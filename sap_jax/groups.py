@@ -187,8 +187,6 @@ def dim_value(d: Dim, widths: Sequence[Any]) -> Any:
     return d
 
 
-_dim = dim_value
-
 
 def _has_group(d: Dim) -> bool:
     return isinstance(d, GroupRef) or (isinstance(d, DimSum) and any(
@@ -263,14 +261,14 @@ class Structure:
         shapes: dict[Path, tuple[int, ...]] = {}
         for layer in self.layers:
             if isinstance(layer, NormLayer):
-                c = _dim(layer.ch, widths)
+                c = dim_value(layer.ch, widths)
                 for name in layer.names:
                     shapes[layer.path + (name,)] = (c,)
                 continue
             if isinstance(layer, ScaleLayer):
-                shapes[layer.path] = (_dim(layer.ch, widths),)
+                shapes[layer.path] = (dim_value(layer.ch, widths),)
                 continue
-            cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
+            cin, cout = dim_value(layer.in_ch, widths), dim_value(layer.out_ch, widths)
             if isinstance(layer, ConvLayer):
                 per_group_in = 1 if layer.depthwise else cin // layer.groups  # ints here
                 shapes[layer.path + ("kernel",)] = (*layer.kernel, per_group_in, cout)

@@ -115,7 +115,7 @@ class _Record:
 @dataclasses.dataclass
 class _LayerRec:
     """A conv, linear or normalisation layer seen in the forward, before groups are numbered."""
-    kind: str  # conv | dense | norm
+    kind: str  # conv | dense
     path: G.Path  # module path
     ins: tuple[np.ndarray, np.ndarray] | int = 0
     out: tuple[np.ndarray, np.ndarray] | int = 0
