@@ -38,12 +38,6 @@ def _structure(model: M.PrunableModel) -> G.Structure:
     return model.structure(model.total_stride)
 
 
-def _flat_state(model: M.PrunableModel) -> dict[G.Path, Any]:
-    """Every array of ``model`` by its :data:`~sap_jax.groups.Path` (string keys, as saved)."""
-    return {G.as_path(k): v for k, v in
-            traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
-
-
 def channel_scores(model: M.PrunableModel) -> list[np.ndarray]:
     """Per-channel L2 norm of the weights that produce each group's channels.
 
@@ -79,7 +73,7 @@ def extract(model: M.PrunableModel, arch: G.Arch) -> M.PrunableModel:
     """
     s = _structure(model)
     keep = kept_arch(model, arch)
-    flat = trace.slice_arrays(_flat_state(model), s, keep)
+    flat = trace.slice_arrays(trace.flat_arrays(model), s, keep)
     config = {**model.config(), "widths": [int(k.sum()) for k in keep]}
     abstract = M.from_config(type(model).__name__, config, abstract=True)
     return _load_into(abstract, flat, source="the sliced dense model")
@@ -147,7 +141,7 @@ def save(directory: str | os.PathLike, model: M.PrunableModel, *,
             "image_size": None if image_size is None else int(image_size),
             "metadata": metadata or {}}
     # Orbax wants string keys (NNX lists give integer ones): paths are strings.
-    pure = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in _flat_state(model).items()})
+    pure = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in trace.flat_arrays(model).items()})
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(state_path, pure)
         ckptr.wait_until_finished()
