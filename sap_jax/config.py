@@ -198,9 +198,7 @@ def _check_factory(c: ml_collections.ConfigDict, errors: list[str]):
         dtype = c.dtype if _in(c.dtype, DTYPES) and c.dtype != "float32" else None
         return models.create_abstract(c.model, num_classes=NUM_CLASSES.get(c.dataset), dtype=dtype,
                                       **model_arguments(c))
-    except trace.TraceError as e:
-        errors.append(f"model: {e}")
-    except ValueError as e:
+    except ValueError as e:  # trace.TraceError included
         errors.append(f"model: {e}")
     except Exception as e:  # noqa: BLE001 - a user's factory may raise anything
         errors.append(f"model: building {c.model} failed: {type(e).__name__}: {e}")
