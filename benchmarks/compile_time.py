@@ -5,7 +5,7 @@
 Runs the trainer's jitted functions (the plain / fine-tune step, the SAP
 weight step, the AGN step, the evaluation step and the channel-norm monitor)
 twice, each time in a fresh process, with one persistent compilation cache
-(``sap_jax.parallel.compilation_cache``, what every run uses):
+(``sap_jax.runtime.parallel.compilation_cache``, what every run uses):
 
 * cold:  an empty cache, so every function is traced, lowered and compiled;
 * warm:  the cache the cold process filled, as a resumed or repeated run sees it.
@@ -35,8 +35,9 @@ def worker(model: str, batch: int, image_size: int, cache_dir: str) -> dict:
     import jax.numpy as jnp
     from step_cost import Steps
 
-    from sap_jax import models, parallel, train
-    from sap_jax.codec import ModuleCodec
+    from sap_jax import models, train
+    from sap_jax.runtime import parallel
+    from sap_jax.structure.codec import ModuleCodec
 
     with parallel.compilation_cache(cache_dir) as stats:
         steps = Steps(model, image_size, batch, "float32")  # plain, SAP and AGN, state carried

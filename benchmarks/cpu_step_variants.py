@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import optax
 from harness import train_step_runner
 
-from sap_jax import xla_cpu
+from sap_jax.runtime import xla_cpu
 from sap_jax.models import blocks
 
 VARIANTS = ("xla-defaults", "barrier", "barrier+ynn-off", "library")

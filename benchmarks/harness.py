@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from sap_jax import models, train
-from sap_jax.codec import ModuleCodec
+from sap_jax.structure.codec import ModuleCodec
 
 
 def train_step_runner(model_name: str, batch: int, image_size: int,

@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sap_jax import models, penalty
+from sap_jax import models
+from sap_jax.method import penalty
 
 
 def make_step(model, structure, variant: str, gamma: float = 5e-4, lr: float = 0.1):

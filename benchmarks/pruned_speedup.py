@@ -9,7 +9,7 @@ model with uniform per-group widths (the widest uniform keep fraction within
 the budget; SAP's own widths are non-uniform, but the cost of a layer depends
 only on its widths) and, for each M in ``--round-to``, the same widths rounded
 to multiples of M within the budget. It times the jitted eval-mode forward pass
-with ``sap_jax.speed.compare`` (dense and pruned alternate rep by rep):
+with ``sap_jax.runtime.speed.compare`` (dense and pruned alternate rep by rep):
 latency at batch 1 and throughput at ``--batch``, medians of ``--reps`` after
 warm-up. Efficiency = measured speed-up / (dense MACs / pruned MACs).
 """
@@ -21,7 +21,10 @@ import json
 
 import jax
 
-from sap_jax import baselines, cut, flops, models, speed
+from sap_jax import models
+from sap_jax.method import baselines, cut
+from sap_jax.structure import flops
+from sap_jax.runtime import speed
 
 BUDGETS = {"resnet56": (0.48, 32), "resnet50": (0.37, 224), "mobilenet_v2": (0.65, 224),
            "resnet_cifar_tiny": (0.5, 32)}
@@ -39,7 +42,8 @@ def measure(name: str, reps: int, batch: int, round_to: tuple[int, ...]) -> list
     rows = []
     for label, widths in variants.items():
         c = flops.count(s, widths)
-        r = speed.compare(dense, models.create(name, widths=widths), size, (1, batch), reps=reps)
+        r = speed.compare(dense, models.create(name, widths=widths), size, (1, batch),
+                          macs=(full.macs, c.macs), reps=reps)
         lat, thr = r["batches"]
         rows.append({"model": name, "p": p, "variant": label, "mac_ratio": c.macs / full.macs,
                      "prunable_mac_ratio": c.prunable_macs / full.prunable_macs,

@@ -28,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sap_jax import agn as agn_lib
-from sap_jax import flops, models, resource
+from sap_jax.method import agn as agn_lib
+from sap_jax import models
+from sap_jax.structure import flops
+from sap_jax.method import resource
 from sap_jax import train
-from sap_jax.codec import ModuleCodec
+from sap_jax.structure.codec import ModuleCodec
 
 
 def build(model_name: str, image_size: int, batch: int, dtype: str = "float32"):
@@ -115,7 +117,7 @@ def loop_overhead(epochs: int, repeats: int, agn_every: int = 0, agn_batch: int 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from configs import quickstart
 
-    from sap_jax import data as data_lib
+    from sap_jax.train import data as data_lib
 
     c = quickstart.get_config()
     agn_every = agn_every or c.sap.agn_every

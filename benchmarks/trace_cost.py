@@ -5,7 +5,7 @@
 For each model (a built-in preset, or a factory ``package.module:function`` built abstractly),
 times on the host:
 
-1. ``structure``: ``sap_jax.trace.structure`` from scratch (the jaxpr traced in eval mode, the
+1. ``structure``: ``sap_jax.tracing.trace.structure`` from scratch (the jaxpr traced in eval mode, the
    channel analysis, the groups and layers built), the cost a run pays once per model shape;
 2. ``gated trace``: tracing a jitted train-mode forward through ``trace.gated_call`` (the
    model's jaxpr, its labels and the interpreter), paid once per compiled step, next to
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sap_jax import models, trace
+from sap_jax import models
+from sap_jax.tracing import trace
 
 
 def _timed(fn, rounds: int) -> float:

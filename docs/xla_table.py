@@ -1,4 +1,5 @@
-from sap_jax import flops, models
+from sap_jax import models
+from sap_jax.structure import flops
 for name in ["resnet56", "resnet110", "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v2_cifar"]:
     size = models.get_preset(name).image_size
     m = models.create_abstract(name)

@@ -4,7 +4,7 @@
 
 Trains a tiny CIFAR-style ResNet on scikit-learn's digits (upscaled to 16x16,
 3 channels) with ``CE + gamma * R_w(W; v)`` for a fixed keep/drop mask ``v``
-(in SAP the mask comes from :class:`sap_jax.agn.AGN`). Prints how the norms
+(in SAP the mask comes from :class:`sap_jax.method.agn.AGN`). Prints how the norms
 of dropped and kept channels evolve: dropped ones are driven toward zero,
 kept ones are not penalised. gamma here is large because the run is short;
 the paper uses ~5e-4 over hundreds of epochs.
@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 from sklearn.datasets import load_digits
 
-from sap_jax import models, penalty
+from sap_jax import models
+from sap_jax.method import penalty
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:

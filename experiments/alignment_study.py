@@ -35,7 +35,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from experiments import study_config  # noqa: E402
-from sap_jax import config as config_lib  # noqa: E402
+from sap_jax.train import config as config_lib  # noqa: E402
 
 ARMS = {
     "sap": "SAP (AGN + partial group lasso)",
@@ -389,7 +389,7 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
     import flax
     import jax
 
-    from sap_jax import data as data_lib
+    from sap_jax.train import data as data_lib
 
     rel = lambda name: os.path.relpath(figs[name], out_dir)  # noqa: E731
     base = importlib.import_module(f"configs.{study.base}").get_config()

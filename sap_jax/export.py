@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sap_jax import parallel, surgery
+from sap_jax import surgery
+from sap_jax.runtime import parallel
 
 FORMATS = ("stablehlo", "savedmodel")
 

@@ -7,7 +7,7 @@ The first form lists the prunable channel groups and the dense MACs/params
 (total and prunable). The second reads a saved (pruned) model directory and
 prints the before/after table: per-group widths, MACs, params and ratios.
 MACs are multiply-adds per image of convs and linear layers (see
-``sap_jax/flops.py``).
+``sap_jax/structure/flops.py``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,10 @@ import json
 import sys
 from typing import Any
 
-from sap_jax import flops, models, surgery
+from sap_jax import models, surgery
+from sap_jax.runtime.console import human
+from sap_jax.structure import flops
 
-
-def _human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 def model_report(name: str, image_size: int | None = None) -> dict[str, Any]:
@@ -43,7 +39,7 @@ def model_report(name: str, image_size: int | None = None) -> dict[str, Any]:
 def pruned_report(directory: str, image_size: int | None = None) -> dict[str, Any]:
     """Before/after counts of a saved model directory (or of a run's workdir, which holds it
     in ``pruned_model/``) as a JSON-ready dict."""
-    from sap_jax import parallel
+    from sap_jax.runtime import parallel
 
     run_model = parallel.path(directory) / "pruned_model"
     if not surgery.is_saved_model(directory) and surgery.is_saved_model(run_model):
@@ -93,9 +89,9 @@ def format_model(r: dict[str, Any]) -> str:
     lines += [f"  {k:>3}  {n:<24} {w:>6}" for k, (n, w) in
               enumerate(zip(r["group_names"], r["groups"]))]
     lines += ["",
-              f"MACs   total {_human(r['macs']):>9}  prunable {_human(r['prunable_macs']):>9} "
+              f"MACs   total {human(r['macs']):>9}  prunable {human(r['prunable_macs']):>9} "
               f"({r['prunable_macs'] / r['macs']:.1%})",
-              f"params total {_human(r['params']):>9}  prunable {_human(r['prunable_params']):>9} "
+              f"params total {human(r['params']):>9}  prunable {human(r['prunable_params']):>9} "
               f"({r['prunable_params'] / r['params']:.1%})"]
     return "\n".join(lines)
 
@@ -110,7 +106,7 @@ def format_pruned(r: dict[str, Any]) -> str:
     for label, key in (("MACs total", "macs"), ("MACs prunable", "prunable_macs"),
                        ("params total", "params"), ("params prunable", "prunable_params")):
         b, a = d[key], r[key]
-        lines.append(f"  {label:<18} {_human(b):>10} {_human(a):>10} {a / b:>7.1%}")
+        lines.append(f"  {label:<18} {human(b):>10} {human(a):>10} {a / b:>7.1%}")
     lines += [""] + format_input(r.get("input"))
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sap_jax import errors
+from sap_jax.runtime import errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -38,7 +38,7 @@ flags.DEFINE_float("distributed_timeout_s", 300.0,
                    "Multi-process: how long start-up waits for every process before giving up.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-#: Exit codes (message on stderr): sap_jax.errors; 0 = done.
+#: Exit codes (message on stderr): sap_jax.runtime.errors; 0 = done.
 EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
 
 #: Hooks passed to the run (sap_jax.train.Hooks); set by code that embeds the CLI via run().
@@ -48,8 +48,8 @@ _HOOKS = None
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from sap_jax import config as config_lib
-    from sap_jax import console, parallel
+    from sap_jax.train import config as config_lib
+    from sap_jax.runtime import console, parallel
 
     console.setup_terminal(FLAGS.verbosity)
 
@@ -91,13 +91,13 @@ def main(argv: list[str]) -> None:
 
 
 def _fail(e: BaseException) -> None:
-    """One line on stderr and the documented exit code for ``e`` (sap_jax.errors). A preempted
+    """One line on stderr and the documented exit code for ``e`` (sap_jax.runtime.errors). A preempted
     run also leaves its marker file in the workdir (process 0, train.checkpoints.PREEMPTED_MARKER)."""
     word = "stopped" if isinstance(e, errors.Preempted) else "error"
     if isinstance(e, errors.Preempted) and FLAGS.workdir:
         import jax
 
-        from sap_jax import parallel
+        from sap_jax.runtime import parallel
         from sap_jax.train import checkpoints
 
         if jax.process_index() == 0:
@@ -199,7 +199,7 @@ def check_overrides(argv: list[str]) -> str | None:
 def upgrade_overrides(argv: list[str]) -> list[str]:
     """``argv`` with overrides of renamed config fields under their new names, each change
     reported on stderr (the old names go in the next release)."""
-    from sap_jax import config as config_lib
+    from sap_jax.train import config as config_lib
 
     out = []
     for arg in argv:

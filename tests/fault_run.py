@@ -23,7 +23,7 @@ fault, arg = sys.argv[1], int(sys.argv[2])
 assert sys.argv[3] == "--"
 sys.argv = [sys.argv[0]] + sys.argv[4:]
 
-from sap_jax import console  # noqa: E402
+from sap_jax.runtime import console  # noqa: E402
 
 with console.quiet_stderr():  # as python -m sap_jax.main quiets TensorFlow's start-up banners
     import orbax.checkpoint as ocp  # noqa: E402

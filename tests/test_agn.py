@@ -11,8 +11,10 @@ from flax import nnx
 
 from conftest import randomize, slow
 from test_resource import np_resource
-from sap_jax import agn as A
-from sap_jax import flops, models, resource
+from sap_jax.method import agn as A
+from sap_jax import models
+from sap_jax.structure import flops
+from sap_jax.method import resource
 
 
 def np_agn(g):

@@ -1,9 +1,11 @@
-"""The norm-based baselines (sap_jax/baselines.py): channel scores and choosing by them."""
+"""The norm-based baselines (sap_jax/method/baselines.py): channel scores and choosing by them."""
 
 import numpy as np
 import pytest
 
-from sap_jax import baselines, flops, models
+from sap_jax import models
+from sap_jax.method import baselines
+from sap_jax.structure import flops
 
 
 def test_l1_baseline_keeps_the_largest_filters_to_given_widths():

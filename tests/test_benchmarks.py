@@ -123,7 +123,7 @@ def test_cpu_step_variants_smoke():
 
     import cpu_step_variants
 
-    from sap_jax import xla_cpu
+    from sap_jax.runtime import xla_cpu
     from sap_jax.models import blocks
 
     before = (blocks.materialize, dict(xla_cpu.COMPILER_OPTIONS), os_.environ.get("SAP_JAX_XLA_CPU_DEFAULTS"))
@@ -138,7 +138,7 @@ def test_cpu_step_variants_smoke():
 def test_compilation_cache_stores_programs_loads_them_again_and_restores_jax_setting(tmp_path):
     import jax.numpy as jnp
 
-    from sap_jax import parallel
+    from sap_jax.runtime import parallel
 
     def program():  # a new function object each time: JAX's in-memory cache cannot answer
         return jax.jit(lambda x: jnp.tanh(x @ x.T).sum() * 3.0)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sap_jax import bnstats, models
-from sap_jax.codec import ModuleCodec
+from sap_jax import models
+from sap_jax.train import bnstats
+from sap_jax.structure.codec import ModuleCodec
 
 from conftest import randomize
 

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sap_jax import agn as agn_lib
-from sap_jax import flops, models, resource, train
-from sap_jax.codec import ModuleCodec
+from sap_jax.method import agn as agn_lib
+from sap_jax import models, train
+from sap_jax.structure import flops
+from sap_jax.method import resource
+from sap_jax.structure.codec import ModuleCodec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -97,7 +99,8 @@ def test_a_tiny_search_ends_at_its_budget_and_the_cut_trims_nothing(tmp_path):
     """The whole program, tiny: the generator's own architecture meets p (within one channel of
     it, not over it), so budget.enforce has nothing to trim and the cut keeps SAP's choice."""
     from configs import test_tiny
-    from sap_jax import cut, models
+    from sap_jax import models
+    from sap_jax.method import cut
 
     c = test_tiny.get_config()
     c.num_epochs, c.sap.agn_every, c.budget.lam_rate = 8, 1, 0.3  # 28 AGN steps

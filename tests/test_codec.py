@@ -1,4 +1,4 @@
-"""nnx.State <-> plain string-keyed trees (sap_jax/codec.py): what the trainer jits, shards and
+"""nnx.State <-> plain string-keyed trees (sap_jax/structure/codec.py): what the trainer jits, shards and
 checkpoints."""
 
 import jax
@@ -8,7 +8,7 @@ from flax import nnx, traverse_util
 
 from conftest import randomize
 from sap_jax import models
-from sap_jax.codec import ModuleCodec, path_str
+from sap_jax.structure.codec import ModuleCodec, path_str
 
 
 def _model():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from sap_jax import config as config_lib
+from sap_jax.train import config as config_lib
 from sap_jax import train
 from sap_jax.train import checkpoints
 

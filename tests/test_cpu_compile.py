@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from sap_jax import models, train, xla_cpu
-from sap_jax.codec import ModuleCodec
+from sap_jax import models, train
+from sap_jax.runtime import xla_cpu
+from sap_jax.structure.codec import ModuleCodec
 from sap_jax.models.common import materialize
 
 

@@ -1,9 +1,11 @@
-"""The cut's arithmetic (sap_jax.cut): trimming to the budget, rounding widths, resizing."""
+"""The cut's arithmetic (sap_jax.method.cut): trimming to the budget, rounding widths, resizing."""
 
 import numpy as np
 import pytest
 
-from sap_jax import baselines, cut, flops, models
+from sap_jax import models
+from sap_jax.method import baselines, cut
+from sap_jax.structure import flops
 
 
 def test_rounded_widths_are_multiples_within_the_budget():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sap_jax import data
+from sap_jax.train import data
 
 MEAN = np.asarray(data.IMAGENET_MEAN, np.float32)
 STD = np.asarray(data.IMAGENET_STD, np.float32)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import FULL, TINY, slow
-from sap_jax import flops, models
+from sap_jax import models
+from sap_jax.structure import flops
 
 # Standard figures (multiply-adds of convs + linear layers; params incl. BN affine).
 TABLE = {

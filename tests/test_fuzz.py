@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ml_collections import config_flags
 
-from sap_jax import agn, flops, main, models, penalty, surgery
-from sap_jax import config as config_lib
+from sap_jax import main, models, surgery
+from sap_jax.method import agn, penalty
+from sap_jax.structure import flops
+from sap_jax.train import config as config_lib
 
 
 pytestmark = pytest.mark.slow  # hypothesis: hundreds of examples per test

@@ -5,8 +5,9 @@ import pytest
 from flax import nnx, traverse_util
 
 from conftest import FULL, TINY
-from sap_jax import flops, models
-from sap_jax import groups as G
+from sap_jax import models
+from sap_jax.structure import flops
+from sap_jax.structure import groups as G
 
 
 def _flat_shapes(model):

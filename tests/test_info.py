@@ -6,7 +6,8 @@ import sys
 
 import numpy as np
 
-from sap_jax import flops, info, models, surgery
+from sap_jax import info, models, surgery
+from sap_jax.structure import flops
 
 
 def test_json_report_of_a_preset(capsys):

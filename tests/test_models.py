@@ -112,7 +112,7 @@ def test_mobilenet_v2_dropout_applies_in_training_only():
     import optax
 
     from sap_jax import train
-    from sap_jax.codec import ModuleCodec
+    from sap_jax.structure.codec import ModuleCodec
 
     model = models.create("mobilenet_v2_tiny", dropout=0.5)
     codec = ModuleCodec(model)

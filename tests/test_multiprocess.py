@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from sap_jax import parallel, surgery
+from sap_jax import surgery
+from sap_jax.runtime import parallel
 
 
 pytestmark = pytest.mark.slow  # several processes training a tiny model

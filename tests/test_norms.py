@@ -1,4 +1,4 @@
-"""Per-channel norms (sap_jax/norms.py), the one definition the penalty, the baselines, the cut
+"""Per-channel norms (sap_jax/structure/norms.py), the one definition the penalty, the baselines, the cut
 and surgery read, against NumPy written from the model's layers directly."""
 
 import jax.numpy as jnp
@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from conftest import randomize
-from sap_jax import baselines, models, norms, penalty, surgery
+from sap_jax import models, surgery
+from sap_jax.method import baselines, penalty
+from sap_jax.structure import norms
 
 
 @pytest.fixture(scope="module")

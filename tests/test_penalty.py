@@ -9,7 +9,8 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from conftest import random_arch, randomize, slow
-from sap_jax import models, penalty
+from sap_jax import models
+from sap_jax.method import penalty
 from sap_jax.models.blocks import BasicBlock, Bottleneck, InvertedResidual
 
 FAMILIES = ["resnet_cifar_tiny", "resnet_bottleneck_tiny", "mobilenet_v2_tiny"]

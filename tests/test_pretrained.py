@@ -10,9 +10,11 @@ import pytest
 
 from conftest import randomize, slow
 from conftest import tiny_config as tiny
-from sap_jax import config as config_lib
-from sap_jax import models, pretrained, surgery, trace
-from sap_jax.errors import ConfigError
+from sap_jax.train import config as config_lib
+from sap_jax import models, surgery
+from sap_jax.surgery import pretrained
+from sap_jax.tracing import trace
+from sap_jax.runtime.errors import ConfigError
 
 TORCHVISION = ["resnet18", "mobilenet_v2"] + slow(["resnet34", "resnet50", "resnet101"])
 
@@ -131,7 +133,7 @@ def test_init_from_is_validated_before_anything_runs(tmp_path):
 def test_a_run_starts_from_the_given_weights_and_a_mismatch_exits_2(tmp_path):
     """The run's first evaluation (before any step) is the source model's accuracy on the
     same test split; a source of other widths stops with exit 2 naming the tensor."""
-    from sap_jax import data
+    from sap_jax.train import data
 
     c = tiny()
     src = randomize(models.create(c.model, num_classes=10), seed=4)

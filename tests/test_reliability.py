@@ -18,8 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from sap_jax import config as config_lib
-from sap_jax import report, surgery, train
+from sap_jax.train import config as config_lib
+from sap_jax import surgery, train
+from sap_jax.train import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -252,7 +253,7 @@ def test_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(reference, tm
 # -- 6. numerical faults -------------------------------------------------------------------
 
 def test_skip_mode_skips_non_finite_steps_and_counts_them(tmp_path, monkeypatch):
-    from sap_jax import data as data_lib
+    from sap_jax.train import data as data_lib
 
     real = data_lib.ArrayDataset.train_batches
 

@@ -1,4 +1,4 @@
-"""The end of a run (sap_jax/report.py): results.json's figures, the summary's lines, the files."""
+"""The end of a run (sap_jax/train/report.py): results.json's figures, the summary's lines, the files."""
 
 import io
 import json
@@ -6,7 +6,9 @@ import os
 import sys
 import time
 
-from sap_jax import flops, models, report
+from sap_jax import models
+from sap_jax.structure import flops
+from sap_jax.train import report
 from sap_jax.train import Progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +97,7 @@ class _Terminal(io.StringIO):
 
 
 def test_the_progress_line_redraws_in_place_on_a_terminal_and_stays_silent_elsewhere():
-    from sap_jax import console
+    from sap_jax.runtime import console
 
     out = _Terminal()
     line = console.ProgressLine(100, stream=out, every_s=0.0)

@@ -1,4 +1,4 @@
-"""The resource loss R(T(v)/T_full, p) and its budget object (sap_jax/resource.py), against
+"""The resource loss R(T(v)/T_full, p) and its budget object (sap_jax/method/resource.py), against
 NumPy, and the budget read from a run config."""
 
 import math
@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from sap_jax import flops, models, resource
+from sap_jax import models
+from sap_jax.structure import flops
+from sap_jax.method import resource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

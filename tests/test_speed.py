@@ -1,11 +1,13 @@
-"""sap_jax.speed: what it times, how it alternates, and the ratios it reports."""
+"""sap_jax.runtime.speed: what it times, how it alternates, and the ratios it reports."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from sap_jax import flops, models, speed
+from sap_jax import models
+from sap_jax.structure import flops
+from sap_jax.runtime import speed
 
 
 def test_time_interleaved_warms_each_function_then_alternates():
@@ -40,8 +42,9 @@ def test_compare_reports_speedups_and_efficiency_against_the_mac_ratio():
     dense = models.create("resnet_cifar_tiny", num_classes=10)
     widths = [max(1, w // 2) for w in dense.widths]
     pruned = models.create("resnet_cifar_tiny", num_classes=10, widths=widths)
-    r = speed.compare(dense, pruned, 16, (1, 2), reps=2)
     full, small = flops.count(dense.structure(16)).macs, flops.count(pruned.structure(16)).macs
+    assert (flops.model_macs(dense, 16), flops.model_macs(pruned, 16)) == (full, small)
+    r = speed.compare(dense, pruned, 16, (1, 2), macs=(full, small), reps=2)
     assert r["macs_dense"] == full and r["macs_pruned"] == small
     assert r["mac_speedup"] == pytest.approx(full / small) and r["mac_speedup"] > 1
     assert r["platform"] == "cpu" and r["dtype"] == "float32" and r["reps"] == 2
@@ -57,7 +60,7 @@ def test_compare_reports_speedups_and_efficiency_against_the_mac_ratio():
     lines = speed.summary_lines(r)
     assert "batch 1 latency" in lines[2] and "batch 2 img/s" in lines[3]
     with pytest.raises(ValueError, match="batch_sizes"):
-        speed.compare(dense, pruned, 16, (0,))
+        speed.compare(dense, pruned, 16, (0,), macs=(full, small))
 
 
 def test_spread_and_the_noise_verdict_against_hand_computed_quartiles():

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from conftest import FULL, TINY, random_arch, randomize
-from sap_jax import flops, models, surgery
+from sap_jax import models, surgery
+from sap_jax.structure import flops
 
 
 def forward(model, x, arch=None):

@@ -17,12 +17,15 @@ from flax import nnx
 from conftest import randomize, slow
 from conftest import tiny_config as tiny
 from examples import zoo
-from sap_jax import agn as A
-from sap_jax import flops, models, penalty, resource, surgery, trace
+from sap_jax.method import agn as A
+from sap_jax import models, surgery
+from sap_jax.structure import flops
+from sap_jax.method import penalty, resource
+from sap_jax.tracing import trace
 from sap_jax import info as info_cli
-from sap_jax import groups as G
-from sap_jax import config as config_lib
-from sap_jax.config import ConfigError
+from sap_jax.structure import groups as G
+from sap_jax.train import config as config_lib
+from sap_jax.train.config import ConfigError
 
 HW, CIN, WIDTH = 8, 3, 4  # digits scale; the pipeline feeds 3-channel images
 ZOO = sorted(zoo.ZOO)

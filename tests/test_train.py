@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from sap_jax import config as config_lib
-from sap_jax import info, report, surgery, train
+from sap_jax.train import config as config_lib
+from sap_jax import info, surgery, train
+from sap_jax.train import report
 
 
 pytestmark = pytest.mark.slow  # whole tiny runs, in-process and through the CLI
@@ -25,7 +26,7 @@ tiny = tiny_config  # configs/test_tiny.py with dotted overrides
 def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     import tensorflow_datasets as tfds
 
-    from sap_jax import data as data_lib
+    from sap_jax.train import data as data_lib
 
     c = tiny(dataset="cifar10", image_size=32, plots=True,
              **{"speed.enabled": True, "speed.batch_sizes": (1, 4), "speed.reps": 2})
@@ -83,7 +84,7 @@ class _Killed(Exception):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from sap_jax import data as data_lib
+    from sap_jax.train import data as data_lib
 
     real = data_lib.ArrayDataset.train_batches
 
@@ -215,7 +216,7 @@ def test_round_to_cuts_widths_to_multiples_within_the_budget(tmp_path):
 def test_best_architecture_is_chosen_on_validation_never_on_test(tmp_path, monkeypatch):
     """final_arch="best" judges sub-networks on the validation split: scrambling the test split's
     labels changes every reported test number but not the choice."""
-    from sap_jax import data as data_lib
+    from sap_jax.train import data as data_lib
 
     c = tiny(num_epochs=4, compile_cache=str(tmp_path / "cache"), **{"sap.final_arch": "best"})
     c.finetune.num_epochs = 1

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sap_jax import groups as G
+from sap_jax.structure import groups as G
 from sap_jax.models.common import batch_norm, conv, down, gate, materialize
 
 SHORTCUTS = ("A", "B")

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sap_jax import groups as G
+from sap_jax.structure import groups as G
 
 # He-normal with fan_out, as torchvision initialises conv kernels.
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -111,7 +111,7 @@ class PrunableModel(nnx.Module):
 
     def trace_ignore(self) -> tuple[str, ...]:
         """Layers whose output channels the paper's recipe leaves whole: with
-        ``sap_jax.trace.structure(model, x, ignore=model.trace_ignore())`` the traced groups
+        ``sap_jax.tracing.trace.structure(model, x, ignore=model.trace_ignore())`` the traced groups
         are exactly :meth:`describe`'s (the stem's output is not an inner width)."""
         return ("stem_conv",)
 

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from sap_jax import groups as G
+from sap_jax.structure import groups as G
 from sap_jax.models.blocks import InvertedResidual
 from sap_jax.models.common import PrunableModel, batch_norm, conv, down, dtype_from
 

@@ -1,7 +1,7 @@
 """Any user's NNX CNN as a prunable model: its channel groups come from tracing.
 
 ``TracedModel("my_package.nets:vgg11_bn", image_size=32)`` calls the factory, traces the
-network it returns (:mod:`sap_jax.trace`) and behaves like a built-in backbone: ``widths``,
+network it returns (:mod:`sap_jax.tracing.trace`) and behaves like a built-in backbone: ``widths``,
 ``structure(image_size)``, a gated ``__call__(x, arch)``, ``config()`` to rebuild it. Built
 with ``widths``, it is the same network with fewer channels: the dense network's first
 channels of every group (the extracted model then loads its own arrays into it). A saved
@@ -28,8 +28,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sap_jax import groups as G
-from sap_jax import trace
+from sap_jax.structure import groups as G
+from sap_jax.tracing import trace
 from sap_jax.models.common import PrunableModel
 
 _PREFIX = ("net",)
@@ -115,7 +115,7 @@ class TracedModel(PrunableModel):
       factory_kwargs: more keyword arguments for the factory (JSON-serialisable).
       image_size: the square input size the structure is traced at.
       num_classes, in_channels, dtype: passed to the factory where it accepts them.
-      prune: ``"inner"`` or ``"all"`` (see :func:`sap_jax.trace.trace`).
+      prune: ``"inner"`` or ``"all"`` (see :func:`sap_jax.tracing.trace.trace`).
       ignore: layers whose output channels are never pruned.
       widths: group widths (``None`` = dense).
     """

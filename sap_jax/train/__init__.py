@@ -11,7 +11,7 @@ checkpoint in ``workdir``:
 * :mod:`.checkpoints`: orbax, the workdir's config guard and the preemption watch.
 """
 
-from sap_jax.errors import (EXIT_PREEMPTED, EXIT_WRITE_FAILED, CheckpointError,
+from sap_jax.runtime.errors import (EXIT_PREEMPTED, EXIT_WRITE_FAILED, CheckpointError,
                             CheckpointWriteError, NonFiniteLoss, Preempted)
 from sap_jax.train.checkpoints import CKPT_DIR, latest_progress
 from sap_jax.train.loop import Hooks

@@ -2,7 +2,7 @@
 
 A checkpoint holds two items: ``state`` (the arrays, a dict of pytrees) and ``meta`` (the
 run's :class:`~sap_jax.train.state.Progress` as JSON). Every orbax failure is translated into
-an error that names the checkpoint and says what to do (:mod:`sap_jax.errors`).
+an error that names the checkpoint and says what to do (:mod:`sap_jax.runtime.errors`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sap_jax import config as config_lib
-from sap_jax import parallel
-from sap_jax.errors import CheckpointError, CheckpointWriteError, ConfigError
+from sap_jax.train import config as config_lib
+from sap_jax.runtime import parallel
+from sap_jax.surgery import CKPT_DIR
+from sap_jax.runtime.errors import CheckpointError, CheckpointWriteError, ConfigError
 
-CKPT_DIR = "checkpoints"
 
 
 CHANGES = "config_changes.json"

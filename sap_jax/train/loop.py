@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from sap_jax import parallel
-from sap_jax.errors import NonFiniteLoss, Preempted
+from sap_jax.runtime import parallel
+from sap_jax.runtime.errors import NonFiniteLoss, Preempted
 from sap_jax.train.state import Progress
 
 #: Dropout keys are fold_in(fold_in(rng, DROPOUT_STREAM), step), apart from the AGN's noise keys.

@@ -22,12 +22,17 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from sap_jax import bnstats, console, cut, flops, models, parallel, penalty, report, resource, speed, surgery
-from sap_jax import baselines, pretrained
-from sap_jax import config as config_lib
-from sap_jax import data as data_lib
-from sap_jax.codec import ModuleCodec
-from sap_jax.errors import ConfigError, Preempted
+from sap_jax import models, surgery
+from sap_jax.train import bnstats, report
+from sap_jax.runtime import console, parallel, speed
+from sap_jax.method import cut, penalty, resource
+from sap_jax.structure import flops
+from sap_jax.method import baselines
+from sap_jax.surgery import pretrained
+from sap_jax.train import config as config_lib
+from sap_jax.train import data as data_lib
+from sap_jax.structure.codec import ModuleCodec
+from sap_jax.runtime.errors import ConfigError, Preempted
 from sap_jax.train import checkpoints, loop, search, steps
 from sap_jax.train import state as state_lib
 from sap_jax.train.state import Progress
@@ -289,9 +294,12 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progr
         # process 0's figures are reported. The dense side is a fresh model of the same class
         # (the trained dense weights are gone after fine-tuning; values do not change speed).
         t0 = time.perf_counter()
-        results["speed"] = speed.compare(env.model(None), final_model, c.image_size,
-                                         tuple(c.speed.batch_sizes), reps=c.speed.reps,
-                                         dtype=env.dtype)
+        dense_model = env.model(None)
+        results["speed"] = speed.compare(
+            dense_model, final_model, c.image_size, tuple(c.speed.batch_sizes),
+            macs=(flops.model_macs(dense_model, c.image_size),
+                  flops.model_macs(final_model, c.image_size)),
+            reps=c.speed.reps, dtype=env.dtype)
         results["times_s"]["speed"] = time.perf_counter() - t0
     results["compile_cache"] = env.cache_stats.as_dict()  # this process's compilations
     results["config_changes"] = checkpoints.config_changes(env.workdir)
@@ -335,7 +343,10 @@ def _remeasure_speed(env: Env, done: dict[str, Any]) -> dict[str, Any]:
     ``speed_earlier`` (most recent last)."""
     c = env.config
     pruned = surgery.load(env.workdir / PRUNED_DIR)
-    new = speed.compare(env.model(None), pruned, c.image_size, tuple(c.speed.batch_sizes),
+    dense = env.model(None)
+    new = speed.compare(dense, pruned, c.image_size, tuple(c.speed.batch_sizes),
+                        macs=(flops.model_macs(dense, c.image_size),
+                              flops.model_macs(pruned, c.image_size)),
                         reps=c.speed.reps, dtype=env.dtype)
     earlier = done.get("speed_earlier") or []
     done = {**done, "speed": new,

@@ -18,9 +18,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from sap_jax import agn as agn_lib
-from sap_jax import baselines, console, flops, parallel, penalty, xla_cpu
-from sap_jax.codec import ModuleCodec
+from sap_jax.method import agn as agn_lib
+from sap_jax.method import baselines, penalty
+from sap_jax.runtime import console, parallel, xla_cpu
+from sap_jax.structure import flops
+from sap_jax.structure.codec import ModuleCodec
 from sap_jax.train import steps
 from sap_jax.train.loop import Phase
 from sap_jax.train.state import Progress, to_host

@@ -17,9 +17,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sap_jax import agn as agn_lib
-from sap_jax import flops, penalty, resource, xla_cpu
-from sap_jax.codec import ModuleCodec
+from sap_jax.method import agn as agn_lib
+from sap_jax.structure import flops
+from sap_jax.method import penalty, resource
+from sap_jax.runtime import xla_cpu
+from sap_jax.structure.codec import ModuleCodec
 
 #: fit_age before any architecture within the budget has been seen.
 NEVER_FIT = 2**30

@@ -2,7 +2,7 @@
 
 Every pipeline yields *host-local* batches, dicts of NumPy arrays
 ``{"image": (b, H, W, C) float32 normalised, "label": (b,) int32, "mask": (b,) float32}``
-where ``b = global_batch / process_count``; :func:`sap_jax.parallel.global_batch`
+where ``b = global_batch / process_count``; :func:`sap_jax.runtime.parallel.global_batch`
 assembles the global array. Orders and augmentations are deterministic
 functions of ``(seed, epoch)`` (in-memory datasets), so a resumed run sees
 the same batches as an uninterrupted one.
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from sap_jax import errors
+from sap_jax.runtime import errors
 
 Batch = dict[str, np.ndarray]
 
@@ -40,7 +40,7 @@ PREPARE = {
 }
 
 
-DatasetNotPrepared = errors.DatasetNotPrepared  # where it was defined before sap_jax.errors
+DatasetNotPrepared = errors.DatasetNotPrepared  # where it was defined before sap_jax.runtime.errors
 
 
 #: The evaluation splits: "val" is carved from the training data and used for every choice a

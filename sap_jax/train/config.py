@@ -15,8 +15,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from sap_jax import agn, baselines, cut, models, resource, trace
-from sap_jax.errors import ConfigError  # noqa: F401 - defined here before sap_jax.errors
+from sap_jax import models
+from sap_jax.method import agn, baselines, cut, resource
+from sap_jax.tracing import trace
+from sap_jax.runtime.errors import ConfigError  # noqa: F401 - defined here before sap_jax.runtime.errors
 
 DATASETS = ("cifar10", "imagenet2012", "digits", "mnist5k")
 # Training examples per dataset (before the validation split is carved out), to check
@@ -207,7 +209,7 @@ def _check_factory(c: ml_collections.ConfigDict, errors: list[str]):
 
 def _check_init_from(c: ml_collections.ConfigDict, model, errors: list[str]) -> None:
     """``init_from``: its form, that the file or directory exists, and what reads it."""
-    from sap_jax import pretrained
+    from sap_jax.surgery import pretrained
 
     if c.init_from == "":
         return

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sap_jax import flops, xla_cpu
+from sap_jax.runtime import xla_cpu
 
 
 def forward_fn(model: nnx.Module, image_size: int, batch: int, *, dtype: Any = jnp.float32,
@@ -79,8 +79,12 @@ def spread(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes: Sequence[int], *,
-            reps: int = 10, dtype: Any = jnp.float32, device: jax.Device | None = None) -> dict[str, Any]:
+            macs: tuple[int, int], reps: int = 10, dtype: Any = jnp.float32,
+            device: jax.Device | None = None) -> dict[str, Any]:
     """Inference speed of ``pruned`` vs ``dense`` (both ``PrunableModel`` s), JSON-ready.
+
+    ``macs`` is (dense, pruned) multiply-accumulates per image
+    (:func:`sap_jax.structure.flops.model_macs`): the efficiency compares against their ratio.
 
     Returns the device, dtype, repetitions, the MAC speed-up and one row per
     batch size with the median (and minimum) milliseconds per forward pass of
@@ -90,8 +94,7 @@ def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes:
     device = device or jax.local_devices()[0]
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes = {tuple(batch_sizes)} must be one or more positive integers.")
-    full = flops.count(dense.structure(image_size)).macs
-    small = flops.count(pruned.structure(image_size)).macs
+    full, small = (int(m) for m in macs)
     mac_speedup = full / small
     rows = []
     for b in batch_sizes:

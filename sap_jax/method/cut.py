@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from sap_jax import flops
-from sap_jax import groups as G
+from sap_jax.structure import flops
+from sap_jax.structure import groups as G
 
 Arch = G.Arch  # K vectors of shape (C_k,), 1 = keep, 0 = drop
 

@@ -3,7 +3,7 @@
 The trainer keeps parameters, BN statistics and optimizer states as plain
 ``{str: ... : array}`` trees: they jit, shard and checkpoint (orbax) without
 any NNX types, and the key paths match the channel-group paths in
-:mod:`sap_jax.groups` (``stages/0/1/conv1/kernel``). Inside a jitted function
+:mod:`sap_jax.structure.groups` (``stages/0/1/conv1/kernel``). Inside a jitted function
 :meth:`StateCodec.decode` rebuilds fresh ``nnx`` variables at the current
 trace level, so a module can be merged and run (and mutate its BN statistics)
 under ``jax.grad`` without trace-level errors.

@@ -7,7 +7,7 @@ zero; kept channels are never penalised::
 
 ``N_k`` is the number of dropped channels of group k and ``N = sum_k N_k``.
 The tensors ``t`` of a group and the axis of each slice come from the model's
-:class:`~sap_jax.groups.Structure` (producing conv: output axis; consuming
+:class:`~sap_jax.structure.groups.Structure` (producing conv: output axis; consuming
 conv: input axis; depthwise conv: its channel axis; optionally BN scale and
 bias, where the "slice norm" is ``|gamma_i|`` / ``|beta_i|``).
 
@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sap_jax import groups as G
-from sap_jax import norms
-from sap_jax.codec import path_str
+from sap_jax.structure import groups as G
+from sap_jax.structure import norms
+from sap_jax.structure.codec import path_str
 
 Params = Any  # a pytree of arrays (nnx.State, a pure dict, ...) keyed like the model
 

@@ -26,9 +26,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sap_jax import flops
-from sap_jax import groups as G
-from sap_jax.resource import ResourceLoss
+from sap_jax.structure import flops
+from sap_jax.structure import groups as G
+from sap_jax.method.resource import ResourceLoss
 
 TAU = 0.4  # Gumbel-sigmoid temperature (supplement §A)
 OFFSET = 3.0  # logit offset b (supplement §A)

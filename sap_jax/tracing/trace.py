@@ -1,6 +1,6 @@
 """Channel groups of any Flax NNX CNN, found by tracing its forward pass.
 
-:func:`structure` returns the same :class:`~sap_jax.groups.Structure` the built-in backbones
+:func:`structure` returns the same :class:`~sap_jax.structure.groups.Structure` the built-in backbones
 write by hand (``describe()``), derived from the jaxpr of the model's pure forward
 (``nnx.split`` the model, ``jax.make_jaxpr`` over its state). Every array in the jaxpr gets an
 annotation:
@@ -43,8 +43,8 @@ import numpy as np
 from flax import nnx
 from jax.extend import core as jcore
 
-from sap_jax import groups as G
-from sap_jax.codec import path_str
+from sap_jax.structure import groups as G
+from sap_jax.structure.codec import path_str
 
 PRUNE = ("inner", "all")
 _DEPTHWISE = "sap_depthwise"  # set on a depthwise nnx.Conv that surgery resized
@@ -887,7 +887,7 @@ def trace(model: nnx.Module, sample: Any, *, prune: str = "inner", ignore: Seque
       prefix: prepended to every parameter path (the model sits inside another module).
 
     Returns:
-      ``(structure, status)``: a :class:`~sap_jax.groups.Structure` whose group names are the
+      ``(structure, status)``: a :class:`~sap_jax.structure.groups.Structure` whose group names are the
       producing layers' paths, and ``{layer: "prunable" or the reason it is not}``.
     """
     if prune not in PRUNE:
@@ -906,7 +906,7 @@ def trace(model: nnx.Module, sample: Any, *, prune: str = "inner", ignore: Seque
 
 
 def structure(model: nnx.Module, sample: Any, **kwargs: Any) -> G.Structure:
-    """Just the :class:`~sap_jax.groups.Structure` of :func:`trace`."""
+    """Just the :class:`~sap_jax.structure.groups.Structure` of :func:`trace`."""
     return trace(model, sample, **kwargs)[0]
 
 
@@ -998,7 +998,7 @@ def gated_apply(model: nnx.Module, s: G.Structure, *, train: bool = False
     """``(apply_fn, state)`` for a training loop of your own: ``apply_fn(state, x, arch)`` is
     ``model``'s gated forward, pure and jittable (eval mode, BN running statistics; with
     ``train=True`` it returns ``(logits, new_state)`` with updated BN statistics). It plugs into
-    :func:`sap_jax.agn.agn_value_and_grad` as the built-in models' ``agn.gated_apply`` does."""
+    :func:`sap_jax.method.agn.agn_value_and_grad` as the built-in models' ``agn.gated_apply`` does."""
     graphdef, state = nnx.split(model)
 
     def apply_fn(state, x, arch):
@@ -1074,7 +1074,7 @@ def resize_modules(model: nnx.Module) -> None:
 
 
 def flat_arrays(model: nnx.Module) -> dict[G.Path, Any]:
-    """Every array of ``model`` by its :data:`~sap_jax.groups.Path`."""
+    """Every array of ``model`` by its :data:`~sap_jax.structure.groups.Path`."""
     from flax import traverse_util
     return {G.as_path(k): v for k, v in
             traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}

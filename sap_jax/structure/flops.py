@@ -14,7 +14,7 @@ Convention (stated once, used everywhere):
   over the whole network.
 
 Every count is a polynomial of the group widths read from the model's
-:class:`~sap_jax.groups.Structure`; the same code gives exact integers for a
+:class:`~sap_jax.structure.groups.Structure`; the same code gives exact integers for a
 width spec and a differentiable scalar for a (straight-through, possibly soft)
 architecture vector.
 """
@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sap_jax import groups as G
+from sap_jax.structure import groups as G
 
 SCOPES = ("prunable", "total")
 
@@ -178,3 +178,8 @@ def xla_forward_flops(model: Any, image_size: int | tuple[int, int], batch: int 
     if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device program
         cost = cost[0]
     return float(cost["flops"])
+
+
+def model_macs(model: Any, image_size: int) -> int:
+    """Multiply-accumulates of one ``image_size`` image through ``model`` (a PrunableModel)."""
+    return count(model.structure(image_size)).macs

@@ -129,3 +129,11 @@ def _duration(s: float) -> str:
         return "?"
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def human(n: float) -> str:
+    """A count with a G/M/K suffix (MACs, parameters): 4.09G, 25.56M."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"

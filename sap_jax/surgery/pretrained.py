@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from sap_jax import groups as G
-from sap_jax import trace
-from sap_jax.errors import ConfigError
+from sap_jax.structure import groups as G
+from sap_jax.tracing import trace
+from sap_jax.runtime.errors import ConfigError
 
 SOURCES = ("torchvision", "sap_jax")
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
@@ -156,18 +156,17 @@ def sap_jax_arrays(path: str) -> dict[G.Path, np.ndarray]:
     from flax import traverse_util
 
     from sap_jax import surgery
-    from sap_jax.train import checkpoints
 
     if not os.path.isdir(path):
         raise PretrainedError(f"init_from: {path} is not a directory (a saved model or a workdir).")
     if surgery.is_saved_model(path):
         return trace.flat_arrays(surgery.load(path))
-    ckpt_dir = os.path.join(path, checkpoints.CKPT_DIR)
+    ckpt_dir = os.path.join(path, surgery.CKPT_DIR)
     steps = sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit()) if os.path.isdir(
         ckpt_dir) else []
     if not steps:
         raise PretrainedError(f"init_from: {path} holds neither a saved model (model.json) nor "
-                              f"a run's checkpoints ({checkpoints.CKPT_DIR}/).")
+                              f"a run's checkpoints ({surgery.CKPT_DIR}/).")
     import orbax.checkpoint as ocp
     try:
         with ocp.CheckpointManager(ckpt_dir) as mgr:

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sap_jax import xla_cpu
-from sap_jax.codec import ModuleCodec
+from sap_jax.runtime import xla_cpu
+from sap_jax.structure.codec import ModuleCodec
 
 Tree = dict[str, Any]
 

@@ -6,7 +6,7 @@ either a fixed integer or a :class:`GroupRef` to one of K prunable channel
 groups. Everything that needs to know "which tensors belong to group k" reads
 it from here:
 
-* the MAC/parameter count (:mod:`sap_jax.flops`) multiplies the layer
+* the MAC/parameter count (:mod:`sap_jax.structure.flops`) multiplies the layer
   dimensions;
 * the surgery (:mod:`sap_jax.surgery`) slices every :class:`Slice` of a group;
 * the partial group lasso penalises the slices of dropped channels;
@@ -38,7 +38,7 @@ from typing import Any, Union
 import numpy as np
 
 #: A parameter's path in the model's state, every key a string (an NNX list index 0 is "0"),
-#: as in :func:`sap_jax.codec.path_str` and saved models.
+#: as in :func:`sap_jax.structure.codec.path_str` and saved models.
 Path = tuple[str, ...]
 
 

@@ -3,7 +3,7 @@
 The penalty (``group_l2`` of the dropped channels), the alignment metrics, the norm baselines,
 trimming to the budget at the cut and surgery's minimum-width rule all read a channel's norm
 through :func:`channel_norms` (or, for the penalty's sums, :func:`slice_norms`). Which tensors
-count comes from the model's :class:`~sap_jax.groups.Structure`: a slice ``t[..., i, ...]`` on
+count comes from the model's :class:`~sap_jax.structure.groups.Structure`: a slice ``t[..., i, ...]`` on
 its group's axis is channel ``i``'s part of tensor ``t``.
 
 Kinds:
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sap_jax import groups as G
-from sap_jax.codec import path_str
+from sap_jax.structure import groups as G
+from sap_jax.structure.codec import path_str
 
 BN_ROLES = ("bn_scale", "bn_bias")
 #: The slice roles each kind reads (group_l2 adds BN_ROLES with include_bn).

@@ -1,7 +1,7 @@
 """Model surgery: cut dropped channels out of a dense model, and save/load the result.
 
 ``extract(model, arch)`` slices every tensor of every channel group (read from
-the model's :class:`~sap_jax.groups.Structure`, nothing else) down to the kept
+the model's :class:`~sap_jax.structure.groups.Structure`, nothing else) down to the kept
 channels, copies every other tensor unchanged, and loads the result into the
 *same* model class built with the kept widths. In eval mode the extracted
 model computes exactly what the dense model gated by ``arch`` computes.
@@ -24,11 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from sap_jax import groups as G
+from sap_jax.structure import groups as G
 from sap_jax import models as M
-from sap_jax import norms, parallel, trace
+from sap_jax.structure import norms
+from sap_jax.runtime import parallel
+from sap_jax.tracing import trace
 
 FORMAT = "sap_jax.pruned_model/1"
+#: Where a run keeps its orbax checkpoints inside its workdir (read by pretrained weights too).
+CKPT_DIR = "checkpoints"
 _JSON = "model.json"
 _STATE = "state"
 
@@ -52,7 +56,7 @@ def kept_arch(model: M.PrunableModel, arch: G.Arch) -> list[np.ndarray]:
     """The binary vectors :func:`extract` actually applies to ``arch``.
 
     Validates shape and binarity, then applies the minimum-width rule
-    (:func:`sap_jax.groups.ensure_min_kept`) using :func:`channel_scores`.
+    (:func:`sap_jax.structure.groups.ensure_min_kept`) using :func:`channel_scores`.
     """
     s = _structure(model)
     G.check_arch(arch, s.widths, s.group_names)

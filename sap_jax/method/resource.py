@@ -1,7 +1,7 @@
 """The FLOPs-budget (resource) loss ``R(T(v)/T_full, p)`` of the AGN objective.
 
 ``r = T(v)/T_full`` is the fraction of MACs the sub-network keeps (over the
-prunable layers or the whole network, see :data:`sap_jax.flops.SCOPES`) and
+prunable layers or the whole network, see :data:`sap_jax.structure.flops.SCOPES`) and
 ``p`` the target fraction. Two forms (docs/method.md §3):
 
 * ``"one_sided"`` (NPPM): ``log(max(r, p) / p)`` — zero at or under budget.
@@ -18,8 +18,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from sap_jax import flops
-from sap_jax import groups as G
+from sap_jax.structure import flops
+from sap_jax.structure import groups as G
 
 FORMS = ("one_sided", "two_sided")
 

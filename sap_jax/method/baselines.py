@@ -7,7 +7,7 @@
   (``channel_norms(kind="l1")`` + ``arch_by_norm(widths=...)``).
 
 Both read the same channel-group description as the penalty and the surgery. The cut's own
-arithmetic (trimming to p, rounding widths) lives in :mod:`sap_jax.cut`.
+arithmetic (trimming to p, rounding widths) lives in :mod:`sap_jax.method.cut`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from sap_jax import flops, norms
-from sap_jax.cut import trim_to_budget, widths_ratio
-from sap_jax import groups as G
+from sap_jax.structure import flops, norms
+from sap_jax.method.cut import trim_to_budget, widths_ratio
+from sap_jax.structure import groups as G
 
 NORMS = ("group_l2", "l1")  # the channel scores a baseline may choose by (sap.norm)
 
 
 def channel_norms(params: Any, structure: G.Structure, kind: str = "group_l2") -> list[np.ndarray]:
     """One importance score per channel, as K vectors of shape (C_k,), on the host in float64:
-    :func:`sap_jax.norms.channel_norms` restricted to the baselines' kinds.
+    :func:`sap_jax.structure.norms.channel_norms` restricted to the baselines' kinds.
 
     ``group_l2``: the sum over the group's kernel tensors of each channel slice's L2 norm (the
     quantity a group lasso shrinks). ``l1``: the L1 norm of the channel's producing filters.

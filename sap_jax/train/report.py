@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sap_jax import config as config_lib
-from sap_jax import flops, speed
-from sap_jax.info import _human
+from sap_jax.train import config as config_lib
+from sap_jax.structure import flops
+from sap_jax.runtime import speed
+from sap_jax.runtime.console import human
 
 
 def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, final_acc: float,
@@ -83,7 +84,7 @@ def summary(r: dict[str, Any]) -> str:
     ]
     for label, key in (("MACs", "macs"), ("MACs prunable", "prunable_macs"), ("params", "params")):
         b, a = r[f"{key}_before"], r[f"{key}_after"]
-        lines.append(f"  {label:<18} {_human(b):>10} {_human(a):>10} {a / b:>8.1%}")
+        lines.append(f"  {label:<18} {human(b):>10} {human(a):>10} {a / b:>8.1%}")
     if r.get("alignment_ratio_at_cut") is not None:
         lines.append(f"  alignment at the cut: dropped channels' mean norm is "
                      f"{r['alignment_ratio_at_cut']:.3f} of the kept ones'")
@@ -106,10 +107,10 @@ def brief(r: dict[str, Any], workdir: Any) -> str:
     acc = (f"dense {_pct(r['dense_acc'])}, after the cut {_pct(r['cut_acc'])}"
            + (f" ({_pct(bn)} with BN re-estimated)" if bn is not None else "")
            + f", final {_pct(r['final_acc'])}")
-    size = (f"MACs {_human(r['macs_before'])} -> {_human(r['macs_after'])} "
+    size = (f"MACs {human(r['macs_before'])} -> {human(r['macs_after'])} "
             f"({r['macs_after'] / r['macs_before']:.1%}; prunable "
             f"{r['prunable_macs_after'] / r['prunable_macs_before']:.1%}), params "
-            f"{_human(r['params_before'])} -> {_human(r['params_after'])} "
+            f"{human(r['params_before'])} -> {human(r['params_after'])} "
             f"({r['params_after'] / r['params_before']:.1%})")
     if r.get("alignment_ratio_at_cut") is not None:
         size += f"; alignment {r['alignment_ratio_at_cut']:.3f}"
@@ -144,7 +145,7 @@ def _notes(r: dict[str, Any]) -> list[str]:
 
 def write(workdir: str, r: dict[str, Any], *, plots: bool = True) -> None:
     """``results.json`` (atomically) and, if asked, the PNG plots."""
-    from sap_jax import parallel
+    from sap_jax.runtime import parallel
 
     root = parallel.path(workdir)
     parallel.write_text_atomic(root / "results.json", json.dumps(r, indent=2))
@@ -157,7 +158,7 @@ def _save(fig, workdir: str, name: str) -> str:
     """Save a figure as PNG into ``workdir`` (local or remote) and return its path."""
     import io
 
-    from sap_jax import parallel
+    from sap_jax.runtime import parallel
 
     buf = io.BytesIO()
     fig.tight_layout()
