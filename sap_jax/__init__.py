@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+from sap_jax.runtime.version import VERSION as __version__
 
 _EXPORTS = {
     "groups": "sap_jax.structure.groups", "codec": "sap_jax.structure.codec",

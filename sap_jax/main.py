@@ -48,7 +48,6 @@ _HOOKS = None
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from sap_jax.train import config as config_lib
     from sap_jax.runtime import console, parallel
 
     console.setup_terminal(FLAGS.verbosity)
@@ -73,9 +72,6 @@ def main(argv: list[str]) -> None:
     console.setup_file(FLAGS.workdir, jax.process_index())
     logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())
-    # Old field names in the config file move to the new ones, where the command line did not
-    # set the new name itself (which then wins).
-    config_lib.upgrade_with_warning(FLAGS.config, keep=_overridden(sys.argv))
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir, hooks=_HOOKS,
                                  allow_config_change=FLAGS.allow_config_change,
@@ -196,31 +192,10 @@ def check_overrides(argv: list[str]) -> str | None:
     return None
 
 
-def upgrade_overrides(argv: list[str]) -> list[str]:
-    """``argv`` with overrides of renamed config fields under their new names, each change
-    reported on stderr (the old names go in the next release)."""
-    from sap_jax.train import config as config_lib
-
-    out = []
-    for arg in argv:
-        new, note = config_lib.upgrade_override(arg)
-        if note:
-            print(f"deprecated: {note}; the old name goes in the next release.", file=sys.stderr,
-                  flush=True)
-        out.extend(new)
-    return out
-
-
-def _overridden(argv: list[str]) -> set[str]:
-    """The config fields ``--config.FIELD=VALUE`` arguments set."""
-    return {a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")}
-
-
 def run(hooks=None) -> None:
     """The command line; ``hooks`` (sap_jax.train.Hooks) observe the run, e.g. in tests."""
     global _HOOKS
     _HOOKS = hooks
-    sys.argv[:] = upgrade_overrides(sys.argv)
     problem = check_overrides(sys.argv)
     rest = None
     if not problem:

@@ -1,15 +1,17 @@
 """Run configs: validation (every error at once, before anything compiles), the workdir's config
-guard, and the renamed fields of 0.1.0 (config files, command line, old workdirs)."""
+guard, and workdirs of other releases."""
 
 import importlib
+import re
 import hashlib
 import json
 import os
 import sys
-import warnings
 
 import numpy as np
 import pytest
+
+import sap_jax
 
 from conftest import tiny_config
 from sap_jax.train import config as config_lib
@@ -82,100 +84,41 @@ def test_every_budget_error_is_listed_through_the_constructors_the_run_uses():
         config_lib.validate(tiny(**{"sap.widths": (4, 4, 4)}))
 
 
-def _old_names(c):
-    """``c`` as a config file of 0.1.0 would write it: the budget's fields in sap and agn."""
-    b = c.budget
-    with c.unlocked():
-        c.sap.p, c.sap.enforce_budget, c.sap.round_to = b.p, b.enforce, b.round_to
-        c.agn.lam, c.agn.lam_rate, c.agn.budget_scope = b.lam, b.lam_rate, b.scope
-        c.agn.lam_max_scale, c.agn.budget_on, c.agn.resource_form = b.lam_max_scale, b.measure, b.form
-        c.agn.resource_eps, c.agn.target_margin = b.eps, b.target_margin
-        del c["budget"]
-        del c.sap["selector"]
-    return c
-
-
-def test_a_config_file_with_the_old_field_names_still_works_with_a_deprecation_warning():
-    old = _old_names(tiny())
-    with old.unlocked():
-        old.sap.p, old.agn.lam, old.sap.final_arch = 0.4, 6.0, "norm"
-    with pytest.warns(FutureWarning, match="config field sap.p is now budget.p"):
-        config_lib.validate(old)
-    assert old.budget.p == 0.4 and old.budget.lam == 6.0 and "p" not in old.sap
-    assert old.sap.selector == "norm" and old.sap.final_arch == "last"
-    # Apart from the values set above, the upgraded config is the current one, field for field.
-    new = tiny(**{"budget.p": 0.4, "budget.lam": 6.0, "sap.selector": "norm"})
-    assert config_lib.to_json_dict(old) == config_lib.to_json_dict(new)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        config_lib.validate(new)  # a current config: no message
-
-
-def test_old_command_line_overrides_are_renamed():
-    assert config_lib.upgrade_override("--config.agn.lam=6") == (
-        ["--config.budget.lam=6"], "--config.agn.lam is now --config.budget.lam")
-    assert config_lib.upgrade_override("--config.sap.final_arch=norm")[0] == [
-        "--config.sap.selector=norm", "--config.sap.final_arch=last"]  # what "norm" meant
-    assert config_lib.upgrade_override("--config.sap.final_arch=best") == (
-        ["--config.sap.final_arch=best"], None)
-    assert config_lib.upgrade_override("--workdir=/tmp/x") == (["--workdir=/tmp/x"], None)
-
-
-def test_a_new_name_set_on_the_command_line_wins_over_the_old_name_in_the_file():
-    c = tiny(**{"budget.p": 0.4})  # --config.budget.p=0.4 on the command line
-    with c.unlocked():
-        c.sap.p = 0.3  # and the old name in the config file
-    notes = config_lib.upgrade(c, keep={"budget.p"})
-    assert c.budget.p == 0.4 and "p" not in c.sap
-    assert any("the command line's budget.p wins" in n for n in notes)
-    c = tiny()
-    with c.unlocked():
-        c.sap.p = 0.3
-    config_lib.upgrade(c)  # nothing on the command line: the file's value moves over
-    assert c.budget.p == 0.3
-
-
-
 def _sha(fields) -> str:
     """The checkpoint config hash, computed independently of sap_jax.train.checkpoints."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def test_a_workdir_from_before_the_model_fields_resumes(tmp_path):
-    """A config.json without model_kwargs/model_prune/model_ignore means their defaults, and
-    its checkpoints' hash (computed without them) is accepted."""
+def test_a_workdir_resumes_with_the_hash_its_checkpoints_carry(tmp_path):
+    """config.json and the version file written on the first start; a checkpoint saved under
+    that config's hash (computed here independently) is found on the next."""
     c = tiny()
-    before = config_lib.to_json_dict(tiny())
-    for name in config_lib.NEW_FIELDS:
-        del before[name]
-    (tmp_path / "config.json").write_text(json.dumps(before))
     accepted = checkpoints.check_workdir_config(tmp_path, c)
-    assert _sha(config_lib.result_fields(before)) in accepted
-    ckpts = checkpoints.Checkpoints(tmp_path, keep=1, config_hash=_sha(config_lib.result_fields(before)))
+    assert _sha(config_lib.result_fields(config_lib.to_json_dict(c))) in accepted
+    assert json.loads((tmp_path / checkpoints.VERSION_FILE).read_text()) == {
+        "sap_jax": sap_jax.__version__}
+    ckpts = checkpoints.Checkpoints(tmp_path, keep=1, config_hash=_sha(
+        config_lib.result_fields(config_lib.to_json_dict(c))))
     ckpts.save({"x": np.zeros(3, np.float32)}, {"phase": "search", "epoch": 2, "step": 0})
     ckpts.manager.close()
     assert train.latest_progress(str(tmp_path), c)["epoch"] == 2
 
 
-def test_a_workdir_written_under_the_old_field_names_resumes(tmp_path):
-    """Its config.json has the 0.1.0 layout and its checkpoints carry that layout's hash."""
+def test_a_workdir_of_another_release_is_refused_naming_that_release(tmp_path):
     c = tiny()
-    legacy = config_lib.to_json_dict(_old_names(tiny()))
-    for name in config_lib.NEW_FIELDS:  # 0.1.0 had none of the fields added since
-        del legacy[name]
-    (tmp_path / "config.json").write_text(json.dumps(legacy))
-    accepted = checkpoints.check_workdir_config(tmp_path, c)  # the same config: accepted
-    old_hash = _sha(config_lib.result_fields(legacy, config_lib.NOT_RESULT_FIELDS_0_1))
-    assert old_hash in accepted  # and the hash 0.1.0 gave it
-    ckpts = checkpoints.Checkpoints(tmp_path, keep=1, config_hash=old_hash)  # as 0.1.0 wrote it
-    ckpts.save({"x": np.zeros(3, np.float32)}, {"phase": "search", "epoch": 1, "step": 0})
-    ckpts.manager.close()
-    assert train.latest_progress(str(tmp_path), c)["epoch"] == 1
-    # A different value under an old name is still a different config.
-    legacy["sap"]["p"] = 0.3
-    (tmp_path / "config.json").write_text(json.dumps(legacy))
-    with pytest.raises(config_lib.ConfigError, match=r"fields budget.p differ"):
+    (tmp_path / "config.json").write_text(json.dumps(config_lib.to_json_dict(c)))
+    # 0.1 wrote no version file.
+    with pytest.raises(config_lib.ConfigError, match=r"written by sap_jax 0\.1; this is sap_jax "
+                       + re.escape(sap_jax.__version__)):
         checkpoints.check_workdir_config(tmp_path, c)
+    with pytest.raises(config_lib.ConfigError, match=r"written by sap_jax 0\.1"):
+        train.latest_progress(str(tmp_path), c)
+    (tmp_path / checkpoints.VERSION_FILE).write_text(json.dumps({"sap_jax": "0.3.1"}))
+    with pytest.raises(config_lib.ConfigError, match=r"sap_jax 0\.3\.1.*sap_jax==0\.3\.\*"):
+        checkpoints.check_workdir_config(tmp_path, c)
+    major, minor, *_ = sap_jax.__version__.split(".")
+    (tmp_path / checkpoints.VERSION_FILE).write_text(json.dumps({"sap_jax": f"{major}.{minor}.9"}))
+    checkpoints.check_workdir_config(tmp_path, c)  # a patch release of this one: accepted
 
 
 def test_fields_that_cannot_change_results_may_change_and_any_may_before_the_first_checkpoint(tmp_path):

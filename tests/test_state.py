@@ -4,9 +4,8 @@ import json
 
 from sap_jax.train import Progress
 
-#: A checkpoint's meta as the training program wrote it before Progress existed (fine-tuning
-#: phase, after a preemption).
-OLD_META = {
+#: A checkpoint's meta (fine-tuning phase, after a preemption).
+META = {
     "phase": "finetune", "epoch": 1, "step": 57, "agn_steps": 14, "ckpt": 6,
     "config_hash": "0123456789abcdef", "history": {"epoch": [1, 2], "test_acc": [0.5, 0.75]},
     "times": {"dense": 1.5, "search": 3.0, "cut": 0.5}, "dense_widths": [4, 8, 16],
@@ -15,15 +14,14 @@ OLD_META = {
     "arch_ratio_chosen": 0.49, "trimmed_channels": 0, "round_to": 1, "cut_acc": 0.5,
     "cut_acc_bn": 0.625, "subnet_acc_at_cut": 0.5, "alignment_ratio_at_cut": 0.02,
     "widths": [2, 4, 9], "step_in_epoch": 3,
-    "partial": [{"loss": 0.5, "finite": 1.0}] * 3, "partial_agn": [],
+    "partial": [{"loss": 0.5, "finite": 1.0}] * 3, "partial_agn": [], "saturated_epochs": 0,
 }
 
 
-def test_an_old_checkpoint_meta_reads_back_unchanged():
-    p = Progress.from_json(json.loads(json.dumps(OLD_META)))
+def test_a_checkpoint_meta_reads_back_and_writes_back_unchanged():
+    p = Progress.from_json(json.loads(json.dumps(META)))
     assert p.phase == "finetune" and p.ckpt == 6 and p.widths == [2, 4, 9]
-    # Written back the same, but for an empty list of AGN metrics, which reads back the same.
-    assert p.to_json() == {k: v for k, v in OLD_META.items() if k != "partial_agn"}
+    assert p.to_json() == META
     assert Progress.from_json(p.to_json()) == p
 
 

@@ -130,11 +130,12 @@ def test_imagenet_config_without_imagenet_fails_fast_with_instructions(tmp_path)
     assert "Traceback" not in p.stderr
 
 
-def test_bad_override_fails_before_compiling_and_an_old_field_name_still_works(tmp_path):
-    # sap.p is budget.p after 0.1.0: the old name is renamed with a deprecation message.
-    p = _main("--config=configs/test_tiny.py", f"--workdir={tmp_path}", "--config.sap.p=0")
-    assert "deprecated: --config.sap.p is now --config.budget.p" in p.stderr
+def test_bad_override_fails_before_compiling_and_an_old_field_name_is_refused(tmp_path):
+    p = _main("--config=configs/test_tiny.py", f"--workdir={tmp_path}", "--config.budget.p=0")
     assert p.returncode == 2 and "budget p = 0" in p.stderr and "Traceback" not in p.stderr
+    # sap.p became budget.p in 0.2.0: the old name is unknown, and the message names the new one.
+    p = _main("--config=configs/test_tiny.py", f"--workdir={tmp_path}", "--config.sap.p=0.5")
+    assert p.returncode == 2 and "no field 'sap.p'" in p.stderr and "budget.p" in p.stderr
 
 
 @pytest.mark.parametrize("case", ["missing", "syntax", "int", "float", "no_workdir", "unwritable"])

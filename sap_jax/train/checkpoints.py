@@ -20,12 +20,15 @@ import orbax.checkpoint as ocp
 
 from sap_jax.train import config as config_lib
 from sap_jax.runtime import parallel
+from sap_jax.runtime.version import VERSION
 from sap_jax.surgery import CKPT_DIR
 from sap_jax.runtime.errors import CheckpointError, CheckpointWriteError, ConfigError
 
 
 
 CHANGES = "config_changes.json"
+#: The release that started the workdir (``{"sap_jax": "0.2.0"}``), beside config.json.
+VERSION_FILE = "sap_jax_version.json"
 #: Left in the workdir by a run that saved and stopped on SIGTERM or Ctrl-C (exit 75), for
 #: schedulers that see another exit code (Slurm's srun); a new start removes it.
 PREEMPTED_MARKER = "PREEMPTED"
@@ -58,21 +61,41 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
 
 
 def _stored_config(workdir: Any) -> tuple[dict[str, Any], set[str]] | None:
-    """The workdir's config.json (in the current field names) and the hashes its checkpoints may
-    carry: that of its result fields now, and as 0.1.0 computed it; None without config.json."""
+    """The workdir's config.json and the hash its checkpoints carry; None without config.json."""
     path = workdir / "config.json"
     if not path.exists():
         return None
+    check_workdir_version(workdir)
     try:
         theirs = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"{path} is not valid JSON ({e}); the workdir is damaged. Use a new "
             "--workdir, or delete that file to resume with the current config.") from e
-    # As 0.1.0 wrote its checkpoints, and as a config without the fields added since did.
-    hashes = {_hash(theirs, config_lib.NOT_RESULT_FIELDS_0_1), _hash(theirs)}
-    config_lib.upgrade(theirs)
-    return theirs, hashes | {_hash(theirs)}
+    return theirs, {_hash(theirs)}
+
+
+def _release(version: str) -> str:
+    """``major.minor`` of a version string: workdirs carry over within one release."""
+    return ".".join(version.split(".")[:2])
+
+
+def check_workdir_version(workdir: Any) -> None:
+    """Refuse a workdir that another release of sap_jax started (config fields, checkpoint
+    layout and hashes differ between releases; none is translated), naming that release."""
+    path = workdir / VERSION_FILE
+    if path.exists():
+        try:
+            theirs = str(json.loads(path.read_text())["sap_jax"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path} is damaged ({e}); use a new --workdir.") from e
+    else:
+        theirs = "0.1"  # the only release that wrote no version file
+    if _release(theirs) != _release(VERSION):
+        raise ConfigError(
+            f"workdir {workdir} was written by sap_jax {theirs}; this is sap_jax {VERSION}, "
+            f"which does not read other releases' workdirs. Use a new --workdir, or finish that "
+            f"run with sap_jax {theirs} (pip install 'sap_jax=={_release(theirs)}.*').")
 
 
 def _checkpoint_steps(workdir: Any) -> list[int]:
@@ -93,7 +116,7 @@ def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict, *,
     Fields that cannot change results (config.NOT_RESULT_FIELDS) may always change. Before the
     first checkpoint any field may. After it, a field that changes results is refused unless
     ``allow_change``; then the change is recorded in config_changes.json (and results.json).
-    A workdir written with the field names of 0.1.0 resumes when its config is the same."""
+    A workdir written by another release of sap_jax is refused (:func:`check_workdir_version`)."""
     path = workdir / "config.json"
     mine = config_lib.to_json_dict(config)
     stored = _stored_config(workdir)
@@ -121,6 +144,7 @@ def check_workdir_config(workdir: Any, config: ml_collections.ConfigDict, *,
     parallel.sync("config-checked")  # nobody reads while process 0 writes
     if jax.process_index() == 0 and replace:
         parallel.write_text_atomic(path, json.dumps(mine, indent=2))
+        parallel.write_text_atomic(workdir / VERSION_FILE, json.dumps({"sap_jax": VERSION}))
     parallel.sync("config-written")
     return accepted
 

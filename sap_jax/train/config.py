@@ -1,15 +1,12 @@
-"""A run's config: every mistake reported at once, before anything compiles, and the renamed
-fields of earlier releases upgraded with a deprecation message."""
+"""A run's config: every mistake reported at once, before anything compiles."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
 import numbers
 import os
-import warnings
 from typing import Any
 
 import jax
@@ -46,79 +43,6 @@ def _int(x: Any) -> bool:
 
 def _in(x: Any, options: tuple) -> bool:
     return isinstance(x, str) and x in options
-
-
-#: Fields renamed after 0.1.0 (the budget got one section): old ``section.name`` -> new. The
-#: old names keep working, with a deprecation message, in config files, on the command line
-#: (sap_jax.main) and in the config.json of existing workdirs; they go in the next release.
-RENAMED = {
-    "sap.p": "budget.p", "sap.enforce_budget": "budget.enforce", "sap.round_to": "budget.round_to",
-    "agn.budget_scope": "budget.scope", "agn.budget_on": "budget.measure",
-    "agn.resource_form": "budget.form", "agn.resource_eps": "budget.eps", "agn.lam": "budget.lam",
-    "agn.lam_rate": "budget.lam_rate", "agn.lam_max_scale": "budget.lam_max_scale",
-    "agn.target_margin": "budget.target_margin",
-}
-
-
-#: Top-level fields added after 0.2, with the value an older config means.
-NEW_FIELDS = {"model_kwargs": "{}", "model_prune": "inner", "model_ignore": (), "init_from": ""}
-
-
-def upgrade(c: Any, keep: tuple[str, ...] | set[str] = ()) -> list[str]:
-    """Move renamed fields of ``c`` (a ConfigDict, or a config's JSON dict) to their new places,
-    in place; one message per change (empty for a current config). A new name in ``keep`` (set
-    on the command line) keeps its value: the old name's value from the file is dropped.
-
-    ``sap.final_arch = "norm"`` becomes ``sap.selector = "norm"`` (with ``final_arch = "last"``);
-    a config without ``sap.selector`` gets ``"agn"``, what it meant before the field existed.
-    """
-    notes = []
-    plain = isinstance(c, dict)
-    with contextlib.nullcontext() if plain else c.unlocked():
-        for old, new in RENAMED.items():
-            (osec, oname), (nsec, nname) = old.split("."), new.split(".")
-            if osec not in c or oname not in c[osec]:
-                continue
-            if nsec not in c:
-                c[nsec] = {} if plain else ml_collections.ConfigDict()
-            if new in keep:
-                notes.append(f"config field {old} is now {new}; the command line's {new} wins")
-            else:
-                c[nsec][nname] = c[osec][oname]
-                notes.append(f"config field {old} is now {new}")
-            del c[osec][oname]
-        for name, default in NEW_FIELDS.items():  # what a config meant before they existed
-            if name not in c and "model" in c:
-                c[name] = list(default) if plain and isinstance(default, tuple) else default
-        s = c["sap"] if "sap" in c else {}
-        if "selector" not in s and "final_arch" in s:
-            s["selector"] = "agn"  # what a config meant before the field existed
-        if s.get("final_arch") == "norm" and "sap.final_arch" not in keep:
-            s["selector"], s["final_arch"] = "norm", "last"
-            notes.append('sap.final_arch = "norm" is now sap.selector = "norm"')
-    return notes
-
-
-def upgrade_with_warning(c: Any, keep: tuple[str, ...] | set[str] = ()) -> None:
-    """:func:`upgrade`, with a FutureWarning (shown to users by default, once per message) for each change."""
-    for note in upgrade(c, keep):
-        warnings.warn(f"{note}; the old name goes in the next release.", FutureWarning,
-                      stacklevel=2)
-
-
-def upgrade_override(arg: str) -> tuple[list[str], str | None]:
-    """A command-line override ``--config.OLD=VALUE`` as the argument(s) of its new name, and a
-    message (``[arg]`` and None when ``arg`` is not a renamed field)."""
-    if not arg.startswith("--config."):
-        return [arg], None
-    path, eq, value = arg[len("--config."):].partition("=")
-    if path == "sap.final_arch" and value == "norm":  # "norm" meant: no generator, the last v
-        return (["--config.sap.selector=norm", "--config.sap.final_arch=last"],
-                "--config.sap.final_arch=norm is now --config.sap.selector=norm")
-    if path in RENAMED:
-        new = f"--config.{RENAMED[path]}{eq}{value}"
-        return [new], f"--config.{path} is now --config.{RENAMED[path]}"
-    return [arg], None
 
 
 def _check_optimizer(o: ml_collections.ConfigDict, name: str, epochs: int, errors: list[str]) -> None:
@@ -381,9 +305,7 @@ def _check_rest(c: ml_collections.ConfigDict, errors: list[str]) -> None:
 
 def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
              process_count: int | None = None) -> None:
-    """Raise :class:`ConfigError` listing every invalid field of ``c`` (renamed fields of
-    earlier releases are upgraded first, see :func:`upgrade`)."""
-    upgrade_with_warning(c)
+    """Raise :class:`ConfigError` listing every invalid field of ``c``."""
     errors: list[str] = []
     device_count = jax.device_count() if device_count is None else device_count
     process_count = jax.process_count() if process_count is None else process_count
@@ -403,8 +325,6 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
 #: (another machine's cache or data directory, more logging, a speed re-measurement).
 NOT_RESULT_FIELDS = ("compile_cache", "data_dir", "log_every_steps", "plots", "speed",
                      "checkpoint_every_epochs", "keep_checkpoints", "preemption_check_every_steps")
-#: The same, as 0.1.0 had it: the hash its checkpoints carry leaves out only these.
-NOT_RESULT_FIELDS_0_1 = ("compile_cache",)
 
 
 def result_fields(d: dict[str, Any], exclude: tuple[str, ...] = NOT_RESULT_FIELDS) -> dict[str, Any]:

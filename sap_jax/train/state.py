@@ -1,8 +1,7 @@
 """The run's state: the arrays a checkpoint holds, and :class:`Progress`, the one record of where
 the run stands (phase, counters, history, the cut's outcome).
 
-On disk a checkpoint keeps the layout of earlier versions: ``state`` is a dict of pytrees
-(the keys below) and ``meta`` is :meth:`Progress.to_json`, so old workdirs still resume.
+On disk ``state`` is a dict of pytrees (the keys below) and ``meta`` is :meth:`Progress.to_json`.
 """
 
 from __future__ import annotations
@@ -44,9 +43,6 @@ def fresh_search_state(progs, agn, key: jax.Array) -> dict[str, Any]:
            "fit_arch": ones, "fit_age": np.int32(NEVER_FIT)}
     assert set(out) == set(SEARCH_KEYS)
     return out
-
-
-_ONLY_IF_SET = ("step_in_epoch", "partial", "partial_agn", "saturated_epochs")
 
 
 def to_host(tree: Any) -> Any:
@@ -92,10 +88,8 @@ class Progress:
     alignment_ratio_at_cut: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The fields that are set, as earlier versions wrote them: None ones left out, and the
-        preemption and saturation counters only when they hold something."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if v is not None and not (k in _ONLY_IF_SET and not v)}
+        """The fields that are set (None ones left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Progress:
