@@ -6,6 +6,7 @@ import pytest
 from sap_jax import models
 from sap_jax.method import baselines, cut
 from sap_jax.structure import flops
+from sap_jax.structure import norms as norms_lib
 
 
 def test_rounded_widths_are_multiples_within_the_budget():
@@ -47,7 +48,7 @@ def test_trimming_an_over_budget_architecture_drops_its_lowest_norm_kept_channel
 
     model = models.create("resnet20", seed=1)
     s = model.structure(32)
-    norms = baselines.channel_norms(nnx.state(model, nnx.Param), s, "group_l2")
+    norms = norms_lib.channel_norms(nnx.state(model, nnx.Param), s, "group_l2")
     rng = np.random.default_rng(0)
     start = [(rng.random(w) < 0.85).astype(np.float32) for w in s.widths]
     for v in start:

@@ -1,10 +1,10 @@
 """Norm-based channel selection: the classic baselines SAP is compared with.
 
 * Group lasso on every channel, then a cut by group norms to a MAC budget
-  (``channel_norms(kind="group_l2")`` + ``arch_by_norm(p=...)``).
+  (``norms.channel_norms(kind="group_l2")`` + ``arch_by_norm(p=...)``).
 * L1-norm filter pruning (Li et al., 2017): keep, in each group, the channels
   whose producing filters have the largest L1 norm, to given widths
-  (``channel_norms(kind="l1")`` + ``arch_by_norm(widths=...)``).
+  (``norms.channel_norms(kind="l1")`` + ``arch_by_norm(widths=...)``).
 
 Both read the same channel-group description as the penalty and the surgery. The cut's own
 arithmetic (trimming to p, rounding widths) lives in :mod:`sap_jax.method.cut`.
@@ -21,19 +21,10 @@ from sap_jax.structure import flops, norms
 from sap_jax.method.cut import trim_to_budget, widths_ratio
 from sap_jax.structure import groups as G
 
-NORMS = ("group_l2", "l1")  # the channel scores a baseline may choose by (sap.norm)
-
-
-def channel_norms(params: Any, structure: G.Structure, kind: str = "group_l2") -> list[np.ndarray]:
-    """One importance score per channel, as K vectors of shape (C_k,), on the host in float64:
-    :func:`sap_jax.structure.norms.channel_norms` restricted to the baselines' kinds.
-
-    ``group_l2``: the sum over the group's kernel tensors of each channel slice's L2 norm (the
-    quantity a group lasso shrinks). ``l1``: the L1 norm of the channel's producing filters.
-    """
-    if kind not in NORMS:
-        raise ValueError(f"unknown norm {kind!r}; use one of {NORMS}.")
-    return norms.channel_norms(params, structure, kind)
+#: The channel scores (:func:`sap_jax.structure.norms.channel_norms` kinds) a baseline may
+#: choose by (sap.norm): ``group_l2``, the sum over the group's kernel tensors of each channel
+#: slice's L2 norm (what a group lasso shrinks); ``l1``, the L1 norm of its producing filters.
+NORMS = ("group_l2", "l1")
 
 
 def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,

@@ -38,12 +38,6 @@ from sap_jax.structure.codec import path_str
 
 Params = Any  # a pytree of arrays (nnx.State, a pure dict, ...) keyed like the model
 
-def owned_slices(structure: G.Structure, include_bn: bool = False
-                 ) -> dict[tuple[str, ...], tuple[tuple[int, G.Slice], ...]]:
-    """``{param path: ((group k, slice), ...)}`` of every tensor the penalty touches."""
-    return norms.owned_slices(structure, norms.roles_of("group_l2", include_bn))
-
-
 def _dropped(arch: G.Arch) -> list[jax.Array]:
     return [1.0 - jax.lax.stop_gradient(jnp.asarray(v, jnp.float32)) for v in arch]
 
@@ -136,7 +130,7 @@ def proximal_partial_group_lasso(structure: G.Structure, strength: float | optax
         G.check_arch(arch, structure.widths, structure.group_names, what="mask")
         thresholds = [jnp.asarray(schedule(state.count), jnp.float32) * w * d for w, d in
                       zip(group_weights(arch), _dropped(arch))]
-        owned = owned_slices(structure, include_bn)
+        owned = norms.owned_slices(structure, norms.roles_of("group_l2", include_bn))
         norms.owned_tensors(params, structure, norms.roles_of("group_l2", include_bn))  # or a clear error
 
         def one(path, u, w):
@@ -154,5 +148,5 @@ def proximal_partial_group_lasso(structure: G.Structure, strength: float | optax
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-__all__ = ["partial_group_lasso", "group_penalties", "group_weights", "owned_slices",
+__all__ = ["partial_group_lasso", "group_penalties", "group_weights",
            "proximal_partial_group_lasso", "ProximalState"]

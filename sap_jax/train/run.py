@@ -27,6 +27,7 @@ from sap_jax.train import bnstats, report
 from sap_jax.runtime import console, parallel, speed
 from sap_jax.method import cut, penalty, resource
 from sap_jax.structure import flops
+from sap_jax.structure import norms as norms_lib
 from sap_jax.method import baselines
 from sap_jax.surgery import pretrained
 from sap_jax.train import config as config_lib
@@ -210,7 +211,7 @@ def cut_phase(env: Env, dense: Programs, state: dict, prog: Progress) -> tuple[P
     final = chosen_arch(env, state, prog, dense.structure)
     host = state_lib.to_host({"params": state["params"], "rest": state["rest"], "arch": final})
     policy = env.cut_policy
-    arch, rep = cut.final_arch(dense.structure, host["arch"], lambda: baselines.channel_norms(
+    arch, rep = cut.final_arch(dense.structure, host["arch"], lambda: norms_lib.channel_norms(
         host["params"], dense.structure, c.sap.norm), policy)
     prog.arch_ratio_chosen, prog.trimmed_channels, prog.round_to = (
         rep.chosen_ratio, rep.trimmed_channels, rep.round_to)

@@ -22,6 +22,7 @@ from sap_jax.method import agn as agn_lib
 from sap_jax.method import baselines, penalty
 from sap_jax.runtime import console, parallel, xla_cpu
 from sap_jax.structure import flops
+from sap_jax.structure import norms as norms_lib
 from sap_jax.structure.codec import ModuleCodec
 from sap_jax.train import steps
 from sap_jax.train.loop import Phase
@@ -196,7 +197,7 @@ class Search:
     def norm_arch(self, params: Any) -> list[jax.Array]:
         """Keep the largest-norm channels (sap.norm), to sap.widths or else the budget p."""
         s = self.env.config.sap
-        norms = baselines.channel_norms(to_host(params), self.progs.structure, s.norm)
+        norms = norms_lib.channel_norms(to_host(params), self.progs.structure, s.norm)
         arch = baselines.arch_by_norm(norms, self.progs.structure, widths=list(s.widths) or None,
                                       p=None if s.widths else self.env.cut_policy.p,
                                       scope=self.budget.scope)
