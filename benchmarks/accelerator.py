@@ -15,9 +15,9 @@ data and the trainer's own jitted steps (``benchmarks/step_cost.py``'s
    way a training loop dispatches), after two warm-up calls, median of
    ``--rounds``;
 2. model FLOP/s of the weight steps, 6 x MACs per image x images/s, and the
-   model-FLOPs utilisation, that over the device's peak (dense bf16 figures from vendor datasheets for
-   known devices, or ``--peak-tflops``); the AGN step does no weight
-   gradients, so no MFU is given for it;
+   model-FLOPs utilisation, that over the device's peak (dense bf16 figures
+   from vendor datasheets for known devices, or ``--peak-tflops``); the AGN
+   step does no weight gradients, so no MFU is given for it;
 3. the wall time of one epoch of ``--epoch-model`` on CIFAR-shaped data:
    ceil(epoch images / batch) SAP weight steps with an AGN step every
    ``--agn-every``, and the same without AGN steps;
@@ -40,7 +40,6 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_cost import Steps  # noqa: E402
-
 
 #: Dense (no sparsity) bf16 peak TFLOP/s by device kind, from the vendors' datasheets. Matched
 #: in order against ``jax.Device.device_kind``; the first substring found wins.
@@ -65,7 +64,8 @@ def peak_tflops(device: jax.Device, dtype: str, given: float) -> float | None:
 
 
 def throughput(steps: Steps, n: int, rounds: int) -> dict[str, float]:
-    """Median seconds per step of each step kind over ``rounds`` runs of ``n`` back-to-back calls."""
+    """Median seconds per step of each step kind over ``rounds`` runs of ``n`` back-to-back
+    calls."""
     for name in steps.fns:  # compile and warm up
         steps.timed([name, name])
     per = {name: [] for name in steps.fns}
@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--epoch-model", default="resnet56")
     ap.add_argument("--epoch-image-size", type=int, default=32)
     ap.add_argument("--epoch-batch", type=int, default=128)
-    ap.add_argument("--epoch-images", type=int, default=50000, help="images per epoch (CIFAR: 50000)")
+    ap.add_argument("--epoch-images", type=int, default=50000,
+                    help="images per epoch (CIFAR: 50000)")
     ap.add_argument("--agn-every", type=int, default=10, help="weight steps per AGN step")
     args = ap.parse_args(argv)
     for name in ("batch", "steps", "rounds", "epoch_batch", "epoch_images", "agn_every"):
@@ -129,9 +130,10 @@ def main(argv=None) -> dict:
         ep = Steps(args.epoch_model, args.epoch_image_size, args.epoch_batch, args.dtype)
     epoch = epoch_time(ep, args.epoch_images, args.epoch_batch, args.agn_every)
 
+    peak_s = f"{peak:.1f} TFLOP/s" if peak else "unknown (--peak-tflops)"
     print(f"{device.device_kind} ({device.platform}), {args.model} {args.image_size}px, batch "
           f"{args.batch}, {args.dtype}, {args.steps} steps x {args.rounds} rounds (median); "
-          f"peak {'%.1f TFLOP/s' % peak if peak else 'unknown (--peak-tflops)'}")
+          f"peak {peak_s}")
     print(f"  {'step':<8} {'s/step':>9} {'images/s':>10} {'TFLOP/s':>8} {'MFU':>7}")
     for k in ("plain", "sap", "agn"):
         t = f"{tflops[k]:.3g}" if k in tflops else "-"
@@ -139,9 +141,10 @@ def main(argv=None) -> dict:
         print(f"  {k:<8} {sec[k]:>9.4f} {ips[k]:>10.1f} {t:>8} {m:>7}")
     print(f"  SAP weight step vs the {TARGET_IMAGES_PER_S:.0f} images/s target: "
           f"{ips['sap'] / TARGET_IMAGES_PER_S:.3g}x")
-    print(f"  one epoch of {args.epoch_model} ({args.epoch_images} images at {args.epoch_image_size}px, "
-          f"batch {args.epoch_batch}, {epoch['steps']} steps): {epoch['weight_steps_s']:.2f} s of SAP "
-          f"weight steps, {epoch['with_agn_s']:.2f} s with an AGN step every {args.agn_every}")
+    print(f"  one epoch of {args.epoch_model} ({args.epoch_images} images at "
+          f"{args.epoch_image_size}px, batch {args.epoch_batch}, {epoch['steps']} steps): "
+          f"{epoch['weight_steps_s']:.2f} s of SAP weight steps, {epoch['with_agn_s']:.2f} s "
+          f"with an AGN step every {args.agn_every}")
     r = {"device": device.device_kind, "platform": device.platform, "model": args.model,
          "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype,
          "steps": args.steps, "rounds": args.rounds, "macs_per_image": macs,

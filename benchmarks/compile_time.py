@@ -63,7 +63,8 @@ def worker(model: str, batch: int, image_size: int, cache_dir: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=224)

@@ -92,8 +92,8 @@ def _worker(framework: str, depth: int, batch: int, steps: int) -> list[float]:
 
 
 def _spawn(framework: str, args) -> list[float]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--depth", str(args.depth),
-           "--batch", str(args.batch), "--steps", str(args.steps)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework,
+           "--depth", str(args.depth), "--batch", str(args.batch), "--steps", str(args.steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -117,7 +117,9 @@ def main(argv=None) -> dict:
         try:
             import torch
         except ImportError:
-            raise SystemExit("PyTorch is not installed: pip install torch==2.13.0, or pass --jax-only")
+            raise SystemExit(
+                "PyTorch is not installed: pip install torch==2.13.0, or pass --jax-only"
+            ) from None
         frameworks.append("torch")
         info["torch"], info["torch_threads"] = torch.__version__, torch.get_num_threads()
     # Separate processes, alternating: interleaving the two in one process made
@@ -127,13 +129,15 @@ def main(argv=None) -> dict:
     for _ in range(args.rounds):
         for k in frameworks:
             times[k] += _spawn(k, args)
-    r = {"depth": args.depth, "batch": args.batch, "steps": args.steps, "rounds": args.rounds, **info,
+    r = {"depth": args.depth, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+         **info,
          "median_s": {k: statistics.median(v) for k, v in times.items()},
          "min_s": {k: min(v) for k, v in times.items()}}
     print(f"ResNet-{args.depth}, batch {args.batch}, 32px, fp32, CPU; median of "
           f"{args.rounds} x {args.steps} steps")
     for k in frameworks:
-        print(f"  {k:<6} {r['median_s'][k]:.4f} s/step  {args.batch / r['median_s'][k]:8.1f} images/s")
+        print(f"  {k:<6} {r['median_s'][k]:.4f} s/step  "
+              f"{args.batch / r['median_s'][k]:8.1f} images/s")
     if "torch" in times:
         r["jax_over_torch"] = r["median_s"]["jax"] / r["median_s"]["torch"]
         print(f"  JAX time / PyTorch time: {r['jax_over_torch']:.3f} (minima "

@@ -1,6 +1,7 @@
 """What the XLA:CPU measures in the library buy: train-step time with each one on or off.
 
-    python benchmarks/cpu_step_variants.py [--models resnet20:64:16,resnet56:128:32] [--steps 4] [--rounds 2]
+    python benchmarks/cpu_step_variants.py [--models resnet20:64:16,resnet56:128:32]
+        [--steps 4] [--rounds 2]
 
 Each model is ``name:batch:image_size``. Variants, all the trainer's own
 ``make_train_step`` (fp32, no penalty, synthetic data):
@@ -29,15 +30,16 @@ from contextlib import contextmanager
 import optax
 from harness import train_step_runner
 
-from sap_jax.runtime import xla_cpu
 from sap_jax.models import blocks
+from sap_jax.runtime import xla_cpu
 
 VARIANTS = ("xla-defaults", "barrier", "barrier+ynn-off", "library")
 
 
 @contextmanager
 def _variant(name: str):
-    saved = (blocks.materialize, dict(xla_cpu.COMPILER_OPTIONS), os.environ.get("SAP_JAX_XLA_CPU_DEFAULTS"))
+    saved = (blocks.materialize, dict(xla_cpu.COMPILER_OPTIONS),
+             os.environ.get("SAP_JAX_XLA_CPU_DEFAULTS"))
     try:
         if name == "xla-defaults":
             blocks.materialize = lambda x, anchor: x
@@ -87,7 +89,8 @@ def measure(spec: str, steps: int, rounds: int) -> dict:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="resnet20:64:16,resnet56:128:32,mobilenet_v2:16:224,resnet50:16:224")
+    ap.add_argument("--models",
+                    default="resnet20:64:16,resnet56:128:32,mobilenet_v2:16:224,resnet50:16:224")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)

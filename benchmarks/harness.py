@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: one of the trainer's own train steps on a fixed synthetic batch."""
+"""Shared by the benchmark scripts: one of the trainer's own train steps on a fixed synthetic
+batch."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """How much the partial group lasso adds to a training step (a benchmark, not a test).
 
-    python benchmarks/penalty_overhead.py [--model resnet50] [--batch 32] [--image-size 224] [--steps 6]
+    python benchmarks/penalty_overhead.py [--model resnet50] [--batch 32] [--image-size 224]
+        [--steps 6]
 
 Times one jitted SGD train step (forward, backward, update, BN statistics) of
 the dense model with and without ``gamma * partial_group_lasso`` in the loss
@@ -39,13 +40,15 @@ def make_step(model, structure, variant: str, gamma: float = 5e-4, lr: float = 0
         def loss_fn(m):
             loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
             if variant == "gradient":
-                loss = loss + gamma * penalty.partial_group_lasso(nnx.state(m, nnx.Param), arch, structure)
+                loss = loss + gamma * penalty.partial_group_lasso(
+                    nnx.state(m, nnx.Param), arch, structure)
             return loss
 
         loss, grads = nnx.value_and_grad(loss_fn)(m)
         extra = {"arch": arch} if variant == "proximal" else {}
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
-        return optax.apply_updates(params, updates), nnx.state(m, nnx.Not(nnx.Param)), opt_state, loss
+        return (optax.apply_updates(params, updates), nnx.state(m, nnx.Not(nnx.Param)),
+                opt_state, loss)
 
     return jax.jit(step, donate_argnums=(0, 1, 2)), params, rest, tx
 
@@ -59,8 +62,10 @@ def main() -> None:
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(args.batch, args.image_size, args.image_size, 3)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 1000, args.batch) % models.create_abstract(args.model).num_classes)
+    x = jnp.asarray(rng.normal(size=(args.batch, args.image_size, args.image_size, 3)),
+                    jnp.float32)
+    y = jnp.asarray(
+        rng.integers(0, 1000, args.batch) % models.create_abstract(args.model).num_classes)
     variants = ["plain", "gradient", "proximal"]
     runs = {}
     for v in variants:
@@ -73,7 +78,8 @@ def main() -> None:
         out = step(*state, x, y, arch)  # compile + first step
         jax.block_until_ready(out)
         state = list(out[:3])
-        runs[v] = dict(step=step, state=state, arch=arch, compile_s=time.perf_counter() - t0, times=[])
+        runs[v] = dict(step=step, state=state, arch=arch, compile_s=time.perf_counter() - t0,
+                       times=[])
 
     for _ in range(args.steps):  # interleave the variants
         for v in variants:
@@ -101,7 +107,8 @@ def main() -> None:
     best = {v: min(runs[v]["times"]) for v in variants}  # least disturbed by other load
     result = {"model": args.model, "batch": args.batch, "image_size": args.image_size,
               "device": str(jax.devices()[0].device_kind), "steps": args.steps,
-              "median_step_s": med, "min_step_s": best, "penalty_value_and_grad_s": statistics.median(alone),
+              "median_step_s": med, "min_step_s": best,
+              "penalty_value_and_grad_s": statistics.median(alone),
               "gradient_form_ratio": med["gradient"] / med["plain"],
               "proximal_form_ratio": med["proximal"] / med["plain"],
               "gradient_form_ratio_min": best["gradient"] / best["plain"],
@@ -112,9 +119,11 @@ def main() -> None:
               f"all {', '.join(f'{t:.3f}' for t in runs[v]['times'])})")
     print(f"penalty value+grad alone: {result['penalty_value_and_grad_s'] * 1e3:.1f} ms "
           f"= {result['penalty_alone_over_step']:.2%} of a plain step")
-    print(f"step with gradient-form penalty / plain step = {result['gradient_form_ratio']:.4f} (median), "
+    print(f"step with gradient-form penalty / plain step = "
+          f"{result['gradient_form_ratio']:.4f} (median), "
           f"{result['gradient_form_ratio_min']:.4f} (min)")
-    print(f"step with proximal form / plain step         = {result['proximal_form_ratio']:.4f} (median), "
+    print(f"step with proximal form / plain step         = "
+          f"{result['proximal_form_ratio']:.4f} (median), "
           f"{result['proximal_form_ratio_min']:.4f} (min)")
     print(json.dumps(result))
 

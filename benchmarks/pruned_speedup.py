@@ -23,8 +23,8 @@ import jax
 
 from sap_jax import models
 from sap_jax.method import baselines, cut
-from sap_jax.structure import flops
 from sap_jax.runtime import speed
+from sap_jax.structure import flops
 
 BUDGETS = {"resnet56": (0.48, 32), "resnet50": (0.37, 224), "mobilenet_v2": (0.65, 224),
            "resnet_cifar_tiny": (0.5, 32)}
@@ -51,7 +51,8 @@ def measure(name: str, reps: int, batch: int, round_to: tuple[int, ...]) -> list
                      "dense_images_per_s": thr["dense_images_per_s"],
                      "pruned_images_per_s": thr["pruned_images_per_s"], "batch": batch,
                      "latency_speedup": lat["speedup"], "throughput_speedup": thr["speedup"],
-                     "latency_efficiency": lat["efficiency"], "throughput_efficiency": thr["efficiency"]})
+                     "latency_efficiency": lat["efficiency"],
+                     "throughput_efficiency": thr["efficiency"]})
     return rows
 
 
@@ -59,7 +60,8 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="resnet56,resnet50,mobilenet_v2")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=32, help="throughput batch (256 on an accelerator)")
+    ap.add_argument("--batch", type=int, default=32,
+                    help="throughput batch (256 on an accelerator)")
     ap.add_argument("--round-to", default="8",
                     help="also time widths rounded to each of these multiples (comma-separated)")
     args = ap.parse_args(argv)
@@ -70,12 +72,14 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name in args.models.split(","):
         rows += measure(name, args.reps, args.batch, round_to)
-    print(f"{jax.devices()[0].platform}, medians of {args.reps}; efficiency = speed-up / MAC speed-up")
-    print(f"  {'model':<13} {'widths':<14} {'MACs':>6} {'lat. dense ms':>13} {'pruned':>8} {'x':>6} "
-          f"{'eff.':>5} | {'img/s dense':>11} {'pruned':>8} {'x':>6} {'eff.':>5}")
+    print(f"{jax.devices()[0].platform}, medians of {args.reps}; "
+          "efficiency = speed-up / MAC speed-up")
+    print(f"  {'model':<13} {'widths':<14} {'MACs':>6} {'lat. dense ms':>13} {'pruned':>8} "
+          f"{'x':>6} {'eff.':>5} | {'img/s dense':>11} {'pruned':>8} {'x':>6} {'eff.':>5}")
     for r in rows:
-        print(f"  {r['model']:<13} {r['variant']:<14} {r['mac_ratio']:>6.1%} {r['dense_latency_ms']:>13.2f} "
-              f"{r['pruned_latency_ms']:>8.2f} {r['latency_speedup']:>6.2f} {r['latency_efficiency']:>5.2f} | "
+        print(f"  {r['model']:<13} {r['variant']:<14} {r['mac_ratio']:>6.1%} "
+              f"{r['dense_latency_ms']:>13.2f} {r['pruned_latency_ms']:>8.2f} "
+              f"{r['latency_speedup']:>6.2f} {r['latency_efficiency']:>5.2f} | "
               f"{r['dense_images_per_s']:>11.1f} {r['pruned_images_per_s']:>8.1f} "
               f"{r['throughput_speedup']:>6.2f} {r['throughput_efficiency']:>5.2f}")
     print(json.dumps(rows))

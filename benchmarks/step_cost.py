@@ -1,6 +1,7 @@
 """Cost of SAP's steps next to a plain training step (a benchmark, not a test).
 
-    python benchmarks/step_cost.py [--model resnet50] [--batch 32] [--image-size 224] [--steps 5] [--agn-every 10]
+    python benchmarks/step_cost.py [--model resnet50] [--batch 32] [--image-size 224] [--steps 5]
+        [--agn-every 10]
 
 Times the trainer's own jitted steps (``sap_jax.train.make_train_step`` and
 ``make_agn_step``) on synthetic on-device data, interleaved so that load drift
@@ -19,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import statistics
+import sys
 import time
 
 import jax
@@ -28,11 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sap_jax import models, train
 from sap_jax.method import agn as agn_lib
-from sap_jax import models
-from sap_jax.structure import flops
 from sap_jax.method import resource
-from sap_jax import train
+from sap_jax.structure import flops
 from sap_jax.structure.codec import ModuleCodec
 
 
@@ -53,7 +53,8 @@ def build(model_name: str, image_size: int, batch: int, dtype: str = "float32"):
                                        agn_tx, tau=0.4, offset=3.0, deterministic_v=True, dtype=dt)
     rng = np.random.default_rng(0)
     n_cls = model.num_classes
-    batch_d = {"image": jnp.asarray(rng.normal(size=(batch, image_size, image_size, 3)), jnp.float32),
+    batch_d = {"image": jnp.asarray(rng.normal(size=(batch, image_size, image_size, 3)),
+                                    jnp.float32),
                "label": jnp.asarray(rng.integers(0, n_cls, batch), jnp.int32)}
     arch = [jnp.asarray(rng.random(w) < 0.5, jnp.float32) for w in model.widths]
     params, rest = codec.split(model)
@@ -68,7 +69,8 @@ class Steps:
     """The trainer's plain, SAP and AGN steps for one model, with state carried between calls."""
 
     def __init__(self, model: str, image_size: int, batch: int, dtype: str):
-        self.fns, self.states, frozen, self.batch, self.arch = build(model, image_size, batch, dtype)
+        self.fns, self.states, frozen, self.batch, self.arch = build(
+            model, image_size, batch, dtype)
         self.frozen = jax.tree.map(jnp.array, frozen)
         self.key, self.gamma = jax.random.key(0), jnp.float32(5e-4)
         self.macs = flops.count(models.create_abstract(model).structure(image_size)).macs
@@ -77,7 +79,8 @@ class Steps:
         """Dispatch one step without waiting for it; returns its outputs."""
         s = self.states[name]
         if name == "agn":
-            out = self.fns["agn"](s[0], s[1], s[2], jnp.float32(0), *self.frozen, self.batch, self.key)
+            out = self.fns["agn"](s[0], s[1], s[2], jnp.float32(0), *self.frozen, self.batch,
+                                  self.key)
             self.states["agn"] = [out[0], s[1], out[1]]
         else:
             out = self.fns[name](*s, self.batch, self.arch, self.gamma)
@@ -102,7 +105,8 @@ def measure(model: str, batch: int, image_size: int, steps: int, dtype: str = "f
         for name in s.fns:
             times[name].append(s.timed([name]))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": model, "batch": batch, "image_size": image_size, "dtype": dtype, "steps": steps,
+    return {"model": model, "batch": batch, "image_size": image_size, "dtype": dtype,
+            "steps": steps,
             "median_s": med, "min_s": {k: min(v) for k, v in times.items()},
             "first_call_s": compile_s, "images_per_s": {k: batch / v for k, v in med.items()},
             "sap_over_plain": med["sap"] / med["plain"],
@@ -116,7 +120,6 @@ def loop_overhead(epochs: int, repeats: int, agn_every: int = 0, agn_batch: int 
     ``agn_every`` or ``agn_batch`` = 0 keeps the quickstart's own value."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from configs import quickstart
-
     from sap_jax.train import data as data_lib
 
     c = quickstart.get_config()
@@ -177,7 +180,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=5, help="timed repetitions per variant")
-    ap.add_argument("--agn-every", type=int, default=10, help="weight steps per AGN step (sap.agn_every)")
+    ap.add_argument("--agn-every", type=int, default=10,
+                    help="weight steps per AGN step (sap.agn_every)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--loop-epochs", type=int, default=0,
                     help="instead: time this many quickstart epochs, plain vs search-and-align")
@@ -188,10 +192,13 @@ def main(argv=None) -> dict:
                     help="AGN batch size in the loop (default: the quickstart's agn.batch_size)")
     args = ap.parse_args(argv)
     if args.loop_epochs:
-        r = loop_overhead(args.loop_epochs, args.loop_repeats, args.loop_agn_every, args.loop_agn_batch)
-        print(f"quickstart loop, {args.loop_epochs} epochs of digits, AGN every {r['agn_every']} steps (batch {r['agn_batch']}), "
+        r = loop_overhead(args.loop_epochs, args.loop_repeats, args.loop_agn_every,
+                          args.loop_agn_batch)
+        print(f"quickstart loop, {args.loop_epochs} epochs of digits, AGN every {r['agn_every']} "
+              f"steps (batch {r['agn_batch']}), "
               f"median of {args.loop_repeats}: "
-              f"plain {r['median_s']['plain']:.2f} s, search-and-align {r['median_s']['sap']:.2f} s, "
+              f"plain {r['median_s']['plain']:.2f} s, "
+              f"search-and-align {r['median_s']['sap']:.2f} s, "
               f"ratio {r['ratio']:.3f} (minima {r['ratio_min']:.3f})")
         print(json.dumps(r))
         return r
@@ -202,8 +209,10 @@ def main(argv=None) -> dict:
           f"{jax.devices()[0].platform}, median of {args.steps}")
     print(f"  {'step':<8} {'median s':>10} {'images/s':>10} {'first call s':>13}")
     for k in ("plain", "sap", "agn"):
-        print(f"  {k:<8} {r['median_s'][k]:>10.4f} {r['images_per_s'][k]:>10.1f} {r['first_call_s'][k]:>13.2f}")
-    print(f"  SAP weight step / plain: {r['sap_over_plain']:.3f} (minima: {r['sap_over_plain_min']:.3f})")
+        print(f"  {k:<8} {r['median_s'][k]:>10.4f} {r['images_per_s'][k]:>10.1f} "
+              f"{r['first_call_s'][k]:>13.2f}")
+    print(f"  SAP weight step / plain: {r['sap_over_plain']:.3f} "
+          f"(minima: {r['sap_over_plain_min']:.3f})")
     print(f"  AGN step amortised over {args.agn_every} weight steps: "
           f"+{100 * r['agn_amortised_overhead']:.2f}% of plain")
     print(json.dumps(r))

@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = "resnet56"  # a name from sap_jax.models.names(), or your own network's factory
     # "package.module:function" (README, "Prune your own model"); num_classes comes from the data
     c.model_kwargs = "{}"  # JSON of more arguments for a factory, e.g. '{"width": 16}'
-    c.model_prune = "inner"  # a factory's groups: "inner" (uncoupled, as the paper) | "all" (+ residual streams)
+    # a factory's groups: "inner" (uncoupled, as the paper) | "all" (+ residual streams)
+    c.model_prune = "inner"
     c.model_ignore = ()  # a factory's layers whose output channels are never pruned, e.g. ("stem",)
     # Start from trained weights: "torchvision:/path/resnet50.pth" (ResNet-18/34/50/101,
     # MobileNetV2) or "sap_jax:/path" (a saved model or a run's workdir); "" = random init.
@@ -47,9 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0  # seeds init, data order, augmentation, AGN noise and the AGN sub-dataset
     c.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
     c.shuffle_buffer = 16384  # tf.data shuffle buffer (streamed datasets only)
-    c.val_size = 5000  # training examples held out as the validation split (a fixed draw; a
-                       # slice of train on ImageNet). Every choice a run makes (final_arch="best",
-                       # sub-network accuracy during search) reads it; the test split is only reported
+    # training examples held out as the validation split (a fixed draw; a slice of train on
+    # ImageNet). Every choice a run makes (final_arch="best", sub-network accuracy during
+    # search) reads it; the test split is only reported
+    c.val_size = 5000
 
     c.optim = optimizer(0.1, (100, 150))  # dense training: 0.1, x0.1 at 100 and 150 (supp. §A)
 
@@ -67,9 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
                            # under p back up) or "one_sided" (NPPM)
         eps=0.005,  # dead band of the two-sided form
         lam=4.0,  # weight of the resource loss (lineage: 4-8)
-        lam_rate=0.05,  # > 0: dual ascent on log(lam) after each AGN step, by lam_rate * (r - p) / p,
-                        # so a generator held above p feels a growing pull until it meets p;
-                        # 0 = a fixed lam (lineage)
+        # > 0: dual ascent on log(lam) after each AGN step, by lam_rate * (r - p) / p, so a
+        # generator held above p feels a growing pull until it meets p; 0 = a fixed lam (lineage)
+        lam_rate=0.05,
         lam_max_scale=64.0,  # the adaptive lam stays within [lam, lam * lam_max_scale]
         measure="deterministic",  # the resource loss measures the noise-free v that is cut, or
                                   # the "sampled" v the CE sees (lineage; Gumbel noise keeps more)
@@ -89,7 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
                          # largest-norm channels, a baseline)
         final_arch="last",  # which of the selector's architectures is cut: the "last" one, or the
                             # "best" by sub-network accuracy on the validation split
-        penalty_scope="partial",  # "partial": dropped channels only (SAP); "all": classic group lasso
+        # "partial": dropped channels only (SAP); "all": classic group lasso
+        penalty_scope="partial",
         norm="group_l2",  # channel score of selector "norm" and of budget trimming: "group_l2"
                           # or "l1" (producing filters)
         widths=(),  # selector "norm": kept widths per group; () = meet the budget p instead
@@ -125,13 +128,16 @@ def get_config() -> ml_collections.ConfigDict:
         reps=10,  # timed forward passes per model and batch size, after a warm-up; medians
     ))
 
-    c.on_nonfinite = "stop"  # NaN/Inf loss or gradients: "stop" (keep last checkpoint) or "skip" the step
-    c.preemption_check_every_steps = 10  # multi-host: how often hosts agree on a SIGTERM (1 host: every step)
+    # NaN/Inf loss or gradients: "stop" (keep last checkpoint) or "skip" the step
+    c.on_nonfinite = "stop"
+    # multi-host: how often hosts agree on a SIGTERM (1 host: every step)
+    c.preemption_check_every_steps = 10
     c.log_every_steps = 50  # train-metric and progress logging interval
     c.checkpoint_every_epochs = 1  # periodic checkpoints (phase boundaries are always saved)
     c.keep_checkpoints = 2  # how many recent checkpoints orbax keeps
     c.plots = True  # write PNG plots into the workdir at the end
-    c.compile_cache = "workdir"  # persistent XLA compilation cache: "workdir" = <workdir>/compile_cache
-                                 # (a resumed run loads its programs instead of compiling), a directory
-                                 # to share between runs, or "" = JAX's own (JAX_COMPILATION_CACHE_DIR)
+    # persistent XLA compilation cache: "workdir" = <workdir>/compile_cache (a resumed run loads
+    # its programs instead of compiling), a directory to share between runs, or "" = JAX's own
+    # (JAX_COMPILATION_CACHE_DIR)
+    c.compile_cache = "workdir"
     return c

@@ -20,8 +20,7 @@ The weights are the ones torchvision ships for ``resnet50`` (v1 or v2 recipes bo
 ``init_from`` may also name a sap_jax saved model or workdir.
 """
 
-from configs import default
-from configs import imagenet_r50
+from configs import default, imagenet_r50
 
 
 def get_config():

@@ -23,7 +23,8 @@ def get_config():
     c.optim.base_batch_size = 64
     c.budget.p = 0.5
     c.sap.e_start = 4
-    c.sap.gamma = 0.5  # far above CIFAR's: 16 search epochs must align (docs/results.md, gamma sweep)
+    # far above CIFAR's: 16 search epochs must align (docs/results.md, gamma sweep)
+    c.sap.gamma = 0.5
     # Frequent, half-size AGN steps: the 16-epoch search needs many AGN steps for v to settle
     # while the penalty can still align (every 10 at batch 64, the lineage's setting, cut at
     # 73 % instead of 89 %), and at batch 32 every 4th step costs ~6 % of the loop

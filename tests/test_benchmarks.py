@@ -1,4 +1,5 @@
-"""Benchmark scripts run on tiny shapes (so they never rot), and no step recompiles after warm-up."""
+"""Benchmark scripts run on tiny shapes (so they never rot), and no step recompiles after
+warm-up."""
 
 import collections
 import os
@@ -7,7 +8,6 @@ import sys
 
 import jax
 import pytest
-
 
 pytestmark = pytest.mark.slow  # benchmark smoke runs
 
@@ -19,8 +19,8 @@ import accelerator  # noqa: E402
 import compile_time  # noqa: E402
 import pruned_speedup  # noqa: E402
 import step_cost  # noqa: E402
-from configs import quickstart, test_tiny  # noqa: E402
 
+from configs import quickstart, test_tiny  # noqa: E402
 from sap_jax import train  # noqa: E402
 
 
@@ -44,9 +44,10 @@ def test_compile_time_smoke(monkeypatch):
 
 def test_accelerator_smoke(tmp_path):
     r = accelerator.main(["--model", "resnet_cifar_tiny", "--image-size", "32", "--batch", "4",
-                          "--dtype", "float32", "--steps", "2", "--rounds", "1", "--peak-tflops", "0.5",
-                          "--profile", str(tmp_path / "trace"), "--epoch-model", "resnet_cifar_tiny",
-                          "--epoch-batch", "4", "--epoch-images", "40", "--agn-every", "3"])
+                          "--dtype", "float32", "--steps", "2", "--rounds", "1",
+                          "--peak-tflops", "0.5", "--profile", str(tmp_path / "trace"),
+                          "--epoch-model", "resnet_cifar_tiny", "--epoch-batch", "4",
+                          "--epoch-images", "40", "--agn-every", "3"])
     assert set(r["images_per_s"]) == {"plain", "sap", "agn"} and set(r["mfu"]) == {"plain", "sap"}
     # MFU is 6 x MACs per image x images/s over the given peak.
     want = 6 * r["macs_per_image"] * r["images_per_s"]["sap"] / 0.5e12
@@ -123,11 +124,13 @@ def test_cpu_step_variants_smoke():
 
     import cpu_step_variants
 
-    from sap_jax.runtime import xla_cpu
     from sap_jax.models import blocks
+    from sap_jax.runtime import xla_cpu
 
-    before = (blocks.materialize, dict(xla_cpu.COMPILER_OPTIONS), os_.environ.get("SAP_JAX_XLA_CPU_DEFAULTS"))
-    (r,) = cpu_step_variants.main(["--models", "resnet_cifar_tiny:4:16", "--steps", "1", "--rounds", "1"])
+    before = (blocks.materialize, dict(xla_cpu.COMPILER_OPTIONS),
+              os_.environ.get("SAP_JAX_XLA_CPU_DEFAULTS"))
+    (r,) = cpu_step_variants.main(["--models", "resnet_cifar_tiny:4:16", "--steps", "1",
+                                   "--rounds", "1"])
     assert set(r["median_s"]) == set(cpu_step_variants.VARIANTS)
     assert all(t > 0 for t in r["median_s"].values())
     # Switching variants leaves the library as it was.

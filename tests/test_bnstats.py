@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomize
 from flax import nnx
 
 from sap_jax import models
-from sap_jax.train import bnstats
 from sap_jax.structure.codec import ModuleCodec
-
-from conftest import randomize
+from sap_jax.train import bnstats
 
 
 class TwoBN(nnx.Module):
@@ -57,10 +56,13 @@ def test_pooled_statistics_match_numpy_reference():
         pre2.append(y @ k2)
     for name, pre in (("bn1", pre1), ("bn2", pre2)):
         allx = np.concatenate(pre)
-        np.testing.assert_allclose(new[name]["mean"], allx.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(new[name]["var"], allx.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(new[name]["mean"], allx.mean(axis=(0, 1, 2)),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(new[name]["var"], allx.var(axis=(0, 1, 2)),
+                                   rtol=1e-4, atol=1e-5)
     # Parameters are untouched.
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), codec.split(model)[0], params))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                                     codec.split(model)[0], params))
 
 
 def test_one_batch_makes_eval_mode_equal_train_mode():
@@ -70,8 +72,10 @@ def test_one_batch_makes_eval_mode_equal_train_mode():
     codec = ModuleCodec(model)
     params, rest = codec.split(model)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 16, 16, 3)), jnp.float32)
-    arch = [jnp.asarray(np.random.default_rng(4).random(w) < 0.6, jnp.float32) for w in model.widths]
-    new = bnstats.reestimate(bnstats.make_batch_stats_step(codec), params, rest, [{"image": x}], arch)
+    arch = [jnp.asarray(np.random.default_rng(4).random(w) < 0.6, jnp.float32)
+            for w in model.widths]
+    new = bnstats.reestimate(bnstats.make_batch_stats_step(codec), params, rest,
+                             [{"image": x}], arch)
 
     train_model = codec.merge(params, rest)
     train_model.train()

@@ -1,12 +1,12 @@
-"""nnx.State <-> plain string-keyed trees (sap_jax/structure/codec.py): what the trainer jits, shards and
-checkpoints."""
+"""nnx.State <-> plain string-keyed trees (sap_jax/structure/codec.py): what the trainer jits,
+shards and checkpoints."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import randomize
 from flax import nnx, traverse_util
 
-from conftest import randomize
 from sap_jax import models
 from sap_jax.structure.codec import ModuleCodec, path_str
 

@@ -9,9 +9,9 @@ import optax
 import pytest
 
 from sap_jax import models, train
+from sap_jax.models.common import materialize
 from sap_jax.runtime import xla_cpu
 from sap_jax.structure.codec import ModuleCodec
-from sap_jax.models.common import materialize
 
 
 def test_materialize_is_an_exact_identity_for_values_gradients_and_vmap():
@@ -47,7 +47,8 @@ def _compiled_train_step_hlo(name: str) -> str:
     params, rest = codec.split(model)
     batch = {"image": jnp.zeros((8, 16, 16, 3)), "label": jnp.zeros(8, jnp.int32)}
     arch = [jnp.ones(w) for w in model.widths]
-    return step.lower(params, rest, tx.init(params), batch, arch, jnp.float32(0)).compile().as_text()
+    return step.lower(params, rest, tx.init(params), batch, arch,
+                      jnp.float32(0)).compile().as_text()
 
 
 @pytest.mark.slow
@@ -81,7 +82,8 @@ def test_inference_of_depthwise_models_keeps_xla_defaults_on_cpu(monkeypatch):
     plain = models.create_abstract("resnet_cifar_tiny").structure(16)
     depthwise = models.create_abstract("mobilenet_v2").structure(32)
     on_cpu = jax.default_backend() == "cpu"
-    assert xla_cpu.compiler_options(inference_of=plain) == (xla_cpu.COMPILER_OPTIONS if on_cpu else None)
+    assert xla_cpu.compiler_options(inference_of=plain) == (
+        xla_cpu.COMPILER_OPTIONS if on_cpu else None)
     assert xla_cpu.compiler_options(inference_of=depthwise) is None
     # Train steps of depthwise models keep the options (no inference_of).
     assert xla_cpu.compiler_options() == (xla_cpu.COMPILER_OPTIONS if on_cpu else None)

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import FULL, TINY, slow
+
 from sap_jax import models
 from sap_jax.structure import flops
 
@@ -22,7 +22,8 @@ TABLE = {
 
 
 def _counts(name, widths=None):
-    m = models.create_abstract(name) if widths is None else models.create_abstract(name, widths=widths)
+    m = (models.create_abstract(name) if widths is None
+         else models.create_abstract(name, widths=widths))
     return m, m.structure(models.get_preset(name).image_size)
 
 
@@ -57,7 +58,8 @@ def test_counts_follow_the_widths():
     assert half.macs == full.macs - full.prunable_macs // 2
 
 
-@pytest.mark.parametrize("name", ["resnet_cifar_tiny", "resnet_bottleneck_tiny", "mobilenet_v2_tiny"])
+@pytest.mark.parametrize("name",
+                         ["resnet_cifar_tiny", "resnet_bottleneck_tiny", "mobilenet_v2_tiny"])
 def test_mac_count_is_differentiable_in_the_architecture_vector(name, rng):
     _, s = _counts(name)
     arch = [jnp.asarray(rng.random(w) < 0.6, jnp.float32) for w in s.widths]
@@ -95,7 +97,8 @@ def test_analytic_count_agrees_with_xla(name):
     size = models.get_preset(name).image_size
     dense = models.create_abstract(name)  # shapes are all XLA needs
     rng = np.random.default_rng(0)
-    pruned = models.create_abstract(name, widths=[int(rng.integers(1, w + 1)) for w in dense.widths])
+    pruned = models.create_abstract(name,
+                                    widths=[int(rng.integers(1, w + 1)) for w in dense.widths])
     for model in (dense, pruned):
         s = model.structure(size)
         valid = flops.count(s, count_padding=False).macs

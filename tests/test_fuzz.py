@@ -16,7 +16,6 @@ from sap_jax.method import agn, penalty
 from sap_jax.structure import flops
 from sap_jax.train import config as config_lib
 
-
 pytestmark = pytest.mark.slow  # hypothesis: hundreds of examples per test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +141,8 @@ def test_fuzzed_config_errors_come_before_compiling(tmp_path):
                         f"--workdir={tmp_path}", "--config.optim.learning_rate=inf",
                         "--config.agn.tau=nan"], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
-    assert p.returncode == 2 and "optim.learning_rate = inf" in p.stderr and "agn.tau = nan" in p.stderr
+    assert (p.returncode == 2 and "optim.learning_rate = inf" in p.stderr
+            and "agn.tau = nan" in p.stderr)
     assert "Traceback" not in p.stderr
 
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import FULL, TINY
 from flax import nnx, traverse_util
 
-from conftest import FULL, TINY
 from sap_jax import models
 from sap_jax.structure import flops
 from sap_jax.structure import groups as G

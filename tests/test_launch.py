@@ -44,9 +44,11 @@ def _calls(log):
 def test_launchers_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         if os.environ.get("SAP_JAX_REQUIRE_SHELLCHECK"):
-            pytest.fail("shellcheck is required here (SAP_JAX_REQUIRE_SHELLCHECK) but not installed")
+            pytest.fail("shellcheck is required here (SAP_JAX_REQUIRE_SHELLCHECK) but not "
+                        "installed")
         pytest.skip("shellcheck not installed (apt-get install shellcheck); CI installs it")
-    p = subprocess.run(["shellcheck", "-x", "launch/tpu_pod.sh", "launch/slurm_gpu.sh", "launch/lib.sh"],
+    p = subprocess.run(["shellcheck", "-x", "launch/tpu_pod.sh", "launch/slurm_gpu.sh",
+                        "launch/lib.sh"],
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
 
@@ -161,8 +163,8 @@ def test_the_workers_start_the_run_detached_and_never_twice(tmp_path):
     # A session of its own, as an ssh login has: the test can then stop everything it started.
     first = subprocess.run(["bash", "-c", start], capture_output=True, text=True, cwd=home, env=env,
                            timeout=30, start_new_session=True)
-    second = subprocess.run(["bash", "-c", start], capture_output=True, text=True, cwd=home, env=env,
-                            timeout=30)
+    second = subprocess.run(["bash", "-c", start], capture_output=True, text=True, cwd=home,
+                            env=env, timeout=30)
     pid = int((home / "sap_jax_logs" / "r50.pid").read_text())
     try:
         assert "started r50" in first.stdout and "r50 is already running" in second.stdout
@@ -251,7 +253,8 @@ def test_slurm_dry_run_one_process_per_gpu(tmp_path):
     assert p.returncode == 0, p.stderr
     s = _script(p.stdout)
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --partition=gpu", "#SBATCH --requeue", "export TFDS_DATA_DIR=/shared/tfds"):
+                 "#SBATCH --partition=gpu", "#SBATCH --requeue",
+                 "export TFDS_DATA_DIR=/shared/tfds"):
         assert line in s.splitlines()
     assert "JAX_LOCAL_DEVICE_IDS" not in s
     assert "#SBATCH --signal=TERM@300" in s.splitlines()  # SIGTERM 5 minutes before the limit

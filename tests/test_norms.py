@@ -1,12 +1,12 @@
-"""Per-channel norms (sap_jax/structure/norms.py), the one definition the penalty, the baselines, the cut
-and surgery read, against NumPy written from the model's layers directly."""
+"""Per-channel norms (sap_jax/structure/norms.py), the one definition the penalty, the baselines,
+the cut and surgery read, against NumPy written from the model's layers directly."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomize
 from flax import nnx
 
-from conftest import randomize
 from sap_jax import models, surgery
 from sap_jax.method import penalty
 from sap_jax.structure import norms

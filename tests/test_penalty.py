@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import random_arch, randomize, slow
 from flax import nnx
 from jax.test_util import check_grads
 
-from conftest import random_arch, randomize, slow
 from sap_jax import models
 from sap_jax.method import penalty
 from sap_jax.models.blocks import BasicBlock, Bottleneck, InvertedResidual
@@ -17,7 +17,8 @@ FAMILIES = ["resnet_cifar_tiny", "resnet_bottleneck_tiny", "mobilenet_v2_tiny"]
 
 
 def np_groups(model, include_bn):
-    """Per group, the (tensor, channel axis) pairs, written from the block code, not the Structure."""
+    """Per group, the (tensor, channel axis) pairs, written from the block code, not the
+    Structure."""
     groups = []
     a = lambda x: np.asarray(x[...], np.float64)  # noqa: E731
     for stage in model.stages:
@@ -137,7 +138,8 @@ def test_nothing_dropped_gives_exactly_zero():
     s = model.structure(32)
     arch = [jnp.ones(w) for w in model.widths]
     params = nnx.state(model, nnx.Param)
-    value, grads = jax.value_and_grad(lambda p: penalty.partial_group_lasso(p, arch, s, include_bn=True))(params)
+    value, grads = jax.value_and_grad(
+        lambda p: penalty.partial_group_lasso(p, arch, s, include_bn=True))(params)
     assert float(value) == 0.0
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
 
@@ -147,7 +149,8 @@ def test_mask_errors_are_clear():
     s, params = model.structure(32), nnx.state(model, nnx.Param)
     with pytest.raises(ValueError, match="mask has 2 vectors but the model has 3 channel groups"):
         penalty.partial_group_lasso(params, [np.ones(4), np.ones(8)], s)
-    with pytest.raises(ValueError, match=r"mask\[1\] \(stages.1.0\) has shape \(7,\); group 1 has 8"):
+    with pytest.raises(ValueError,
+                       match=r"mask\[1\] \(stages.1.0\) has shape \(7,\); group 1 has 8"):
         penalty.partial_group_lasso(params, [np.ones(4), np.ones(7), np.ones(16)], s)
     other = nnx.state(models.create("mobilenet_v2_tiny"), nnx.Param)
     with pytest.raises(ValueError, match="params lack .* tensor"):
@@ -204,10 +207,12 @@ def test_proximal_step_matches_numpy_reference(name):
     hit_zero = 0
     for conv_refs in _conv_refs(model):
         for conv in conv_refs:
-            np.testing.assert_allclose(np.asarray(conv.kernel[...]), want[id(conv)], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(conv.kernel[...]), want[id(conv)],
+                                       rtol=1e-5, atol=1e-6)
             hit_zero += int(np.sum(np.all(want[id(conv)] == 0, axis=(0, 1, 2))))
     assert hit_zero > 0
-    assert not all(np.all(np.asarray(c.kernel[...]) == 0) for refs in _conv_refs(model) for c in refs)
+    assert not all(np.all(np.asarray(c.kernel[...]) == 0)
+                   for refs in _conv_refs(model) for c in refs)
 
 
 def test_proximal_leaves_kept_channels_and_plain_sgd_untouched():
@@ -216,7 +221,8 @@ def test_proximal_leaves_kept_channels_and_plain_sgd_untouched():
     params = nnx.state(model, nnx.Param)
     grads = jax.tree.map(lambda w: jnp.full_like(w, 0.01), params)
     sgd = optax.sgd(0.1, momentum=0.9)
-    tx = optax.chain(sgd, penalty.proximal_partial_group_lasso(s, optax.linear_schedule(0.0, 1.0, 10)))
+    tx = optax.chain(sgd, penalty.proximal_partial_group_lasso(
+        s, optax.linear_schedule(0.0, 1.0, 10)))
     arch = [jnp.asarray(v) for v in [np.array([1, 0, 1, 0.]), np.ones(8), np.ones(16)]]
     plain, sgd_state = sgd.update(grads, sgd.init(params), params)
     plain2, _ = sgd.update(grads, sgd_state, params)
@@ -236,7 +242,8 @@ def test_proximal_works_with_nnx_optimizer_and_needs_the_mask():
     model = randomize(models.create("resnet_cifar_tiny"), seed=1)
     s = model.structure(32)
     arch = [jnp.asarray(v) for v in [np.array([1, 0, 1, 0.]), np.ones(8), np.ones(16)]]
-    opt = nnx.Optimizer(model, optax.chain(optax.sgd(0.1), penalty.proximal_partial_group_lasso(s, 0.5)),
+    opt = nnx.Optimizer(model,
+                        optax.chain(optax.sgd(0.1), penalty.proximal_partial_group_lasso(s, 0.5)),
                         wrt=nnx.Param)
     before = float(penalty.partial_group_lasso(nnx.state(model, nnx.Param), arch, s))
     grads = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))

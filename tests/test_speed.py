@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from sap_jax import models
-from sap_jax.structure import flops
 from sap_jax.runtime import speed
+from sap_jax.structure import flops
 
 
 def test_time_interleaved_warms_each_function_then_alternates():

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from sap_jax.structure import flops, norms
 from sap_jax.method.cut import trim_to_budget, widths_ratio
+from sap_jax.structure import flops
 from sap_jax.structure import groups as G
 
 #: The channel scores (:func:`sap_jax.structure.norms.channel_norms` kinds) a baseline may
@@ -46,7 +46,8 @@ def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
         raise ValueError(f"norms must be {len(sizes)} vectors of sizes {sizes}.")
     if widths is not None:
         widths = [int(w) for w in widths]
-        if len(widths) != len(sizes) or any(not G.MIN_KEPT <= w <= c for w, c in zip(widths, sizes)):
+        if (len(widths) != len(sizes)
+                or any(not G.MIN_KEPT <= w <= c for w, c in zip(widths, sizes))):
             raise ValueError(f"widths {widths} must give one count in [1, C_k] per group; "
                              f"the groups have {sizes} channels.")
         out = []

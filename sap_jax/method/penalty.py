@@ -131,7 +131,8 @@ def proximal_partial_group_lasso(structure: G.Structure, strength: float | optax
         thresholds = [jnp.asarray(schedule(state.count), jnp.float32) * w * d for w, d in
                       zip(group_weights(arch), _dropped(arch))]
         owned = norms.owned_slices(structure, norms.roles_of("group_l2", include_bn))
-        norms.owned_tensors(params, structure, norms.roles_of("group_l2", include_bn))  # or a clear error
+        norms.owned_tensors(params, structure,
+                            norms.roles_of("group_l2", include_bn))  # or a clear error
 
         def one(path, u, w):
             slices = owned.get(path_str(path))

@@ -138,14 +138,17 @@ def param_sharding(mesh: Mesh) -> NamedSharding:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place a host tree (identical on every process) on all devices, replicated."""
     sharding = param_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                                               lambda idx: np.asarray(x)[idx]), tree)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                               lambda idx: np.asarray(x)[idx]),
+        tree)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble per-process batches into global arrays sharded over ``data``."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local.items()}
 
 
 # --------------------------------------------------------------------------
@@ -217,7 +220,8 @@ def compilation_cache(directory: Any):
 
     before = jax.config.jax_compilation_cache_dir
     if directory and before:
-        logging.info("compilation cache: JAX_COMPILATION_CACHE_DIR=%s wins over %s", before, directory)
+        logging.info("compilation cache: JAX_COMPILATION_CACHE_DIR=%s wins over %s", before,
+                     directory)
     ours = bool(directory) and not before
     stats = CacheStats(os.fspath(path(directory)) if ours else before)
 

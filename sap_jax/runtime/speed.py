@@ -57,7 +57,8 @@ def _seconds(fn: Callable[[], jax.Array]) -> float:
     return time.perf_counter() - t0
 
 
-def time_interleaved(fns: Sequence[Callable[[], jax.Array]], reps: int, warmup: int = 1) -> list[list[float]]:
+def time_interleaved(fns: Sequence[Callable[[], jax.Array]], reps: int,
+                     warmup: int = 1) -> list[list[float]]:
     """Seconds per call of each function: ``warmup`` untimed calls each (the first compiles),
     then ``reps`` rounds that call every function once in turn."""
     if reps < 1 or warmup < 1:
@@ -93,12 +94,14 @@ def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes:
     """
     device = device or jax.local_devices()[0]
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise ValueError(f"batch_sizes = {tuple(batch_sizes)} must be one or more positive integers.")
+        raise ValueError(f"batch_sizes = {tuple(batch_sizes)} must be one or more positive "
+                         "integers.")
     full, small = (int(m) for m in macs)
     mac_speedup = full / small
     rows = []
     for b in batch_sizes:
-        fns = [forward_fn(m, image_size, int(b), dtype=dtype, device=device) for m in (dense, pruned)]
+        fns = [forward_fn(m, image_size, int(b), dtype=dtype, device=device)
+               for m in (dense, pruned)]
         t_dense, t_pruned = time_interleaved(fns, reps)
         d, p = statistics.median(t_dense), statistics.median(t_pruned)
         # Each round times both models back to back: the per-round ratios show the noise.
@@ -115,7 +118,8 @@ def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes:
             # The middle half of the rounds' speed-ups lies on both sides of 1: not a measured gain.
             "within_noise": q25 <= 1.0 <= q75,
         })
-    return {"device": device.device_kind, "platform": device.platform, "dtype": jnp.dtype(dtype).name,
+    return {"device": device.device_kind, "platform": device.platform,
+            "dtype": jnp.dtype(dtype).name,
             "reps": reps, "image_size": image_size, "macs_dense": full, "macs_pruned": small,
             "mac_speedup": mac_speedup, "batches": rows}
 
@@ -124,7 +128,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     """The speed table of a run's summary."""
     lines = [f"  inference on {s['device']} ({s['dtype']}), median of {s['reps']} (speed-up: "
              f"its IQR over the rounds); MACs {s['mac_speedup']:.2f}x fewer",
-             f"  {'':<18} {'dense':>11} {'pruned':>11} {'speed-up':>9} {'IQR':>11} {'efficiency':>11}"]
+             f"  {'':<18} {'dense':>11} {'pruned':>11} {'speed-up':>9} {'IQR':>11} "
+             f"{'efficiency':>11}"]
     noisy = []
     for r in s["batches"]:
         iqr = r.get("speedup_iqr")
@@ -132,11 +137,13 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         if r.get("within_noise"):
             noisy.append(str(r["batch"]))
         if r["batch"] == 1:
-            lines.append(f"  {'batch 1 latency':<18} {r['dense_ms']:>8.2f} ms {r['pruned_ms']:>8.2f} ms "
+            lines.append(f"  {'batch 1 latency':<18} {r['dense_ms']:>8.2f} ms "
+                         f"{r['pruned_ms']:>8.2f} ms "
                          f"{r['speedup']:>8.2f}x {iqr_text:>11} {r['efficiency']:>11.2f}")
         else:
             label = f"batch {r['batch']} img/s"
-            lines.append(f"  {label:<18} {r['dense_images_per_s']:>11.1f} {r['pruned_images_per_s']:>11.1f} "
+            lines.append(f"  {label:<18} {r['dense_images_per_s']:>11.1f} "
+                         f"{r['pruned_images_per_s']:>11.1f} "
                          f"{r['speedup']:>8.2f}x {iqr_text:>11} {r['efficiency']:>11.2f}")
     if noisy:
         lines.append(f"  at batch {', '.join(noisy)} the speed-up is within the noise: its IQR "
@@ -149,8 +156,8 @@ def brief_line(s: dict[str, Any]) -> str:
     parts = []
     for r in s["batches"]:
         iqr = r.get("speedup_iqr")
-        spread = f" [{iqr[0]:.2f}-{iqr[1]:.2f}{', within noise' if r.get('within_noise') else ''}]" \
-            if iqr else ""
+        spread = (f" [{iqr[0]:.2f}-{iqr[1]:.2f}"
+                  f"{', within noise' if r.get('within_noise') else ''}]" if iqr else "")
         parts.append(f"batch {r['batch']} {r['speedup']:.2f}x{spread}")
     return (f"  speed-up on {s['device']} ({s['dtype']}, median of {s['reps']}, IQR): "
             + ", ".join(parts) + f"; MACs {s['mac_speedup']:.2f}x fewer")

@@ -19,7 +19,8 @@ import jax
 
 #: Per-executable XLA options used on the CPU: YNNPACK fusions for reductions
 #: only (XLA's default also gives it convolutions, which Eigen runs faster here).
-COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+COMPILER_OPTIONS: dict[str, Any] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def compiler_options(inference_of: Any = None) -> dict[str, Any] | None:
@@ -32,9 +33,11 @@ def compiler_options(inference_of: Any = None) -> dict[str, Any] | None:
     3 %; ``docs/benchmarks.md``); their train steps and everything else get
     :data:`COMPILER_OPTIONS`.
     """
-    if jax.default_backend() != "cpu" or os.environ.get("SAP_JAX_XLA_CPU_DEFAULTS", "") not in ("", "0"):
+    if (jax.default_backend() != "cpu"
+            or os.environ.get("SAP_JAX_XLA_CPU_DEFAULTS", "") not in ("", "0")):
         return None
-    if inference_of is not None and any(getattr(layer, "depthwise", False) for layer in inference_of.layers):
+    if inference_of is not None and any(getattr(layer, "depthwise", False)
+                                        for layer in inference_of.layers):
         return None
     return dict(COMPILER_OPTIONS)
 

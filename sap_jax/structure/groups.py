@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -71,10 +71,10 @@ class DimSum:
     or a flattened feature map (``((g7, 49),)``: 7x7 positions of group 7's channels).
     """
 
-    terms: tuple[tuple[Union[int, GroupRef], int], ...]
+    terms: tuple[tuple[int | GroupRef, int], ...]
 
 
-Dim = Union[int, GroupRef, DimSum]
+Dim = int | GroupRef | DimSum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +130,7 @@ class ScaleLayer:
     ch: Dim
 
 
-Layer = Union[ConvLayer, NormLayer, DenseLayer, ScaleLayer]
+Layer = ConvLayer | NormLayer | DenseLayer | ScaleLayer
 
 #: Slice roles. Kernel roles are what the partial group lasso penalises by
 #: default; norm affine roles (BatchNorm, LayerNorm, ...) are optional; running statistics
@@ -195,7 +195,8 @@ def _has_group(d: Dim) -> bool:
 
 def is_prunable(layer: Layer) -> bool:
     """Whether any channel dimension of ``layer`` belongs to a group."""
-    dims = (layer.ch,) if isinstance(layer, (NormLayer, ScaleLayer)) else (layer.in_ch, layer.out_ch)
+    dims = ((layer.ch,) if isinstance(layer, (NormLayer, ScaleLayer))
+            else (layer.in_ch, layer.out_ch))
     return any(_has_group(d) for d in dims)
 
 
@@ -337,7 +338,8 @@ def check_arch(arch: Arch, widths: Sequence[int], names: Sequence[str] | None = 
                 f"{what}[{k}]{name} has shape {shape}; group {k} has {c} channels, so it "
                 f"must have shape ({c},).")
         dtype = np.dtype(v.dtype) if hasattr(v, "dtype") else np.asarray(v).dtype
-        if not (dtype == bool or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        if not (dtype == bool  # noqa: E721 - a numpy dtype equals bool; `is` would never match
+                or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
             name = f" ({names[k]})" if names else ""
             raise ValueError(f"{what}[{k}]{name} has dtype {dtype}; use bool, integer or real "
                              "floating values (1 = keep, 0 = drop).")

@@ -3,8 +3,8 @@
 The penalty (``group_l2`` of the dropped channels), the alignment metrics, the norm baselines,
 trimming to the budget at the cut and surgery's minimum-width rule all read a channel's norm
 through :func:`channel_norms` (or, for the penalty's sums, :func:`slice_norms`). Which tensors
-count comes from the model's :class:`~sap_jax.structure.groups.Structure`: a slice ``t[..., i, ...]`` on
-its group's axis is channel ``i``'s part of tensor ``t``.
+count comes from the model's :class:`~sap_jax.structure.groups.Structure`: a slice
+``t[..., i, ...]`` on its group's axis is channel ``i``'s part of tensor ``t``.
 
 Kinds:
 
