@@ -5,9 +5,9 @@
 For each model (a built-in preset, or a factory ``package.module:function`` built abstractly),
 times on the host:
 
-1. ``structure``: ``sap_jax.tracing.trace.structure`` from scratch (the jaxpr traced in eval mode, the
-   channel analysis, the groups and layers built), the cost a run pays once per model shape;
-2. ``gated trace``: tracing a jitted train-mode forward through ``trace.gated_call`` (the
+1. ``structure``: ``sap_jax.tracing.structure`` from scratch (the jaxpr traced in eval mode,
+   the channel analysis, the groups and layers built), the cost a run pays once per model shape;
+2. ``gated trace``: tracing a jitted train-mode forward through ``tracing.gated_call`` (the
    model's jaxpr, its labels and the interpreter), paid once per compiled step, next to
    ``plain trace``, the same forward called directly (what a built-in model pays);
 
@@ -27,14 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sap_jax import models
-from sap_jax.tracing import trace
+from sap_jax import models, tracing
+from sap_jax.tracing import capture
 
 
 def _timed(fn, rounds: int) -> float:
     times = []
     for _ in range(rounds):
-        trace._program_cached.cache_clear()  # noqa: SLF001 - measure the uncached cost
+        capture._program_cached.cache_clear()  # noqa: SLF001 - measure the uncached cost
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -47,8 +47,8 @@ def measure(name: str, image_size: int, rounds: int) -> dict:
     net = model.net if isinstance(model, models.TracedModel) else model
     ignore = () if isinstance(model, models.TracedModel) else model.trace_ignore()
     sample = (1, image_size, image_size, 3)
-    s = trace.structure(net, sample, ignore=ignore)
-    t_structure = _timed(lambda: trace.structure(net, sample, ignore=ignore), rounds)
+    s = tracing.structure(net, sample, ignore=ignore)
+    t_structure = _timed(lambda: tracing.structure(net, sample, ignore=ignore), rounds)
     graphdef, state = nnx.split(net)
     x = jax.ShapeDtypeStruct((8, image_size, image_size, 3), jnp.float32)
     arch = [jax.ShapeDtypeStruct((w,), jnp.float32) for w in s.widths]
@@ -57,7 +57,7 @@ def measure(name: str, image_size: int, rounds: int) -> dict:
         def gated(state, x, arch):
             m = nnx.merge(graphdef, state)
             m.train()
-            return trace.gated_call(m, x, arch, s)
+            return tracing.gated_call(m, x, arch, s)
         return gated
 
     def plain(state, x):
@@ -67,7 +67,7 @@ def measure(name: str, image_size: int, rounds: int) -> dict:
 
     t_gated = _timed(lambda: jax.jit(make_gated()).trace(state, x, arch), rounds)
     t_plain = _timed(lambda: jax.jit(lambda st, x: plain(st, x)).trace(state, x), rounds)
-    prog, _ = trace._program(net, np.zeros(sample, np.float32), "eval", ignore)  # noqa: SLF001
+    prog, _ = capture.program(net, np.zeros(sample, np.float32), "eval", ignore)
     return {"model": name, "image_size": image_size, "groups": s.num_groups,
             "jaxpr_eqns": len(prog.closed.jaxpr.eqns), "structure_s": t_structure,
             "gated_program_s": t_gated, "plain_program_s": t_plain}

@@ -97,7 +97,7 @@ def test_temperature_errors():
 @pytest.fixture(scope="module")
 def setup():
     model = randomize(models.create("resnet_cifar_tiny"), seed=0)
-    apply_fn, state = A.gated_apply(model)
+    apply_fn, state = models.gated_apply(model)
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
              "label": jnp.asarray(rng.integers(0, 10, 8))}

@@ -8,10 +8,9 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import randomize
-from sap_jax import export, info, models, surgery
 
+from sap_jax import export, info, models, surgery
 
 pytestmark = pytest.mark.slow  # exports reloaded in fresh interpreters
 
@@ -52,7 +51,8 @@ def _run_elsewhere(tmp_path, code, images):
 
 def test_stablehlo_reloads_with_jax_alone_at_any_batch_size(saved, tmp_path, capsys):
     wd, images, want = saved
-    assert export.main(["--pruned", str(wd), "--format", "stablehlo", "--out", str(tmp_path / "x")]) == 0
+    assert export.main(["--pruned", str(wd), "--format", "stablehlo",
+                        "--out", str(tmp_path / "x")]) == 0
     assert "float32 images in [0, 1] -> 10 logits" in capsys.readouterr().out
     record = json.loads((tmp_path / "x" / "export.json").read_text())
     assert record["input"]["shape"] == ["batch", 32, 32, 3] and record["class_names"][0] == "c0"

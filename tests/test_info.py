@@ -30,7 +30,8 @@ def test_text_report_and_image_size(capsys):
 def test_pruned_directory_before_after_table(tmp_path, capsys):
     dense = models.create("resnet_cifar_tiny")
     arch = [np.array([1, 1, 0, 0], np.float32), np.ones(8, np.float32), np.ones(16, np.float32)]
-    surgery.save(tmp_path / "p", surgery.extract(dense, arch), dense_widths=dense.widths, image_size=32)
+    surgery.save(tmp_path / "p", surgery.extract(dense, arch), dense_widths=dense.widths,
+                 image_size=32)
     assert info.main(["--pruned", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "50.0%" in out

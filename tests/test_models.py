@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FULL, TINY, randomize, slow
 from flax import nnx
 
-from conftest import FULL, TINY, randomize, slow
 from sap_jax import models
 
 NUM_GROUPS = {"resnet20": 9, "resnet32": 15, "resnet44": 21, "resnet56": 27, "resnet110": 54,
@@ -126,7 +126,8 @@ def test_mobilenet_v2_dropout_applies_in_training_only():
 
     def loss(key=None):
         p, r, o = jax.tree.map(jnp.array, (params, rest, tx.init(params)))  # steps donate
-        return float(step(p, r, o, batch, arch, jnp.float32(0), *([key] if key is not None else []))[3]["loss"])
+        extra = [key] if key is not None else []
+        return float(step(p, r, o, batch, arch, jnp.float32(0), *extra)[3]["loss"])
 
     k1, k2 = jax.random.key(1), jax.random.key(2)
     assert loss(k1) == loss(k1)  # a key fixes the masks

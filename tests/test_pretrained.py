@@ -13,7 +13,7 @@ from conftest import tiny_config as tiny
 from sap_jax.train import config as config_lib
 from sap_jax import models, surgery
 from sap_jax.surgery import pretrained
-from sap_jax.tracing import trace
+from sap_jax.structure import slicing
 from sap_jax.runtime.errors import ConfigError
 
 TORCHVISION = ["resnet18", "mobilenet_v2"] + slow(["resnet34", "resnet50", "resnet101"])
@@ -24,7 +24,7 @@ def _as_torchvision(model) -> dict[str, np.ndarray]:
     built from the name table in reverse: what a torchvision checkpoint of it would hold."""
     names = (pretrained._resnet_names(model) if isinstance(model, models.ResNet)
              else pretrained._mobilenet_v2_names(model))
-    flat = trace.flat_arrays(model)
+    flat = slicing.flat_arrays(model)
     out = {}
     for tv, (path, kind) in names.items():
         a = np.asarray(flat[path])
@@ -40,7 +40,7 @@ def test_torchvision_names_cover_every_tensor_and_round_trip(name):
     layouts convert back to the very same arrays."""
     model = randomize(models.create(name), seed=0)
     arrays, names = pretrained.torchvision_arrays(_as_torchvision(model), model)
-    mine = trace.flat_arrays(model)
+    mine = slicing.flat_arrays(model)
     assert set(arrays) == set(mine) and len(set(names.values())) == len(mine)
     for p, a in mine.items():
         assert np.array_equal(arrays[p], np.asarray(a)), p
@@ -108,7 +108,7 @@ def test_a_saved_sap_jax_model_starts_another(tmp_path):
     src = randomize(models.create("resnet_tiny"), seed=3)
     surgery.save(tmp_path / "dense", src, image_size=32)
     dst = models.create("resnet_tiny")
-    assert pretrained.load_into(dst, f"sap_jax:{tmp_path / 'dense'}") == len(trace.flat_arrays(src))
+    assert pretrained.load_into(dst, f"sap_jax:{tmp_path / 'dense'}") == len(slicing.flat_arrays(src))
     src.eval(), dst.eval()
     x = jnp.ones((1, 32, 32, 3))
     assert np.array_equal(np.asarray(src(x)), np.asarray(dst(x)))

@@ -21,9 +21,10 @@ from sap_jax.method import agn as A
 from sap_jax import models, surgery
 from sap_jax.structure import flops
 from sap_jax.method import penalty, resource
-from sap_jax.tracing import trace
+from sap_jax import tracing
 from sap_jax import info as info_cli
 from sap_jax.structure import groups as G
+from sap_jax.structure import slicing
 from sap_jax.train import config as config_lib
 from sap_jax.train.config import ConfigError
 
@@ -44,7 +45,7 @@ def _check_traced_equals_described(name):
     preset = models.get_preset(name)
     model = models.create_abstract(name)
     ref = model.structure(preset.image_size)
-    s = trace.structure(model, (1, preset.image_size, preset.image_size, 3),
+    s = tracing.structure(model, (1, preset.image_size, preset.image_size, 3),
                         ignore=model.trace_ignore())
     assert s.widths == ref.widths
     assert _slices(s) == _slices(ref)  # every group: the same (path, axis, role) slices
@@ -61,7 +62,7 @@ def test_traced_groups_equal_the_hand_written_description(name):
 def test_gate_and_its_gradient_equal_the_hand_written_gate(name):
     """Train mode (batch statistics): logits, new BN statistics and d/dv all agree."""
     model = randomize(models.create(name), seed=1)
-    s = trace.structure(model, (1, 32, 32, 3), ignore=model.trace_ignore())
+    s = tracing.structure(model, (1, 32, 32, 3), ignore=model.trace_ignore())
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
     arch = [jnp.asarray(rng.uniform(0, 1, w), jnp.float32) for w in model.widths]
@@ -70,7 +71,7 @@ def test_gate_and_its_gradient_equal_the_hand_written_gate(name):
     def loss(arch, state, gated):
         m = nnx.merge(graphdef, state)
         m.train()
-        y = trace.gated_call(m, x, arch, s) if gated else m(x, arch)
+        y = tracing.gated_call(m, x, arch, s) if gated else m(x, arch)
         return jnp.sum(y * jnp.arange(y.shape[-1])), (y, nnx.state(m, nnx.BatchStat))
 
     # The state is differentiated too, so that its variables live at the gradient's level.
@@ -94,7 +95,7 @@ def zoo_models():
     for i, name in enumerate(ZOO):
         m = randomize(zoo.ZOO[name](10, CIN, image_size=HW, width=WIDTH), seed=i)
         m.eval()
-        out[name] = (m, trace.structure(m, (1, HW, HW, CIN), prune="all"))
+        out[name] = (m, tracing.structure(m, (1, HW, HW, CIN), prune="all"))
     return out
 
 
@@ -117,14 +118,14 @@ def test_zoo_extracted_model_computes_the_gated_dense_one(zoo_models, name):
     x = _images()
     for mask in _masks(s.widths, seed=len(name)):
         kept = [np.where(m.any(), m, np.arange(len(m)) == 0) for m in mask]  # min. width 1
-        gated = trace.gated_call(model, x, [k.astype(np.float32) for k in kept], s)
-        small = trace.extract(model, kept, s)
+        gated = tracing.gated_call(model, x, [k.astype(np.float32) for k in kept], s)
+        small = surgery.extract(model, kept, s)
         small.eval()
         out = small(x)
         assert float(jnp.abs(out - gated).max()) <= 1e-5 * max(1.0, float(jnp.abs(gated).max()))
         # A genuinely smaller network of the same classes, with the kept widths.
         assert type(small) is type(model)
-        assert trace.structure(small, (1, HW, HW, CIN), prune="all").widths == tuple(
+        assert tracing.structure(small, (1, HW, HW, CIN), prune="all").widths == tuple(
             int(k.sum()) for k in kept)
 
 
@@ -163,13 +164,14 @@ def test_zoo_macs_agree_with_xla(zoo_models, name):
     """Dense and extracted: 2 x the analytic MACs (taps on zero padding left out, as XLA
     counts) equal XLA's cost of the network's convolutions and matrix products, per image."""
     model, s = zoo_models[name]
-    small = trace.extract(model, _masks(s.widths, seed=3)[0], s)
+    small = surgery.extract(model, _masks(s.widths, seed=3)[0], s)
     for m in (model, small):
-        st = trace.structure(m, (1, HW, HW, CIN), prune="all")
+        st = tracing.structure(m, (1, HW, HW, CIN), prune="all")
         analytic = flops.count(st, count_padding=False).macs
         assert _xla_conv_dot_flops(m, _images(1)) == pytest.approx(2 * analytic, rel=1e-9)
     # The prunable share moves with the widths: the smaller model has fewer MACs.
-    assert flops.count(trace.structure(small, (1, HW, HW, CIN), prune="all")).macs < flops.count(s).macs
+    small_s = tracing.structure(small, (1, HW, HW, CIN), prune="all")
+    assert flops.count(small_s).macs < flops.count(s).macs
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -205,7 +207,7 @@ def test_proximal_step_zeroes_dropped_channels_wherever_they_sit(zoo_models, nam
     tx = penalty.proximal_partial_group_lasso(s, 1e6)
     zeros = jax.tree.map(jnp.zeros_like, params)
     new, _ = tx.update(zeros, tx.init(params), params, arch=[m.astype(np.float32) for m in mask])
-    flat_old, flat_new = trace.flat_arrays(model), {}
+    flat_old, flat_new = slicing.flat_arrays(model), {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(new)[0]:
         flat_new[tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = np.asarray(leaf)
     dropped_positions = {}
@@ -232,7 +234,7 @@ def test_zoo_penalty_and_agn_step_compile_once(zoo_models, name):
     model, s = zoo_models[name]
     params = nnx.state(model, nnx.Param)
     pen = jax.jit(jax.value_and_grad(lambda p, a: penalty.partial_group_lasso(p, a, s)))
-    apply_fn, state = trace.gated_apply(model, s)
+    apply_fn, state = models.gated_apply(model, s)
     gen = A.AGN(s.widths, seed=0)
     gdef, gstate = nnx.split(gen)
     batch = {"image": _images(4), "label": jnp.arange(4) % 10}
@@ -252,22 +254,44 @@ def test_zoo_penalty_and_agn_step_compile_once(zoo_models, name):
     assert pen._cache_size() == 1 and agn_step._cache_size() == 1
 
 
+def test_one_extract_and_one_gated_apply_for_every_kind_of_model(zoo_models):
+    """A PrunableModel describes and gates itself; any other module needs its structure, and
+    both kinds give ``(logits, new_state)`` in train mode."""
+    net, s = zoo_models["vgg11_bn"]
+    ones = [np.ones(w, bool) for w in s.widths]
+    for call in (lambda: surgery.extract(net, ones), lambda: models.gated_apply(net)):
+        with pytest.raises(ValueError, match="structure=tracing.structure"):
+            call()
+    built_in = models.create("resnet_cifar_tiny")
+    with pytest.raises(ValueError, match="describes another model"):
+        surgery.extract(built_in, G.full_arch(built_in.widths), s)
+    for model, structure, hw in ((net, s, HW), (built_in, None, 32)):
+        x = jnp.ones((2, hw, hw, CIN), jnp.float32)
+        widths = (structure or model).widths
+        arch = [jnp.ones(w, jnp.float32) for w in widths]
+        apply_fn, state = models.gated_apply(model, structure, train=True)
+        y, new_state = jax.jit(apply_fn)(state, x, arch)  # jitted: ``state`` stays as it was
+        assert y.shape == (2, 10) and jax.tree.structure(new_state) == jax.tree.structure(state)
+        assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state),
+                                                             jax.tree.leaves(state)))
+
+
 def test_default_groups_follow_the_paper_and_say_why_others_are_left(zoo_models):
     """Inner widths only; residual streams are coupled, grouped convs and channel-wise
     reductions (LayerNorm) fix theirs, and the reason is reported per layer."""
-    _, status = trace.trace(zoo_models["resnext"][0], (1, HW, HW, CIN))
+    _, status = tracing.trace(zoo_models["resnext"][0], (1, HW, HW, CIN))
     assert "grouped convolution" in status["blocks.0.conv1"]
     assert status["stem"].startswith("coupled")
-    _, status = trace.trace(zoo_models["convnext"][0], (1, HW, HW, CIN))
+    _, status = tracing.trace(zoo_models["convnext"][0], (1, HW, HW, CIN))
     assert "reduced over" in status["stem"] and status["blocks.0.fc1"] == "prunable"
-    s_inner, status = trace.trace(zoo_models["se_resnet"][0], (1, HW, HW, CIN))
+    s_inner, status = tracing.trace(zoo_models["se_resnet"][0], (1, HW, HW, CIN))
     s_all = zoo_models["se_resnet"][1]
     assert s_all.num_groups > s_inner.num_groups and status["head"] == "the model output"
-    ignored, status = trace.trace(zoo_models["se_resnet"][0], (1, HW, HW, CIN),
+    ignored, status = tracing.trace(zoo_models["se_resnet"][0], (1, HW, HW, CIN),
                                   ignore=["layer1/conv1"])
     assert status["layer1.conv1"] == "ignored" and ignored.num_groups == s_inner.num_groups - 1
-    with pytest.raises(trace.TraceError, match="not a convolution or linear layer.*layer1.conv1"):
-        trace.trace(zoo_models["se_resnet"][0], (1, HW, HW, CIN), ignore=["layer1.nope"])
+    with pytest.raises(tracing.TraceError, match="not a convolution or linear layer.*layer1.conv1"):
+        tracing.trace(zoo_models["se_resnet"][0], (1, HW, HW, CIN), ignore=["layer1.nope"])
 
 
 class _Spectral(nnx.Module):
@@ -284,11 +308,11 @@ class _Spectral(nnx.Module):
 
 def test_an_unknown_op_names_itself_and_the_layer_to_ignore():
     model = _Spectral(nnx.Rngs(0))
-    with pytest.raises(trace.TraceError) as e:
-        trace.structure(model, (1, HW, HW, CIN))
+    with pytest.raises(tracing.TraceError) as e:
+        tracing.structure(model, (1, HW, HW, CIN))
     msg = str(e.value)
     assert "'fft'" in msg and "conv" in msg and "ignore=['conv']" in msg and "model_ignore" in msg
-    s, status = trace.trace(model, (1, HW, HW, CIN), ignore=["conv"])  # as the message says
+    s, status = tracing.trace(model, (1, HW, HW, CIN), ignore=["conv"])  # as the message says
     assert s.num_groups == 0 and status["conv"] == "ignored"
 
 
@@ -359,14 +383,14 @@ class _Odd(nnx.Module):
 def test_models_that_are_easy_to_get_wrong(cls):
     model = randomize(cls(nnx.Rngs(0)), seed=2)
     model.eval()
-    s, status = trace.trace(model, (1, HW, HW, CIN), prune="all")
+    s, status = tracing.trace(model, (1, HW, HW, CIN), prune="all")
     x = _images()
     for mask in _masks(s.widths, seed=4):
-        gated = trace.gated_call(model, x, [m.astype(np.float32) for m in mask], s)
-        small = trace.extract(model, mask, s)
+        gated = tracing.gated_call(model, x, [m.astype(np.float32) for m in mask], s)
+        small = surgery.extract(model, mask, s)
         small.eval()
         assert float(jnp.abs(small(x) - gated).max()) <= 1e-5 * max(1.0, float(jnp.abs(gated).max()))
-        assert trace.structure(small, (1, HW, HW, CIN), prune="all").widths == tuple(
+        assert tracing.structure(small, (1, HW, HW, CIN), prune="all").widths == tuple(
             int(m.sum()) for m in mask)  # width 1 too: the same groups after the cut
     if cls is _Shared:
         assert s.group_names == ("a", "sh")  # a and b write what sh reads: one group

@@ -140,19 +140,6 @@ def band_share(logits: Sequence[jax.Array], *, tau: float = TAU, offset: float =
 ApplyFn = Callable[[Any, jax.Array, Sequence[jax.Array]], jax.Array]
 
 
-def gated_apply(model: nnx.Module) -> tuple[ApplyFn, Any]:
-    """Split ``model`` into ``(apply_fn, state)``; ``apply_fn(state, images, arch)`` is its
-    eval-mode (BN running statistics) gated forward pass, returning logits."""
-    graphdef, state = nnx.split(model)
-
-    def apply_fn(state, images, arch):
-        m = nnx.merge(graphdef, state)
-        m.eval()
-        return m(images, arch)
-
-    return apply_fn, state
-
-
 def agn_loss(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax.Array],
              key: jax.Array | None, *, structure: G.Structure, resource: ResourceLoss,
              tau: float = TAU, offset: float = OFFSET, resource_scale: jax.Array | float = 1.0,
@@ -161,8 +148,8 @@ def agn_loss(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax
 
     Args:
       agn: the generator; ``v`` is sampled from it with ``key`` (``None``: no noise).
-      apply_fn, model_state: the frozen model, as from :func:`gated_apply`; no
-        gradient reaches ``model_state``.
+      apply_fn, model_state: the frozen model, as from :func:`sap_jax.models.gated_apply`;
+        no gradient reaches ``model_state``.
       batch: ``{"image": (N, H, W, C) float, "label": (N,) int}``.
       structure: the model's channel groups (``model.structure(image_size)``).
       resource: budget ``p``, weight ``lam``, form and scope.
@@ -219,4 +206,4 @@ def agn_value_and_grad(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dic
 
 
 __all__ = ["AGN", "FixedInput", "gumbel_sigmoid", "sample_logits", "band_share", "check_temperature",
-           "gated_apply", "agn_loss", "agn_value_and_grad", "TAU", "OFFSET", "BAND", "BUDGET_ON"]
+           "agn_loss", "agn_value_and_grad", "TAU", "OFFSET", "BAND", "BUDGET_ON"]

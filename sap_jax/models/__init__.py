@@ -14,6 +14,7 @@ from typing import Any
 from flax import nnx
 
 from sap_jax.models.common import PrunableModel
+from sap_jax.models.gating import gated_apply
 from sap_jax.models.mobilenet_v2 import CIFAR_SETTING, MobileNetV2
 from sap_jax.models.resnet import ResNet
 from sap_jax.models.resnet_cifar import ResNetCifar
@@ -106,4 +107,5 @@ def from_config(class_name: str, config: dict[str, Any], *, rngs: nnx.Rngs | Non
 
 __all__ = ["PrunableModel", "ResNetCifar", "ResNet", "MobileNetV2", "TracedModel",
            "is_factory_path", "MODEL_CLASSES", "PRESETS",
-           "Preset", "names", "get_preset", "create", "create_abstract", "from_config"]
+           "Preset", "names", "get_preset", "create", "create_abstract", "from_config",
+           "gated_apply"]

@@ -34,7 +34,11 @@ def batch_norm(ch: int, *, dtype: Any = None, rngs: nnx.Rngs) -> nnx.BatchNorm:
 
 
 def gate(x: jax.Array, v: jax.Array | None) -> jax.Array:
-    """Multiply the channels (last axis) of ``x`` by the keep vector ``v``."""
+    """Multiply the channels (last axis) of ``x`` by the keep vector ``v``.
+
+    Written by hand in every built-in backbone although :func:`sap_jax.tracing.gated_call`
+    could gate them: it is the oracle the traced gating is checked against
+    (tests/test_trace.py), and it costs no trace."""
     return x if v is None else x * v.astype(x.dtype)
 
 
@@ -111,7 +115,7 @@ class PrunableModel(nnx.Module):
 
     def trace_ignore(self) -> tuple[str, ...]:
         """Layers whose output channels the paper's recipe leaves whole: with
-        ``sap_jax.tracing.trace.structure(model, x, ignore=model.trace_ignore())`` the traced groups
+        ``sap_jax.tracing.structure(model, x, ignore=model.trace_ignore())`` the traced groups
         are exactly :meth:`describe`'s (the stem's output is not an inner width)."""
         return ("stem_conv",)
 

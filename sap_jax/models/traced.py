@@ -1,7 +1,7 @@
 """Any user's NNX CNN as a prunable model: its channel groups come from tracing.
 
 ``TracedModel("my_package.nets:vgg11_bn", image_size=32)`` calls the factory, traces the
-network it returns (:mod:`sap_jax.tracing.trace`) and behaves like a built-in backbone: ``widths``,
+network it returns (:mod:`sap_jax.tracing`) and behaves like a built-in backbone: ``widths``,
 ``structure(image_size)``, a gated ``__call__(x, arch)``, ``config()`` to rebuild it. Built
 with ``widths``, it is the same network with fewer channels: the dense network's first
 channels of every group (the extracted model then loads its own arrays into it). A saved
@@ -28,9 +28,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sap_jax.structure import groups as G
-from sap_jax.tracing import trace
+from sap_jax import tracing
 from sap_jax.models.common import PrunableModel
+from sap_jax.structure import groups as G
+from sap_jax.structure import slicing
 
 _PREFIX = ("net",)
 
@@ -115,7 +116,7 @@ class TracedModel(PrunableModel):
       factory_kwargs: more keyword arguments for the factory (JSON-serialisable).
       image_size: the square input size the structure is traced at.
       num_classes, in_channels, dtype: passed to the factory where it accepts them.
-      prune: ``"inner"`` or ``"all"`` (see :func:`sap_jax.tracing.trace.trace`).
+      prune: ``"inner"`` or ``"all"`` (see :func:`sap_jax.tracing.trace`).
       ignore: layers whose output channels are never pruned.
       widths: group widths (``None`` = dense).
     """
@@ -141,7 +142,8 @@ class TracedModel(PrunableModel):
         self.widths = self._validate_widths(widths)
         if self.widths != self.dense_widths:
             keep = [np.arange(c) < w for c, w in zip(self.dense_widths, self.widths)]
-            trace.set_arrays(self.net, trace.slice_arrays(trace.flat_arrays(self.net), s, keep))
+            flat = slicing.slice_arrays(slicing.flat_arrays(self.net), s, keep)
+            slicing.set_arrays(self.net, flat)
 
     @property
     def factory_kwargs(self) -> dict[str, Any]:
@@ -149,12 +151,12 @@ class TracedModel(PrunableModel):
 
     def _net_structure(self, hw: tuple[int, int] | None = None) -> G.Structure:
         hw = hw or (self.image_size, self.image_size)
-        return trace.structure(self.net, (1, *hw, self.in_channels), prune=self.prune,
+        return tracing.structure(self.net, (1, *hw, self.in_channels), prune=self.prune,
                                ignore=list(self.ignore))
 
     def status(self) -> dict[str, str]:
-        """Per layer: "prunable", or why its output channels stay whole (see trace.trace)."""
-        return trace.trace(self.net, (1, self.image_size, self.image_size, self.in_channels),
+        """Per layer: "prunable", or why its output channels stay whole (see tracing.trace)."""
+        return tracing.trace(self.net, (1, self.image_size, self.image_size, self.in_channels),
                            prune=self.prune, ignore=list(self.ignore))[1]
 
     def default_widths(self) -> tuple[int, ...]:
@@ -186,4 +188,4 @@ class TracedModel(PrunableModel):
         self.check_input(x, arch)
         if arch is None:
             return self.net(x)
-        return trace.gated_call(self.net, x, arch, self._net_structure(tuple(x.shape[1:3])))
+        return tracing.gated_call(self.net, x, arch, self._net_structure(tuple(x.shape[1:3])))

@@ -1,8 +1,8 @@
-"""Models in and out: extracting the smaller model (:mod:`.extract`), saving and loading it
+"""Models in and out: extracting the smaller model (:mod:`.extraction`), saving and loading it
 without its dense original (:mod:`.saved`), and pretrained weights (:mod:`.pretrained`)."""
 
-from sap_jax.surgery.saved import (CKPT_DIR, FORMAT, channel_scores, extract, is_saved_model, kept_arch,
-                                   load, read_info, save)
+from sap_jax.surgery.extraction import channel_scores, extract, kept_arch
+from sap_jax.surgery.saved import CKPT_DIR, FORMAT, is_saved_model, load, read_info, save
 
 __all__ = ["extract", "kept_arch", "channel_scores", "save", "load", "read_info",
            "is_saved_model", "FORMAT", "CKPT_DIR"]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from sap_jax.structure import groups as G
-from sap_jax.tracing import trace
+from sap_jax.structure import slicing
 from sap_jax.runtime.errors import ConfigError
 
 SOURCES = ("torchvision", "sap_jax")
@@ -160,7 +160,7 @@ def sap_jax_arrays(path: str) -> dict[G.Path, np.ndarray]:
     if not os.path.isdir(path):
         raise PretrainedError(f"init_from: {path} is not a directory (a saved model or a workdir).")
     if surgery.is_saved_model(path):
-        return trace.flat_arrays(surgery.load(path))
+        return slicing.flat_arrays(surgery.load(path))
     ckpt_dir = os.path.join(path, surgery.CKPT_DIR)
     steps = sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit()) if os.path.isdir(
         ckpt_dir) else []
@@ -210,7 +210,7 @@ def load_arrays(model, flat: dict[G.Path, np.ndarray], names: dict[G.Path, str] 
     """:func:`load_into` for arrays already keyed by the model's paths (``names``: what the
     source calls them, for messages). Nothing is written unless every tensor fits."""
     names = names or {}
-    mine = trace.flat_arrays(model)
+    mine = slicing.flat_arrays(model)
 
     def label(p):
         return f"{'/'.join(p)}" + (f" (torchvision {names[p]!r})" if p in names else "")
@@ -227,5 +227,5 @@ def load_arrays(model, flat: dict[G.Path, np.ndarray], names: dict[G.Path, str] 
     if extra:
         raise PretrainedError(f"init_from {source}: tensor {label(extra[0])} has no place in "
                               f"this {type(model).__name__} ({len(extra)} such tensors).")
-    trace.set_arrays(model, flat)
+    slicing.set_arrays(model, flat)
     return len(mine)

@@ -1,15 +1,9 @@
-"""Model surgery: cut dropped channels out of a dense model, and save/load the result.
-
-``extract(model, arch)`` slices every tensor of every channel group (read from
-the model's :class:`~sap_jax.structure.groups.Structure`, nothing else) down to the kept
-channels, copies every other tensor unchanged, and loads the result into the
-*same* model class built with the kept widths. In eval mode the extracted
-model computes exactly what the dense model gated by ``arch`` computes.
+"""Saving a model (dense or pruned) and loading it back without its dense original.
 
 A pruned model is saved as a directory holding ``model.json`` (class name,
 constructor arguments including the widths, and the dense widths it came
 from) and an orbax checkpoint of its variables in ``state/``; ``load`` needs
-nothing else.
+nothing else. The smaller model itself comes from :func:`sap_jax.surgery.extract`.
 """
 
 from __future__ import annotations
@@ -20,15 +14,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import traverse_util
 
-from sap_jax.structure import groups as G
 from sap_jax import models as M
-from sap_jax.structure import norms
 from sap_jax.runtime import parallel
-from sap_jax.tracing import trace
+from sap_jax.structure import slicing
+from sap_jax.surgery.extraction import fill_abstract
 
 FORMAT = "sap_jax.pruned_model/1"
 #: Where a run keeps its orbax checkpoints inside its workdir (read by pretrained weights too).
@@ -36,79 +28,6 @@ CKPT_DIR = "checkpoints"
 _JSON = "model.json"
 _STATE = "state"
 
-
-def _structure(model: M.PrunableModel) -> G.Structure:
-    # Groups and slices do not depend on the input size; the smallest valid one is cheapest.
-    return model.structure(model.total_stride)
-
-
-def channel_scores(model: M.PrunableModel) -> list[np.ndarray]:
-    """Per-channel L2 norm of the weights that produce each group's channels.
-
-    Returns K vectors of shape (C_k,): for each channel, the norm of its output slice(s) in
-    the producing conv(s) (``norms.channel_norms`` kind ``producer_l2``). Used by the
-    minimum-width rule and available as a magnitude criterion.
-    """
-    return norms.channel_norms(nnx.state(model, nnx.Param), _structure(model), "producer_l2")
-
-
-def kept_arch(model: M.PrunableModel, arch: G.Arch) -> list[np.ndarray]:
-    """The binary vectors :func:`extract` actually applies to ``arch``.
-
-    Validates shape and binarity, then applies the minimum-width rule
-    (:func:`sap_jax.structure.groups.ensure_min_kept`) using :func:`channel_scores`.
-    """
-    s = _structure(model)
-    G.check_arch(arch, s.widths, s.group_names)
-    G.check_binary(arch, s.group_names)
-    return G.ensure_min_kept(arch, channel_scores(model), s.group_names)
-
-
-def extract(model: M.PrunableModel, arch: G.Arch) -> M.PrunableModel:
-    """Return a genuinely smaller model holding only the channels ``arch`` keeps.
-
-    Args:
-      model: a dense (or already pruned) model.
-      arch: K binary vectors, ``arch[k]`` of shape ``(C_k,)``; 1 = keep.
-
-    Returns:
-      A new model of the same class, built with widths ``sum(arch[k])``
-      (at least ``MIN_KEPT`` each), in train mode like any new model.
-    """
-    s = _structure(model)
-    keep = kept_arch(model, arch)
-    flat = trace.slice_arrays(trace.flat_arrays(model), s, keep)
-    config = {**model.config(), "widths": [int(k.sum()) for k in keep]}
-    abstract = M.from_config(type(model).__name__, config, abstract=True)
-    return _load_into(abstract, flat, source="the sliced dense model")
-
-
-def _load_into(abstract: M.PrunableModel, flat: dict[G.Path, Any], source: str) -> M.PrunableModel:
-    """Fill an abstract model with arrays, checking every name and shape first."""
-    graphdef, state = nnx.split(abstract)
-    keys = traverse_util.flatten_dict(nnx.to_pure_dict(state))  # the model's own keys (ints)
-    expected = {G.as_path(k): v for k, v in keys.items()}
-    missing = [k for k in expected if k not in flat]
-    extra = sorted(set(flat) - set(expected))
-    wrong = [(k, tuple(np.shape(flat[k])), tuple(v.shape)) for k, v in expected.items()
-             if k in flat and tuple(np.shape(flat[k])) != tuple(v.shape)]
-    if missing or extra or wrong:
-        lines = [f"  missing {'/'.join(k)}" for k in missing[:5]]
-        lines += [f"  unexpected {'/'.join(k)}" for k in extra[:5]]
-        lines += [f"  {'/'.join(k)}: has shape {a}, widths need {b}" for k, a, b in wrong[:5]]
-        raise ValueError(
-            f"{source} cannot fill a {type(abstract).__name__} with widths "
-            f"{list(abstract.widths)} ({len(missing)} missing, {len(extra)} unexpected, "
-            f"{len(wrong)} mis-shaped arrays):\n" + "\n".join(lines))
-    pure = traverse_util.unflatten_dict(
-        {k: jnp.asarray(flat[G.as_path(k)], v.dtype) for k, v in keys.items()})
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
-
-
-# --------------------------------------------------------------------------
-# Save / load
-# --------------------------------------------------------------------------
 
 def save(directory: str | os.PathLike, model: M.PrunableModel, *,
          dense_widths: Sequence[int] | None = None, image_size: int | None = None,
@@ -145,7 +64,8 @@ def save(directory: str | os.PathLike, model: M.PrunableModel, *,
             "image_size": None if image_size is None else int(image_size),
             "metadata": metadata or {}}
     # Orbax wants string keys (NNX lists give integer ones): paths are strings.
-    pure = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in trace.flat_arrays(model).items()})
+    pure = traverse_util.unflatten_dict(
+        {k: np.asarray(v) for k, v in slicing.flat_arrays(model).items()})
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(state_path, pure)
         ckptr.wait_until_finished()
@@ -177,8 +97,9 @@ def read_info(directory: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{jpath} is not valid JSON ({e}); the saved model is corrupted.") from e
     if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ValueError(f"{jpath} has format {info.get('format') if isinstance(info, dict) else None!r}"
-                         f"; this version of sap_jax reads {FORMAT!r}.")
+        found = info.get("format") if isinstance(info, dict) else None
+        raise ValueError(f"{jpath} has format {found!r}; this version of sap_jax reads "
+                         f"{FORMAT!r}.")
     return info
 
 
@@ -196,5 +117,5 @@ def load(directory: str | os.PathLike) -> M.PrunableModel:
             raise ValueError(f"could not read the arrays of the saved model in {path}/{_STATE}: "
                              f"{type(e).__name__}: {e}") from e
     flat = traverse_util.flatten_dict(restored)
-    return _load_into(abstract, flat, source=f"the arrays saved in {path}")
+    return fill_abstract(abstract, flat, source=f"the arrays saved in {path}")
 

@@ -1,0 +1,103 @@
+"""The rules of the ops that are layers (registered in ``rules.RULES``): a convolution or a
+matrix product with a parameter kernel opens a new channel space for its output, records the
+kernel slices each channel owns and the layer itself (for MACs), and marks the operand the
+gated forward multiplies by the gate of its channels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sap_jax.tracing.analysis import Analysis, LayerRec
+from sap_jax.tracing.labels import Act, Const, Par, vary_all
+
+
+def conv_rule(an: Analysis, eqn, ins, shapes, key):
+    """``conv_general_dilated``: plain (in/out slices), depthwise (channels pass, a
+    ``depthwise`` slice) or grouped (input and output fixed)."""
+    x, w = ins
+    dn = eqn.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    out_shape = eqn.outvars[0].aval.shape
+    cin, cout = shapes[0][lhs_spec[1]], out_shape[out_spec[1]]
+    g = eqn.params["feature_group_count"]
+    if not isinstance(x, Act) or x.axis != lhs_spec[1] or not isinstance(w, Par) \
+            or len(w.items) != 1 or eqn.params["batch_group_count"] != 1:
+        reason = "convolved with a kernel that is not a parameter" if isinstance(x, Act) \
+            else "convolved over a non-channel axis"
+        return [an.mixed([a for a in ins if isinstance(a, Act)], reason, eqn)]
+    path, axes = w.items[0]
+    module = path[:-1] or path  # a bare parameter on the model: name it by itself
+    kernel = tuple(int(shapes[1][d]) for d in rhs_spec[2:4])
+    out_hw = tuple(int(out_shape[d]) for d in out_spec[2:4])
+    stride = int(eqn.params["window_strides"][0])
+    in_hw = tuple(int(shapes[0][d]) for d in lhs_spec[2:4])
+    pad = tuple(tuple(int(p) for p in q) for q in eqn.params["padding"])
+    usual = all(p == (k // 2, k // 2) for p, k in zip(pad, kernel)) and in_hw == tuple(
+        o * stride for o in out_hw)
+    rec = LayerRec("conv", module, kernel=kernel, out_hw=out_hw, stride=stride, groups=g,
+                   ins=(x.sid, x.cidx), padding=None if usual else (pad, in_hw))
+    an.layers.append(rec)
+    an.consumers[key] = (0, x)
+    if (g == cin > 1 and cout == cin) or (module in an.depthwise and cout == cin):
+        out = Act(out_spec[1], x.sid, x.cidx)
+        rec.depthwise = True
+        an.record("depthwise", path, axes[rhs_spec[0]], x.sid, x.cidx)
+    elif g == 1:
+        an.record("in", path, axes[rhs_spec[1]], x.sid, x.cidx)
+        out = an.act(cout, ".".join(module), out_spec[1])
+        an.record("out", path, axes[rhs_spec[0]], out.sid, out.cidx)
+    else:
+        an.fix(x, f"mixed by the grouped convolution {'.'.join(module)} "
+                  f"(feature_group_count={g})")
+        rec.depthwise = g == cin
+        out = an.act(cout, ".".join(module), out_spec[1],
+                     fixed=f"produced by the grouped convolution {'.'.join(module)}")
+    rec.out = (out.sid, out.cidx)
+    return [out]
+
+
+def dot_general_rule(an: Analysis, eqn, ins, shapes, key):
+    """``dot_general``: a linear layer when one operand is an activation contracted over its
+    channels and the other a parameter; along another axis (token mixing) channels pass."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    acts = [i for i, a in enumerate(ins) if isinstance(a, Act)]
+    if len(acts) != 1 or not isinstance(ins[1 - acts[0]], Par) \
+            or len(ins[1 - acts[0]].items) != 1:
+        return [an.mixed([ins[i] for i in acts], "multiplied with another activation "
+                         "(e.g. attention) or a computed matrix", eqn)]
+    ai = acts[0]
+    x, w = ins[ai], ins[1 - ai]
+    xc, wc = (lc, rc) if ai == 0 else (rc, lc)
+    xb, wb = (lb, rb) if ai == 0 else (rb, lb)
+    path, axes = w.items[0]
+    out_shape = eqn.outvars[0].aval.shape
+    x_free = [d for d in range(len(shapes[ai])) if d not in xc and d not in xb]
+    w_free = [d for d in range(len(shapes[1 - ai])) if d not in wc and d not in wb]
+    # Output axes: batch, then the lhs's free axes, then the rhs's.
+    first, second = (x_free, w_free) if ai == 0 else (w_free, x_free)
+    pos = {("l", d): len(xb) + i for i, d in enumerate(first)}
+    pos.update({("r", d): len(xb) + len(first) + i for i, d in enumerate(second)})
+    x_free_pos = {d: pos[("l" if ai == 0 else "r", d)] for d in x_free}
+    w_free_pos = {d: pos[("r" if ai == 0 else "l", d)] for d in w_free}
+    if x.axis in xb:
+        return [an.mixed([x], "used as a batch axis of a matrix product", eqn)]
+    if x.axis in x_free:  # a product along another axis (token mixing): channels pass
+        return [Act(x_free_pos[x.axis], x.sid, x.cidx)]
+    wd = wc[list(xc).index(x.axis)]
+    module = path[:-1] or path  # a bare parameter on the model: name it by itself
+    an.consumers[key] = (ai, x)
+    an.record("in", path, axes[wd], x.sid, x.cidx)
+    big = [d for d in w_free if axes[d] is not None]  # the kernel's output axis
+    rows = int(np.prod([shapes[ai][d] for d in x_free[1:]])) if len(x_free) > 1 else 1
+    rec = LayerRec("dense", module, ins=(x.sid, x.cidx), tokens=rows)
+    an.layers.append(rec)
+    if len(big) != 1:
+        rec.out = int(np.prod([shapes[1 - ai][d] for d in w_free]))
+        return [Const(frozenset(vary_all(eqn.outvars[0].aval)))]
+    d = big[0]
+    out = an.act(shapes[1 - ai][d], ".".join(module), w_free_pos[d])
+    an.record("out", path, axes[d], out.sid, out.cidx)
+    rec.out = (out.sid, out.cidx)
+    assert out_shape[w_free_pos[d]] == len(out.sid)
+    return [out]
