@@ -31,7 +31,8 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def slice_norms(model, structure, arch) -> tuple[float, float]:
-    """Per channel, the sum over its group's tensors of slice L2 norms: mean over dropped, over kept."""
+    """Per channel, the sum over its group's tensors of slice L2 norms: mean over dropped, over
+    kept."""
     params = nnx.state(model, nnx.Param)
     drop = penalty.group_penalties(params, arch, structure)
     keep = penalty.group_penalties(params, [1 - v for v in arch], structure)
@@ -40,7 +41,9 @@ def slice_norms(model, structure, arch) -> tuple[float, float]:
     return float(drop.sum()) / n_drop, float(keep.sum()) / n_keep
 
 
-def main(steps: int = 300, gamma: float = 0.05, batch: int = 128, seed: int = 0) -> dict[str, float]:
+def main(
+    steps: int = 300, gamma: float = 0.05, batch: int = 128, seed: int = 0
+) -> dict[str, float]:
     x, y = digits()
     model = models.create("resnet_cifar_tiny", seed=seed)
     structure = model.structure(16)

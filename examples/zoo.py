@@ -37,7 +37,9 @@ def _bn(c: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
     return nnx.BatchNorm(c, use_running_average=False, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
 
-def _conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, *, stride: int = 1, groups: int = 1) -> nnx.Conv:
+def _conv(
+    cin: int, cout: int, k: int, rngs: nnx.Rngs, *, stride: int = 1, groups: int = 1
+) -> nnx.Conv:
     # Bias-free: every such conv is followed by BatchNorm.
     return nnx.Conv(cin, cout, (k, k), strides=stride, padding=_pad(k), feature_group_count=groups,
                     use_bias=False, rngs=rngs)
@@ -60,8 +62,8 @@ _VGG_CFGS: dict[str, list[int | str]] = {
 
 
 class VGG(nnx.Module):
-    def __init__(self, cfg: list[int | str], num_classes: int, in_channels: int, image_size: int, width: int,
-                 rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: list[int | str], num_classes: int, in_channels: int, image_size: int,
+                 width: int, rngs: nnx.Rngs) -> None:
         convs, bns, pool_after = [], [], []
         c, size = in_channels, image_size
         for v in cfg:
@@ -105,9 +107,11 @@ def vgg16_bn(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 3
 
 class ResNeXtBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, stride: int, cardinality: int, rngs: nnx.Rngs) -> None:
-        mid = -(-(cout // 2) // cardinality) * cardinality  # bottleneck = cout/2, rounded up to a multiple of groups
+        # bottleneck = cout/2, rounded up to a multiple of groups
+        mid = -(-(cout // 2) // cardinality) * cardinality
         self.conv1, self.bn1 = _conv(cin, mid, 1, rngs), _bn(mid, rngs)
-        self.conv2, self.bn2 = _conv(mid, mid, 3, rngs, stride=stride, groups=cardinality), _bn(mid, rngs)
+        self.conv2, self.bn2 = (
+            _conv(mid, mid, 3, rngs, stride=stride, groups=cardinality), _bn(mid, rngs))
         self.conv3, self.bn3 = _conv(mid, cout, 1, rngs), _bn(cout, rngs)
         # Projection shortcut only when the shape changes.
         self.proj = _conv(cin, cout, 1, rngs, stride=stride) if stride != 1 or cin != cout else None
@@ -271,8 +275,8 @@ class MobileNetV3(nnx.Module):
         return self.head(_gap(x))
 
 
-def mobilenet_v3(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 32, width: int = 8,
-                 rngs: nnx.Rngs | None = None) -> nnx.Module:
+def mobilenet_v3(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 32,
+                 width: int = 8, rngs: nnx.Rngs | None = None) -> nnx.Module:
     return MobileNetV3(num_classes, in_channels, width, rngs or nnx.Rngs(0))
 
 
@@ -316,7 +320,8 @@ def convnext(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 3
 # ----------------------------------------------------------- NCHW-flatten CNN
 
 class FlattenCNN(nnx.Module):
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: int, rngs: nnx.Rngs) -> None:
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: int,
+                 rngs: nnx.Rngs) -> None:
         self.conv1, self.bn1 = _conv(in_channels, width, 3, rngs), _bn(width, rngs)
         self.conv2, self.bn2 = _conv(width, 2 * width, 3, rngs), _bn(2 * width, rngs)
         s = image_size // 2
@@ -325,13 +330,14 @@ class FlattenCNN(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x = _pool2(jax.nn.relu(self.bn1(self.conv1(x))))
         x = jax.nn.relu(self.bn2(self.conv2(x)))
-        # PyTorch-ported head: flatten in (C, H, W) order, so channel c owns a contiguous block of features.
+        # PyTorch-ported head: flatten in (C, H, W) order, so channel c owns a contiguous block of
+        # features.
         x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
         return self.head(x)
 
 
-def flatten_cnn(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 32, width: int = 8,
-                rngs: nnx.Rngs | None = None) -> nnx.Module:
+def flatten_cnn(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 32,
+                width: int = 8, rngs: nnx.Rngs | None = None) -> nnx.Module:
     return FlattenCNN(num_classes, in_channels, image_size, width, rngs or nnx.Rngs(0))
 
 
@@ -363,9 +369,11 @@ if __name__ == "__main__":
             model.eval()
             outs.append(model(x))
             graphdef, state = nnx.split(model)
-            outs.append(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+            # The lambda is traced and called right here, within this iteration.
+            outs.append(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))  # noqa: B023
             for y in outs:
                 assert y.shape == (2, 10) and bool(jnp.isfinite(y).all()), (name, y.shape)
-            assert jnp.allclose(outs[1], outs[2], atol=1e-4), name  # jit (eval mode) matches eager eval
+            # jit (eval mode) matches eager eval
+            assert jnp.allclose(outs[1], outs[2], atol=1e-4), name
             print(f"{size:>2}x{size}x{cin}  {name:<13} params={num_params(model):>7,}")
     print("ok")

@@ -22,7 +22,6 @@ from sap_jax.runtime.console import human
 from sap_jax.structure import flops
 
 
-
 def model_report(name: str, image_size: int | None = None) -> dict[str, Any]:
     """Groups and dense counts of the preset ``name`` as a JSON-ready dict."""
     preset = models.get_preset(name)
@@ -112,7 +111,8 @@ def format_pruned(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sap_jax.info", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sap_jax.info",
+                                 description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help=f"a model name: {', '.join(models.names())}")
     src.add_argument("--pruned", metavar="DIR", help="a directory written by sap_jax.surgery.save, "

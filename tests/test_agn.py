@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
-
 from conftest import randomize, slow
+from flax import nnx
 from test_resource import np_resource
-from sap_jax.method import agn as A
+
 from sap_jax import models
-from sap_jax.structure import flops
+from sap_jax.method import agn as A
 from sap_jax.method import resource
+from sap_jax.structure import flops
 
 
 def np_agn(g):
@@ -66,7 +66,8 @@ def test_gumbel_sigmoid_forward_and_straight_through_gradient():
     v = A.gumbel_sigmoid(o, key, tau=tau, offset=b)
     np.testing.assert_array_equal(v, np.round(s))
     assert set(np.unique(v)) <= {0.0, 1.0}
-    grad = jax.grad(lambda o: jnp.sum(A.gumbel_sigmoid(o, key, tau=tau, offset=b) * jnp.arange(41.0)))(o)
+    grad = jax.grad(
+        lambda o: jnp.sum(A.gumbel_sigmoid(o, key, tau=tau, offset=b) * jnp.arange(41.0)))(o)
     np.testing.assert_allclose(grad, s * (1 - s) / tau * np.arange(41.0), rtol=1e-4, atol=1e-7)
     # Deterministic mode: no noise.
     det = A.gumbel_sigmoid(o, None)
@@ -117,7 +118,8 @@ def test_agn_objective_value_metrics_and_agn_only_gradients(setup):
     arch = g.sample(key)
     model.eval()
     logits = np.asarray(model(batch["image"], arch), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    logp = (logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+            - logits.max(1, keepdims=True))
     ce = -logp[np.arange(8), np.asarray(batch["label"])].mean()
     widths = [float(np.sum(v)) for v in arch]
     full, sub = flops.count(s), flops.count(s, widths)
@@ -125,7 +127,8 @@ def test_agn_objective_value_metrics_and_agn_only_gradients(setup):
     np.testing.assert_allclose(m["ce"], ce, rtol=1e-4)
     np.testing.assert_allclose(m["mac_ratio"], r, rtol=1e-5)
     np.testing.assert_allclose(m["mac_ratio_total"], sub.macs / full.macs, rtol=1e-5)
-    np.testing.assert_allclose(m["resource_loss"], 6.0 * np_resource(r, 0.5, "one_sided"), rtol=1e-4)
+    np.testing.assert_allclose(m["resource_loss"], 6.0 * np_resource(r, 0.5, "one_sided"),
+                               rtol=1e-4)
     np.testing.assert_allclose(loss, ce + 6.0 * np_resource(r, 0.5, "one_sided"), rtol=1e-4)
     np.testing.assert_allclose(m["kept_fraction"], [np.mean(v) for v in arch])
     # Gradients: exactly the AGN's parameters, and they are not all zero.
@@ -142,7 +145,8 @@ def test_agn_learns_to_meet_the_budget(setup):
 
     @nnx.jit
     def step(g, opt, key):
-        loss, m, grads = A.agn_value_and_grad(g, apply_fn, state, batch, key, structure=s, resource=res)
+        loss, m, grads = A.agn_value_and_grad(g, apply_fn, state, batch, key, structure=s,
+                                              resource=res)
         opt.update(g, grads)
         return m
 

@@ -7,14 +7,14 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import randomize, slow
 from conftest import tiny_config as tiny
-from sap_jax.train import config as config_lib
+
 from sap_jax import models, surgery
-from sap_jax.surgery import pretrained
-from sap_jax.structure import slicing
 from sap_jax.runtime.errors import ConfigError
+from sap_jax.structure import slicing
+from sap_jax.surgery import pretrained
+from sap_jax.train import config as config_lib
 
 TORCHVISION = ["resnet18", "mobilenet_v2"] + slow(["resnet34", "resnet50", "resnet101"])
 
@@ -108,12 +108,14 @@ def test_a_saved_sap_jax_model_starts_another(tmp_path):
     src = randomize(models.create("resnet_tiny"), seed=3)
     surgery.save(tmp_path / "dense", src, image_size=32)
     dst = models.create("resnet_tiny")
-    assert pretrained.load_into(dst, f"sap_jax:{tmp_path / 'dense'}") == len(slicing.flat_arrays(src))
+    assert (pretrained.load_into(dst, f"sap_jax:{tmp_path / 'dense'}")
+            == len(slicing.flat_arrays(src)))
     src.eval(), dst.eval()
     x = jnp.ones((1, 32, 32, 3))
     assert np.array_equal(np.asarray(src(x)), np.asarray(dst(x)))
     wrong = models.create("resnet_tiny", widths=[2, 8, 8, 16])
-    with pytest.raises(pretrained.PretrainedError, match=r"tensor stages/0/0/\S+ has shape \(4,.*needs \(2,"):
+    with pytest.raises(pretrained.PretrainedError,
+                       match=r"tensor stages/0/0/\S+ has shape \(4,.*needs \(2,"):
         pretrained.load_into(wrong, f"sap_jax:{tmp_path / 'dense'}")
 
 
@@ -154,6 +156,8 @@ def test_a_run_starts_from_the_given_weights_and_a_mismatch_exits_2(tmp_path):
     assert res["init_from"]["test_acc"] == pytest.approx(correct / total, abs=1e-9)
     other = models.create(c.model, num_classes=10, widths=[1] * src.num_groups)
     surgery.save(tmp_path / "small", other, image_size=c.image_size)
-    cmd[-2:] = [f"--workdir={tmp_path / 'run2'}", f"--config.init_from=sap_jax:{tmp_path / 'small'}"]
+    cmd[-2:] = [f"--workdir={tmp_path / 'run2'}",
+                f"--config.init_from=sap_jax:{tmp_path / 'small'}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 2 and "tensor stages/0/0/" in r.stderr and "has shape" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "tensor stages/0/0/" in r.stderr and "has shape" in r.stderr, (
+        r.stderr[-2000:])

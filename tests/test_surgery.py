@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FULL, TINY, random_arch, randomize
 from flax import nnx
 
-from conftest import FULL, TINY, random_arch, randomize
 from sap_jax import models, surgery
 from sap_jax.structure import flops
 
@@ -23,7 +23,8 @@ def forward(model, x, arch=None):
     def f(state, x, arch):
         return nnx.merge(graphdef, state)(x, arch)
 
-    return np.asarray(f(state, x, None if arch is None else [jnp.asarray(v, jnp.float32) for v in arch]))
+    return np.asarray(
+        f(state, x, None if arch is None else [jnp.asarray(v, jnp.float32) for v in arch]))
 
 
 def assert_equivalent(dense, arch, x):
@@ -54,7 +55,8 @@ def test_extraction_equals_gated_dense_on_random_vectors(name):
         assert pruned.widths == tuple(int(k.sum()) for k in kept)
         # The extracted model is rebuilt from its width spec alone.
         rebuilt = models.from_config(type(pruned).__name__, pruned.config(), abstract=True)
-        assert jax.tree.map(jnp.shape, nnx.state(rebuilt)) == jax.tree.map(jnp.shape, nnx.state(pruned))
+        assert (jax.tree.map(jnp.shape, nnx.state(rebuilt))
+                == jax.tree.map(jnp.shape, nnx.state(pruned)))
 
 
 @pytest.mark.slow
@@ -132,7 +134,8 @@ def test_load_errors_name_the_path(tmp_path):
     info = json.loads(open(jpath).read())
     info["config"]["widths"] = [2, 8, 16]  # no longer matches the saved arrays
     open(jpath, "w").write(json.dumps(info))
-    with pytest.raises(ValueError, match=r"saved in .*/m cannot fill .*widths \[2, 8, 16\] \(0 missing, 0 unexpected, 6 mis-shaped"):
+    with pytest.raises(ValueError, match=r"saved in .*/m cannot fill .*widths \[2, 8, 16\] "
+                                         r"\(0 missing, 0 unexpected, 6 mis-shaped"):
         surgery.load(path)
     open(jpath, "w").write("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

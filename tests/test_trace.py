@@ -12,19 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import randomize, slow
 from conftest import tiny_config as tiny
+from flax import nnx
+
 from examples import zoo
-from sap_jax.method import agn as A
-from sap_jax import models, surgery
-from sap_jax.structure import flops
-from sap_jax.method import penalty, resource
-from sap_jax import tracing
 from sap_jax import info as info_cli
+from sap_jax import models, surgery, tracing
+from sap_jax.method import agn as A
+from sap_jax.method import penalty, resource
+from sap_jax.structure import flops, slicing
 from sap_jax.structure import groups as G
-from sap_jax.structure import slicing
 from sap_jax.train import config as config_lib
 from sap_jax.train.config import ConfigError
 
@@ -209,7 +207,8 @@ def test_proximal_step_zeroes_dropped_channels_wherever_they_sit(zoo_models, nam
     new, _ = tx.update(zeros, tx.init(params), params, arch=[m.astype(np.float32) for m in mask])
     flat_old, flat_new = slicing.flat_arrays(model), {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(new)[0]:
-        flat_new[tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = np.asarray(leaf)
+        flat_new[tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = (
+            np.asarray(leaf))
     dropped_positions = {}
     for g, m in zip(s.groups, mask):
         for sl in g.slices:
@@ -372,7 +371,8 @@ class _Odd(nnx.Module):
     def __call__(self, x):
         a, b = jax.nn.relu(self.c1(x)), jax.nn.relu(self.dw(jax.nn.relu(self.c0(x))))
         y = jnp.concatenate([a, b], -1)
-        n, h, w, c = y.shape  # channel shuffle: the tracer cannot follow it, c2 reads fixed channels
+        # channel shuffle: the tracer cannot follow it, c2 reads fixed channels
+        n, h, w, c = y.shape
         y = y.reshape(n, h, w, 2, c // 2).transpose(0, 1, 2, 4, 3).reshape(n, h, w, c)
         y = jax.nn.relu(self.c2(y))
         y = y.reshape(n, h * w, y.shape[-1])
@@ -389,7 +389,8 @@ def test_models_that_are_easy_to_get_wrong(cls):
         gated = tracing.gated_call(model, x, [m.astype(np.float32) for m in mask], s)
         small = surgery.extract(model, mask, s)
         small.eval()
-        assert float(jnp.abs(small(x) - gated).max()) <= 1e-5 * max(1.0, float(jnp.abs(gated).max()))
+        assert (float(jnp.abs(small(x) - gated).max())
+                <= 1e-5 * max(1.0, float(jnp.abs(gated).max())))
         assert tracing.structure(small, (1, HW, HW, CIN), prune="all").widths == tuple(
             int(m.sum()) for m in mask)  # width 1 too: the same groups after the cut
     if cls is _Shared:
@@ -400,7 +401,8 @@ def test_models_that_are_easy_to_get_wrong(cls):
         assert "grouped convolution" in status["c0"] and "spread over several axes" in status["c1"]
         assert s.group_names == ("c2", "fc")
         # Every layer is still counted, also after the shuffle the tracer cannot follow.
-        assert {x.path for x in s.layers} >= {("c0",), ("c1",), ("dw",), ("c2",), ("fc",), ("head",)}
+        assert {x.path for x in s.layers} >= {
+            ("c0",), ("c1",), ("dw",), ("c2",), ("fc",), ("head",)}
 
 
 # ------------------------------------------------------------------ the whole pipeline

@@ -26,9 +26,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sap_jax.method.resource import ResourceLoss
 from sap_jax.structure import flops
 from sap_jax.structure import groups as G
-from sap_jax.method.resource import ResourceLoss
 
 TAU = 0.4  # Gumbel-sigmoid temperature (supplement §A)
 OFFSET = 3.0  # logit offset b (supplement §A)
@@ -84,7 +84,8 @@ class AGN(nnx.Module):
                  seed: int = 0):
         if isinstance(group_sizes, np.ndarray) and group_sizes.ndim == 1:
             group_sizes = group_sizes.tolist()
-        ok = (isinstance(group_sizes, Sequence) and not isinstance(group_sizes, str) and len(group_sizes) > 0
+        ok = (isinstance(group_sizes, Sequence) and not isinstance(group_sizes, str)
+              and len(group_sizes) > 0
               and all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 1
                       for c in group_sizes))
         if not ok:
@@ -125,7 +126,9 @@ def sample_logits(logits: Sequence[jax.Array], key: jax.Array | None = None, *, 
     return [gumbel_sigmoid(o, k, tau=tau, offset=offset) for o, k in zip(logits, keys)]
 
 
-def band_share(logits: Sequence[jax.Array], *, tau: float = TAU, offset: float = OFFSET) -> jax.Array:
+def band_share(
+    logits: Sequence[jax.Array], *, tau: float = TAU, offset: float = OFFSET
+) -> jax.Array:
     """Share of channels whose pre-sigmoid value ``|(o + b) / tau|`` lies in the sensitive band
     (< :data:`BAND`). Near 0 the generator is saturated: its straight-through gradient has
     vanished and its decisions no longer move (docs/method.md, "A generator that reaches p")."""
@@ -182,8 +185,10 @@ def agn_loss(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax
     metrics = {
         "loss": ce + res, "ce": ce, "resource_loss": res, "mac_ratio": ratio,
         f"mac_ratio_{resource.scope}": ratio,
-        f"mac_ratio_{other}": jax.lax.stop_gradient(flops.mac_ratio(structure, budget_arch, other)),
-        "mac_ratio_sampled": jax.lax.stop_gradient(flops.mac_ratio(structure, arch, resource.scope)),
+        f"mac_ratio_{other}": jax.lax.stop_gradient(
+            flops.mac_ratio(structure, budget_arch, other)),
+        "mac_ratio_sampled": jax.lax.stop_gradient(
+            flops.mac_ratio(structure, arch, resource.scope)),
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         "band_share": jax.lax.stop_gradient(band_share(o, tau=tau, offset=offset)),
         "kept_fraction": jnp.stack([jnp.mean(v) for v in arch]),
@@ -191,8 +196,10 @@ def agn_loss(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax
     return ce + res, metrics
 
 
-def agn_value_and_grad(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax.Array],
-                       key: jax.Array | None, **kwargs) -> tuple[jax.Array, dict[str, jax.Array], nnx.State]:
+def agn_value_and_grad(
+    agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax.Array],
+    key: jax.Array | None, **kwargs,
+) -> tuple[jax.Array, dict[str, jax.Array], nnx.State]:
     """:func:`agn_loss` plus its gradient with respect to the AGN's ``nnx.Param`` s only.
 
     Returns ``(loss, metrics, grads)``; ``grads`` has the structure of
@@ -205,5 +212,6 @@ def agn_value_and_grad(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dic
     return loss, metrics, grads
 
 
-__all__ = ["AGN", "FixedInput", "gumbel_sigmoid", "sample_logits", "band_share", "check_temperature",
-           "agn_loss", "agn_value_and_grad", "TAU", "OFFSET", "BAND", "BUDGET_ON"]
+__all__ = ["AGN", "FixedInput", "gumbel_sigmoid", "sample_logits", "band_share",
+           "check_temperature", "agn_loss", "agn_value_and_grad", "TAU", "OFFSET", "BAND",
+           "BUDGET_ON"]

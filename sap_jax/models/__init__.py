@@ -40,8 +40,10 @@ _TINY_MBV2_CIFAR = ((1, 8, 1, 1), (2, 8, 2, 1), (2, 16, 1, 2))
 PRESETS: dict[str, Preset] = {
     **{f"resnet{d}": Preset(ResNetCifar, dict(depth=d), 32, f"CIFAR ResNet-{d}, shortcut A")
        for d in (20, 32, 44, 56, 110)},
-    "resnet18": Preset(ResNet, dict(stage_sizes=(2, 2, 2, 2), block="basic"), 224, "ImageNet ResNet-18"),
-    "resnet34": Preset(ResNet, dict(stage_sizes=(3, 4, 6, 3), block="basic"), 224, "ImageNet ResNet-34"),
+    "resnet18": Preset(ResNet, dict(stage_sizes=(2, 2, 2, 2), block="basic"), 224,
+                       "ImageNet ResNet-18"),
+    "resnet34": Preset(ResNet, dict(stage_sizes=(3, 4, 6, 3), block="basic"), 224,
+                       "ImageNet ResNet-34"),
     "resnet50": Preset(ResNet, dict(stage_sizes=(3, 4, 6, 3)), 224, "ImageNet ResNet-50 v1.5"),
     "resnet101": Preset(ResNet, dict(stage_sizes=(3, 4, 23, 3)), 224, "ImageNet ResNet-101 v1.5"),
     "mobilenet_v2": Preset(MobileNetV2, {}, 224, "ImageNet MobileNetV2 1.0"),
@@ -78,7 +80,9 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def create(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None, **overrides: Any) -> PrunableModel:
+def create(
+    name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None, **overrides: Any
+) -> PrunableModel:
     """Build the preset ``name``; ``overrides`` replace constructor arguments (e.g. ``widths``).
 
     ``name`` may also be a factory ``"package.module:function"`` of any NNX CNN (a

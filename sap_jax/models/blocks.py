@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sap_jax.structure import groups as G
 from sap_jax.models.common import batch_norm, conv, down, gate, materialize
+from sap_jax.structure import groups as G
 
 SHORTCUTS = ("A", "B")
 
@@ -86,7 +86,8 @@ class Bottleneck(nnx.Module):
 
     def __init__(self, cin: int, width1: int, width2: int, cout: int, stride: int, *,
                  dtype: Any = None, rngs: nnx.Rngs):
-        self.cin, self.width1, self.width2, self.cout, self.stride = cin, width1, width2, cout, stride
+        self.cin, self.width1, self.width2, self.cout, self.stride = (
+            cin, width1, width2, cout, stride)
         self.conv1 = conv(cin, width1, 1, dtype=dtype, rngs=rngs)
         self.bn1 = batch_norm(width1, dtype=dtype, rngs=rngs)
         self.conv2 = conv(width1, width2, 3, stride, dtype=dtype, rngs=rngs)
@@ -124,7 +125,8 @@ class Bottleneck(nnx.Module):
 
 
 class InvertedResidual(nnx.Module):
-    """MobileNetV2 block: [1x1 expand -> BN -> ReLU6] -> 3x3 depthwise -> BN -> ReLU6 -> 1x1 project -> BN.
+    """MobileNetV2 block: [1x1 expand -> BN -> ReLU6] -> 3x3 depthwise -> BN -> ReLU6 -> 1x1 project
+    -> BN.
 
     With an expand conv (expand ratio != 1) the hidden width is one channel
     group: the expand conv's output, the depthwise channels and the project
@@ -135,7 +137,8 @@ class InvertedResidual(nnx.Module):
 
     def __init__(self, cin: int, hidden: int, cout: int, stride: int, expand: bool, *,
                  dtype: Any = None, rngs: nnx.Rngs):
-        self.cin, self.hidden, self.cout, self.stride, self.expand = cin, hidden, cout, stride, expand
+        self.cin, self.hidden, self.cout, self.stride, self.expand = (
+            cin, hidden, cout, stride, expand)
         self.num_groups = 1 if expand else 0
         if expand:
             self.expand_conv = conv(cin, hidden, 1, dtype=dtype, rngs=rngs)

@@ -30,7 +30,8 @@ def conv(cin: int, cout: int, kernel: int, stride: int = 1, *, depthwise: bool =
 def batch_norm(ch: int, *, dtype: Any = None, rngs: nnx.Rngs) -> nnx.BatchNorm:
     # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32, which made
     # 8-way data-parallel runs drift visibly from 1-device runs within steps.
-    return nnx.BatchNorm(ch, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, use_fast_variance=False, rngs=rngs)
+    return nnx.BatchNorm(ch, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+                         use_fast_variance=False, rngs=rngs)
 
 
 def gate(x: jax.Array, v: jax.Array | None) -> jax.Array:

@@ -23,9 +23,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from sap_jax.structure import groups as G
 from sap_jax.models.blocks import InvertedResidual
 from sap_jax.models.common import PrunableModel, batch_norm, conv, down, dtype_from
+from sap_jax.structure import groups as G
 
 IMAGENET_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                     (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))

@@ -15,9 +15,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from sap_jax.structure import groups as G
 from sap_jax.models.blocks import BasicBlock, Bottleneck
 from sap_jax.models.common import PrunableModel, batch_norm, conv, down, dtype_from
+from sap_jax.structure import groups as G
 
 BLOCKS = ("basic", "bottleneck")
 

@@ -21,8 +21,8 @@ import inspect
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,7 +56,8 @@ def resolve(factory: str) -> Callable[..., nnx.Module]:
     """The callable ``"package.module:function"`` names, or a ValueError saying what is wrong."""
     module_name, _, attr = factory.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"model {factory!r}: a model factory is written 'package.module:function'.")
+        raise ValueError(f"model {factory!r}: a model factory is written "
+                         f"'package.module:function'.")
     try:
         module = _import(module_name)
     except ImportError as e:
@@ -130,12 +131,14 @@ class TracedModel(PrunableModel):
         self.factory = factory
         # As JSON: a dict attribute would become part of the module's graph.
         self.kwargs_json = json.dumps(dict(factory_kwargs or {}), sort_keys=True)
-        self.image_size, self.num_classes, self.in_channels = int(image_size), num_classes, in_channels
+        self.image_size, self.num_classes, self.in_channels = (
+            int(image_size), num_classes, in_channels)
         self.prune, self.ignore, self.dtype_name, self.seed = prune, tuple(ignore), dtype, seed
         # Any input size the network accepts; a flatten head fixes it to the traced one.
         self.total_stride = self.image_size
         self.net = build(factory, self.factory_kwargs, num_classes=num_classes,
-                         in_channels=in_channels, image_size=self.image_size, seed=seed, dtype=dtype)
+                         in_channels=in_channels, image_size=self.image_size, seed=seed,
+                         dtype=dtype)
         s = self._net_structure()
         self.dense_widths = tuple(s.widths)
         self.group_names = tuple(s.group_names)

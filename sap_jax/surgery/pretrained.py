@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from sap_jax.runtime.errors import ConfigError
 from sap_jax.structure import groups as G
 from sap_jax.structure import slicing
-from sap_jax.runtime.errors import ConfigError
 
 SOURCES = ("torchvision", "sap_jax")
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
@@ -69,7 +69,8 @@ def _resnet_names(model) -> dict[str, tuple[G.Path, str]]:
         if block.projects:
             names.update(_conv(f"{tv}.downsample.0", ours + ("down_conv",)))
             names.update(_bn(f"{tv}.downsample.1", ours + ("down_bn",)))
-    names["fc.weight"], names["fc.bias"] = (("head", "kernel"), "linear"), (("head", "bias"), "vector")
+    names["fc.weight"], names["fc.bias"] = (
+        (("head", "kernel"), "linear"), (("head", "bias"), "vector"))
     return names
 
 
@@ -78,9 +79,11 @@ def _mobilenet_v2_names(model) -> dict[str, tuple[G.Path, str]]:
     blocks = list(model.blocks())
     for j, (path, block) in enumerate(blocks):
         tv, ours = f"features.{j + 1}.conv", G.as_path(path)
-        layers = ([("0.0", "expand_conv"), ("0.1", "expand_bn"), ("1.0", "dw_conv"), ("1.1", "dw_bn"),
-                   ("2", "project_conv"), ("3", "project_bn")] if block.expand else
-                  [("0.0", "dw_conv"), ("0.1", "dw_bn"), ("1", "project_conv"), ("2", "project_bn")])
+        layers = ([("0.0", "expand_conv"), ("0.1", "expand_bn"), ("1.0", "dw_conv"),
+                   ("1.1", "dw_bn"), ("2", "project_conv"), ("3", "project_bn")]
+                  if block.expand else
+                  [("0.0", "dw_conv"), ("0.1", "dw_bn"), ("1", "project_conv"),
+                   ("2", "project_bn")])
         for k, name in layers:
             add = _bn if name.endswith("_bn") else _conv
             names.update(add(f"{tv}.{k}", ours + (name,)))
