@@ -31,9 +31,11 @@ flags.DEFINE_boolean("remeasure_speed", False,
                      "report the new figures (the earlier ones stay in results.json's "
                      "speed_earlier); nothing else is redone.")
 flags.DEFINE_string("coordinator_address", None,
-                    "Multi-process: HOST:PORT of process 0. Not needed on Cloud TPU or under Slurm.")
+                    "Multi-process: HOST:PORT of process 0. Not needed on Cloud TPU or under "
+                    "Slurm.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes in the job.")
-flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in [0, num_processes).")
+flags.DEFINE_integer("process_id", None,
+                     "Multi-process: this process's index in [0, num_processes).")
 flags.DEFINE_float("distributed_timeout_s", 300.0,
                    "Multi-process: how long start-up waits for every process before giving up.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -87,8 +89,9 @@ def main(argv: list[str]) -> None:
 
 
 def _fail(e: BaseException) -> None:
-    """One line on stderr and the documented exit code for ``e`` (sap_jax.runtime.errors). A preempted
-    run also leaves its marker file in the workdir (process 0, train.checkpoints.PREEMPTED_MARKER)."""
+    """One line on stderr and the documented exit code for ``e`` (sap_jax.runtime.errors). A
+    preempted run also leaves its marker file in the workdir (process 0,
+    train.checkpoints.PREEMPTED_MARKER)."""
     word = "stopped" if isinstance(e, errors.Preempted) else "error"
     if isinstance(e, errors.Preempted) and FLAGS.workdir:
         import jax
@@ -164,8 +167,6 @@ def check_overrides(argv: list[str]) -> str | None:
     answers these with a bare ValueError/AttributeError traceback; this check
     runs first and says what is wrong instead.
     """
-    import difflib
-
     from flax import traverse_util
     from ml_collections.config_flags import config_path
 
@@ -186,7 +187,7 @@ def check_overrides(argv: list[str]) -> str | None:
             return None
         fields = [".".join(k) for k in traverse_util.flatten_dict(config.to_dict())]
         if path not in fields:
-            near = difflib.get_close_matches(path, fields, n=3)
+            near = errors.close_fields(path, fields)
             hint = f" Did you mean {', '.join(near)}?" if near else ""
             return f"override {arg!r}: the config has no field {path!r}.{hint}"
     return None

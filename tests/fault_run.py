@@ -27,6 +27,7 @@ from sap_jax.runtime import console  # noqa: E402
 
 with console.quiet_stderr():  # as python -m sap_jax.main quiets TensorFlow's start-up banners
     import orbax.checkpoint as ocp  # noqa: E402
+
     from sap_jax import main, train  # noqa: E402
 
 hooks = None

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sap_jax.method import agn as agn_lib
 from sap_jax import models, train
+from sap_jax.method import agn as agn_lib
 from sap_jax.structure import flops
-from sap_jax.method import resource
 from sap_jax.structure.codec import ModuleCodec
+from sap_jax.train import spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,7 +29,8 @@ def agn_steps_in_search(c) -> int:
     return (c.num_epochs - c.sap.e_start) * steps_per_epoch // c.sap.agn_every
 
 
-def steps_to_reach_budget(c, image_size: int, batch: int, max_steps: int, tol: float = 0.01) -> tuple[int, float]:
+def steps_to_reach_budget(c, image_size: int, batch: int, max_steps: int,
+                          tol: float = 0.01) -> tuple[int, float]:
     """Train the config's AGN on a frozen, randomly initialised model with synthetic data until
     its deterministic MAC ratio lies within ``tol`` of p (and not above p + tol)."""
     model = models.create(c.model, num_classes=10)
@@ -37,8 +38,9 @@ def steps_to_reach_budget(c, image_size: int, batch: int, max_steps: int, tol: f
     codec = ModuleCodec(model)
     gen = agn_lib.AGN(model.widths, z_dim=c.agn.z_dim, hidden=c.agn.hidden, seed=1)
     agn_codec = ModuleCodec(gen)
-    tx = train.make_agn_optimizer(c.agn)
-    budget = resource.ResourceLoss.from_config(c)
+    run = spec.from_config(c)
+    tx = train.make_agn_optimizer(run.agn)
+    budget = spec.resource_loss(run.budget)
     step = train.make_agn_step(codec, agn_codec, structure, budget, tx, tau=c.agn.tau,
                                offset=c.agn.offset, deterministic_v=c.agn.deterministic_v,
                                lam_rate=c.budget.lam_rate, lam_max_scale=c.budget.lam_max_scale,
@@ -71,7 +73,8 @@ def test_paper_config_agn_reaches_p_on_a_frozen_model(name, image_size):
     # Bounded here to keep the suite short; far below what each config's search gives it.
     cap = min(allowed, 600)
     steps, ratio = steps_to_reach_budget(c, image_size, batch=8, max_steps=cap)
-    assert steps <= cap, f"{name}: deterministic MAC ratio {ratio:.3f} after {cap} AGN steps, p = {c.budget.p}"
+    assert steps <= cap, (f"{name}: deterministic MAC ratio {ratio:.3f} after {cap} AGN steps, "
+                          f"p = {c.budget.p}")
     assert cap < allowed
 
 

@@ -1,22 +1,21 @@
 """Run configs: validation (every error at once, before anything compiles), the workdir's config
 guard, and workdirs of other releases."""
 
-import importlib
-import re
 import hashlib
+import importlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 import sap_jax
-
-from conftest import tiny_config
-from sap_jax.train import config as config_lib
 from sap_jax import train
-from sap_jax.train import checkpoints
+from sap_jax.train import checkpoints, spec
+from sap_jax.train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,7 +31,8 @@ def test_config_validation_lists_every_error():
         config_lib.validate(c, device_count=2, process_count=1)
     msg = str(e.value)
     for part in ("budget: budget p = 1.5", "sap.e_start = 3", "num_epochs = 3",
-                 "unknown model 'resnet57'", "dataset = 'mnist'", "batch_size = 15 does not divide by the 2 devices",
+                 "unknown model 'resnet57'", "dataset = 'mnist'",
+                 "batch_size = 15 does not divide by the 2 devices",
                  "agn.tau = 0.0", "'hinge'", "speed.batch_sizes = (1, 0)", "speed.reps = 0"):
         assert part in msg, part
     with pytest.raises(config_lib.ConfigError, match="image_size"):
@@ -41,7 +41,8 @@ def test_config_validation_lists_every_error():
 
 
 @pytest.mark.parametrize("name", sorted(
-    f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py") and f != "__init__.py"))
+    f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+    if f.endswith(".py") and f != "__init__.py"))
 def test_every_shipped_config_is_valid(name):
     config_lib.validate(importlib.import_module(f"configs.{name}").get_config(),
                         device_count=1, process_count=1)
@@ -76,12 +77,44 @@ def test_every_budget_error_is_listed_through_the_constructors_the_run_uses():
     for part in ("budget.round_to = -1", "budget.measure = 'noisy'", "budget.lam_max_scale = 0.5",
                  "budget: budget scope = 'layers'"):
         assert part in msg, part
-    with pytest.raises(config_lib.ConfigError, match=r"budget.target_margin = 0.6 must lie in \[0, p\)"):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"budget.target_margin = 0.6 must lie in \[0, p\)"):
         config_lib.validate(tiny(**{"budget.target_margin": 0.6}))
     with pytest.raises(config_lib.ConfigError, match="sap.selector = 'random'"):
         config_lib.validate(tiny(**{"sap.selector": "random"}))
-    with pytest.raises(config_lib.ConfigError, match="sap.widths is only used with sap.selector = 'norm'"):
+    with pytest.raises(config_lib.ConfigError,
+                       match="sap.widths is only used with sap.selector = 'norm'"):
         config_lib.validate(tiny(**{"sap.widths": (4, 4, 4)}))
+
+
+def test_a_field_the_spec_does_not_know_is_refused_with_close_matches():
+    """A config still setting a 0.1 name (sap.p, now budget.p) is refused, naming the field the
+    user meant, with every other error of the config."""
+    c = tiny(**{"sap.gamma": -1.0})
+    c.sap.p = 0.3
+    c.budget.lamda = 2.0
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(c)
+    msg = str(e.value)
+    assert re.search(r"sap\.p is not a field .*did you mean budget\.p", msg), msg
+    assert re.search(r"budget\.lamda is not a field .*budget\.lam\b", msg), msg
+    assert "sap.gamma = -1.0" in msg  # the values are checked too: every error at once
+    with pytest.raises(config_lib.ConfigError, match=r"sap\.p .*budget\.p"):
+        spec.from_config(c)  # the one reader refuses it as well
+
+
+def test_the_spec_reads_every_field_once_under_typed_names():
+    c = tiny(**{"budget.p": 0.4, "budget.target_margin": 0.01, "optim.boundaries": [2]})
+    run = spec.from_config(c)
+    assert (run.budget.p, run.budget.generator_target) == (0.4, 0.4 - 0.01)
+    assert (run.optim.num_epochs, run.finetune.num_epochs) == (c.num_epochs, c.finetune.num_epochs)
+    assert run.optim.boundaries == (2,) and run.model.name == c.model
+    assert run.data.batch_size == c.batch_size and run.sap.e_start == c.sap.e_start
+    with pytest.raises(AttributeError):
+        run.budget.p = 0.5  # frozen: read once, never changed
+    del c.cut["bn_in_search"]
+    with pytest.raises(config_lib.ConfigError, match="cut.bn_in_search is missing"):
+        config_lib.validate(c)
 
 
 def _sha(fields) -> str:
@@ -121,7 +154,8 @@ def test_a_workdir_of_another_release_is_refused_naming_that_release(tmp_path):
     checkpoints.check_workdir_config(tmp_path, c)  # a patch release of this one: accepted
 
 
-def test_fields_that_cannot_change_results_may_change_and_any_may_before_the_first_checkpoint(tmp_path):
+def test_fields_that_cannot_change_results_may_change_and_any_may_before_the_first_checkpoint(
+        tmp_path):
     c = tiny()
     (tmp_path / "fresh").mkdir()
     checkpoints.check_workdir_config(tmp_path / "fresh", c)

@@ -20,7 +20,6 @@ from flax import nnx, traverse_util
 from sap_jax import surgery
 from sap_jax.runtime import parallel
 
-
 pytestmark = pytest.mark.slow  # several processes training a tiny model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,8 +18,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from sap_jax.train import config as config_lib
 from sap_jax import surgery, train
+from sap_jax.train import config as config_lib
 from sap_jax.train import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

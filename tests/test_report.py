@@ -1,4 +1,5 @@
-"""The end of a run (sap_jax/train/report.py): results.json's figures, the summary's lines, the files."""
+"""The end of a run (sap_jax/train/report.py): results.json's figures, the summary's lines,
+the files."""
 
 import io
 import json
@@ -8,8 +9,8 @@ import time
 
 from sap_jax import models
 from sap_jax.structure import flops
-from sap_jax.train import report
-from sap_jax.train import Progress
+from sap_jax.train import Progress, report, spec
+from sap_jax.train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,7 +29,9 @@ def _results(**cut):
     for k, v in cut.items():
         setattr(prog, k, v)
     before, after = flops.count(dense), flops.count(pruned)
-    return c, report.results(c, prog.to_json(), before, after, 0.85, dense, pruned), before, after
+    r = report.results(spec.from_config(c), prog.to_json(), before, after, 0.85, dense, pruned,
+                       config=config_lib.to_json_dict(c))
+    return c, r, before, after
 
 
 def test_results_carry_the_measured_ratios_and_the_configs_budget():
@@ -43,8 +46,8 @@ def test_results_carry_the_measured_ratios_and_the_configs_budget():
     assert r["config"]["budget"]["p"] == c.budget.p
     c.sap.selector = "norm"  # no generator ran: no generator ratio, whatever the history holds
     s = models.create_abstract(c.model).structure(c.image_size)
-    assert report.results(c, {"history": {"mac_ratio": [0.4]}}, before, before, 0.8, s, s
-                          )["generator_ratio"] is None
+    assert report.results(spec.from_config(c), {"history": {"mac_ratio": [0.4]}}, before, before,
+                          0.8, s, s, config={})["generator_ratio"] is None
 
 
 def test_the_summary_says_what_the_cut_did():
@@ -56,7 +59,8 @@ def test_the_summary_says_what_the_cut_did():
     assert "over p" not in text and "rounded" not in text
     _, r, _, _ = _results(arch_ratio_chosen=0.55, trimmed_channels=3, round_to=2)
     text = report.summary(r)
-    assert "kept 55.0% of prunable MACs, over p; its 3 lowest-norm kept channels were dropped" in text
+    assert ("kept 55.0% of prunable MACs, over p; its 3 lowest-norm kept channels were dropped"
+            in text)
     assert "kept widths rounded to multiples of 2 (budget.round_to)" in text
     _, r, _, _ = _results(arch_source="generator_last_within_p", arch_ratio_last=0.505)
     assert "last architecture kept 50.5% of prunable MACs, just over p" in report.summary(r)
@@ -73,7 +77,8 @@ def test_the_terminal_gets_a_brief_with_the_headline_figures_and_the_notes():
     text = report.brief(r, "/wd")
     assert len(text.splitlines()) <= 6
     for part in ("budget p = 0.5 of prunable MACs", "final 85.00%", "alignment 0.020",
-                 "its 3 lowest-norm kept channels were dropped", "batch 1 1.10x [0.90-1.30, within noise]",
+                 "its 3 lowest-norm kept channels were dropped",
+                 "batch 1 1.10x [0.90-1.30, within noise]",
                  "batch 64 1.50x [1.40-1.60]", "full report: /wd/summary.txt"):
         assert part in text, part
 

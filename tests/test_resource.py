@@ -12,8 +12,8 @@ import pytest
 from jax.test_util import check_grads
 
 from sap_jax import models
-from sap_jax.structure import flops
 from sap_jax.method import resource
+from sap_jax.structure import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,16 +57,23 @@ def test_budget_errors():
 
 def test_the_generator_aims_at_p_minus_the_margin_of_the_configs_budget_section():
     from configs import test_tiny
+    from sap_jax.train import spec
 
     c = test_tiny.get_config()
     c.budget.p, c.budget.target_margin, c.budget.lam, c.budget.form = 0.4, 0.01, 6.0, "two_sided"
     c.budget.eps, c.budget.scope = 0.002, "total"
-    loss = resource.ResourceLoss.from_config(c)
-    assert (loss.p, loss.lam, loss.form, loss.eps, loss.scope) == (0.39, 6.0, "two_sided", 0.002, "total")
+    budget = spec.from_config(c).budget
+    # Two targets, two names: the cut meets p; the generator aims at p - target_margin.
+    assert (budget.p, budget.generator_target) == (0.4, 0.39)
+    assert spec.cut_policy(budget, backend="cpu").p == 0.4
+    loss = spec.resource_loss(budget)
+    assert (loss.p, loss.lam, loss.form, loss.eps, loss.scope) == (
+        0.39, 6.0, "two_sided", 0.002, "total")
     # Called on an architecture, it gives lam * R at the MAC ratio over its scope.
     model = models.create_abstract(c.model)
     s = model.structure(c.image_size)
     arch = [jnp.concatenate([jnp.ones(w // 2), jnp.zeros(w - w // 2)]) for w in s.widths]
     value, r = loss(s, arch)
     assert float(r) == pytest.approx(float(flops.mac_ratio(s, arch, "total")))
-    assert float(value) == pytest.approx(6.0 * np_resource(float(r), 0.39, "two_sided", 0.002), rel=1e-4)
+    assert float(value) == pytest.approx(
+        6.0 * np_resource(float(r), 0.39, "two_sided", 0.002), rel=1e-4)

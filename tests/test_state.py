@@ -39,3 +39,34 @@ def test_a_new_run_leaves_unset_fields_out_and_partial_epochs_are_consumed_once(
     p.add_time("dense", 1.0)
     p.add_time("dense", 0.5)
     assert p.times == {"dense": 1.5}
+
+
+def test_the_typed_state_is_saved_under_the_checkpoint_keys(tmp_path):
+    """The run's arrays are typed records; a checkpoint still holds the dict of pytrees with
+    the keys of state.py (SEARCH_KEYS / FINETUNE_KEYS), and restores into the same type."""
+    import jax
+    import numpy as np
+
+    from sap_jax.runtime import parallel
+    from sap_jax.train import checkpoints
+    from sap_jax.train import state as state_lib
+
+    arrays = {k: np.full(2, i, np.float32) for i, k in enumerate(state_lib.SEARCH_KEYS)}
+    s = state_lib.SearchState.from_dict(arrays)
+    assert set(s.to_dict()) == set(state_lib.SEARCH_KEYS)
+    assert set(state_lib.Weights.from_dict(arrays).to_dict()) == set(state_lib.FINETUNE_KEYS)
+    moved = s.replace(arch=s.prev_arch)  # steps and hooks rebind; nothing is mutated
+    assert moved.arch is s.prev_arch and s.arch is arrays["arch"]
+    assert jax.tree.leaves(s)  # a pytree: jax.tree.map and replication reach every array
+
+    ckpts = checkpoints.Checkpoints(parallel.path(tmp_path), keep=1, config_hash="h")
+    ckpts.save(s, {"phase": "search", "epoch": 1, "step": 3})
+    mesh = parallel.make_mesh()
+    as_dict = ckpts.restore(arrays, mesh)  # the layout on disk: the plain dict of pytrees
+    assert set(as_dict) == set(state_lib.SEARCH_KEYS)
+    back = ckpts.restore(s, mesh)
+    assert isinstance(back, state_lib.SearchState)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(np.asarray(getattr(back, k)), v)
+        np.testing.assert_array_equal(np.asarray(as_dict[k]), v)
+    ckpts.manager.close()

@@ -7,12 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
-from sap_jax.train import config as config_lib
-from sap_jax import info, surgery, train
-from sap_jax.train import report
 
+from sap_jax import info, surgery, train
+from sap_jax.train import config as config_lib
+from sap_jax.train import report
 
 pytestmark = pytest.mark.slow  # whole tiny runs, in-process and through the CLI
 

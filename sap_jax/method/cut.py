@@ -38,18 +38,13 @@ class CutPolicy:
 
     def __post_init__(self):
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0 < self.p <= 1:
-            raise ValueError(f"budget p = {self.p!r} must lie in (0, 1] (the fraction of MACs kept).")
+            raise ValueError(f"budget p = {self.p!r} must lie in (0, 1] (the fraction of MACs "
+                             "kept).")
         if self.scope not in flops.SCOPES:
             raise ValueError(f"budget scope = {self.scope!r}; use one of {flops.SCOPES}.")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 0:
+        if (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                or self.round_to < 0):
             raise ValueError(f"round_to = {self.round_to!r} must be an integer >= 0.")
-
-    @classmethod
-    def from_config(cls, c, backend: str) -> "CutPolicy":
-        """The cut policy of a run config's ``budget`` section, on JAX backend ``backend``."""
-        b = c.budget
-        return cls(p=b.p, scope=b.scope, enforce_budget=b.enforce, round_to=b.round_to,
-                   backend=backend)
 
 
 @dataclasses.dataclass
@@ -170,7 +165,8 @@ def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p
 
 
 # Kept-width multiple of budget.round_to = 0 ("auto") per JAX backend: tensor-core tiles on GPUs,
-# the 128-wide MXU/lanes on TPUs; none on CPUs, where rounding measured within noise (benchmarks.md).
+# the 128-wide MXU/lanes on TPUs; none on CPUs, where rounding measured within noise
+# (benchmarks.md).
 HARDWARE_MULTIPLE = {"gpu": 8, "cuda": 8, "rocm": 8, "tpu": 128}
 
 
@@ -188,7 +184,8 @@ def auto_round_widths(structure: G.Structure, widths: Sequence[int], p: float, b
     return 1, list(widths)
 
 
-def resize_arch(arch: G.Arch, widths: Sequence[int], norms: Sequence[np.ndarray]) -> list[np.ndarray]:
+def resize_arch(arch: G.Arch, widths: Sequence[int],
+                norms: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Change each group's kept count to ``widths``: drop the lowest-norm kept channels, or add
     the highest-norm dropped ones. Channels that stay keep their keep/drop decision."""
     out = []

@@ -35,7 +35,8 @@ def check_budget(p, *, form: str = "one_sided", eps: float = 0.005) -> None:
     if _is_concrete_number(p) and not 0.0 < p <= 1.0:
         raise ValueError(f"FLOPs budget p = {p!r} must lie in (0, 1]: it is the fraction of "
                          f"MACs to keep (e.g. 0.48 keeps 48%).")
-    if form == "two_sided" and _is_concrete_number(eps) and _is_concrete_number(p) and not 0.0 <= eps < p:
+    if (form == "two_sided" and _is_concrete_number(eps) and _is_concrete_number(p)
+            and not 0.0 <= eps < p):
         raise ValueError(f"dead band eps = {eps!r} must satisfy 0 <= eps < p = {p!r}.")
 
 
@@ -64,7 +65,8 @@ class ResourceLoss:
     """``lam * R(T(v)/T_full, p)`` with its settings, validated on construction.
 
     Attributes:
-      p: target kept fraction of MACs, in (0, 1].
+      p: target kept fraction of MACs, in (0, 1]. A run's generator aims below its budget:
+        ``budget.generator_target`` (``sap_jax.train.spec.resource_loss``).
       lam: weight λ of the resource term in the AGN loss (lineage: 4–8).
       form: ``"one_sided"`` or ``"two_sided"``.
       eps: dead band of the two-sided form.
@@ -83,13 +85,6 @@ class ResourceLoss:
             raise ValueError(f"budget scope must be one of {flops.SCOPES}, got {self.scope!r}.")
         if not _is_concrete_number(self.lam) or self.lam < 0:
             raise ValueError(f"resource-loss weight lam = {self.lam!r} must be a number >= 0.")
-
-    @classmethod
-    def from_config(cls, c) -> "ResourceLoss":
-        """The generator's budget of a run config's ``budget`` section: it aims at
-        ``p - target_margin`` (so that its wobble around the target stays within p)."""
-        b = c.budget
-        return cls(b.p - b.target_margin, lam=b.lam, form=b.form, eps=b.eps, scope=b.scope)
 
     def ratio(self, structure: G.Structure, arch: G.Arch) -> jax.Array:
         """Kept MAC fraction of ``arch`` over this loss's scope (differentiable)."""

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 #: Bad config, missing dataset, unreadable or foreign checkpoint, or a non-finite loss.
 EXIT_BAD_INPUT = 2
 #: The multi-process job could not form (bad setup or unreachable coordinator).
@@ -53,6 +56,17 @@ _CODES: tuple[tuple[type[BaseException], int], ...] = (
     (NonFiniteLoss, EXIT_BAD_INPUT),
     (CheckpointError, EXIT_BAD_INPUT),
 )
+
+
+def close_fields(name: str, known: Iterable[str], n: int = 3) -> list[str]:
+    """The config fields a user may have meant by the dotted ``name``, for "did you mean":
+    the same field name in another section first (a field that moved, ``sap.p`` ->
+    ``budget.p``, which no spelling match finds), then close spellings of the whole path."""
+    known = list(known)
+    last = name.rsplit(".", 1)[-1]
+    out = [k for k in known if k != name and k.rsplit(".", 1)[-1] == last]
+    out += difflib.get_close_matches(name, known, n=n)
+    return list(dict.fromkeys(out))[:n]
 
 
 def exit_code(e: BaseException) -> int | None:

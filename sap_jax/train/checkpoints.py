@@ -1,8 +1,11 @@
 """Checkpoints, the workdir's config guard and the preemption watch.
 
 A checkpoint holds two items: ``state`` (the arrays, a dict of pytrees) and ``meta`` (the
-run's :class:`~sap_jax.train.state.Progress` as JSON). Every orbax failure is translated into
-an error that names the checkpoint and says what to do (:mod:`sap_jax.runtime.errors`).
+run's :class:`~sap_jax.train.state.Progress` as JSON). The run's typed state
+(:class:`~sap_jax.train.state.Weights` and its subclass) becomes that dict here and only here,
+so the on-disk layout does not depend on how the code names things. Every orbax failure is
+translated into an error that names the checkpoint and says what to do
+(:mod:`sap_jax.runtime.errors`).
 """
 
 from __future__ import annotations
@@ -18,13 +21,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sap_jax.train import config as config_lib
 from sap_jax.runtime import parallel
+from sap_jax.runtime.errors import CheckpointError, CheckpointWriteError, ConfigError
 from sap_jax.runtime.version import VERSION
 from sap_jax.surgery import CKPT_DIR
-from sap_jax.runtime.errors import CheckpointError, CheckpointWriteError, ConfigError
-
-
+from sap_jax.train import config as config_lib
+from sap_jax.train.state import Weights
 
 CHANGES = "config_changes.json"
 #: The release that started the workdir (``{"sap_jax": "0.2.0"}``), beside config.json.
@@ -153,7 +155,8 @@ def _record_change(workdir: Any, fields: dict[str, list], from_hashes: set[str])
     if jax.process_index() != 0:
         return
     changes = config_changes(workdir)
-    changes.append({"from_checkpoint": _checkpoint_steps(workdir)[-1], "fields": fields, "from_hashes": sorted(from_hashes)})
+    changes.append({"from_checkpoint": _checkpoint_steps(workdir)[-1], "fields": fields,
+                    "from_hashes": sorted(from_hashes)})
     parallel.write_text_atomic(workdir / CHANGES, json.dumps(changes, indent=2))
 
 
@@ -182,12 +185,16 @@ class Checkpoints:
     def path(self, step: int | None = None) -> str:
         return str(self.dir / str(self.latest_step() if step is None else step))
 
-    def save(self, state: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-        """Write checkpoint ``meta["ckpt"] + 1`` and wait for it; returns the meta written."""
+    def save(self, state: Weights | dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        """Write checkpoint ``meta["ckpt"] + 1`` and wait for it; returns the meta written.
+
+        ``state``: the run's typed state (saved as its :meth:`~Weights.to_dict`) or a dict of
+        pytrees."""
         meta = {**meta, "ckpt": meta.get("ckpt", 0) + 1, "config_hash": self.hash}
+        tree = state.to_dict() if isinstance(state, Weights) else state
         try:
             self.manager.save(meta["ckpt"], args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+                state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax and the file system raise many types
             prev = self.latest_step()
@@ -206,18 +213,21 @@ class Checkpoints:
             f"was not written by this run. Delete {path} to resume from the checkpoint before "
             "it, or start again with a new --workdir.")
 
-    def restore(self, template: dict[str, Any], mesh) -> dict[str, Any]:
-        """The latest checkpoint's arrays, shaped like ``template``, replicated over ``mesh``."""
+    def restore(self, template: Weights | dict[str, Any], mesh) -> Weights | dict[str, Any]:
+        """The latest checkpoint's arrays, shaped like ``template`` and of its type (a typed
+        state or a dict of pytrees), replicated over ``mesh``."""
         sharding = parallel.param_sharding(mesh)
+        tree = template.to_dict() if isinstance(template, Weights) else template
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype if isinstance(x, jax.Array)
-                                           else np.asarray(x).dtype, sharding=sharding), template)
+                                           else np.asarray(x).dtype, sharding=sharding), tree)
         try:
             out = self.manager.restore(self.latest_step(), args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract)))
         except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable data
             raise self._damaged(e) from e
-        return out["state"]
+        state = out["state"]
+        return type(template).from_dict(state) if isinstance(template, Weights) else state
 
     def latest_meta(self) -> dict[str, Any] | None:
         """The latest checkpoint's progress record (None in a new workdir)."""
@@ -243,11 +253,12 @@ def latest_progress(workdir: str, config: ml_collections.ConfigDict) -> dict[str
     for a damaged checkpoint or one from another config. With several processes, call it on
     every process (orbax's manager synchronises them)."""
     stored = _stored_config(parallel.path(workdir))
-    same = stored is not None and not _diff_keys(config_lib.result_fields(stored[0]),
-                                                 config_lib.result_fields(config_lib.to_json_dict(config)))
+    mine = config_lib.result_fields(config_lib.to_json_dict(config))
+    same = stored is not None and not _diff_keys(config_lib.result_fields(stored[0]), mine)
     earlier = _earlier_hashes(parallel.path(workdir))
     ckpts = Checkpoints(parallel.path(workdir), keep=config.keep_checkpoints,
-                        config_hash=config_hash(config), accept=stored[1] | earlier if same else set())
+                        config_hash=config_hash(config),
+                        accept=stored[1] | earlier if same else set())
     try:
         return ckpts.latest_meta()
     finally:

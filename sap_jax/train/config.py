@@ -1,4 +1,10 @@
-"""A run's config: every mistake reported at once, before anything compiles."""
+"""A run's config: every mistake reported at once, before anything compiles.
+
+:func:`validate` checks the values; the set of fields is the run spec's
+(:func:`sap_jax.train.spec.read`: a field it does not know, such as a renamed one of an older
+release, is listed with the rest), and the budget is checked by building what the run builds
+from the spec (:func:`~sap_jax.train.spec.cut_policy`, :func:`~sap_jax.train.spec.resource_loss`).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from sap_jax import models
-from sap_jax.method import agn, baselines, cut, resource
-from sap_jax.tracing import trace
-from sap_jax.runtime.errors import ConfigError  # noqa: F401 - defined here before sap_jax.runtime.errors
+from sap_jax import models, tracing
+from sap_jax.method import agn, baselines, resource
+from sap_jax.runtime.errors import ConfigError  # noqa: F401 - re-exported (it lived here)
+from sap_jax.train import spec as spec_lib
 
 DATASETS = ("cifar10", "imagenet2012", "digits", "mnist5k")
 # Training examples per dataset (before the validation split is carved out), to check
@@ -45,7 +51,8 @@ def _in(x: Any, options: tuple) -> bool:
     return isinstance(x, str) and x in options
 
 
-def _check_optimizer(o: ml_collections.ConfigDict, name: str, epochs: int, errors: list[str]) -> None:
+def _check_optimizer(o: ml_collections.ConfigDict, name: str, epochs: int,
+                     errors: list[str]) -> None:
     if not (_num(o.learning_rate) and o.learning_rate > 0):
         errors.append(f"{name}.learning_rate = {o.learning_rate!r} must be > 0.")
     if not (_int(o.base_batch_size) and o.base_batch_size > 0):
@@ -66,9 +73,11 @@ def _check_optimizer(o: ml_collections.ConfigDict, name: str, epochs: int, error
         errors.append(f"{name}.weight_decay = {o.weight_decay!r} must be >= 0.")
 
 
-def _check_budget(c: ml_collections.ConfigDict, errors: list[str]) -> None:
-    """The ``budget`` section, through the constructors the run uses (CutPolicy, ResourceLoss)."""
-    b, first = c.budget, len(errors)
+def _check_budget(b: spec_lib.BudgetSpec, errors: list[str]) -> None:
+    """The ``budget`` section, through the constructors the run calls on the same spec
+    (``spec.cut_policy``, ``spec.resource_loss``), so that validation cannot pass a budget the
+    run would refuse."""
+    first = len(errors)
     for field, ok, want in (
             ("form", _in(b.form, resource.FORMS), f"one of {resource.FORMS}"),
             ("eps", _num(b.eps) and b.eps >= 0, ">= 0"),
@@ -80,9 +89,9 @@ def _check_budget(c: ml_collections.ConfigDict, errors: list[str]) -> None:
             ("round_to", _int(b.round_to) and b.round_to >= 0,
              "an integer >= 0 (0 = auto for the backend, 1 = no rounding)")):
         if not ok:
-            errors.append(f"budget.{field} = {b[field]!r} must be {want}.")
+            errors.append(f"budget.{field} = {getattr(b, field)!r} must be {want}.")
     try:
-        cut.CutPolicy.from_config(c, backend="cpu")
+        spec_lib.cut_policy(b, backend="cpu")
     except (ValueError, TypeError) as e:
         errors.append(f"budget: {e}")
         return  # the generator's target below would repeat a bad p or scope
@@ -90,21 +99,12 @@ def _check_budget(c: ml_collections.ConfigDict, errors: list[str]) -> None:
         errors.append(f"budget.target_margin = {b.target_margin!r} must lie in [0, p).")
     if len(errors) == first:  # the rest is sound: what the generator aims at must be too
         try:
-            resource.ResourceLoss.from_config(c)
+            spec_lib.resource_loss(b)
         except ValueError as e:
             errors.append(f"budget: {e}")
 
 
-def model_arguments(c: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What ``models.create(c.model, ...)`` needs beyond a preset's arguments: for a factory
-    ``"package.module:function"``, the input size, its JSON arguments and the group choice."""
-    if not models.is_factory_path(c.model):
-        return {}
-    return dict(image_size=c.image_size, factory_kwargs=json.loads(c.model_kwargs),
-                prune=c.model_prune, ignore=tuple(c.model_ignore))
-
-
-def _check_factory(c: ml_collections.ConfigDict, errors: list[str]):
+def _check_factory(c: ml_collections.ConfigDict, run: spec_lib.RunSpec, errors: list[str]):
     """A user's model: its fields, then the factory called and traced abstractly."""
     first = len(errors)
     try:
@@ -113,18 +113,20 @@ def _check_factory(c: ml_collections.ConfigDict, errors: list[str]):
         kwargs = None
         errors.append(f"model_kwargs = {c.model_kwargs!r} is not valid JSON ({e}).")
     if not isinstance(kwargs, dict) and len(errors) == first:
-        errors.append(f"model_kwargs = {c.model_kwargs!r} must be a JSON object, e.g. '{{\"width\": 16}}'.")
-    if not _in(c.model_prune, trace.PRUNE):
-        errors.append(f"model_prune = {c.model_prune!r}; use one of {trace.PRUNE}.")
-    if not (isinstance(c.model_ignore, (tuple, list)) and all(isinstance(x, str) for x in c.model_ignore)):
+        errors.append(f"model_kwargs = {c.model_kwargs!r} must be a JSON object, e.g. "
+                      "'{\"width\": 16}'.")
+    if not _in(c.model_prune, tracing.PRUNE):
+        errors.append(f"model_prune = {c.model_prune!r}; use one of {tracing.PRUNE}.")
+    if not (isinstance(c.model_ignore, (tuple, list))
+            and all(isinstance(x, str) for x in c.model_ignore)):
         errors.append(f"model_ignore = {c.model_ignore!r} must be a tuple of layer paths.")
     if len(errors) > first or not (_int(c.image_size) and c.image_size > 0):
         return None
     try:
         dtype = c.dtype if _in(c.dtype, DTYPES) and c.dtype != "float32" else None
         return models.create_abstract(c.model, num_classes=NUM_CLASSES.get(c.dataset), dtype=dtype,
-                                      **model_arguments(c))
-    except ValueError as e:  # trace.TraceError included
+                                      **spec_lib.model_arguments(run.model, c.image_size))
+    except ValueError as e:  # tracing.TraceError included
         errors.append(f"model: {e}")
     except Exception as e:  # noqa: BLE001 - a user's factory may raise anything
         errors.append(f"model: building {c.model} failed: {type(e).__name__}: {e}")
@@ -158,13 +160,13 @@ def _check_init_from(c: ml_collections.ConfigDict, model, errors: list[str]) -> 
         errors.append(f"init_from: {path} is not a directory (a saved model or a run's workdir).")
 
 
-def _check_model(c: ml_collections.ConfigDict, errors: list[str]):
+def _check_model(c: ml_collections.ConfigDict, run: spec_lib.RunSpec, errors: list[str]):
     """The model name and its image size; the abstract model (None if the name is bad)."""
     model = None
     if not isinstance(c.model, str):
         errors.append(f"model = {c.model!r} must be a model name (see sap_jax.models.names()).")
     elif models.is_factory_path(c.model):
-        model = _check_factory(c, errors)
+        model = _check_factory(c, run, errors)
     elif c.model not in models.PRESETS:
         try:
             models.get_preset(c.model)
@@ -199,7 +201,8 @@ def _check_data(c: ml_collections.ConfigDict, errors: list[str], device_count: i
     if not (_int(c.num_epochs) and c.num_epochs > 0):
         errors.append(f"num_epochs = {c.num_epochs!r} must be a positive integer.")
     if not (_int(c.steps_per_epoch) and c.steps_per_epoch >= 0):
-        errors.append(f"steps_per_epoch = {c.steps_per_epoch!r} must be an integer >= 0 (0 = full epoch).")
+        errors.append(f"steps_per_epoch = {c.steps_per_epoch!r} must be an integer >= 0 "
+                      "(0 = full epoch).")
     if not _in(c.dtype, DTYPES):
         errors.append(f"dtype = {c.dtype!r}; use one of {DTYPES}.")
     if not (_int(c.val_size) and c.val_size >= 0):
@@ -305,13 +308,17 @@ def _check_rest(c: ml_collections.ConfigDict, errors: list[str]) -> None:
 
 def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
              process_count: int | None = None) -> None:
-    """Raise :class:`ConfigError` listing every invalid field of ``c``."""
-    errors: list[str] = []
+    """Raise :class:`ConfigError` listing every invalid field of ``c``: unknown ones (with close
+    matches) and bad values alike. A config missing a field is refused with only that (its
+    values cannot be checked)."""
+    run, errors = spec_lib.read(c)
+    if run is None:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     device_count = jax.device_count() if device_count is None else device_count
     process_count = jax.process_count() if process_count is None else process_count
-    model = _check_model(c, errors)
+    model = _check_model(c, run, errors)
     _check_data(c, errors, device_count, process_count)
-    _check_budget(c, errors)
+    _check_budget(run.budget, errors)
     _check_sap(c, model, errors)
     _check_agn(c, errors, device_count)
     _check_rest(c, errors)
@@ -327,7 +334,8 @@ NOT_RESULT_FIELDS = ("compile_cache", "data_dir", "log_every_steps", "plots", "s
                      "checkpoint_every_epochs", "keep_checkpoints", "preemption_check_every_steps")
 
 
-def result_fields(d: dict[str, Any], exclude: tuple[str, ...] = NOT_RESULT_FIELDS) -> dict[str, Any]:
+def result_fields(d: dict[str, Any],
+                  exclude: tuple[str, ...] = NOT_RESULT_FIELDS) -> dict[str, Any]:
     """A config's JSON dict without the fields in ``exclude`` (what resuming must match)."""
     return {k: v for k, v in d.items() if k not in exclude}
 

@@ -4,7 +4,9 @@
 the non-finite check, step logging and progress, the preemption watch, end-of-epoch
 bookkeeping and the checkpoint policy. What differs between phases (the penalty's ``v`` and
 gamma, the AGN step, the end-of-epoch evaluation) comes in a :class:`Phase` of hooks.
-:class:`Hooks` is the public seam for code that embeds a run (tests, notebooks).
+The state is a typed record (:class:`~sap_jax.train.state.Weights` or its subclass): a step
+or a phase hook returns a new one, which the loop rebinds. :class:`Hooks` is the public seam
+for code that embeds a run (tests, notebooks).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from absl import logging
 
 from sap_jax.runtime import parallel
 from sap_jax.runtime.errors import NonFiniteLoss, Preempted
-from sap_jax.train.state import Progress
+from sap_jax.train.state import Progress, Weights
 
 #: Dropout keys are fold_in(fold_in(rng, DROPOUT_STREAM), step), apart from the AGN's noise keys.
 DROPOUT_STREAM = 1 << 30
@@ -52,24 +54,36 @@ class Hooks:
             self.on_phase(name)
 
 
-def _noop(*_: Any) -> None:
-    return None
+def _keep_state(_epoch: int, _start: int, state: Weights) -> Weights:
+    return state
+
+
+def _no_agn_step(_step: int, state: Weights) -> tuple[Weights, None]:
+    return state, None
+
+
+def _no_evaluation(_epoch: int, state: Weights, _loss: float, _agn: list[dict]) -> Weights:
+    return state
 
 
 @dataclasses.dataclass
 class Phase:
-    """One run of epochs, as :func:`run_epochs` needs it."""
+    """One run of epochs, as :func:`run_epochs` needs it. The hooks that may change the state
+    return it (the loop rebinds it); none mutates it."""
 
     num_epochs: int
     train_step: Callable  # steps.make_train_step's function
     label: Callable[[int], str]  # epoch -> "dense" | "search" | "finetune" (logs, times)
-    penalty_arch: Callable[[dict], Any]  # state -> the v the penalty reads
+    penalty_arch: Callable[[Weights], Any]  # state -> the v the penalty reads
     gamma: Callable[[int], jax.Array]  # epoch -> the penalty's weight
     must_save: Callable[[int], bool]  # epochs done -> checkpoint now?
     data_epoch_offset: int = 0  # the data order of epoch e is that of epoch offset + e
-    start_epoch: Callable[[int, int, dict], None] = _noop  # (epoch, first step, state)
-    after_step: Callable[[int, dict], dict | None] = _noop  # (step, state) -> AGN metrics
-    end_epoch: Callable[[int, dict, float, list[dict]], None] = _noop  # (epoch, state, loss, agn)
+    # (epoch, first step, state) -> state
+    start_epoch: Callable[[int, int, Weights], Weights] = _keep_state
+    # (step, state) -> (state, AGN metrics or None)
+    after_step: Callable[[int, Weights], tuple[Weights, dict | None]] = _no_agn_step
+    # (epoch, state, train loss, AGN metrics) -> state
+    end_epoch: Callable[[int, Weights, float, list[dict]], Weights] = _no_evaluation
 
 
 def host_metrics(acc: list[dict]) -> list[dict[str, Any]]:
@@ -78,29 +92,31 @@ def host_metrics(acc: list[dict]) -> list[dict[str, Any]]:
             for m in acc]
 
 
-def run_epochs(env, ph: Phase, state: dict[str, Any], prog: Progress) -> dict[str, Any]:
-    """Run the phase's remaining epochs from ``prog`` (mid-epoch after a preemption)."""
-    c = env.config
-    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), DROPOUT_STREAM)
+def run_epochs(env, ph: Phase, state: Weights, prog: Progress) -> Weights:
+    """Run the phase's remaining epochs from ``prog`` (mid-epoch after a preemption); returns
+    the state at the end."""
+    data, every = env.spec.data, env.spec.log_every_steps
+    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), DROPOUT_STREAM)
     for epoch in range(prog.epoch, ph.num_epochs):
         t0 = time.perf_counter()
         start, acc, agn_acc = prog.pop_partial()
         label = ph.label(epoch)
-        ph.start_epoch(epoch, start, state)
+        state = ph.start_epoch(epoch, start, state)
         gamma = ph.gamma(epoch)
-        for b in env.data.train_batches(ph.data_epoch_offset + epoch, c.batch_size,
-                                        c.steps_per_epoch or None, start=start):
-            state["params"], state["rest"], state["opt_state"], m = ph.train_step(
-                state["params"], state["rest"], state["opt_state"],
+        for b in env.data.train_batches(ph.data_epoch_offset + epoch, data.batch_size,
+                                        data.steps_per_epoch or None, start=start):
+            params, rest, opt_state, m = ph.train_step(
+                state.params, state.rest, state.opt_state,
                 parallel.global_batch(b, env.mesh), ph.penalty_arch(state), gamma,
                 jax.random.fold_in(dropout_rng, prog.step))
+            state = state.replace(params=params, rest=rest, opt_state=opt_state)
             prog.step += 1
             acc.append(m)
-            am = ph.after_step(prog.step, state)
+            state, am = ph.after_step(prog.step, state)
             if am is not None:
                 agn_acc.append(am)
-            if prog.step % c.log_every_steps == 0:
-                log_train(env, prog, label, epoch, acc[-c.log_every_steps:])
+            if prog.step % every == 0:
+                log_train(env, prog, label, epoch, acc[-every:])
             env.report_progress(prog.step)
             env.progress_line.update(prog.step, f"{label} epoch {epoch + 1}/{ph.num_epochs}")
             env.hooks.step(label, prog.step, m)
@@ -110,7 +126,7 @@ def run_epochs(env, ph: Phase, state: dict[str, Any], prog: Progress) -> dict[st
                 preempt(env, state, prog, label, epoch, rows, agn_acc, t0)
         env.progress_line.clear()  # whole lines from here: the epoch's
         train_loss = epoch_done(prog, log_train(env, prog, label, epoch, acc))
-        ph.end_epoch(epoch, state, train_loss, agn_acc)
+        state = ph.end_epoch(epoch, state, train_loss, agn_acc)
         prog.add_time(label, time.perf_counter() - t0)
         prog.epoch = epoch + 1
         if ph.must_save(epoch + 1):
@@ -123,7 +139,7 @@ def log_train(env, prog: Progress, phase: str, epoch: int, acc: list[dict]) -> l
     Returns ``acc`` as host values, for the end-of-epoch and preemption bookkeeping."""
     rows = host_metrics(acc)
     good = [r for r in rows if r["finite"] == 1.0]
-    if len(good) < len(rows) and env.config.on_nonfinite == "stop":
+    if len(good) < len(rows) and env.spec.on_nonfinite == "stop":
         first = next(i for i, r in enumerate(rows) if r["finite"] != 1.0)
         bad = prog.step - len(rows) + first + 1
         last = env.ckpts.latest_step()
@@ -144,7 +160,8 @@ def log_train(env, prog: Progress, phase: str, epoch: int, acc: list[dict]) -> l
 
 
 def epoch_done(prog: Progress, rows: list[dict[str, Any]]) -> float:
-    """Count skipped steps of a finished epoch (host metrics); its mean train loss over good steps."""
+    """Count skipped steps of a finished epoch (host metrics); its mean train loss over good
+    steps."""
     good = [r["loss"] for r in rows if r["finite"] == 1.0]
     prog.skipped_steps += len(rows) - len(good)
     if len(good) < len(rows):
@@ -153,12 +170,12 @@ def epoch_done(prog: Progress, rows: list[dict[str, Any]]) -> float:
     return float(np.mean(good)) if good else float("nan")
 
 
-def save(env, state: dict[str, Any], prog: Progress) -> None:
+def save(env, state: Weights, prog: Progress) -> None:
     meta = env.ckpts.save(state, prog.to_json())
     prog.ckpt, prog.config_hash = meta["ckpt"], meta["config_hash"]
 
 
-def preempt(env, state: dict[str, Any], prog: Progress, phase: str, epoch: int,
+def preempt(env, state: Weights, prog: Progress, phase: str, epoch: int,
             rows: list[dict[str, Any]], agn_acc: list[dict], t0: float) -> None:
     """Save mid-epoch (metrics so far included) and stop with :class:`Preempted`."""
     prog.add_time(phase, time.perf_counter() - t0)

@@ -5,23 +5,34 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sap_jax.train import config as config_lib
-from sap_jax.structure import flops
 from sap_jax.runtime import speed
 from sap_jax.runtime.console import human
+from sap_jax.structure import flops
+from sap_jax.train.spec import RunSpec
 
 
-def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, final_acc: float,
-            dense_structure, pruned_structure) -> dict[str, Any]:
-    """Everything a run reports, JSON-ready."""
+def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: flops.Counts,
+            final_acc: float, dense_structure, pruned_structure, *,
+            config: dict[str, Any]) -> dict[str, Any]:
+    """Everything a run reports, JSON-ready.
+
+    Args:
+      spec: the run's spec (model, dataset, budget, selector).
+      meta: the run's :class:`~sap_jax.train.state.Progress` as JSON.
+      before, after: the dense and the pruned model's counts.
+      final_acc: the fine-tuned model's test accuracy.
+      dense_structure, pruned_structure: the two models' channel groups.
+      config: the run's config as JSON (``config.to_json_dict``), recorded as it was given.
+    """
     ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
     return {
-        "model": c.model, "dataset": c.dataset, "image_size": c.image_size, "p": c.budget.p,
-        "budget_scope": c.budget.scope,
+        "model": spec.model.name, "dataset": spec.data.dataset, "image_size": spec.image_size,
+        "p": spec.budget.p, "budget_scope": spec.budget.scope,
         "dense_acc": meta.get("dense_acc"),
         "subnet_acc_at_cut": meta.get("subnet_acc_at_cut"),
         "cut_acc": meta.get("cut_acc"),  # extracted model, BN statistics as trained
-        "cut_acc_bn": meta.get("cut_acc_bn"),  # ... with BN statistics re-estimated (cut.bn_batches)
+        # ... with BN statistics re-estimated (cut.bn_batches)
+        "cut_acc_bn": meta.get("cut_acc_bn"),
         "best_subnet_val_acc": meta.get("best_subnet_val_acc"),
         "best_subnet_epoch": meta.get("best_subnet_epoch"),
         "final_acc": final_acc,
@@ -35,7 +46,7 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         "alignment_ratio_at_cut": meta.get("alignment_ratio_at_cut"),
         # The generator's own (deterministic) MAC ratio at the end of the search.
         "generator_ratio": ((meta.get("history", {}).get("mac_ratio") or [None])[-1]
-                            if c.sap.selector == "agn" else None),
+                            if spec.sap.selector == "agn" else None),
         "saturated_epochs": meta.get("saturated_epochs", 0),
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": ratio(after.macs, before.macs),
@@ -49,7 +60,7 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         # "norm"; last_arch_ratio is the over-budget ratio it replaced.
         "arch_source": meta.get("arch_source"),
         "last_arch_ratio": meta.get("arch_ratio_last"),
-        "budget_enforced": bool(c.budget.enforce),
+        "budget_enforced": bool(spec.budget.enforce),
         "trimmed_channels": meta.get("trimmed_channels", 0),  # dropped by budget.enforce
         "round_to": meta.get("round_to"),  # kept-width multiple applied at the cut (1 = none)
         "params_before": before.params, "params_after": after.params,
@@ -60,7 +71,7 @@ def results(c, meta: dict[str, Any], before: flops.Counts, after: flops.Counts, 
         "times_s": dict(meta.get("times", {})),
         "skipped_steps": meta.get("skipped_steps", 0),
         "history": meta.get("history", {}),
-        "config": config_lib.to_json_dict(c),
+        "config": config,
     }
 
 
@@ -95,8 +106,9 @@ def summary(r: dict[str, Any]) -> str:
         f"{k} {v:.1f}s" for k, v in r["times_s"].items())]
     cache = r.get("compile_cache") or {}
     if cache.get("directory"):
-        lines.append(f"  compilation cache: {cache['loaded']} of {cache['requests']} programs loaded, "
-                     f"{cache['saved_s']:.1f}s of compiling saved ({cache['directory']})")
+        lines.append(f"  compilation cache: {cache['loaded']} of {cache['requests']} programs "
+                     f"loaded, {cache['saved_s']:.1f}s of compiling saved "
+                     f"({cache['directory']})")
     return "\n".join(lines)
 
 
@@ -128,9 +140,11 @@ def _notes(r: dict[str, Any]) -> list[str]:
     lines = []
     chosen = r.get("chosen_arch_ratio")
     if chosen is not None and chosen > r["p"]:
-        lines.append(f"  the chosen architecture kept {chosen:.1%} of {r['budget_scope']} MACs, over p; "
-                     + (f"its {r.get('trimmed_channels', 0)} lowest-norm kept channels were dropped "
-                        "at the cut to meet p" if r.get("budget_enforced")
+        trimmed = r.get("trimmed_channels", 0)
+        lines.append(f"  the chosen architecture kept {chosen:.1%} of {r['budget_scope']} MACs, "
+                     "over p; "
+                     + (f"its {trimmed} lowest-norm kept channels were dropped at the cut to "
+                        "meet p" if r.get("budget_enforced")
                         else "cut as chosen (budget.enforce = False)"))
     if r.get("arch_source") == "generator_last_within_p":
         lines.append(f"  the generator's last architecture kept {r['last_arch_ratio']:.1%} of "
@@ -178,7 +192,8 @@ def write_plots(workdir: str, r: dict[str, Any]) -> list[str]:
     out = []
     for draw, name, size in ((_plot_accuracy, "accuracy.png", (7, 4)),
                              (_plot_hamming, "hamming.png", (7, 4)),
-                             (_plot_widths, "widths.png", (max(6, 0.25 * len(r["widths"]) + 2), 4.5))):
+                             (_plot_widths, "widths.png",
+                              (max(6, 0.25 * len(r["widths"]) + 2), 4.5))):
         fig, ax = plt.subplots(figsize=size)
         draw(ax, r)
         out.append(_save(fig, workdir, name))
@@ -197,7 +212,8 @@ def _plot_accuracy(ax, r: dict[str, Any]) -> None:
             ax.plot(h["epoch"][e0:], h[key], label=label)
     if h.get("ft_test_acc"):
         last = h["epoch"][-1] if h.get("epoch") else 0
-        ax.plot([last + e for e in h["ft_epoch"]], h["ft_test_acc"], label="pruned model, fine-tuning")
+        ax.plot([last + e for e in h["ft_epoch"]], h["ft_test_acc"],
+                label="pruned model, fine-tuning")
     e_start = (r.get("config") or {}).get("sap", {}).get("e_start")
     if e_start is not None and h.get("epoch"):
         for x, text, style in ((e_start + 0.5, "search starts", dict(color="grey", ls=":")),

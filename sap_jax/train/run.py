@@ -1,9 +1,10 @@
 """The run, start to end: dense training -> search + alignment -> cut -> fine-tuning -> report.
 
-:func:`train_and_evaluate` reads the config once into an :class:`Env` (data, mesh, writers,
-checkpoints), restores or initialises, and runs the phases in order; every phase's epochs go
-through the one loop of :mod:`sap_jax.train.loop`. A run can be stopped at any time and
-resumes from the latest checkpoint in its workdir.
+:func:`train_and_evaluate` validates the config and reads it once, into a typed run spec
+(:mod:`sap_jax.train.spec`) held by an :class:`Env` (with the data, mesh, writers and
+checkpoints), restores or initialises the typed state (:mod:`sap_jax.train.state`), and runs
+the phases in order; every phase's epochs go through the one loop of :mod:`sap_jax.train.loop`.
+A run can be stopped at any time and resumes from the latest checkpoint in its workdir.
 """
 
 from __future__ import annotations
@@ -23,18 +24,17 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from sap_jax import models, surgery
-from sap_jax.train import bnstats, report
+from sap_jax.method import cut, penalty
 from sap_jax.runtime import console, parallel, speed
-from sap_jax.method import cut, penalty, resource
+from sap_jax.runtime.errors import ConfigError, Preempted
 from sap_jax.structure import flops
 from sap_jax.structure import norms as norms_lib
-from sap_jax.method import baselines
+from sap_jax.structure.codec import ModuleCodec
 from sap_jax.surgery import pretrained
+from sap_jax.train import bnstats, checkpoints, loop, report, search, steps
 from sap_jax.train import config as config_lib
 from sap_jax.train import data as data_lib
-from sap_jax.structure.codec import ModuleCodec
-from sap_jax.runtime.errors import ConfigError, Preempted
-from sap_jax.train import checkpoints, loop, search, steps
+from sap_jax.train import spec as spec_lib
 from sap_jax.train import state as state_lib
 from sap_jax.train.state import Progress
 
@@ -73,12 +73,20 @@ def _check_writable(workdir) -> None:
 
 
 class Env:
-    """What every phase reads: the config, data, mesh, writers, checkpoints and hooks."""
+    """What every phase reads: the run's spec, data, mesh, writers, checkpoints and hooks.
+
+    The config is read once, into :attr:`spec` (:mod:`sap_jax.train.spec`); below here nothing
+    reads it. Its JSON (:attr:`config_json`) is kept only as a record, for results.json. The
+    budget's two targets have their own objects: :attr:`cut_policy` (its ``p`` is
+    ``budget.p``, what the cut meets) and :attr:`generator_loss` (its ``p`` is
+    ``budget.generator_target``, what the generator aims at).
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, hooks: loop.Hooks,
                  allow_config_change: bool = False):
         config_lib.validate(config)
-        self.config, self.workdir, self.hooks = config, parallel.path(workdir), hooks
+        self.spec = spec = spec_lib.from_config(config)
+        self.workdir, self.hooks = parallel.path(workdir), hooks
         problem = None
         if jax.process_index() == 0:
             try:
@@ -93,29 +101,33 @@ class Env:
         # at the next barrier until the job's time-out.
         if parallel.any_process(problem is not None):
             raise problem or ConfigError(f"workdir {self.workdir} cannot be written (process "
-                                         "0 names the reason): choose a --workdir you can write to.")
+                                         "0 names the reason): choose a --workdir you can write "
+                                         "to.")
+        # The config itself is the subject here: the workdir's record and the checkpoints' hash.
         accept = checkpoints.check_workdir_config(self.workdir, config,
                                                   allow_change=allow_config_change)
+        self.config_json = config_lib.to_json_dict(config)
         self.mesh = parallel.make_mesh()
-        self.data = data_lib.load(config.dataset, image_size=config.image_size, seed=config.seed,
-                                  subset_fraction=config.sap.subset_fraction,
-                                  val_size=config.val_size, data_dir=config.data_dir,
-                                  shuffle_buffer=config.shuffle_buffer)
-        self.dtype = jnp.dtype(config.dtype)
-        self.spe = config.steps_per_epoch or self.data.steps_per_epoch(config.batch_size)
-        total = (config.num_epochs + config.finetune.num_epochs) * self.spe
+        d = spec.data
+        self.data = data_lib.load(d.dataset, image_size=spec.image_size, seed=spec.seed,
+                                  subset_fraction=spec.sap.subset_fraction,
+                                  val_size=d.val_size, data_dir=d.data_dir,
+                                  shuffle_buffer=d.shuffle_buffer)
+        self.dtype = jnp.dtype(spec.dtype)
+        self.spe = d.steps_per_epoch or self.data.steps_per_epoch(d.batch_size)
+        total = (spec.optim.num_epochs + spec.finetune.num_epochs) * self.spe
         self.writer = metric_writers.create_default_writer(
             str(self.workdir), just_logging=jax.process_index() > 0, asynchronous=False)
         self.report_progress = periodic_actions.ReportProgress(
-            num_train_steps=total, writer=self.writer, every_steps=config.log_every_steps)
+            num_train_steps=total, writer=self.writer, every_steps=spec.log_every_steps)
         self.progress_line = console.ProgressLine(total, enabled=jax.process_index() == 0)
-        self.ckpts = checkpoints.Checkpoints(self.workdir, keep=config.keep_checkpoints,
+        self.ckpts = checkpoints.Checkpoints(self.workdir, keep=spec.keep_checkpoints,
                                              config_hash=checkpoints.config_hash(config),
                                              accept=accept)
-        self.key = jax.random.key(config.seed)
-        # The budget, read once: what the generator aims at and how the cut meets p.
-        self.budget = resource.ResourceLoss.from_config(config)
-        self.cut_policy = cut.CutPolicy.from_config(config, backend=jax.default_backend())
+        self.key = jax.random.key(spec.seed)
+        # The budget's two targets, built once, as validation built them.
+        self.cut_policy = spec_lib.cut_policy(spec.budget, backend=jax.default_backend())
+        self.generator_loss = spec_lib.resource_loss(spec.budget)
         self.watch: checkpoints.PreemptionWatch | None = None  # set while the phases run
         self.cache_stats: parallel.CacheStats | None = None
         self.remeasure_speed = False  # set by train_and_evaluate for a finished run
@@ -123,38 +135,40 @@ class Env:
     def model_metadata(self, stage: str, **extra: Any) -> dict[str, Any]:
         """What a saved model carries so it can be used without this config (model.json):
         its input (size, normalisation, classes), the dataset, the budget and the stage."""
-        return {"dataset": self.config.dataset, "p": self.cut_policy.p, "stage": stage,
+        return {"dataset": self.spec.data.dataset, "p": self.spec.budget.p, "stage": stage,
                 "input": self.data.info.model_input(), **extra}
 
     def model(self, widths: Sequence[int] | None) -> models.PrunableModel:
-        c = self.config
-        return models.create(c.model, seed=c.seed, num_classes=self.data.info.num_classes,
-                             widths=widths, dtype=None if c.dtype == "float32" else c.dtype,
-                             **config_lib.model_arguments(c))
+        spec = self.spec
+        return models.create(spec.model.name, seed=spec.seed,
+                             num_classes=self.data.info.num_classes, widths=widths,
+                             dtype=None if spec.dtype == "float32" else spec.dtype,
+                             **spec_lib.model_arguments(spec.model, spec.image_size))
 
     def programs(self, widths: Sequence[int] | None, phase: str,
                  model: models.PrunableModel | None = None) -> Programs:
         """The compiled steps of the model at ``widths`` for ``phase`` ("search"/"finetune")."""
-        c = self.config
+        spec, s = self.spec, self.spec.sap
         # A given model (the extracted one) spares a random initialisation: on CPU that compiles
         # one small program per new parameter shape, ~30 s for a pruned ResNet-20.
         model = self.model(widths) if model is None else model
-        structure = model.structure(c.image_size)
+        structure = model.structure(spec.image_size)
         codec = ModuleCodec(model)
-        progs = Programs(model, structure, codec, steps.make_eval_step(codec, self.dtype, structure),
+        progs = Programs(model, structure, codec,
+                         steps.make_eval_step(codec, self.dtype, structure),
                          bnstats.make_batch_stats_step(codec, self.dtype))
-        o = c.optim if phase == "search" else c.finetune
-        epochs = c.num_epochs if phase == "search" else c.finetune.num_epochs
-        sched = steps.lr_schedule(o, self.spe, epochs, c.batch_size)
+        o = spec.optim if phase == "search" else spec.finetune
+        sched = steps.lr_schedule(o, self.spe, o.num_epochs, spec.data.batch_size)
         prox = None
-        if phase == "search" and c.sap.penalty == "proximal":
-            start = c.sap.e_start * self.spe
+        if phase == "search" and s.penalty == "proximal":
+            start = s.e_start * self.spe
             prox = lambda lr: penalty.proximal_partial_group_lasso(  # noqa: E731
-                structure, lambda n: lr(n) * c.sap.gamma * (n >= start), include_bn=c.sap.include_bn)
+                structure, lambda n: lr(n) * s.gamma * (n >= start), include_bn=s.include_bn)
         progs.tx = steps.make_optimizer(o, sched, proximal=prox)
         progs.train_step = steps.make_train_step(
-            codec, structure, progs.tx, penalty_form=c.sap.penalty if phase == "search" else "none",
-            include_bn=c.sap.include_bn, dtype=self.dtype, skip_nonfinite=c.on_nonfinite == "skip")
+            codec, structure, progs.tx, penalty_form=s.penalty if phase == "search" else "none",
+            include_bn=s.include_bn, dtype=self.dtype,
+            skip_nonfinite=spec.on_nonfinite == "skip")
         return progs
 
     def evaluate(self, progs: Programs, params: Any, rest: Any, arch,
@@ -162,7 +176,7 @@ class Env:
         """Accuracy and loss on ``split``: "val" for every choice, "test" only for reporting.
         NaN for an empty split (val_size = 0)."""
         sums = None
-        for b in self.data.eval_batches(self.config.eval_batch_size, split):
+        for b in self.data.eval_batches(self.spec.data.eval_batch_size, split):
             out = progs.eval_step(params, rest, parallel.global_batch(b, self.mesh), arch)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         if sums is None:
@@ -174,45 +188,47 @@ class Env:
     def bn_reestimated(self, progs: Programs, params: Any, rest: Any, arch) -> Any:
         """``rest`` with BN statistics re-estimated on ``cut.bn_batches`` training batches
         (unchanged when that is 0)."""
-        c = self.config
-        if not c.cut.bn_batches:
+        n = self.spec.cut.bn_batches
+        if not n:
             return rest
         batches = (parallel.global_batch(b, self.mesh)
-                   for b in self.data.train_batches(BN_EPOCH, c.batch_size, c.cut.bn_batches))
+                   for b in self.data.train_batches(BN_EPOCH, self.spec.data.batch_size, n))
         return bnstats.reestimate(progs.bn_step, params, rest, batches, arch)
 
 
 # -- the cut ----------------------------------------------------------------------------------
 
-def chosen_arch(env: Env, state: dict, prog: Progress, structure) -> Any:
+def chosen_arch(env: Env, state: state_lib.SearchState, prog: Progress, structure) -> Any:
     """The architecture the search hands to the cut, and where it came from (``prog``)."""
-    s, policy = env.config.sap, env.cut_policy
-    final = state["best_arch"] if s.final_arch == "best" else state["arch"]
+    s, policy = env.spec.sap, env.cut_policy
+    final = state.best_arch if s.final_arch == "best" else state.arch
     prog.arch_source = ("norm" if s.selector == "norm"
                         else {"last": "generator", "best": "generator_best"}[s.final_arch])
     ratio = cut.widths_ratio(structure, [int(np.sum(v)) for v in state_lib.to_host(final)],
                              policy.scope)
     # A generator that hovers at p may end one channel over it: take its latest in-budget v
     # if that came within the last search epoch (one AGN step per agn_every weight steps).
-    age = int(state_lib.to_host(state["fit_age"]))
+    age = int(state_lib.to_host(state.fit_age))
     if (prog.arch_source == "generator" and ratio > policy.p
             and age <= max(1, env.spe // s.agn_every)):
         logging.info("the generator's last architecture keeps %.2f%% of %s MACs, over p = %s; "
                      "the cut takes its latest one within p, from %d AGN steps earlier",
                      100 * ratio, policy.scope, policy.p, age)
         prog.arch_ratio_last, prog.arch_source = ratio, "generator_last_within_p"
-        final = state["fit_arch"]
+        final = state.fit_arch
     return final
 
 
-def cut_phase(env: Env, dense: Programs, state: dict, prog: Progress) -> tuple[Programs, dict]:
-    """Cut the chosen architecture out of the dense model; measure it; save it."""
-    c, t0 = env.config, time.perf_counter()
+def cut_phase(env: Env, dense: Programs, state: state_lib.SearchState,
+              prog: Progress) -> tuple[Programs, state_lib.Weights]:
+    """Cut the chosen architecture out of the dense model; measure it; save it. Returns the
+    pruned model's programs and its fresh fine-tuning weights."""
+    t0 = time.perf_counter()
     final = chosen_arch(env, state, prog, dense.structure)
-    host = state_lib.to_host({"params": state["params"], "rest": state["rest"], "arch": final})
+    params, rest, chosen = state_lib.to_host((state.params, state.rest, final))
     policy = env.cut_policy
-    arch, rep = cut.final_arch(dense.structure, host["arch"], lambda: norms_lib.channel_norms(
-        host["params"], dense.structure, c.sap.norm), policy)
+    arch, rep = cut.final_arch(dense.structure, chosen, lambda: norms_lib.channel_norms(
+        params, dense.structure, env.spec.sap.norm), policy)
     prog.arch_ratio_chosen, prog.trimmed_channels, prog.round_to = (
         rep.chosen_ratio, rep.trimmed_channels, rep.round_to)
     if rep.trimmed_channels:
@@ -222,85 +238,93 @@ def cut_phase(env: Env, dense: Programs, state: dict, prog: Progress) -> tuple[P
     if rep.widths != rep.kept:  # hardware-friendly widths, still within the budget
         logging.info("widths rounded to multiples of %d: %s -> %s", rep.round_to, rep.kept,
                      rep.widths)
-    changed = any(not np.array_equal(a, h) for a, h in zip(arch, host["arch"]))
+    changed = any(not np.array_equal(a, h) for a, h in zip(arch, chosen))
     if changed:
         final = parallel.replicate(arch, env.mesh)
-    pruned_model = surgery.extract(dense.codec.merge(host["params"], host["rest"]), arch)
+    pruned_model = surgery.extract(dense.codec.merge(params, rest), arch)
     widths = list(pruned_model.widths)
     surgery.save(env.workdir / PRUNED_DIR, pruned_model, dense_widths=dense.model.widths,
-                 image_size=c.image_size, overwrite=True,
+                 image_size=env.spec.image_size, overwrite=True,
                  metadata=env.model_metadata("after_cut"))
     pruned = env.programs(widths, "finetune", pruned_model)
     ft = parallel.replicate(state_lib.to_host(state_lib.fresh_weights(pruned, env.key)), env.mesh)
-    measure_cut(env, dense, pruned, state, ft, final, prog)
+    ft = measure_cut(env, dense, pruned, state, ft, final, prog)
     prog.add_time("cut", time.perf_counter() - t0)
     prog.phase, prog.epoch, prog.widths = "finetune", 0, widths
     loop.save(env, ft, prog)
     return pruned, ft
 
 
-def measure_cut(env: Env, dense: Programs, pruned: Programs, state: dict, ft: dict, final,
-                prog: Progress) -> None:
-    """Accuracy right after the cut (BN as trained and re-estimated) and the alignment there."""
-    c = env.config
+def measure_cut(env: Env, dense: Programs, pruned: Programs, state: state_lib.SearchState,
+                ft: state_lib.Weights, final, prog: Progress) -> state_lib.Weights:
+    """Accuracy right after the cut (BN as trained and re-estimated) and the alignment there.
+    Returns ``ft`` with the re-estimated BN statistics when ``cut.bn_batches`` is set (the
+    extracted model is fine-tuned with them)."""
     ones = [jnp.ones(w) for w in pruned.model.widths]
-    prog.cut_acc, _ = env.evaluate(pruned, ft["params"], ft["rest"], ones)
-    prog.subnet_acc_at_cut, _ = env.evaluate(dense, state["params"], state["rest"], final)
-    drop, keep = steps.make_norms(dense.structure, c.sap.include_bn)(state["params"], final)
+    prog.cut_acc, _ = env.evaluate(pruned, ft.params, ft.rest, ones)
+    prog.subnet_acc_at_cut, _ = env.evaluate(dense, state.params, state.rest, final)
+    drop, keep = steps.make_norms(dense.structure, env.spec.sap.include_bn)(state.params, final)
     prog.alignment_ratio_at_cut = float(drop) / max(float(keep), 1e-12)
-    if c.cut.bn_batches:  # the extracted model measured, and fine-tuned, with its own statistics
-        ft["rest"] = env.bn_reestimated(pruned, ft["params"], ft["rest"], ones)
-        prog.cut_acc_bn, _ = env.evaluate(pruned, ft["params"], ft["rest"], ones)
+    if env.spec.cut.bn_batches:  # the extracted model measured, and fine-tuned, with its own
+        ft = ft.replace(rest=env.bn_reestimated(pruned, ft.params, ft.rest, ones))  # statistics
+        prog.cut_acc_bn, _ = env.evaluate(pruned, ft.params, ft.rest, ones)
     logging.info("cut: widths %s; accuracy %.4f raw, %s with BN re-estimated (gated dense "
                  "%.4f); alignment ratio %.3f", list(pruned.model.widths), prog.cut_acc,
-                 "-" if prog.cut_acc_bn is None else "%.4f" % prog.cut_acc_bn,
+                 "-" if prog.cut_acc_bn is None else f"{prog.cut_acc_bn:.4f}",
                  prog.subnet_acc_at_cut, prog.alignment_ratio_at_cut)
+    return ft
 
 
 # -- fine-tuning and the end ------------------------------------------------------------------
 
 def finetune_phase(env: Env, progs: Programs, prog: Progress) -> loop.Phase:
-    c = env.config
+    n, every = env.spec.finetune.num_epochs, env.spec.checkpoint_every_epochs
     ones = [jnp.ones(w) for w in progs.model.widths]
 
-    def end_epoch(epoch: int, state: dict, train_loss: float, _agn: list) -> None:
-        a, l = env.evaluate(progs, state["params"], state["rest"], ones)
-        prog.log(ft_epoch=epoch + 1, ft_test_acc=a, ft_train_loss=train_loss)
-        env.writer.write_scalars(prog.step, {"finetune/test_acc": a, "finetune/test_loss": l})
-        logging.info("fine-tune epoch %d/%d  test_acc %.4f  test_loss %.4f", epoch + 1,
-                     c.finetune.num_epochs, a, l)
+    def end_epoch(epoch: int, state: state_lib.Weights, train_loss: float,
+                  _agn: list) -> state_lib.Weights:
+        acc, loss = env.evaluate(progs, state.params, state.rest, ones)
+        prog.log(ft_epoch=epoch + 1, ft_test_acc=acc, ft_train_loss=train_loss)
+        env.writer.write_scalars(prog.step, {"finetune/test_acc": acc, "finetune/test_loss": loss})
+        logging.info("fine-tune epoch %d/%d  test_acc %.4f  test_loss %.4f", epoch + 1, n, acc,
+                     loss)
+        return state
 
-    n = c.finetune.num_epochs
     return loop.Phase(num_epochs=n, train_step=progs.train_step, label=lambda e: "finetune",
                       penalty_arch=lambda st: ones, gamma=lambda e: jnp.float32(0.0),
-                      must_save=lambda done: done == n or done % c.checkpoint_every_epochs == 0,
-                      data_epoch_offset=c.num_epochs, end_epoch=end_epoch)
+                      must_save=lambda done: done == n or done % every == 0,
+                      data_epoch_offset=env.spec.optim.num_epochs, end_epoch=end_epoch)
 
 
-def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progress) -> dict[str, Any]:
+def _speed(env: Env, dense_model, pruned_model) -> dict[str, Any]:
+    """The pruned model's inference timed against a dense one (``speed``)."""
+    size, sp = env.spec.image_size, env.spec.speed
+    return speed.compare(dense_model, pruned_model, size, tuple(sp.batch_sizes),
+                         macs=(flops.model_macs(dense_model, size),
+                               flops.model_macs(pruned_model, size)),
+                         reps=sp.reps, dtype=env.dtype)
+
+
+def finish(env: Env, dense: Programs, pruned: Programs, state: state_lib.Weights,
+           prog: Progress) -> dict[str, Any]:
     """Final accuracy, the fine-tuned model on disk, results.json, plots and the summary."""
-    c = env.config
+    spec = env.spec
     ones = [jnp.ones(w) for w in pruned.model.widths]
-    final_acc, _ = env.evaluate(pruned, state["params"], state["rest"], ones)
-    host = state_lib.to_host({"params": state["params"], "rest": state["rest"]})
-    final_model = pruned.codec.merge(host["params"], host["rest"])
+    final_acc, _ = env.evaluate(pruned, state.params, state.rest, ones)
+    params, rest = state_lib.to_host((state.params, state.rest))
+    final_model = pruned.codec.merge(params, rest)
     surgery.save(env.workdir / PRUNED_DIR, final_model, dense_widths=dense.model.widths,
-                 image_size=c.image_size, overwrite=True,
+                 image_size=spec.image_size, overwrite=True,
                  metadata=env.model_metadata("fine_tuned", test_accuracy=final_acc))
     before, after = flops.count(dense.structure), flops.count(pruned.structure)
-    results = report.results(c, prog.to_json(), before, after, final_acc, dense.structure,
-                             pruned.structure)
-    if c.speed.enabled:
+    results = report.results(spec, prog.to_json(), before, after, final_acc, dense.structure,
+                             pruned.structure, config=env.config_json)
+    if spec.speed.enabled:
         # Every process times its own first device (no collectives), so hosts stay in step;
         # process 0's figures are reported. The dense side is a fresh model of the same class
         # (the trained dense weights are gone after fine-tuning; values do not change speed).
         t0 = time.perf_counter()
-        dense_model = env.model(None)
-        results["speed"] = speed.compare(
-            dense_model, final_model, c.image_size, tuple(c.speed.batch_sizes),
-            macs=(flops.model_macs(dense_model, c.image_size),
-                  flops.model_macs(final_model, c.image_size)),
-            reps=c.speed.reps, dtype=env.dtype)
+        results["speed"] = _speed(env, env.model(None), final_model)
         results["times_s"]["speed"] = time.perf_counter() - t0
     results["compile_cache"] = env.cache_stats.as_dict()  # this process's compilations
     results["config_changes"] = checkpoints.config_changes(env.workdir)
@@ -310,7 +334,7 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: dict, prog: Progr
                           "count": jax.device_count(), "per_process": jax.local_device_count(),
                           "processes": jax.process_count()}
     if jax.process_index() == 0:
-        report.write(env.workdir, results, plots=c.plots)
+        report.write(env.workdir, results, plots=spec.plots)
     env.writer.flush()
     if jax.process_index() == 0:
         print(report.brief(results, env.workdir), flush=True)
@@ -334,7 +358,8 @@ def _finished(env: Env, prog: Progress) -> dict[str, Any] | None:
     """The results of a run that already finished in this workdir (its last checkpoint is the
     end of fine-tuning and results.json is written), else None."""
     path = env.workdir / "results.json"
-    if prog.phase != "finetune" or prog.epoch < env.config.finetune.num_epochs or not path.exists():
+    if (prog.phase != "finetune" or prog.epoch < env.spec.finetune.num_epochs
+            or not path.exists()):
         return None
     return json.loads(path.read_text())
 
@@ -342,13 +367,8 @@ def _finished(env: Env, prog: Progress) -> dict[str, Any] | None:
 def _remeasure_speed(env: Env, done: dict[str, Any]) -> dict[str, Any]:
     """A finished run's results with the speed measured again; earlier figures are kept in
     ``speed_earlier`` (most recent last)."""
-    c = env.config
     pruned = surgery.load(env.workdir / PRUNED_DIR)
-    dense = env.model(None)
-    new = speed.compare(dense, pruned, c.image_size, tuple(c.speed.batch_sizes),
-                        macs=(flops.model_macs(dense, c.image_size),
-                              flops.model_macs(pruned, c.image_size)),
-                        reps=c.speed.reps, dtype=env.dtype)
+    new = _speed(env, env.model(None), pruned)
     earlier = done.get("speed_earlier") or []
     done = {**done, "speed": new,
             "speed_earlier": earlier + ([done["speed"]] if done.get("speed") else [])}
@@ -374,20 +394,21 @@ def _phases(env: Env) -> dict[str, Any]:
     if isinstance(dense.model, models.TracedModel):  # say what the tracer chose, and why
         for layer, why in dense.model.status().items():
             logging.info("traced %s: %s", layer, why)
-    gen = search.make_generator(env.config, dense.model.widths)
+    gen = search.make_generator(env.spec.agn, dense.model.widths, env.spec.seed)
     new_run = prog.phase == "search" and not prog.ckpt
-    if new_run and env.config.init_from:
-        n = pretrained.load_into(dense.model, env.config.init_from)
-        logging.info("started from %s (%d tensors)", env.config.init_from, n)
+    init_from = env.spec.model.init_from
+    if new_run and init_from:
+        n = pretrained.load_into(dense.model, init_from)
+        logging.info("started from %s (%d tensors)", init_from, n)
     template = state_lib.fresh_search_state(dense, gen, env.key)
     prog.dense_widths = list(dense.model.widths)
     if prog.phase == "search":
         state = (env.ckpts.restore(template, env.mesh) if prog.ckpt
                  else parallel.replicate(template, env.mesh))
-        if new_run and env.config.init_from:
+        if new_run and init_from:
             _record_init(env, dense, state)
         env.hooks.phase("search")
-        state = loop.run_epochs(env, search.Search(env, dense, gen, prog, state["rng"]).phase(),
+        state = loop.run_epochs(env, search.Search(env, dense, gen, prog, state.rng).phase(),
                                 state, prog)
         prog.dense_acc = prog.history["test_acc"][-1]
         env.hooks.phase("cut")
@@ -404,15 +425,15 @@ def _phases(env: Env) -> dict[str, Any]:
     return finish(env, dense, pruned, state, prog)
 
 
-def _record_init(env: Env, dense: Programs, state: dict[str, Any]) -> None:
+def _record_init(env: Env, dense: Programs, state: state_lib.Weights) -> None:
     """The starting weights' accuracy, before any training step (results.json's init_from)."""
     ones = [jnp.ones(w) for w in dense.model.widths]
-    test_acc, _ = env.evaluate(dense, state["params"], state["rest"], ones, "test")
-    val_acc, _ = env.evaluate(dense, state["params"], state["rest"], ones, "val")
+    test_acc, _ = env.evaluate(dense, state.params, state.rest, ones, "test")
+    val_acc, _ = env.evaluate(dense, state.params, state.rest, ones, "val")
     logging.info("starting weights: test accuracy %.4f, val %.4f", test_acc, val_acc)
     if jax.process_index() == 0:
         parallel.write_text_atomic(env.workdir / INIT_FILE, json.dumps(
-            {"source": env.config.init_from, "test_acc": test_acc, "val_acc": val_acc}))
+            {"source": env.spec.model.init_from, "test_acc": test_acc, "val_acc": val_acc}))
 
 
 def _stop_if_asked(env: Env, prog: Progress, where: str) -> None:
@@ -436,8 +457,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     finished run, time the models again (the earlier figures stay in ``speed_earlier``)."""
     env = Env(config, workdir, hooks or loop.Hooks(), allow_config_change)
     env.remeasure_speed = remeasure_speed
-    cache = config.compile_cache
+    cache = env.spec.compile_cache
     cache = env.workdir / "compile_cache" if cache == "workdir" else cache
-    with checkpoints.PreemptionWatch(config.preemption_check_every_steps) as env.watch, \
+    with checkpoints.PreemptionWatch(env.spec.preemption_check_every_steps) as env.watch, \
             parallel.compilation_cache(cache) as env.cache_stats:
         return _phases(env)

@@ -26,7 +26,8 @@ from sap_jax.structure import norms as norms_lib
 from sap_jax.structure.codec import ModuleCodec
 from sap_jax.train import steps
 from sap_jax.train.loop import Phase
-from sap_jax.train.state import Progress, to_host
+from sap_jax.train.spec import GeneratorSpec
+from sap_jax.train.state import Progress, SearchState, to_host
 
 #: A generator whose logits have fewer than this share in the sensitive band is saturated.
 SATURATED_BAND = 0.01
@@ -41,93 +42,104 @@ class Generator:
     tx: optax.GradientTransformation
 
 
-def make_generator(config, widths) -> Generator:
-    a = config.agn
-    gen = agn_lib.AGN(widths, z_dim=a.z_dim, hidden=a.hidden, seed=config.seed + 1)
-    return Generator(gen, ModuleCodec(gen), steps.make_agn_optimizer(a))
+def make_generator(agn: GeneratorSpec, widths, seed: int) -> Generator:
+    """A new generator for groups of ``widths`` channels (``seed``: the run's; the generator
+    draws from ``seed + 1``)."""
+    gen = agn_lib.AGN(widths, z_dim=agn.z_dim, hidden=agn.hidden, seed=seed + 1)
+    return Generator(gen, ModuleCodec(gen), steps.make_agn_optimizer(agn))
 
 
 class Search:
-    """The hooks of the dense/search phase for one run (see :meth:`phase`)."""
+    """The hooks of the dense/search phase for one run (see :meth:`phase`).
+
+    It reads the run's spec (``env.spec``): the search's fields (``sap``), the generator's
+    (``agn``) and the budget's two targets: ``cut_p`` (``budget.p``), what the cut will keep,
+    and the generator's own (``env.generator_loss``, at ``budget.generator_target``).
+    """
 
     def __init__(self, env, progs, gen: Generator, prog: Progress, rng_data):
-        c, s, b = env.config, env.config.sap, env.config.budget
+        spec = env.spec
         self.env, self.progs, self.gen, self.prog = env, progs, gen, prog
-        self.budget = env.budget
+        self.sap, self.agn, self.cut_p = spec.sap, spec.agn, spec.budget.p
+        self.num_epochs, self.val_size = spec.optim.num_epochs, spec.data.val_size
+        self.generator_loss = env.generator_loss
+        self.scope = spec.budget.scope  # the MACs both targets are read over
+        a, b = spec.agn, spec.budget
         self.agn_step = steps.make_agn_step(
-            progs.codec, gen.codec, progs.structure, self.budget, gen.tx, tau=c.agn.tau,
-            offset=c.agn.offset, deterministic_v=c.agn.deterministic_v, lam_rate=b.lam_rate,
+            progs.codec, gen.codec, progs.structure, self.generator_loss, gen.tx, tau=a.tau,
+            offset=a.offset, deterministic_v=a.deterministic_v, lam_rate=b.lam_rate,
             lam_max_scale=b.lam_max_scale, budget_on=b.measure, dtype=env.dtype)
-        self.norms = steps.make_norms(progs.structure, s.include_bn)
-        self.track_fit = steps.make_fit_tracker(progs.structure, env.cut_policy.p, self.budget.scope)
+        self.norms = steps.make_norms(progs.structure, self.sap.include_bn)
+        self.track_fit = steps.make_fit_tracker(progs.structure, self.cut_p, self.scope)
         self.initial_arch = xla_cpu.jit(lambda p, r: gen.codec.merge(p, r).sample(
-            None, tau=c.agn.tau, offset=c.agn.offset))
+            None, tau=a.tau, offset=a.offset))
         self.ones = [jnp.ones(w) for w in progs.model.widths]
         self.zeros = [jnp.zeros(w) for w in progs.model.widths]
-        self.use_agn = s.selector == "agn"  # "norm": a norm-based baseline, no AGN
+        self.use_agn = self.sap.selector == "agn"  # "norm": a norm-based baseline, no AGN
         self.rng = jax.random.wrap_key_data(rng_data)
         self.searching = False  # set at each epoch's start
 
     def phase(self) -> Phase:
-        c, s = self.env.config, self.env.config.sap
+        s, n, every = self.sap, self.num_epochs, self.env.spec.checkpoint_every_epochs
+        # "all": v = 0 marks every channel as dropped, i.e. a plain group lasso.
+        arch = (lambda st: self.zeros) if s.penalty_scope == "all" else (lambda st: st.arch)
         return Phase(
-            num_epochs=c.num_epochs, train_step=self.progs.train_step, label=self.label,
-            # "all": v = 0 marks every channel as dropped, i.e. a plain group lasso.
-            penalty_arch=(lambda st: self.zeros) if s.penalty_scope == "all" else (lambda st: st["arch"]),
-            gamma=lambda e: jnp.float32(s.gamma if e >= s.e_start else 0.0),
-            must_save=lambda done: (done in (s.e_start, c.num_epochs)
-                                    or done % c.checkpoint_every_epochs == 0),
+            num_epochs=n, train_step=self.progs.train_step, label=self.label,
+            penalty_arch=arch, gamma=lambda e: jnp.float32(s.gamma if e >= s.e_start else 0.0),
+            must_save=lambda done: done in (s.e_start, n) or done % every == 0,
             start_epoch=self.start_epoch, after_step=self.after_step, end_epoch=self.end_epoch)
 
     def label(self, epoch: int) -> str:
-        return "search" if epoch >= self.env.config.sap.e_start else "dense"
+        return "search" if epoch >= self.sap.e_start else "dense"
 
-    def start_epoch(self, epoch: int, start: int, state: dict) -> None:
-        self.searching = epoch >= self.env.config.sap.e_start
-        if epoch == self.env.config.sap.e_start and start == 0 and self.use_agn:
+    def start_epoch(self, epoch: int, start: int, state: SearchState) -> SearchState:
+        self.searching = epoch >= self.sap.e_start
+        if epoch == self.sap.e_start and start == 0 and self.use_agn:
             # v starts from the (nearly full) AGN output
-            state["arch"] = self.initial_arch(state["agn_params"], state["agn_rest"])
-            state["prev_arch"] = state["arch"]
+            arch = self.initial_arch(state.agn_params, state.agn_rest)
+            state = state.replace(arch=arch, prev_arch=arch)
+        return state
 
-    def after_step(self, step: int, state: dict) -> dict | None:
+    def after_step(self, step: int, state: SearchState) -> tuple[SearchState, dict | None]:
         """One AGN step every ``agn_every`` weight steps of the search."""
-        c, prog = self.env.config, self.prog
-        if not (self.searching and self.use_agn and step % c.sap.agn_every == 0):
-            return None
-        sb = parallel.global_batch(self.env.data.subset_batch(prog.agn_steps, c.agn.batch_size),
+        prog = self.prog
+        if not (self.searching and self.use_agn and step % self.sap.agn_every == 0):
+            return state, None
+        sb = parallel.global_batch(self.env.data.subset_batch(prog.agn_steps, self.agn.batch_size),
                                    self.env.mesh)
-        (state["agn_params"], state["agn_opt_state"], state["log_lam"], state["arch"],
-         am) = self.agn_step(state["agn_params"], state["agn_rest"], state["agn_opt_state"],
-                             state["log_lam"], state["params"], state["rest"], sb,
-                             jax.random.fold_in(self.rng, prog.agn_steps))
-        state["fit_arch"], state["fit_age"] = self.track_fit(
-            state["fit_arch"], state["fit_age"], state["arch"])
+        agn_params, agn_opt_state, log_lam, arch, am = self.agn_step(
+            state.agn_params, state.agn_rest, state.agn_opt_state, state.log_lam, state.params,
+            state.rest, sb, jax.random.fold_in(self.rng, prog.agn_steps))
+        fit_arch, fit_age = self.track_fit(state.fit_arch, state.fit_age, arch)
         prog.agn_steps += 1
-        return am
+        return state.replace(agn_params=agn_params, agn_opt_state=agn_opt_state,
+                             log_lam=log_lam, arch=arch, fit_arch=fit_arch,
+                             fit_age=fit_age), am
 
     # -- end of epoch ------------------------------------------------------------
-    def end_epoch(self, epoch: int, state: dict, train_loss: float, agn_acc: list[dict]) -> None:
+    def end_epoch(self, epoch: int, state: SearchState, train_loss: float,
+                  agn_acc: list[dict]) -> SearchState:
         """Evaluate, compare architectures, log; pick the best architecture so far."""
-        env, s = self.env, self.env.config.sap
+        env = self.env
         label = self.label(epoch)
         row = {"epoch": epoch + 1, "phase": label, "train_loss": train_loss}
-        row["test_acc"], row["test_loss"] = env.evaluate(self.progs, state["params"], state["rest"],
+        row["test_acc"], row["test_loss"] = env.evaluate(self.progs, state.params, state.rest,
                                                          self.ones)
-        row["val_acc"], _ = env.evaluate(self.progs, state["params"], state["rest"], self.ones, "val")
+        row["val_acc"], _ = env.evaluate(self.progs, state.params, state.rest, self.ones, "val")
         if self.searching and not self.use_agn:  # the baseline's current choice, to log like v
-            state["arch"] = self.norm_arch(state["params"])
+            state = state.replace(arch=self.norm_arch(state.params))
         if self.searching:
             row.update(self.search_metrics(state))
             row.update(self.generator_health(agn_acc))
-            self.choose(epoch, row, state)
-            state["prev_arch"] = state["arch"]
+            state = self.choose(epoch, row, state)
+            state = state.replace(prev_arch=state.arch)
         self.prog.log(**row)
         env.writer.write_scalars(self.prog.step, {f"epoch/{k}": v for k, v in row.items()
                                                   if isinstance(v, float)})
-        logging.info("epoch %d/%d [%s] %s", epoch + 1, env.config.num_epochs, label,
-                     self.short(row))
-        console.detail("epoch %d/%d [%s] %s", epoch + 1, env.config.num_epochs, label,
+        logging.info("epoch %d/%d [%s] %s", epoch + 1, self.num_epochs, label, self.short(row))
+        console.detail("epoch %d/%d [%s] %s", epoch + 1, self.num_epochs, label,
                        "  ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+        return state
 
     def short(self, row: dict) -> str:
         """The epoch's line on the terminal: what says how the run and the search are going
@@ -143,26 +155,26 @@ class Search:
                 out.append(f"lambda {row['agn_lam']:.1f}")
         return "  ".join(out)
 
-    def search_metrics(self, state: dict) -> dict[str, float]:
+    def search_metrics(self, state: SearchState) -> dict[str, float]:
         """The sub-network's validation accuracy, its MACs, the penalty and the alignment."""
-        env, progs, s = self.env, self.progs, self.env.config.sap
-        arch_np = [np.asarray(v) for v in to_host(state["arch"])]
-        prev_np = [np.asarray(v) for v in to_host(state["prev_arch"])]
+        env, progs = self.env, self.progs
+        arch_np = [np.asarray(v) for v in to_host(state.arch)]
+        prev_np = [np.asarray(v) for v in to_host(state.prev_arch)]
         total = sum(v.size for v in arch_np)
         row = {"hamming": float(sum(np.sum(a != p) for a, p in zip(arch_np, prev_np)) / total)}
-        row["subnet_val_acc"], _ = env.evaluate(progs, state["params"], state["rest"],
-                                                state["arch"], "val")
-        c = env.config
-        if c.cut.bn_in_search and c.cut.bn_batches and c.val_size:
-            bn_rest = env.bn_reestimated(progs, state["params"], state["rest"], state["arch"])
-            row["subnet_val_acc_bn"], _ = env.evaluate(progs, state["params"], bn_rest,
-                                                       state["arch"], "val")
-        row["mac_ratio"] = float(flops.mac_ratio(progs.structure, arch_np, self.budget.scope))
+        row["subnet_val_acc"], _ = env.evaluate(progs, state.params, state.rest, state.arch,
+                                                "val")
+        cut = env.spec.cut
+        if cut.bn_in_search and cut.bn_batches and self.val_size:
+            bn_rest = env.bn_reestimated(progs, state.params, state.rest, state.arch)
+            row["subnet_val_acc_bn"], _ = env.evaluate(progs, state.params, bn_rest, state.arch,
+                                                       "val")
+        row["mac_ratio"] = float(flops.mac_ratio(progs.structure, arch_np, self.scope))
         row["mac_ratio_total"] = float(flops.mac_ratio(progs.structure, arch_np, "total"))
         row["kept_fraction"] = float(np.mean(np.concatenate(arch_np)))
         row["penalty"] = float(penalty.partial_group_lasso(
-            state["params"], state["arch"], progs.structure, include_bn=s.include_bn))
-        row["dropped_norm"], row["kept_norm"] = map(float, self.norms(state["params"], state["arch"]))
+            state.params, state.arch, progs.structure, include_bn=self.sap.include_bn))
+        row["dropped_norm"], row["kept_norm"] = map(float, self.norms(state.params, state.arch))
         # Alignment: how small the channels to be cut are next to the kept ones (0 = free cut).
         row["alignment_ratio"] = row["dropped_norm"] / max(row["kept_norm"], 1e-12)
         return row
@@ -176,16 +188,17 @@ class Search:
         return {"agn_loss": mean("loss"), "agn_resource_loss": mean("resource_loss"),
                 "agn_ce": mean("ce"),
                 "agn_mac_ratio_sampled": mean("mac_ratio_sampled"),  # with Gumbel noise
-                "band_share": float(agn_acc[-1]["band_share"]), "agn_lam": float(agn_acc[-1]["lam"])}
+                "band_share": float(agn_acc[-1]["band_share"]),
+                "agn_lam": float(agn_acc[-1]["lam"])}
 
-    def choose(self, epoch: int, row: dict, state: dict) -> None:
+    def choose(self, epoch: int, row: dict, state: SearchState) -> SearchState:
         """Keep the best architecture so far and warn about a saturated generator."""
-        p, prog = self.env.cut_policy.p, self.prog
+        p, prog = self.cut_p, self.prog
         # "best": judged on the validation split, with re-estimated BN where measured.
         judged = row.get("subnet_val_acc_bn", row["subnet_val_acc"])
         if judged > (-1.0 if prog.best_subnet_val_acc is None else prog.best_subnet_val_acc):
             prog.best_subnet_val_acc, prog.best_subnet_epoch = judged, epoch + 1
-            state["best_arch"] = state["arch"]
+            state = state.replace(best_arch=state.arch)
         if self.use_agn and row["mac_ratio"] > p and row.get("band_share", 1.0) < SATURATED_BAND:
             prog.saturated_epochs += 1
             logging.warning(
@@ -193,12 +206,12 @@ class Search:
                 "%s; %.1f%% of its logits in the sensitive band): its decisions have stopped "
                 "moving. Lower agn.learning_rate or agn.b2, or raise agn.tau (docs/method.md).",
                 epoch + 1, row["mac_ratio"], p, 100 * row["band_share"])
+        return state
 
     def norm_arch(self, params: Any) -> list[jax.Array]:
         """Keep the largest-norm channels (sap.norm), to sap.widths or else the budget p."""
-        s = self.env.config.sap
+        s = self.sap
         norms = norms_lib.channel_norms(to_host(params), self.progs.structure, s.norm)
         arch = baselines.arch_by_norm(norms, self.progs.structure, widths=list(s.widths) or None,
-                                      p=None if s.widths else self.env.cut_policy.p,
-                                      scope=self.budget.scope)
+                                      p=None if s.widths else self.cut_p, scope=self.scope)
         return parallel.replicate(arch, self.env.mesh)

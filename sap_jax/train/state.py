@@ -1,7 +1,11 @@
 """The run's state: the arrays a checkpoint holds, and :class:`Progress`, the one record of where
 the run stands (phase, counters, history, the cut's outcome).
 
-On disk ``state`` is a dict of pytrees (the keys below) and ``meta`` is :meth:`Progress.to_json`.
+The arrays are typed records (:class:`Weights`, :class:`SearchState`): pytrees whose fields are
+named, so a step or hook rebinds them (``state = state.replace(arch=...)``) instead of writing
+string keys into a shared dict. On disk ``state`` stays a dict of pytrees with the keys below
+(:meth:`Weights.to_dict` / :meth:`Weights.from_dict`, called only by the checkpoints), and
+``meta`` is :meth:`Progress.to_json`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import struct
 
 from sap_jax.train.steps import NEVER_FIT
 
@@ -24,25 +29,71 @@ SEARCH_KEYS = ("params", "rest", "opt_state", "agn_params", "agn_rest", "agn_opt
 FINETUNE_KEYS = ("params", "rest", "opt_state", "rng")
 
 
-def fresh_weights(progs, key: jax.Array) -> dict[str, Any]:
+@struct.dataclass
+class Weights:
+    """A model's weights as the epoch loop trains them; all of a fine-tuning checkpoint.
+
+    params, rest: the codec's trees (``rest`` = BN statistics and other non-trainable state).
+    opt_state: the weight optimizer's state. rng: the run key's data (dropout keys derive
+    from it).
+    """
+
+    params: Any
+    rest: Any
+    opt_state: Any
+    rng: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint's dict of pytrees (keys: :data:`FINETUNE_KEYS` or
+        :data:`SEARCH_KEYS`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Weights:
+        """The record of a checkpoint's dict (every key of this class must be there)."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+@struct.dataclass
+class SearchState(Weights):
+    """The dense/search phase's arrays: the weights plus the search's.
+
+    agn_params, agn_rest, agn_opt_state: the generator and its optimizer. log_lam: the adaptive
+    lambda's log scale. arch, prev_arch, best_arch: the current architecture ``v``, the one at
+    the previous epoch's end, the best by validation accuracy. fit_arch, fit_age: the latest
+    ``v`` within the budget and its age in AGN steps (``NEVER_FIT`` before any).
+    """
+
+    agn_params: Any
+    agn_rest: Any
+    agn_opt_state: Any
+    log_lam: Any
+    arch: Any
+    best_arch: Any
+    prev_arch: Any
+    fit_arch: Any
+    fit_age: Any
+
+
+assert {f.name for f in dataclasses.fields(Weights)} == set(FINETUNE_KEYS)
+assert {f.name for f in dataclasses.fields(SearchState)} == set(SEARCH_KEYS)
+
+
+def fresh_weights(progs, key: jax.Array) -> Weights:
     """A new model's weights, optimizer state and run key (host arrays)."""
     params, rest = progs.codec.split(progs.model)
-    out = {"params": params, "rest": rest, "opt_state": progs.tx.init(params),
-           "rng": jax.random.key_data(key)}
-    assert set(out) == set(FINETUNE_KEYS)
-    return out
+    return Weights(params=params, rest=rest, opt_state=progs.tx.init(params),
+                   rng=jax.random.key_data(key))
 
 
-def fresh_search_state(progs, agn, key: jax.Array) -> dict[str, Any]:
+def fresh_search_state(progs, agn, key: jax.Array) -> SearchState:
     """Weights plus a new generator (``agn``: a :class:`~sap_jax.train.search.Generator`)."""
     ones = [np.ones(w, np.float32) for w in progs.model.widths]
     agn_params, agn_rest = agn.codec.split(agn.module)
-    out = {**fresh_weights(progs, key), "agn_params": agn_params, "agn_rest": agn_rest,
-           "agn_opt_state": agn.tx.init(agn_params), "log_lam": np.float32(0.0),
-           "arch": ones, "best_arch": ones, "prev_arch": ones,
-           "fit_arch": ones, "fit_age": np.int32(NEVER_FIT)}
-    assert set(out) == set(SEARCH_KEYS)
-    return out
+    return SearchState(**fresh_weights(progs, key).to_dict(), agn_params=agn_params,
+                       agn_rest=agn_rest, agn_opt_state=agn.tx.init(agn_params),
+                       log_lam=np.float32(0.0), arch=ones, best_arch=ones, prev_arch=ones,
+                       fit_arch=ones, fit_age=np.int32(NEVER_FIT))
 
 
 def to_host(tree: Any) -> Any:

@@ -12,16 +12,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from sap_jax.method import agn as agn_lib
-from sap_jax.structure import flops
 from sap_jax.method import penalty, resource
 from sap_jax.runtime import xla_cpu
+from sap_jax.structure import flops
 from sap_jax.structure.codec import ModuleCodec
+from sap_jax.train.spec import GeneratorSpec, OptimSpec
 
 #: fit_age before any architecture within the budget has been seen.
 NEVER_FIT = 2**30
@@ -31,9 +31,12 @@ NEVER_FIT = 2**30
 # Optimizers
 # --------------------------------------------------------------------------
 
-def lr_schedule(o: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int,
+def lr_schedule(o: OptimSpec, steps_per_epoch: int, num_epochs: int,
                 batch_size: int) -> optax.Schedule:
-    """The phase's LR per step: linear scaling with the batch, warm-up, then step/cosine/constant."""
+    """The phase's LR per step: linear scaling with the batch, warm-up, then step/cosine/constant.
+
+    ``o``: the phase's optimizer spec (its ``learning_rate``, ``base_batch_size``, ``schedule``,
+    ``boundaries``, ``decay`` and ``warmup_epochs`` are read)."""
     peak = o.learning_rate * batch_size / o.base_batch_size
     total = max(1, num_epochs * steps_per_epoch)
     if o.schedule == "step":
@@ -49,10 +52,11 @@ def lr_schedule(o: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: 
     return lambda step: base(step) * jnp.minimum(1.0, (step + 1) / warm)
 
 
-def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, *,
+def make_optimizer(o: OptimSpec, schedule: optax.Schedule, *,
                    proximal: Callable[[optax.Schedule], optax.GradientTransformation] | None = None
                    ) -> optax.GradientTransformation:
-    """SGD with L2 weight decay added to the gradient (PyTorch style), plus an optional proximal link."""
+    """SGD with L2 weight decay added to the gradient (PyTorch style), plus an optional
+    proximal link (``o``: its ``weight_decay``, ``momentum`` and ``nesterov`` are read)."""
     chain = [optax.add_decayed_weights(o.weight_decay)] if o.weight_decay else []
     chain.append(optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
     if proximal is not None:
@@ -60,8 +64,9 @@ def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, *,
     return optax.chain(*chain)
 
 
-def make_agn_optimizer(a: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The generator's AdamW (lineage), from the config's ``agn`` section."""
+def make_agn_optimizer(a: GeneratorSpec) -> optax.GradientTransformation:
+    """The generator's AdamW (lineage), from its spec (``learning_rate``, ``b1``, ``b2``,
+    ``weight_decay``)."""
     return optax.adamw(a.learning_rate, b1=a.b1, b2=a.b2, weight_decay=a.weight_decay)
 
 
@@ -76,7 +81,8 @@ def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformation, *,
                     penalty_form: str = "gradient", include_bn: bool = False,
                     dtype: Any = jnp.float32, skip_nonfinite: bool = False) -> Callable:
-    """``(params, rest, opt_state, batch, arch, gamma[, key]) -> (params, rest, opt_state, metrics)``.
+    """``(params, rest, opt_state, batch, arch, gamma[, key]) -> (params, rest, opt_state,
+    metrics)``.
 
     The dense model trains ungated; ``gamma * R_w(W; arch)`` joins the loss in
     the gradient form (the proximal form lives in ``tx``). ``arch`` and
@@ -90,7 +96,8 @@ def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformat
         model = codec.merge(params, rest)
         model.train()
         def loss_fn(model):
-            # Rngs are made inside the differentiated trace: nnx refuses to advance one from outside.
+            # Rngs are made inside the differentiated trace: nnx refuses to advance one from
+            # outside.
             rngs = None if key is None else nnx.Rngs(dropout=key)
             logits = model(batch["image"].astype(dtype), rngs=rngs)
             ce = jnp.mean(_ce(logits, batch["label"]))
@@ -120,7 +127,8 @@ def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformat
 def make_eval_step(codec: ModuleCodec, dtype: Any = jnp.float32, structure: Any = None) -> Callable:
     """``(params, rest, batch, arch) -> {"correct", "loss", "count"}`` sums over unmasked examples.
 
-    ``structure`` (the model's ``groups.Structure``) picks the CPU compiler options for inference."""
+    ``structure`` (the model's ``groups.Structure``) picks the CPU compiler options for
+    inference."""
     def step(params, rest, batch, arch):
         model = codec.merge(params, rest)
         model.eval()
@@ -192,7 +200,8 @@ def make_fit_tracker(structure, p: float, scope: str) -> Callable:
 
 
 def make_norms(structure, include_bn: bool) -> Callable:
-    """``(params, arch) -> (mean dropped, mean kept)`` per-channel norm, summed over a group's tensors."""
+    """``(params, arch) -> (mean dropped, mean kept)`` per-channel norm, summed over a group's
+    tensors."""
     def fn(params, arch):
         drop = jnp.sum(penalty.group_penalties(params, arch, structure, include_bn=include_bn))
         keep = jnp.sum(penalty.group_penalties(params, [1 - v for v in arch], structure,
