@@ -17,6 +17,23 @@ from sap_jax.models.common import PrunableModel
 from sap_jax.structure import groups as G
 
 
+def check_structure_argument(model: nnx.Module, structure: G.Structure | None,
+                             doing: str) -> bool:
+    """Whether ``model`` is a PrunableModel (it describes and gates itself); a ValueError when
+    ``structure`` is missing for any other module, or given for a PrunableModel with other
+    widths. ``doing`` opens the message ("gating a", "extracting from a")."""
+    own = isinstance(model, PrunableModel)
+    if own and structure is not None and tuple(structure.widths) != tuple(model.widths):
+        raise ValueError(f"structure has group widths {list(structure.widths)}, the "
+                         f"{type(model).__name__} {list(model.widths)}: it describes another "
+                         "model (a PrunableModel needs none).")
+    if not own and structure is None:
+        raise ValueError(f"{doing} {type(model).__name__}, which is not a sap_jax "
+                         "PrunableModel, needs its channel groups: pass structure="
+                         "tracing.structure(model, sample_shape).")
+    return own
+
+
 def gated_apply(model: nnx.Module, structure: G.Structure | None = None, *,
                 train: bool = False) -> tuple[Callable[..., Any], Any]:
     """Split ``model`` into ``(apply_fn, state)``; ``apply_fn(state, images, arch)`` is its gated
@@ -32,15 +49,7 @@ def gated_apply(model: nnx.Module, structure: G.Structure | None = None, *,
         :func:`sap_jax.tracing.structure`); a PrunableModel gates itself, so one given for
         it must have its widths.
     """
-    own = isinstance(model, PrunableModel)
-    if own and structure is not None and tuple(structure.widths) != tuple(model.widths):
-        raise ValueError(f"structure has group widths {list(structure.widths)}, the "
-                         f"{type(model).__name__} {list(model.widths)}: it describes another "
-                         "model (a PrunableModel needs none).")
-    if not own and structure is None:
-        raise ValueError(f"gating a {type(model).__name__}, which is not a sap_jax "
-                         "PrunableModel, needs its channel groups: pass structure="
-                         "tracing.structure(model, sample_shape).")
+    own = check_structure_argument(model, structure, "gating a")
 
     def forward(m, x, arch):
         return m(x, arch) if own else tracing.gated_call(m, x, arch, structure)

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from sap_jax import models as M
+from sap_jax.models.gating import check_structure_argument
 from sap_jax.structure import groups as G
 from sap_jax.structure import norms, slicing
 
@@ -71,16 +72,8 @@ def extract(model: nnx.Module, arch: G.Arch, structure: G.Structure | None = Non
       in train mode like any new model; for any other module, a clone of it with the kept
       channels (in the mode ``model`` is in).
     """
-    if isinstance(model, M.PrunableModel):
-        if structure is not None and tuple(structure.widths) != tuple(model.widths):
-            raise ValueError(f"structure has group widths {list(structure.widths)}, the "
-                             f"{type(model).__name__} {list(model.widths)}: it describes "
-                             "another model (a PrunableModel needs none).")
+    if check_structure_argument(model, structure, "extracting from a"):
         return _extract_prunable(model, arch)
-    if structure is None:
-        raise ValueError(f"extracting from a {type(model).__name__}, which is not a sap_jax "
-                         "PrunableModel, needs its channel groups: pass structure="
-                         "tracing.structure(model, sample_shape).")
     return _extract_any(model, arch, structure)
 
 
