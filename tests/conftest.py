@@ -20,15 +20,16 @@ assert sorted(TINY + FULL) == models.names(), "add new presets to TINY or FULL"
 
 
 def tiny_config(**overrides):
-    """configs/test_tiny.py with dotted fields overridden: ``tiny_config(**{"budget.p": 0.3})``."""
+    """tests/support/tiny_config.py with dotted fields overridden:
+    ``tiny_config(**{"budget.p": 0.3})``."""
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if root not in sys.path:
         sys.path.insert(0, root)
-    from configs import test_tiny
+    from support import tiny_config as tiny
 
-    c = test_tiny.get_config()
+    c = tiny.get_config()
     for k, v in overrides.items():
         node = c
         *head, last = k.split(".")

@@ -19,8 +19,9 @@ import accelerator  # noqa: E402
 import compile_time  # noqa: E402
 import pruned_speedup  # noqa: E402
 import step_cost  # noqa: E402
+from support import tiny_config  # noqa: E402
 
-from configs import quickstart, test_tiny  # noqa: E402
+from configs import quickstart  # noqa: E402
 from sap_jax import train  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def test_no_step_recompiles_after_the_first_epoch_of_each_phase(tmp_path, monkey
     hooks = train.Hooks(on_step=on_step, on_phase=on_phase)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        c = test_tiny.get_config()
+        c = tiny_config.get_config()
         c.plots = False
         train.train_and_evaluate(c, str(tmp_path), hooks=hooks)
     finally:

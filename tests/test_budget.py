@@ -101,11 +101,12 @@ def test_fit_tracker_keeps_the_latest_architecture_within_p():
 def test_a_tiny_search_ends_at_its_budget_and_the_cut_trims_nothing(tmp_path):
     """The whole program, tiny: the generator's own architecture meets p (within one channel of
     it, not over it), so budget.enforce has nothing to trim and the cut keeps SAP's choice."""
-    from configs import test_tiny
+    from support import tiny_config
+
     from sap_jax import models
     from sap_jax.method import cut
 
-    c = test_tiny.get_config()
+    c = tiny_config.get_config()
     c.num_epochs, c.sap.agn_every, c.budget.lam_rate = 8, 1, 0.3  # 28 AGN steps
     c.finetune.num_epochs = 0
     r = train.train_and_evaluate(c, str(tmp_path))

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-tiny = tiny_config  # configs/test_tiny.py with dotted overrides
+tiny = tiny_config  # tests/support/tiny_config.py with dotted overrides
 
 def test_config_validation_lists_every_error():
     c = tiny(**{"budget.p": 1.5, "sap.e_start": 3, "model": "resnet57", "dataset": "mnist",

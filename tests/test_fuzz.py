@@ -20,10 +20,10 @@ pytestmark = pytest.mark.slow  # hypothesis: hundreds of examples per test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import test_tiny  # noqa: E402
+from support import tiny_config  # noqa: E402
 
 FIELDS = sorted(k for k, _ in __import__("flax").traverse_util.flatten_dict(
-    test_tiny.get_config().to_dict(), sep=".").items())
+    tiny_config.get_config().to_dict(), sep=".").items())
 VALUES = st.one_of(
     st.integers(-3, 400).map(str),
     st.sampled_from(["0", "1", "-1", "0.5", "1.5", "1e-9", "1e40", "nan", "inf", "-inf", "True",
@@ -40,7 +40,8 @@ def _parse(overrides):
     """Parse overrides as ``python -m sap_jax.main`` does; raises flags.Error or returns
     the message main prints for a malformed override path."""
     fv = flags.FlagValues()
-    argv = ["prog", f"--config={os.path.join(ROOT, 'configs', 'test_tiny.py')}", *overrides]
+    argv = ["prog", f"--config={os.path.join(ROOT, 'tests', 'support', 'tiny_config.py')}",
+            *overrides]
     problem = main.check_overrides(argv)
     if problem:
         raise flags.Error(problem)
@@ -74,7 +75,7 @@ def test_any_cli_override_validates_or_fails_clearly(pairs):
                                           st.none(), st.text(max_size=5),
                                           st.lists(st.integers(-5, 500), max_size=3).map(tuple)))
 def test_any_field_value_set_in_python_validates_or_fails_clearly(field, value):
-    c = test_tiny.get_config()
+    c = tiny_config.get_config()
     node = c
     *head, last = field.split(".")
     for h in head:
@@ -137,7 +138,8 @@ def test_fuzzed_config_errors_come_before_compiling(tmp_path):
     # The CLI path end to end: a fuzz-style bad value exits 2 with the message, no traceback.
     import subprocess
 
-    p = subprocess.run([sys.executable, "-m", "sap_jax.main", "--config=configs/test_tiny.py",
+    p = subprocess.run([sys.executable, "-m", "sap_jax.main",
+                        "--config=tests/support/tiny_config.py",
                         f"--workdir={tmp_path}", "--config.optim.learning_rate=inf",
                         "--config.agn.tau=nan"], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)

@@ -23,7 +23,7 @@ from sap_jax.runtime import parallel
 pytestmark = pytest.mark.slow  # several processes training a tiny model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config=configs/test_tiny.py", "--config.plots=False"]
+TINY = ["--config=tests/support/tiny_config.py", "--config.plots=False"]
 
 
 def _free_port() -> int:
@@ -97,7 +97,7 @@ def two(tmp_path_factory):
     # Also times inference at the end: each process on its own first device, no collectives.
     runs = _wait(_job(wd, "--config.speed.enabled=True", "--config.speed.reps=2",
                       "--config.speed.batch_sizes=(1,2)"))
-    for rc, out, err in runs:
+    for rc, _, err in runs:
         assert rc == 0, err[-3000:]
     return str(wd), runs
 
@@ -148,21 +148,23 @@ def test_two_process_run_killed_mid_search_resumes_to_the_same_result(two, tmp_p
     procs = _job(wd)
     ckpt = wd / "checkpoints" / "2"  # orbax renames a finished checkpoint into place
     deadline = time.monotonic() + 300
-    while not ckpt.exists() and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+    while (not ckpt.exists() and time.monotonic() < deadline
+           and all(p.poll() is None for p in procs)):
         time.sleep(0.05)
     for p in procs:
         p.send_signal(signal.SIGKILL)
     _wait(procs)
     assert ckpt.exists() and not (wd / "results.json").exists()
     resumed = _wait(_job(wd))
-    for rc, out, err in resumed:
+    for rc, _, err in resumed:
         assert rc == 0, err[-3000:]
     assert "resuming from checkpoint 2" in resumed[0][2]
     _assert_same_run(two[0], str(wd))
 
 
 def test_process_id_that_does_not_fit_is_refused(tmp_path):
-    (rc, _, err), = _wait([_main([*TINY, f"--workdir={tmp_path}", "--coordinator_address=127.0.0.1:1234",
+    (rc, _, err), = _wait([_main([*TINY, f"--workdir={tmp_path}",
+                                  "--coordinator_address=127.0.0.1:1234",
                                   "--num_processes=2", "--process_id=2"], local_devices=1)])
     assert rc == parallel.EXIT_DISTRIBUTED_SETUP and "must lie in [0, 1]" in err
     assert "Traceback" not in err
@@ -213,7 +215,8 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step(two, tmp_path):
     procs = _job(wd)
     ckpt = wd / "checkpoints" / "1"  # the search has started
     deadline = time.monotonic() + 300
-    while not ckpt.exists() and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+    while (not ckpt.exists() and time.monotonic() < deadline
+           and all(p.poll() is None for p in procs)):
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)  # the scheduler preempts one host
     runs = _wait(procs)

@@ -148,7 +148,7 @@ def test_a_run_starts_from_the_given_weights_and_a_mismatch_exits_2(tmp_path):
         hit = np.argmax(np.asarray(logits), -1) == np.asarray(b["label"])
         correct += int((hit * b["mask"]).sum())
         total += int(b["mask"].sum())
-    cmd = [sys.executable, "-m", "sap_jax.main", "--config=configs/test_tiny.py",
+    cmd = [sys.executable, "-m", "sap_jax.main", "--config=tests/support/tiny_config.py",
            f"--workdir={tmp_path / 'run'}", f"--config.init_from=sap_jax:{tmp_path / 'src'}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -24,16 +24,17 @@ from sap_jax.train import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import test_tiny  # noqa: E402
+from support import tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
-TINY = ["--config=configs/test_tiny.py", "--config.plots=False"]
+TINY = ["--config=tests/support/tiny_config.py", "--config.plots=False"]
 
 
 def _fault_run(workdir, fault="none", arg=0, *extra, env=None):
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "fault_run.py"), fault, str(arg), "--", *TINY,
-         f"--workdir={workdir}", *extra], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [sys.executable, os.path.join(ROOT, "tests", "support", "fault_run.py"), fault, str(arg),
+         "--", *TINY, f"--workdir={workdir}", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
@@ -69,7 +70,7 @@ def reference(tmp_path_factory):
 
 def test_the_terminal_gets_one_line_per_epoch_and_the_workdir_the_full_log(reference):
     err = _REFERENCE_OUTPUT["stderr"]
-    c = test_tiny.get_config()
+    c = tiny_config.get_config()
     epochs = [line for line in err.splitlines() if " epoch " in line]
     assert len(epochs) == c.num_epochs + c.finetune.num_epochs
     for noise in ("logging_writer", "Setting work unit notes", "oneDNN", "libtpu", "train/loss="):
@@ -152,7 +153,8 @@ def test_same_seed_is_bit_identical_and_another_seed_is_not(reference, tmp_path)
     h0, _, _, p0 = _outcome(reference)
     h1, _, _, p1 = _outcome(tmp_path / "seed1")
     assert h0["train_loss"] != h1["train_loss"]
-    assert any(not np.array_equal(p0[k], p1[k]) for k in p0 if k in p1 and p0[k].shape == p1[k].shape)
+    assert any(not np.array_equal(p0[k], p1[k])
+               for k in p0 if k in p1 and p0[k].shape == p1[k].shape)
 
 
 # -- 4. damaged or foreign state ------------------------------------------------------------
@@ -167,12 +169,13 @@ def _copy(reference, tmp_path, finished=False):
     return wd
 
 
-def test_rerunning_a_finished_run_prints_its_summary_and_changes_nothing(reference, tmp_path, capsys):
+def test_rerunning_a_finished_run_prints_its_summary_and_changes_nothing(reference, tmp_path,
+                                                                          capsys):
     wd = _copy(reference, tmp_path, finished=True)
     before = {f: (wd / f).read_bytes() for f in ("results.json", "summary.txt")}
     steps, phases = [], []
     hooks = train.Hooks(on_step=lambda *a: steps.append(a), on_phase=phases.append)
-    r = train.train_and_evaluate(test_tiny.get_config(), str(wd), hooks=hooks)
+    r = train.train_and_evaluate(tiny_config.get_config(), str(wd), hooks=hooks)
     assert steps == [] and phases == []  # nothing trained, nothing cut
     assert r == json.loads(before["results.json"])
     assert {f: (wd / f).read_bytes() for f in before} == before
@@ -186,7 +189,7 @@ def test_remeasuring_a_finished_runs_speed_keeps_the_earlier_figures(reference, 
     measurement stays in speed_earlier."""
     wd = _copy(reference, tmp_path, finished=True)
     before = json.loads((wd / "results.json").read_text())
-    c = test_tiny.get_config()
+    c = tiny_config.get_config()
     c.speed.enabled, c.speed.reps, c.speed.batch_sizes = True, 1, (1,)
     steps = []
     hooks = train.Hooks(on_step=lambda *a: steps.append(a))
@@ -210,29 +213,31 @@ def test_corrupted_checkpoint_names_its_path_and_what_to_do(reference, tmp_path)
             if not f.startswith("_") and "commit" not in f:
                 with open(os.path.join(d, f), "r+b") as fh:
                     fh.write(b"\x00garbage" * 8)
-    with pytest.raises(train.CheckpointError, match=r"checkpoints/6 cannot be read .*Delete .*checkpoints/6 "
-                                                    r"to resume from the checkpoint before it"):
-        train.train_and_evaluate(test_tiny.get_config(), str(wd))
+    with pytest.raises(train.CheckpointError,
+                       match=r"checkpoints/6 cannot be read .*Delete .*checkpoints/6 "
+                             r"to resume from the checkpoint before it"):
+        train.train_and_evaluate(tiny_config.get_config(), str(wd))
 
 
 def test_unreadable_checkpoint_metadata_is_reported(reference, tmp_path):
     wd = _copy(reference, tmp_path)
     (wd / "checkpoints" / "6" / "meta" / "metadata").write_text("{truncated")
     with pytest.raises(train.CheckpointError, match=r"checkpoints/6 cannot be read"):
-        train.train_and_evaluate(test_tiny.get_config(), str(wd))
+        train.train_and_evaluate(tiny_config.get_config(), str(wd))
 
 
 def test_checkpoint_from_another_config_is_refused(reference, tmp_path):
     wd = _copy(reference, tmp_path)
     (wd / "config.json").unlink()  # not even the workdir's config file can vouch for it
-    c = test_tiny.get_config()
+    c = tiny_config.get_config()
     c.sap.gamma = 0.5
     with pytest.raises(config_lib.ConfigError, match=r"checkpoints/6 was written by a run with a "
                                                      r"different config"):
         train.train_and_evaluate(c, str(wd))
 
 
-def test_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
+def test_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(reference, tmp_path,
+                                                                   monkeypatch):
     real = ocp.CheckpointManager.save
 
     def full(self, step, *a, **kw):
@@ -242,11 +247,12 @@ def test_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(reference, tm
         return real(self, step, *a, **kw)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", full)
-    with pytest.raises(train.CheckpointWriteError, match=r"could not write checkpoint 3 to .*No space "
-                                                         r"left on device.*checkpoint 2 in .* is intact"):
-        train.train_and_evaluate(test_tiny.get_config(), str(tmp_path))
+    with pytest.raises(train.CheckpointWriteError,
+                       match=r"could not write checkpoint 3 to .*No space "
+                             r"left on device.*checkpoint 2 in .* is intact"):
+        train.train_and_evaluate(tiny_config.get_config(), str(tmp_path))
     monkeypatch.setattr(ocp.CheckpointManager, "save", real)
-    train.train_and_evaluate(test_tiny.get_config(), str(tmp_path))  # space is back: resume
+    train.train_and_evaluate(tiny_config.get_config(), str(tmp_path))  # space is back: resume
     _assert_identical(_outcome(reference), _outcome(tmp_path))
 
 
@@ -264,10 +270,11 @@ def test_skip_mode_skips_non_finite_steps_and_counts_them(tmp_path, monkeypatch)
             yield b
 
     monkeypatch.setattr(data_lib.ArrayDataset, "train_batches", poisoned)
-    c = test_tiny.get_config()
+    c = tiny_config.get_config()
     c.on_nonfinite = "skip"
     r = train.train_and_evaluate(c, str(tmp_path))
     assert r["skipped_steps"] == 2
     assert np.all(np.isfinite(r["history"]["train_loss"]))
     model = surgery.load(tmp_path / "pruned_model")
-    assert all(np.all(np.isfinite(np.asarray(v))) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert all(np.all(np.isfinite(np.asarray(v)))
+               for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))

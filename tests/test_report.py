@@ -14,11 +14,11 @@ from sap_jax.train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import test_tiny  # noqa: E402
+from support import tiny_config  # noqa: E402
 
 
 def _results(**cut):
-    c = test_tiny.get_config()
+    c = tiny_config.get_config()
     dense = models.create_abstract(c.model).structure(c.image_size)
     pruned = models.create_abstract(c.model, widths=[2, 4, 8]).structure(c.image_size)
     prog = Progress(dense_acc=0.9, cut_acc=0.5, cut_acc_bn=0.8, subnet_acc_at_cut=0.5,

@@ -56,10 +56,11 @@ def test_budget_errors():
 
 
 def test_the_generator_aims_at_p_minus_the_margin_of_the_configs_budget_section():
-    from configs import test_tiny
+    from support import tiny_config
+
     from sap_jax.train import spec
 
-    c = test_tiny.get_config()
+    c = tiny_config.get_config()
     c.budget.p, c.budget.target_margin, c.budget.lam, c.budget.form = 0.4, 0.01, 6.0, "two_sided"
     c.budget.eps, c.budget.scope = 0.002, "total"
     budget = spec.from_config(c).budget

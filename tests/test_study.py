@@ -28,7 +28,8 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
     for arm, rs in rows.items():
         assert [r["seed"] for r in rs] == [0, 1]
         for r in rs:
-            run = json.loads((tmp_path / "runs" / f"{arm}_p0.5_s{r['seed']}" / "results.json").read_text())
+            run_dir = tmp_path / "runs" / f"{arm}_p0.5_s{r['seed']}"
+            run = json.loads((run_dir / "results.json").read_text())
             for key in ("final_acc", "cut_acc", "cut_acc_bn", "prunable_macs_ratio", "widths"):
                 assert run[key] == r[key], (arm, key)
         # The table shows the mean over seeds with its 95% half-width.
@@ -42,7 +43,8 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
     assert set(second) == {"sap", "no_align"}
     for arm, rs in second.items():
         for r in rs:
-            run = json.loads((tmp_path / "runs" / f"mnist5k_{arm}_p0.5_s{r['seed']}" / "results.json").read_text())
+            run_dir = tmp_path / "runs" / f"mnist5k_{arm}_p0.5_s{r['seed']}"
+            run = json.loads((run_dir / "results.json").read_text())
             assert run["dataset"] == "mnist5k" and run["image_size"] == 28
             assert run["final_acc"] == r["final_acc"]
     assert "## 5. A second real dataset: mnist5k" in text
@@ -69,7 +71,8 @@ def test_paired_difference_and_interval_against_a_hand_computation():
     m, h, wins = alignment_study.paired(a, b, "final_acc")
     d = np.array([2.0, 0.0, 4.0])
     # t(0.975, 2) = 4.302653
-    assert m == pytest.approx(2.0) and h == pytest.approx(4.302653 * d.std(ddof=1) / np.sqrt(3), rel=1e-5)
+    assert m == pytest.approx(2.0)
+    assert h == pytest.approx(4.302653 * d.std(ddof=1) / np.sqrt(3), rel=1e-5)
     assert wins == 2
     assert alignment_study._verdict(2.0, 1.0).startswith("shown")
     assert alignment_study._verdict(2.0, 3.0).startswith("not shown")

@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-tiny = tiny_config  # configs/test_tiny.py with dotted overrides
+tiny = tiny_config  # tests/support/tiny_config.py with dotted overrides
+TINY_CONFIG = "--config=tests/support/tiny_config.py"  # the same file, for the CLI (cwd ROOT)
 
 
 def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
@@ -59,7 +60,8 @@ def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     assert [b["batch"] for b in sp["batches"]] == [1, 4]
     for b in sp["batches"]:
         assert b["speedup"] == pytest.approx(b["dense_ms"] / b["pruned_ms"])
-        assert b["efficiency"] == pytest.approx(b["speedup"] * saved["macs_after"] / saved["macs_before"])
+        assert b["efficiency"] == pytest.approx(
+            b["speedup"] * saved["macs_after"] / saved["macs_before"])
     assert "batch 1 latency" in (tmp_path / "summary.txt").read_text()
     model = surgery.load(tmp_path / "pruned_model")
     assert list(model.widths) == saved["widths"]
@@ -116,8 +118,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def _main(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "sap_jax.main", *args], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, timeout=300)
+    return subprocess.run([sys.executable, "-m", "sap_jax.main", *args], cwd=ROOT,
+                          capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, timeout=300)
 
 
 def test_imagenet_config_without_imagenet_fails_fast_with_instructions(tmp_path):
@@ -130,10 +133,10 @@ def test_imagenet_config_without_imagenet_fails_fast_with_instructions(tmp_path)
 
 
 def test_bad_override_fails_before_compiling_and_an_old_field_name_is_refused(tmp_path):
-    p = _main("--config=configs/test_tiny.py", f"--workdir={tmp_path}", "--config.budget.p=0")
+    p = _main(TINY_CONFIG, f"--workdir={tmp_path}", "--config.budget.p=0")
     assert p.returncode == 2 and "budget p = 0" in p.stderr and "Traceback" not in p.stderr
     # sap.p became budget.p in 0.2.0: the old name is unknown, and the message names the new one.
-    p = _main("--config=configs/test_tiny.py", f"--workdir={tmp_path}", "--config.sap.p=0.5")
+    p = _main(TINY_CONFIG, f"--workdir={tmp_path}", "--config.sap.p=0.5")
     assert p.returncode == 2 and "no field 'sap.p'" in p.stderr and "budget.p" in p.stderr
 
 
@@ -143,7 +146,7 @@ def test_command_line_mistakes_exit_with_2_and_one_line(tmp_path, case):
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config(:\n    pass\n")
     (tmp_path / "ro").mkdir(mode=0o555)
-    tiny_cfg, wd = "--config=configs/test_tiny.py", f"--workdir={tmp_path / 'w'}"
+    tiny_cfg, wd = TINY_CONFIG, f"--workdir={tmp_path / 'w'}"
     args, says = {
         "missing": ([f"--config={tmp_path / 'nope.py'}", wd], "nope.py does not exist"),
         "syntax": ([f"--config={bad}", wd], "cannot be loaded: SyntaxError"),
@@ -163,8 +166,9 @@ def test_command_line_mistakes_exit_with_2_and_one_line(tmp_path, case):
 def test_eight_simulated_devices_match_one_device(tmp_path):
     out = {}
     for n in (1, 8):
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multidevice_run.py"), str(n),
-                            str(tmp_path / f"d{n}")], capture_output=True, text=True, timeout=600)
+        script = os.path.join(ROOT, "tests", "support", "multidevice_run.py")
+        p = subprocess.run([sys.executable, script, str(n), str(tmp_path / f"d{n}")],
+                           capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
         out[n] = json.loads(line[len("RESULT "):])
@@ -242,4 +246,5 @@ def test_best_architecture_is_chosen_on_validation_never_on_test(tmp_path, monke
     for key in ("best_subnet_val_acc", "best_subnet_epoch", "widths"):
         assert broken[key] == clean[key], key
     assert broken["history"]["subnet_val_acc"] == h["subnet_val_acc"]
-    assert clean["splits"]["best_subnet_val_acc"] == "val" and clean["splits"]["final_acc"] == "test"
+    assert clean["splits"]["best_subnet_val_acc"] == "val"
+    assert clean["splits"]["final_acc"] == "test"

@@ -1,4 +1,5 @@
-"""Input pipelines: in-memory datasets (digits, MNIST-5k, CIFAR-10) and streamed ImageNet (TFDS + tf.data).
+"""Input pipelines: in-memory datasets (digits, MNIST-5k, CIFAR-10) and streamed ImageNet
+(TFDS + tf.data).
 
 Every pipeline yields *host-local* batches, dicts of NumPy arrays
 ``{"image": (b, H, W, C) float32 normalised, "label": (b,) int32, "mask": (b,) float32}``
@@ -11,6 +12,7 @@ the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator
 
@@ -75,6 +77,11 @@ class Info:
                 "class_names": None if self.class_names is None else list(self.class_names)}
 
 
+def _ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, in exact integer arithmetic."""
+    return -(-a // b)
+
+
 def _normalise(images: np.ndarray, mean, std) -> np.ndarray:
     x = images.astype(np.float32) / 255.0
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
@@ -125,7 +132,8 @@ class ArrayDataset:
         n = len(idx) // jax.process_count()
         return idx[jax.process_index() * n:(jax.process_index() + 1) * n]
 
-    def _augment(self, images: np.ndarray, global_batch: int, rng: np.random.Generator) -> np.ndarray:
+    def _augment(self, images: np.ndarray, global_batch: int,
+                 rng: np.random.Generator) -> np.ndarray:
         """Augment this process's rows. The random draws are made for the whole global batch
         and sliced, so results do not depend on how many processes share the batch."""
         if self.crop_pad:
@@ -154,11 +162,11 @@ class ArrayDataset:
         for s in range(start, steps):
             idx = self._local(order[s * global_batch:(s + 1) * global_batch])
             rng = np.random.default_rng([self.seed, 2, epoch, s])
-            yield self._batch(self.train_x, self.train_y, idx,
-                              augment=lambda x: self._augment(x, global_batch, rng))
+            augment = functools.partial(self._augment, global_batch=global_batch, rng=rng)
+            yield self._batch(self.train_x, self.train_y, idx, augment=augment)
 
     def subset_batch(self, index: int, global_batch: int) -> Batch:
-        """The ``index``-th AGN batch: a seeded draw from the fixed sub-dataset (no augmentation)."""
+        """The ``index``-th AGN batch: a seeded draw from the fixed sub-dataset, not augmented."""
         rng = np.random.default_rng([self.seed, 3, index])
         idx = self._local(self.subset[rng.integers(0, len(self.subset), global_batch)])
         return self._batch(self.train_x, self.train_y, idx)
@@ -264,8 +272,9 @@ def cifar10(data_dir: str | None = None, seed: int = 0, subset_fraction: float =
         splits[split] = (np.concatenate([b["image"] for b in parts]),
                          np.concatenate([b["label"] for b in parts]))
     return ArrayDataset(splits["train"], splits["test"], num_classes=10, mean=CIFAR_MEAN,
-                        std=CIFAR_STD, crop_pad=4, flip=True, seed=seed, subset_fraction=subset_fraction,
-                        val_size=val_size, class_names=CIFAR10_CLASSES)
+                        std=CIFAR_STD, crop_pad=4, flip=True, seed=seed,
+                        subset_fraction=subset_fraction, val_size=val_size,
+                        class_names=CIFAR10_CLASSES)
 
 
 class ImageNet:
@@ -389,7 +398,7 @@ class ImageNet:
         size = self.info.eval_size if test else self.info.val_size
         # Shards differ by at most one example; every process must run the same
         # number of (collective) eval steps, so all pad to the largest shard.
-        num_batches = -(-(-(-size // jax.process_count())) // local)
+        num_batches = _ceil_div(_ceil_div(size, jax.process_count()), local)
         if not size:
             return
         ds = self._load("validation" if test else self.val_split, shuffle_files=False)

@@ -1,6 +1,6 @@
 """Run a few tiny training steps on N simulated CPU devices and print the losses as JSON.
 
-    python tests/multidevice_run.py N WORKDIR
+    python tests/support/multidevice_run.py N WORKDIR
 """
 
 import json
@@ -10,15 +10,16 @@ import sys
 n = int(sys.argv[1])
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # configs/, and support/ as under pytest
 
 import jax  # noqa: E402
+from support import tiny_config  # noqa: E402
 
-from configs import test_tiny  # noqa: E402
 from sap_jax import train  # noqa: E402
 
 assert jax.device_count() == n, jax.devices()
-c = test_tiny.get_config()
+c = tiny_config.get_config()
 c.num_epochs, c.finetune.num_epochs, c.log_every_steps = 2, 1, 1
 losses, phases = [], []
 

@@ -1,6 +1,8 @@
 """A seconds-long run through every phase, for tests (tiny model, few steps).
 
-    python -m sap_jax.main --config=configs/test_tiny.py --workdir=/tmp/sap_tiny
+A test fixture, not a user config; it imports ``configs``, so run from the repository root:
+
+    python -m sap_jax.main --config=tests/support/tiny_config.py --workdir=/tmp/sap_tiny
 """
 
 from configs import default

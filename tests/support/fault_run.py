@@ -1,6 +1,6 @@
 """``python -m sap_jax.main`` with one injected fault, for the reliability tests.
 
-    python tests/fault_run.py FAULT ARG -- MAIN_ARGS...
+    python tests/support/fault_run.py FAULT ARG -- MAIN_ARGS...
 
 FAULT is one of
   none 0          run normally
@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 fault, arg = sys.argv[1], int(sys.argv[2])
