@@ -34,6 +34,20 @@ def test_tiny_forward_shapes_and_gate(name):
     assert not np.allclose(_apply(model, x, [h.astype(jnp.float32) for h in half]), y)
 
 
+def test_a_gated_forward_keeps_the_heads_dropout():
+    """Gating runs through the tracer on the features; the head (and its dropout, which needs
+    ``rngs``) runs outside, so training with an architecture still drops out."""
+    model = randomize(models.create("mobilenet_v2_tiny", dropout=0.5), seed=2)
+    model.train()
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    arch = [jnp.ones(w) for w in model.widths]
+    plain = model(x, arch)
+    dropped = [model(x, arch, rngs=nnx.Rngs(dropout=k)) for k in (1, 1, 2)]
+    assert not np.allclose(dropped[0], plain)
+    np.testing.assert_array_equal(dropped[0], dropped[1])  # same key, same mask
+    assert not np.allclose(dropped[0], dropped[2])
+
+
 @pytest.mark.parametrize("name", slow(FULL))
 def test_full_models_shapes_without_allocating(name):
     preset = models.get_preset(name)

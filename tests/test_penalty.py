@@ -150,7 +150,7 @@ def test_mask_errors_are_clear():
     with pytest.raises(ValueError, match="mask has 2 vectors but the model has 3 channel groups"):
         penalty.partial_group_lasso(params, [np.ones(4), np.ones(8)], s)
     with pytest.raises(ValueError,
-                       match=r"mask\[1\] \(stages.1.0\) has shape \(7,\); group 1 has 8"):
+                       match=r"mask\[1\] \(stages.1.0.conv1\) has shape \(7,\); group 1 has 8"):
         penalty.partial_group_lasso(params, [np.ones(4), np.ones(7), np.ones(16)], s)
     other = nnx.state(models.create("mobilenet_v2_tiny"), nnx.Param)
     with pytest.raises(ValueError, match="params lack .* tensor"):

@@ -1,4 +1,5 @@
-"""Any NNX CNN, traced: groups equal the hand-written descriptions, gating and surgery are exact.
+"""Any NNX CNN, traced: groups equal the hand-written oracle's (tests/support/hand_written.py),
+gating and surgery are exact.
 
 The zoo (examples/zoo.py) is written like a user's code and imports nothing from sap_jax.
 """
@@ -15,6 +16,7 @@ import pytest
 from conftest import randomize, slow
 from conftest import tiny_config as tiny
 from flax import nnx
+from support import hand_written
 
 from examples import zoo
 from sap_jax import info as info_cli
@@ -37,14 +39,13 @@ def _slices(s: G.Structure) -> list[set]:
     return [{dataclasses.astuple(sl) for sl in g.slices} for g in s.groups]
 
 
-# ------------------------------------------------------- one mechanism: traced == describe()
+# ------------------------------------------- one mechanism, checked against hand-written oracles
 
 def _check_traced_equals_described(name):
     preset = models.get_preset(name)
     model = models.create_abstract(name)
-    ref = model.structure(preset.image_size)
-    s = tracing.structure(model, (1, preset.image_size, preset.image_size, 3),
-                        ignore=model.trace_ignore())
+    ref = hand_written.describe(model, preset.image_size)
+    s = model.structure(preset.image_size)
     assert s.widths == ref.widths
     assert _slices(s) == _slices(ref)  # every group: the same (path, axis, role) slices
     assert {x.path: x for x in s.layers} == {x.path: x for x in ref.layers}  # dims, kernels, hw
@@ -56,11 +57,12 @@ def test_traced_groups_equal_the_hand_written_description(name):
     _check_traced_equals_described(name)
 
 
-@pytest.mark.parametrize("name", ["resnet_bottleneck_tiny", "mobilenet_v2_tiny"])
+@pytest.mark.parametrize("name", ["resnet_cifar_tiny", "resnet_bottleneck_tiny",
+                                  "mobilenet_v2_tiny"])
 def test_gate_and_its_gradient_equal_the_hand_written_gate(name):
-    """Train mode (batch statistics): logits, new BN statistics and d/dv all agree."""
+    """A backbone's gated forward (the tracer's) against the hand-gated oracle, in train mode
+    (batch statistics): logits, new BN statistics and d/dv all agree."""
     model = randomize(models.create(name), seed=1)
-    s = tracing.structure(model, (1, 32, 32, 3), ignore=model.trace_ignore())
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
     arch = [jnp.asarray(rng.uniform(0, 1, w), jnp.float32) for w in model.widths]
@@ -69,7 +71,7 @@ def test_gate_and_its_gradient_equal_the_hand_written_gate(name):
     def loss(arch, state, gated):
         m = nnx.merge(graphdef, state)
         m.train()
-        y = tracing.gated_call(m, x, arch, s) if gated else m(x, arch)
+        y = m(x, arch) if gated else hand_written.gated_forward(m, x, arch)
         return jnp.sum(y * jnp.arange(y.shape[-1])), (y, nnx.state(m, nnx.BatchStat))
 
     # The state is differentiated too, so that its variables live at the gradient's level.
@@ -254,7 +256,7 @@ def test_zoo_penalty_and_agn_step_compile_once(zoo_models, name):
 
 
 def test_one_extract_and_one_gated_apply_for_every_kind_of_model(zoo_models):
-    """A PrunableModel describes and gates itself; any other module needs its structure, and
+    """A PrunableModel knows its own structure; any other module needs it given, and
     both kinds give ``(logits, new_state)`` in train mode."""
     net, s = zoo_models["vgg11_bn"]
     ones = [np.ones(w, bool) for w in s.widths]

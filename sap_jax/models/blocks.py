@@ -1,28 +1,25 @@
-"""Residual blocks. Each block owns its forward pass *and* its description.
+"""Residual blocks: layers and the plain forward pass.
 
-A block's ``describe`` lists its layers with the inner widths marked as
-channel groups, right next to the code that builds those layers, so the two
-cannot drift apart unnoticed (``tests/test_models.py`` also checks every
-described shape against the real parameters).
+Their channel groups (the inner widths) and the gating of those groups come from tracing the
+forward (:mod:`sap_jax.tracing`), as for any user's model; the width arguments are what a
+pruned model is rebuilt with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sap_jax.models.common import batch_norm, conv, down, gate, materialize
-from sap_jax.structure import groups as G
+from sap_jax.models.common import batch_norm, conv, materialize
 
 SHORTCUTS = ("A", "B")
 
 
 class BasicBlock(nnx.Module):
-    """ResNet basic block: 3x3 conv -> BN -> ReLU -> [gate] -> 3x3 conv -> BN, + shortcut.
+    """ResNet basic block: 3x3 conv -> BN -> ReLU -> 3x3 conv -> BN, + shortcut.
 
     One channel group: the inner width (conv1's output, bn1, conv2's input).
     Shortcut "A" (CIFAR, parameter-free): subsample and zero-pad channels.
@@ -56,23 +53,11 @@ class BasicBlock(nnx.Module):
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (lo, self.cout - self.cin - lo)))
         return x
 
-    def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None) -> jax.Array:
-        y = nnx.relu(self.bn1(self.conv1(x)))
-        y = materialize(gate(y, None if arch is None else arch[0]), self.bn1.scale[...])
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = materialize(nnx.relu(self.bn1(self.conv1(x))), self.bn1.scale[...])
         y = self.bn2(self.conv2(y))
         return materialize(nnx.relu(y + self._shortcut(x)), self.bn2.scale[...])
 
-    def describe(self, b: G.StructureBuilder, path: G.Path, hw: tuple[int, int]) -> tuple[int, int]:
-        out = down(hw, self.stride)
-        g = b.group(path, self.width)
-        b.conv(path + ("conv1",), self.cin, g, 3, out, self.stride)
-        b.norm(path + ("bn1",), g)
-        b.conv(path + ("conv2",), g, self.cout, 3, out)
-        b.norm(path + ("bn2",), self.cout)
-        if self.projects:
-            b.conv(path + ("down_conv",), self.cin, self.cout, 1, out, self.stride)
-            b.norm(path + ("down_bn",), self.cout)
-        return out
 
 
 class Bottleneck(nnx.Module):
@@ -99,29 +84,13 @@ class Bottleneck(nnx.Module):
             self.down_conv = conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs)
             self.down_bn = batch_norm(cout, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None) -> jax.Array:
-        y = nnx.relu(self.bn1(self.conv1(x)))
-        y = materialize(gate(y, None if arch is None else arch[0]), self.bn1.scale[...])
-        y = nnx.relu(self.bn2(self.conv2(y)))
-        y = materialize(gate(y, None if arch is None else arch[1]), self.bn2.scale[...])
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = materialize(nnx.relu(self.bn1(self.conv1(x))), self.bn1.scale[...])
+        y = materialize(nnx.relu(self.bn2(self.conv2(y))), self.bn2.scale[...])
         y = self.bn3(self.conv3(y))
         sc = self.down_bn(self.down_conv(x)) if self.projects else x
         return materialize(nnx.relu(y + sc), self.bn3.scale[...])
 
-    def describe(self, b: G.StructureBuilder, path: G.Path, hw: tuple[int, int]) -> tuple[int, int]:
-        out = down(hw, self.stride)
-        g1 = b.group(path + ("inner1",), self.width1)
-        g2 = b.group(path + ("inner2",), self.width2)
-        b.conv(path + ("conv1",), self.cin, g1, 1, hw)
-        b.norm(path + ("bn1",), g1)
-        b.conv(path + ("conv2",), g1, g2, 3, out, self.stride)
-        b.norm(path + ("bn2",), g2)
-        b.conv(path + ("conv3",), g2, self.cout, 1, out)
-        b.norm(path + ("bn3",), self.cout)
-        if self.projects:
-            b.conv(path + ("down_conv",), self.cin, self.cout, 1, out, self.stride)
-            b.norm(path + ("down_bn",), self.cout)
-        return out
 
 
 class InvertedResidual(nnx.Module):
@@ -130,8 +99,7 @@ class InvertedResidual(nnx.Module):
 
     With an expand conv (expand ratio != 1) the hidden width is one channel
     group: the expand conv's output, the depthwise channels and the project
-    conv's input, with both BNs. The gate is applied after each of the two
-    activations. Without an expand conv the block has no group.
+    conv's input, with both BNs. Without an expand conv the block has no group.
     Residual connection when stride is 1 and input and output widths match.
     """
 
@@ -152,24 +120,12 @@ class InvertedResidual(nnx.Module):
         self.project_bn = batch_norm(cout, dtype=dtype, rngs=rngs)
         self.residual = stride == 1 and cin == cout
 
-    def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None) -> jax.Array:
-        v = None if not arch else arch[0]
+    def __call__(self, x: jax.Array) -> jax.Array:
         y = x
         if self.expand:
-            y = materialize(gate(nnx.relu6(self.expand_bn(self.expand_conv(y))), v),
+            y = materialize(nnx.relu6(self.expand_bn(self.expand_conv(y))),
                             self.expand_bn.scale[...])
-        y = materialize(gate(nnx.relu6(self.dw_bn(self.dw_conv(y))), v), self.dw_bn.scale[...])
+        y = materialize(nnx.relu6(self.dw_bn(self.dw_conv(y))), self.dw_bn.scale[...])
         y = self.project_bn(self.project_conv(y))
         return materialize(x + y, self.project_bn.scale[...]) if self.residual else y
 
-    def describe(self, b: G.StructureBuilder, path: G.Path, hw: tuple[int, int]) -> tuple[int, int]:
-        out = down(hw, self.stride)
-        h: G.Dim = b.group(path, self.hidden) if self.expand else self.hidden
-        if self.expand:
-            b.conv(path + ("expand_conv",), self.cin, h, 1, hw)
-            b.norm(path + ("expand_bn",), h)
-        b.conv(path + ("dw_conv",), h, h, 3, out, self.stride, depthwise=True)
-        b.norm(path + ("dw_bn",), h)
-        b.conv(path + ("project_conv",), h, self.cout, 1, out)
-        b.norm(path + ("project_bn",), self.cout)
-        return out

@@ -1,7 +1,8 @@
-"""Layers, the gate, and the base class shared by every prunable backbone."""
+"""Layers and the base class shared by every prunable backbone."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,10 +10,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sap_jax import tracing
 from sap_jax.structure import groups as G
 
 # He-normal with fan_out, as torchvision initialises conv kernels.
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Traced structures of built-in backbones, keyed by (class, config JSON, input size).
+_STRUCTURES: dict[tuple[Any, str, tuple[int, int]], G.Structure] = {}
 
 BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 in Flax's convention.
 BN_EPSILON = 1e-5
@@ -32,15 +37,6 @@ def batch_norm(ch: int, *, dtype: Any = None, rngs: nnx.Rngs) -> nnx.BatchNorm:
     # 8-way data-parallel runs drift visibly from 1-device runs within steps.
     return nnx.BatchNorm(ch, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                          use_fast_variance=False, rngs=rngs)
-
-
-def gate(x: jax.Array, v: jax.Array | None) -> jax.Array:
-    """Multiply the channels (last axis) of ``x`` by the keep vector ``v``.
-
-    Written by hand in every built-in backbone although :func:`sap_jax.tracing.gated_call`
-    could gate them: it is the oracle the traced gating is checked against
-    (tests/test_trace.py), and it costs no trace."""
-    return x if v is None else x * v.astype(x.dtype)
 
 
 def materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
@@ -81,15 +77,17 @@ class PrunableModel(nnx.Module):
     """Base class of every backbone.
 
     A subclass is built from an explicit width spec ``widths`` (one entry per
-    prunable channel group, ``None`` = dense) and describes itself with
-    :meth:`describe`. A pruned model is the same class with smaller widths.
+    prunable channel group, ``None`` = dense). A pruned model is the same class with smaller
+    widths. Its channel groups and its gated forward both come from the tracer
+    (:mod:`sap_jax.tracing`), as for any user's model: there is no hand-written description
+    to drift from the code.
 
     Subclasses set ``self.widths``, ``self.in_channels``,
     ``self.total_stride`` and ``self.stages`` (a list of lists of blocks, each
-    block with ``num_groups``, ``__call__(x, arch)`` and ``describe``), and
-    define ``config()`` (constructor kwargs that rebuild the model),
-    ``default_widths()`` (the dense widths), ``describe(builder, hw)`` and
-    ``__call__(x, arch=None)``.
+    block with ``num_groups`` and ``__call__(x)``), and define ``config()`` (constructor
+    kwargs that rebuild the model), ``default_widths()`` (the dense widths, in forward order
+    of the traced groups), ``features(x)`` (images to pooled features) and
+    ``classify(features, rngs)`` (the head).
     """
 
     widths: tuple[int, ...]
@@ -103,21 +101,34 @@ class PrunableModel(nnx.Module):
             for i, block in enumerate(stage):
                 yield ("stages", s, i), block
 
-    def _run_blocks(self, x: jax.Array, arch: Sequence[Any] | None) -> jax.Array:
-        blocks = [blk for _, blk in self.blocks()]
-        for block, a in zip(blocks, split_arch(arch, [blk.num_groups for blk in blocks])):
-            x = block(x, a)
+    def _run_blocks(self, x: jax.Array) -> jax.Array:
+        for _, block in self.blocks():
+            x = block(x)
         return x
 
-    def _describe_blocks(self, b: G.StructureBuilder, hw: tuple[int, int]) -> tuple[int, int]:
-        for path, block in self.blocks():
-            hw = block.describe(b, path, hw)
-        return hw
+    def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None, *,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Logits of NHWC images; with ``arch`` (one keep vector per group) the channels of
+        group k are multiplied by ``arch[k]`` where layers read them
+        (:func:`sap_jax.tracing.gated_call` on :meth:`features`). ``rngs`` (stream
+        "dropout") is needed only to train a head with dropout."""
+        self.check_input(x, arch)
+        if arch is None:
+            f = self.features(x)
+        else:
+            f = tracing.gated_call(self, x, arch, self.structure(tuple(x.shape[1:3])),
+                                   method="features")
+        return self.classify(f, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def classify(self, f: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        raise NotImplementedError
 
     def trace_ignore(self) -> tuple[str, ...]:
-        """Layers whose output channels the paper's recipe leaves whole: with
-        ``sap_jax.tracing.structure(model, x, ignore=model.trace_ignore())`` the traced groups
-        are exactly :meth:`describe`'s (the stem's output is not an inner width)."""
+        """Layers whose output channels the paper's recipe leaves whole (the stem's output is
+        not an inner width); :meth:`structure` traces with them ignored."""
         return ("stem_conv",)
 
     @property
@@ -125,12 +136,22 @@ class PrunableModel(nnx.Module):
         return len(self.widths)
 
     def structure(self, image_size: int | tuple[int, int]) -> G.Structure:
-        """The model's channel-group description for a square (or (H, W)) input."""
+        """The model's channel groups for a square (or (H, W)) input, traced
+        (:func:`sap_jax.tracing.structure`) with :meth:`trace_ignore` left whole.
+
+        Cached per class, ``config()`` and input size: the groups depend on nothing else, and
+        jitted steps ask for them on every trace."""
         hw = self.check_image_size(image_size)
-        b = G.StructureBuilder(hw, self.in_channels)
-        self.describe(b, hw)
-        s = b.build()
-        assert s.widths == self.widths, (s.widths, self.widths)
+        key = (type(self), json.dumps(self.config(), sort_keys=True), hw)
+        s = _STRUCTURES.get(key)
+        if s is None:
+            s = tracing.structure(self, (1, *hw, self.in_channels), ignore=self.trace_ignore())
+            if s.widths != self.widths:
+                raise AssertionError(f"{type(self).__name__}: traced group widths "
+                                     f"{list(s.widths)}, constructed {list(self.widths)}.")
+            if len(_STRUCTURES) >= 64:
+                _STRUCTURES.clear()
+            _STRUCTURES[key] = s
         return s
 
     def check_image_size(self, image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -166,15 +187,6 @@ class PrunableModel(nnx.Module):
         self.check_image_size(tuple(int(s) for s in x.shape[1:3]))
         if arch is not None:
             G.check_arch(arch, self.widths)
-
-
-def split_arch(arch: Sequence[Any] | None, counts: Sequence[int]) -> list[Sequence[Any] | None]:
-    """Hand each block its consecutive slice of the architecture vector."""
-    out, k = [], 0
-    for n in counts:
-        out.append(None if arch is None else arch[k:k + n])
-        k += n
-    return out
 
 
 def dtype_from(name: str | None) -> Any:

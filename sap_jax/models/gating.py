@@ -1,8 +1,8 @@
 """One pure, jittable gated forward for any model, for training loops of your own.
 
-A :class:`~sap_jax.models.PrunableModel` gates itself (``model(x, arch)``: the built-in
-backbones' hand-written ``gate``, a ``TracedModel``'s traced one); any other NNX module is
-gated by the tracer (:func:`sap_jax.tracing.gated_call`), which needs its structure.
+Every model is gated by the tracer (:func:`sap_jax.tracing.gated_call`). A
+:class:`~sap_jax.models.PrunableModel` knows its own structure (``model(x, arch)``); any other
+NNX module needs it given.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sap_jax.structure import groups as G
 
 def check_structure_argument(model: nnx.Module, structure: G.Structure | None,
                              doing: str) -> bool:
-    """Whether ``model`` is a PrunableModel (it describes and gates itself); a ValueError when
+    """Whether ``model`` is a PrunableModel (it knows its structure); a ValueError when
     ``structure`` is missing for any other module, or given for a PrunableModel with other
     widths. ``doing`` opens the message ("gating a", "extracting from a")."""
     own = isinstance(model, PrunableModel)
@@ -44,10 +44,11 @@ def gated_apply(model: nnx.Module, structure: G.Structure | None = None, *,
     :func:`sap_jax.method.agn.agn_value_and_grad`.
 
     Args:
-      model: a PrunableModel (it gates itself), or any NNX module mapping NHWC images to logits.
+      model: a PrunableModel (it knows its structure), or any NNX module mapping NHWC images
+        to logits.
       structure: the channel groups of a module that is not a PrunableModel (from
-        :func:`sap_jax.tracing.structure`); a PrunableModel gates itself, so one given for
-        it must have its widths.
+        :func:`sap_jax.tracing.structure`); one given for a PrunableModel must have its
+        widths.
     """
     own = check_structure_argument(model, structure, "gating a")
 

@@ -24,8 +24,7 @@ import jax
 from flax import nnx
 
 from sap_jax.models.blocks import InvertedResidual
-from sap_jax.models.common import PrunableModel, batch_norm, conv, down, dtype_from
-from sap_jax.structure import groups as G
+from sap_jax.models.common import PrunableModel, batch_norm, conv, dtype_from
 
 IMAGENET_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                     (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -97,30 +96,19 @@ class MobileNetV2(PrunableModel):
                     dropout=self.dropout_rate, widths=list(self.widths),
                     in_channels=self.in_channels, dtype=self.dtype_name)
 
-    def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None, *,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Forward pass. ``rngs`` (stream "dropout") is needed only to train with dropout."""
-        self.check_input(x, arch)
+    def features(self, x: jax.Array) -> jax.Array:
         x = nnx.relu6(self.stem_bn(self.stem_conv(x)))
-        x = self._run_blocks(x, arch)
-        x = nnx.relu6(self.last_bn(self.last_conv(x))).mean(axis=(1, 2))
+        x = self._run_blocks(x)
+        return nnx.relu6(self.last_bn(self.last_conv(x))).mean(axis=(1, 2))
+
+    def classify(self, f: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Dropout (stream "dropout" of ``rngs``, only when given) and the linear head."""
         if self.dropout_rate > 0 and rngs is not None:
-            x = self.dropout(x, rngs=rngs)
-        return self.head(x)
+            f = self.dropout(f, rngs=rngs)
+        return self.head(f)
 
     def trace_ignore(self) -> tuple[str, ...]:
         """Only the expanded hidden widths are groups: the stem, the last conv and every
         block's (linear bottleneck) projection keep their outputs."""
         return ("stem_conv", "last_conv", *(".".join(map(str, path + ("project_conv",)))
                                             for path, _ in self.blocks()))
-
-    def describe(self, b: G.StructureBuilder, hw: tuple[int, int]) -> None:
-        cin = make_divisible(self.stem_width * self.width_mult)
-        hw = down(hw, self.stem_stride)
-        b.conv(("stem_conv",), self.in_channels, cin, 3, hw, self.stem_stride)
-        b.norm(("stem_bn",), cin)
-        hw = self._describe_blocks(b, hw)
-        cin = [blk for _, blk in self.blocks()][-1].cout
-        b.conv(("last_conv",), cin, self.last_ch, 1, hw)
-        b.norm(("last_bn",), self.last_ch)
-        b.dense(("head",), self.last_ch, self.num_classes)

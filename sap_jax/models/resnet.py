@@ -16,8 +16,7 @@ import jax
 from flax import nnx
 
 from sap_jax.models.blocks import BasicBlock, Bottleneck
-from sap_jax.models.common import PrunableModel, batch_norm, conv, down, dtype_from
-from sap_jax.structure import groups as G
+from sap_jax.models.common import PrunableModel, batch_norm, conv, dtype_from
 
 BLOCKS = ("basic", "bottleneck")
 
@@ -68,19 +67,10 @@ class ResNet(PrunableModel):
                     num_classes=self.num_classes, widths=list(self.widths),
                     in_channels=self.in_channels, dtype=self.dtype_name)
 
-    def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None, *,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Forward pass; ``rngs`` is accepted like every backbone's (this one has no dropout)."""
-        self.check_input(x, arch)
+    def features(self, x: jax.Array) -> jax.Array:
         x = nnx.relu(self.stem_bn(self.stem_conv(x)))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        x = self._run_blocks(x, arch)
-        return self.head(x.mean(axis=(1, 2)))
+        return self._run_blocks(x).mean(axis=(1, 2))
 
-    def describe(self, b: G.StructureBuilder, hw: tuple[int, int]) -> None:
-        hw = down(hw, 2)
-        b.conv(("stem_conv",), self.in_channels, self.stem_width, 7, hw, 2)
-        b.norm(("stem_bn",), self.stem_width)
-        hw = down(hw, 2)  # max-pool
-        self._describe_blocks(b, hw)
-        b.dense(("head",), self.stage_planes[-1] * self.expansion, self.num_classes)
+    def classify(self, f: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return self.head(f)  # no dropout: ``rngs`` is accepted like every backbone's

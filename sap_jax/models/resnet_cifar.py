@@ -16,7 +16,6 @@ from flax import nnx
 
 from sap_jax.models.blocks import BasicBlock
 from sap_jax.models.common import PrunableModel, batch_norm, conv, dtype_from
-from sap_jax.structure import groups as G
 
 
 class ResNetCifar(PrunableModel):
@@ -55,16 +54,9 @@ class ResNetCifar(PrunableModel):
                     num_classes=self.num_classes, shortcut=self.shortcut, widths=list(self.widths),
                     in_channels=self.in_channels, dtype=self.dtype_name)
 
-    def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None, *,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Forward pass; ``rngs`` is accepted like every backbone's (this one has no dropout)."""
-        self.check_input(x, arch)
+    def features(self, x: jax.Array) -> jax.Array:
         x = nnx.relu(self.stem_bn(self.stem_conv(x)))
-        x = self._run_blocks(x, arch)
-        return self.head(x.mean(axis=(1, 2)))
+        return self._run_blocks(x).mean(axis=(1, 2))
 
-    def describe(self, b: G.StructureBuilder, hw: tuple[int, int]) -> None:
-        b.conv(("stem_conv",), self.in_channels, self.stage_widths[0], 3, hw)
-        b.norm(("stem_bn",), self.stage_widths[0])
-        self._describe_blocks(b, hw)
-        b.dense(("head",), self.stage_widths[-1], self.num_classes)
+    def classify(self, f: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return self.head(f)  # no dropout: ``rngs`` is accepted like every backbone's

@@ -205,13 +205,13 @@ class Structure:
     """The declarative description of one model at one input size.
 
     Attributes:
-      group_names: name of each of the K groups (its block's path).
+      group_names: name of each of the K groups (traced: the path of the layer producing it).
       widths: ``C_k`` of each group in the described model.
       layers: every conv, norm and linear layer, in forward order.
       input_hw: the input's spatial size (H, W).
       in_channels: the input's channel count.
       slices: each group's slices, given explicitly (a traced model); ``None`` derives them
-        from the layers (a hand-written description).
+        from the layers (a description built with :class:`StructureBuilder`).
     """
 
     group_names: tuple[str, ...]

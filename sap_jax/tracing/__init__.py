@@ -1,7 +1,7 @@
 """Channel groups of any Flax NNX CNN, found by tracing its forward pass.
 
-:func:`structure` returns the same :class:`~sap_jax.structure.groups.Structure` the built-in
-backbones write by hand (``describe()``), derived from the jaxpr of the model's pure forward
+:func:`structure` returns the :class:`~sap_jax.structure.groups.Structure` of any model, the
+built-in backbones included, derived from the jaxpr of the model's pure forward
 (``nnx.split`` the model, ``jax.make_jaxpr`` over its state). Every array in the jaxpr gets a
 label (:mod:`.labels`): an activation's channel axis says which *channel space* and channel
 sits at each position; concatenation, padding and flattening rearrange labels; elementwise

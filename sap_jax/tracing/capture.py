@@ -43,12 +43,12 @@ def _leaf_paths(state) -> tuple[G.Path, ...]:
 @functools.lru_cache(maxsize=32)
 def _program_cached(graphdef, treedef, leaf_avals, x_aval, mode: str | None,
                     leaf_paths: tuple[G.Path, ...], ignore: tuple[str, ...],
-                    depthwise: tuple[G.Path, ...]) -> Program:
+                    depthwise: tuple[G.Path, ...], method: str) -> Program:
     def pure(leaves, x):
         m = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         if mode == "eval":
             m.eval()
-        y = m(x)
+        y = getattr(m, method)(x)
         return y, jax.tree.leaves(nnx.state(m))
 
     closed, out_shape = jax.make_jaxpr(pure, return_shape=True)(list(leaf_avals), x_aval)
@@ -73,10 +73,11 @@ def _aval(a: Any) -> Any:
     return jax.core.ShapedArray(tuple(np.shape(a)), a.dtype)
 
 
-def program(model: nnx.Module, x_aval, mode: str | None, ignore: Sequence[str] = ()
-            ) -> tuple[Program, list[Any]]:
+def program(model: nnx.Module, x_aval, mode: str | None, ignore: Sequence[str] = (),
+            method: str = "__call__") -> tuple[Program, list[Any]]:
     """The labelled jaxpr of ``model``'s forward on ``x_aval`` (``mode`` "eval": in eval mode
-    and strict; None: the model's current mode), and the model's state leaves to run it on."""
+    and strict; None: the model's current mode), and the model's state leaves to run it on.
+    ``method`` names the forward (``model.method(x)``)."""
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     # jax.typeof keeps a traced array's sharding: a jaxpr traced without it would not bind to
@@ -85,7 +86,8 @@ def program(model: nnx.Module, x_aval, mode: str | None, ignore: Sequence[str] =
     depthwise = tuple(sorted(G.as_path(p) for p, m in nnx.iter_graph(model)
                              if isinstance(m, nnx.Conv) and getattr(m, DEPTHWISE_MARK, False)))
     return (_program_cached(graphdef, treedef, avals, _aval(x_aval), mode, _leaf_paths(state),
-                            tuple(sorted(n.replace("/", ".") for n in ignore)), depthwise), leaves)
+                            tuple(sorted(n.replace("/", ".") for n in ignore)), depthwise,
+                            method), leaves)
 
 
 def _as_aval(sample: Any) -> jax.ShapeDtypeStruct:

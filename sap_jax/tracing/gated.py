@@ -2,8 +2,9 @@
 group without changing its code.
 
 A small jaxpr interpreter replays the captured forward and multiplies the input of every
-convolution and linear layer that reads a group's channels by that group's vector, exactly
-where the built-in backbones call ``models.common.gate``.
+convolution and linear layer that reads a group's channels by that group's vector. It is the
+one gating mechanism: the built-in backbones are gated by it too (their hand-gated forward
+survives only as a test oracle, tests/support/hand_written.py).
 """
 
 from __future__ import annotations
@@ -91,17 +92,18 @@ def _eval(jaxpr: jcore.Jaxpr, consts, args, gates, prefixes, key=()) -> list[Any
 
 
 def gated_call(model: nnx.Module, x: jax.Array, arch: G.Arch, s: G.Structure, *,
-               prefix: Sequence[str] = ()) -> Any:
+               prefix: Sequence[str] = (), method: str = "__call__") -> Any:
     """``model(x)`` with the channels of group k multiplied by ``arch[k]`` where layers read them.
 
     Runs in the model's current mode (``model.train()`` updates its BatchNorm statistics, as
     a normal call would) and works under ``jax.jit``/``jax.grad``: ``arch`` is an ordinary
     input, so a new architecture never recompiles, and its gradient is the straight-through
-    gradient the built-in backbones' ``gate`` gives. ``s`` is the model's
-    :func:`~sap_jax.tracing.structure`.
+    gradient of multiplying by ``arch[k]``. ``s`` is the model's
+    :func:`~sap_jax.tracing.structure`; ``method`` names the forward to gate
+    (``model.method(x)``, e.g. a backbone's feature extractor while its head runs outside).
     """
     G.check_arch(arch, s.widths, s.group_names)
-    prog, leaves = program(model, x, None)
+    prog, leaves = program(model, x, None, method=method)
     prefix = G.as_path(prefix)
     gates = _gates(prog.analysis, s, arch, prefix)
     prefixes = {k[:n] for k in gates for n in range(1, len(k))}
