@@ -1,51 +1,102 @@
 """Real speed of extracted models vs their dense originals (a benchmark, not a test).
 
-    python benchmarks/pruned_speedup.py [--models resnet56,resnet50,mobilenet_v2] [--reps 10]
-        [--batch 32] [--round-to 8[,16,...]]
+    python benchmarks/pruned_speedup.py [--models resnet56,resnet50,mobilenet_v2,WORKDIR]
+        [--reps 10] [--batch 32] [--round-to 8[,16,...]] [--dtype float32|bfloat16]
+        [--layers] [--json PATH]
 
-For each model at its paper budget (p of the prunable MACs: ResNet-56 0.48 on
+For each preset at its paper budget (p of the prunable MACs: ResNet-56 0.48 on
 CIFAR, ResNet-50 0.37 and MobileNetV2 0.65 on ImageNet) it builds the pruned
 model with uniform per-group widths (the widest uniform keep fraction within
-the budget; SAP's own widths are non-uniform, but the cost of a layer depends
-only on its widths) and, for each M in ``--round-to``, the same widths rounded
-to multiples of M within the budget. It times the jitted eval-mode forward pass
-with ``sap_jax.runtime.speed.compare`` (dense and pruned alternate rep by rep):
-latency at batch 1 and throughput at ``--batch``, medians of ``--reps`` after
-warm-up. Efficiency = measured speed-up / (dense MACs / pruned MACs).
+the budget). An entry of ``--models`` that is a directory is a run's workdir (or a saved
+model): its own, non-uniform widths are timed against its dense widths, at its image size.
+For each M in ``--round-to``, the same widths rounded to multiples of M within the same
+budget are timed too. It times the jitted eval-mode forward pass with
+``sap_jax.runtime.speed.compare`` (dense and pruned alternate rep by rep) in ``--dtype``
+(the models compute in it): latency at batch 1 and throughput at ``--batch``, medians of
+``--reps`` after warm-up. Efficiency = measured speed-up / (dense MACs / pruned MACs).
+
+``--layers`` adds a per-layer breakdown (``sap_jax.method.latency.layer_times``): every conv
+and linear layer alone, at the dense and at each variant's widths, at ``--batch``; it
+lists the layers whose time falls least in proportion to their MACs (where the cut does not
+pay) and the layers' share of the dense model's time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
-from sap_jax import models
-from sap_jax.method import baselines, cut
+from sap_jax import models, surgery
+from sap_jax.method import baselines, cut, latency
 from sap_jax.runtime import speed
 from sap_jax.structure import flops
+from sap_jax.train.run import PRUNED_DIR
 
 BUDGETS = {"resnet56": (0.48, 32), "resnet50": (0.37, 224), "mobilenet_v2": (0.65, 224),
            "resnet_cifar_tiny": (0.5, 32)}
+DTYPES = ("float32", "bfloat16")
 
 
-def measure(name: str, reps: int, batch: int, round_to: tuple[int, ...]) -> list[dict]:
-    p, size = BUDGETS[name]
-    dense = models.create(name)
+def _model_dtype(dtype: str) -> str | None:
+    return None if dtype == "float32" else dtype
+
+
+def candidates(entry: str, dtype: str) -> tuple[str, float, int, models.PrunableModel,
+                                               dict[str, list[int]], Callable]:
+    """``(name, p, image size, dense model, {variant: widths}, build(widths))`` for a preset
+    name or a workdir / saved-model directory."""
+    if os.path.isdir(entry):
+        path = entry if surgery.is_saved_model(entry) else os.path.join(entry, PRUNED_DIR)
+        if not surgery.is_saved_model(path):
+            raise SystemExit(f"{entry}: neither a saved model nor a workdir holding "
+                             f"{PRUNED_DIR}/ (a run that reached the cut).")
+        info = surgery.read_info(path)
+        if info["image_size"] is None:
+            raise SystemExit(f"{path}: the saved model does not record its image size.")
+        config = {**info["config"], "dtype": _model_dtype(dtype)}
+
+        def build(widths):
+            return models.from_config(info["class"], {**config, "widths": list(widths)})
+        dense = build(info["dense_widths"])
+        s = dense.structure(info["image_size"])
+        p = flops.count(s, info["widths"]).prunable_macs / flops.count(s).prunable_macs
+        return (os.path.basename(os.path.normpath(entry)), p, info["image_size"], dense,
+                {"run's widths": list(info["widths"])}, build)
+    if entry not in BUDGETS:
+        raise SystemExit(f"--models: {entry!r} is neither a directory nor one of "
+                         f"{sorted(BUDGETS)}.")
+    p, size = BUDGETS[entry]
+
+    def build(widths):
+        return models.create(entry, widths=list(widths), dtype=_model_dtype(dtype))
+    dense = models.create(entry, dtype=_model_dtype(dtype))
+    return entry, p, size, dense, {"uniform": baselines.uniform_widths(
+        dense.structure(size), p)}, build
+
+
+def measure(entry: str, reps: int, batch: int, round_to: tuple[int, ...], *,
+            dtype: str = "float32", layers: bool = False) -> list[dict]:
+    name, p, size, dense, variants, build = candidates(entry, dtype)
     s = dense.structure(size)
-    variants = {"uniform": baselines.uniform_widths(s, p)}
+    base = next(iter(variants.values()))
     for m in round_to:
         if m > 1:
-            variants[f"rounded to {m}"] = cut.round_widths(s, variants["uniform"], m, p)
+            # A run's widths may sit a hair above p (min widths): round within what it reached.
+            variants[f"rounded to {m}"] = cut.round_widths(s, base, m, max(p, 1e-9), warn=False)
     full = flops.count(s)
     rows = []
     for label, widths in variants.items():
         c = flops.count(s, widths)
-        r = speed.compare(dense, models.create(name, widths=widths), size, (1, batch),
-                          macs=(full.macs, c.macs), reps=reps)
+        r = speed.compare(dense, build(widths), size, (1, batch), macs=(full.macs, c.macs),
+                          reps=reps, dtype=jnp.dtype(dtype))
         lat, thr = r["batches"]
-        rows.append({"model": name, "p": p, "variant": label, "mac_ratio": c.macs / full.macs,
+        rows.append({"model": name, "p": p, "variant": label, "dtype": dtype,
+                     "widths": [int(w) for w in widths], "mac_ratio": c.macs / full.macs,
                      "prunable_mac_ratio": c.prunable_macs / full.prunable_macs,
                      "dense_latency_ms": lat["dense_ms"], "pruned_latency_ms": lat["pruned_ms"],
                      "dense_images_per_s": thr["dense_images_per_s"],
@@ -53,7 +104,42 @@ def measure(name: str, reps: int, batch: int, round_to: tuple[int, ...]) -> list
                      "latency_speedup": lat["speedup"], "throughput_speedup": thr["speedup"],
                      "latency_efficiency": lat["efficiency"],
                      "throughput_efficiency": thr["efficiency"]})
+    if layers:
+        per_layer = latency.layer_times(s, [list(s.widths), *variants.values()], batch,
+                                        reps=reps, dtype=jnp.dtype(dtype))
+        for k, row in enumerate(rows, start=1):
+            row["layers"] = [{"path": x["path"], "kind": x["kind"], "prunable": x["prunable"],
+                              "dense_ms": x["ms"][0], "pruned_ms": x["ms"][k],
+                              "dense_macs": x["macs"][0], "pruned_macs": x["macs"][k]}
+                             for x in per_layer]
     return rows
+
+
+def layer_lines(row: dict, top: int = 8) -> list[str]:
+    """The per-layer breakdown of one variant: totals, then the layers whose time falls least
+    in proportion to their MACs (time kept minus MACs kept, weighted by dense time)."""
+    ls = row["layers"]
+    dense_ms = sum(x["dense_ms"] for x in ls)
+    pruned_ms = sum(x["pruned_ms"] for x in ls)
+    out = [f"  {row['model']} / {row['variant']}: conv and linear layers alone, batch "
+           f"{row['batch']}: {dense_ms:.2f} ms dense -> {pruned_ms:.2f} ms pruned "
+           f"({dense_ms / max(pruned_ms, 1e-12):.2f}x; the whole forward "
+           f"{row['throughput_speedup']:.2f}x)"]
+
+    def shortfall(x):  # ms the layer keeps beyond its MAC share
+        return x["pruned_ms"] - x["dense_ms"] * x["pruned_macs"] / max(x["dense_macs"], 1)
+
+    worst = sorted((x for x in ls if x["prunable"]), key=shortfall, reverse=True)[:top]
+    out.append(f"    {'layer':<34} {'dense ms':>9} {'pruned':>8} {'time kept':>9} "
+               f"{'MACs kept':>9}")
+    for x in worst:
+        out.append(f"    {x['path']:<34} {x['dense_ms']:>9.3f} {x['pruned_ms']:>8.3f} "
+                   f"{x['pruned_ms'] / max(x['dense_ms'], 1e-12):>9.1%} "
+                   f"{x['pruned_macs'] / max(x['dense_macs'], 1):>9.1%}")
+    fixed = sum(x["dense_ms"] for x in ls if not x["prunable"])
+    out.append(f"    layers no group touches: {fixed:.2f} ms of the dense {dense_ms:.2f} ms "
+               f"({fixed / max(dense_ms, 1e-12):.0%})")
+    return out
 
 
 def main(argv=None) -> list[dict]:
@@ -64,6 +150,11 @@ def main(argv=None) -> list[dict]:
                     help="throughput batch (256 on an accelerator)")
     ap.add_argument("--round-to", default="8",
                     help="also time widths rounded to each of these multiples (comma-separated)")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES,
+                    help="the models compute in this dtype (bfloat16 on an accelerator)")
+    ap.add_argument("--layers", action="store_true",
+                    help="also time every conv and linear layer alone (a per-layer breakdown)")
+    ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args(argv)
     try:
         round_to = tuple(int(m) for m in args.round_to.split(",") if m.strip())
@@ -71,8 +162,9 @@ def main(argv=None) -> list[dict]:
         ap.error(f"--round-to must be comma-separated integers, got {args.round_to!r}")
     rows = []
     for name in args.models.split(","):
-        rows += measure(name, args.reps, args.batch, round_to)
-    print(f"{jax.devices()[0].platform}, medians of {args.reps}; "
+        rows += measure(name, args.reps, args.batch, round_to, dtype=args.dtype,
+                        layers=args.layers)
+    print(f"{jax.devices()[0].platform} ({args.dtype}), medians of {args.reps}; "
           "efficiency = speed-up / MAC speed-up")
     print(f"  {'model':<13} {'widths':<14} {'MACs':>6} {'lat. dense ms':>13} {'pruned':>8} "
           f"{'x':>6} {'eff.':>5} | {'img/s dense':>11} {'pruned':>8} {'x':>6} {'eff.':>5}")
@@ -82,7 +174,13 @@ def main(argv=None) -> list[dict]:
               f"{r['latency_speedup']:>6.2f} {r['latency_efficiency']:>5.2f} | "
               f"{r['dense_images_per_s']:>11.1f} {r['pruned_images_per_s']:>8.1f} "
               f"{r['throughput_speedup']:>6.2f} {r['throughput_efficiency']:>5.2f}")
-    print(json.dumps(rows))
+    for r in rows:
+        if "layers" in r:
+            print("\n".join(layer_lines(r)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(json.dumps([{k: v for k, v in r.items() if k != "layers"} for r in rows]))
     return rows
 
 

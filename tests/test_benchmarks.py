@@ -2,6 +2,7 @@
 warm-up."""
 
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from support import tiny_config  # noqa: E402
 
 from configs import quickstart  # noqa: E402
 from sap_jax import train  # noqa: E402
+from sap_jax.structure import flops  # noqa: E402
+from sap_jax.structure import groups as G  # noqa: E402
 
 
 def test_step_cost_smoke():
@@ -65,6 +68,35 @@ def test_pruned_speedup_smoke():
     assert [r["variant"] for r in rows] == ["uniform", "rounded to 2", "rounded to 3"]
     for r in rows:
         assert r["prunable_mac_ratio"] <= 0.5 and r["latency_speedup"] > 0
+
+
+def test_pruned_speedup_times_a_saved_models_own_widths_in_bfloat16(tmp_path, capsys):
+    """A directory in --models is a run's workdir or a saved model: its non-uniform widths are
+    timed against its dense widths, in the dtype asked for, with a per-layer breakdown."""
+    from sap_jax import models, surgery
+
+    dense = models.create("resnet_cifar_tiny")
+    widths = [3, 5, 9]  # of (4, 8, 16)
+    assert len(widths) == dense.num_groups
+    surgery.save(tmp_path / "w" / "pruned_model", models.create("resnet_cifar_tiny",
+                 widths=widths), dense_widths=dense.widths, image_size=16)
+    out = tmp_path / "rows.json"
+    rows = pruned_speedup.main(["--models", str(tmp_path / "w"), "--reps", "1", "--batch", "2",
+                                "--round-to", "2", "--dtype", "bfloat16", "--layers",
+                                "--json", str(out)])
+    assert [r["variant"] for r in rows] == ["run's widths", "rounded to 2"]
+    assert rows[0]["widths"] == widths and rows[0]["dtype"] == "bfloat16"
+    assert all(w % 2 == 0 or w == c for w, c in zip(rows[1]["widths"], dense.widths))
+    s = dense.structure(16)
+    assert rows[0]["p"] == pytest.approx(flops.count(s, widths).prunable_macs
+                                         / flops.count(s).prunable_macs)
+    layers = rows[0]["layers"]
+    assert [x["path"] for x in layers] == [".".join(x.path) for x in s.layers
+                                           if isinstance(x, (G.ConvLayer, G.DenseLayer))]
+    assert "layers no group touches" in capsys.readouterr().out
+    assert json.loads(out.read_text())[0]["widths"] == widths
+    with pytest.raises(SystemExit, match="neither a saved model nor a workdir"):
+        pruned_speedup.main(["--models", str(tmp_path), "--reps", "1"])
 
 
 def test_penalty_overhead_smoke():
