@@ -64,15 +64,6 @@ def materialize(x: jax.Array, anchor: jax.Array) -> jax.Array:
                                       default=lambda v, a: v)
 
 
-def down(hw: tuple[int, int], stride: int) -> tuple[int, int]:
-    """Output size of a stride-``stride`` conv or pool with ``kernel // 2`` padding.
-
-    Exact for odd kernels whenever the input size divides by the stride, which
-    :meth:`PrunableModel.check_image_size` guarantees.
-    """
-    return (hw[0] // stride, hw[1] // stride)
-
-
 class PrunableModel(nnx.Module):
     """Base class of every backbone.
 

@@ -20,13 +20,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sap_jax.models.blocks import BasicBlock, Bottleneck, InvertedResidual
-from sap_jax.models.common import down
 from sap_jax.models.mobilenet_v2 import MobileNetV2, make_divisible
 from sap_jax.models.resnet import ResNet
 from sap_jax.models.resnet_cifar import ResNetCifar
 from sap_jax.structure import groups as G
 
 # ------------------------------------------------------------------------------ groups
+
+def down(hw: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Output size of a stride-``stride`` conv or pool with ``kernel // 2`` padding (exact for
+    odd kernels when the input size divides by the stride, which the models check)."""
+    return (hw[0] // stride, hw[1] // stride)
+
 
 def _block(b: G.StructureBuilder, blk: Any, path: G.Path, hw: tuple[int, int]
            ) -> tuple[int, int]:
