@@ -86,8 +86,7 @@ def measure(entry: str, reps: int, batch: int, round_to: tuple[int, ...], *,
     base = next(iter(variants.values()))
     for m in round_to:
         if m > 1:
-            # A run's widths may sit a hair above p (min widths): round within what it reached.
-            variants[f"rounded to {m}"] = cut.round_widths(s, base, m, max(p, 1e-9), warn=False)
+            variants[f"rounded to {m}"] = cut.round_widths(s, base, m, p, warn=False)
     full = flops.count(s)
     rows = []
     for label, widths in variants.items():

@@ -26,16 +26,6 @@ from sap_jax.structure import flops
 from sap_jax.structure import groups as G
 
 
-def _conv_shapes(layer: G.ConvLayer, widths: Sequence[int]):
-    cin = int(G.dim_value(layer.in_ch, widths))
-    cout = int(G.dim_value(layer.out_ch, widths))
-    in_hw = layer.in_hw or (layer.out_hw[0] * layer.stride, layer.out_hw[1] * layer.stride)
-    kh, kw = layer.kernel
-    pad = layer.padding or ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    fgc = cin if layer.depthwise else layer.groups
-    return cin, cout, tuple(in_hw), pad, fgc
-
-
 def layer_forward(layer: G.ConvLayer | G.DenseLayer, widths: Sequence[int], batch: int, *,
                   dtype: Any = jnp.float32, seed: int = 0,
                   device: jax.Device | None = None) -> Callable[[], jax.Array]:
@@ -43,25 +33,25 @@ def layer_forward(layer: G.ConvLayer | G.DenseLayer, widths: Sequence[int], batc
     random batch of ``batch`` images (the layer's own input shape), in ``dtype``."""
     device = device or jax.local_devices()[0]
     rng = np.random.default_rng(seed)
+    if not isinstance(layer, (G.ConvLayer, G.DenseLayer)):
+        raise TypeError(f"only conv and linear layers are timed alone, not {type(layer).__name__}.")
+    cin = int(G.dim_value(layer.in_ch, widths))
+    cout = int(G.dim_value(layer.out_ch, widths))
     if isinstance(layer, G.ConvLayer):
-        cin, cout, in_hw, pad, fgc = _conv_shapes(layer, widths)
-        x = rng.normal(size=(batch, *in_hw, cin))
+        fgc = cin if layer.depthwise else layer.groups
+        x = rng.normal(size=(batch, *layer.input_hw, cin))
         w = rng.normal(size=(*layer.kernel, cin // fgc, cout)) / np.sqrt(cin)
 
         def fwd(x, w):
             return jax.lax.conv_general_dilated(
-                x, w, (layer.stride, layer.stride), pad, feature_group_count=fgc,
+                x, w, (layer.stride, layer.stride), layer.pads, feature_group_count=fgc,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    elif isinstance(layer, G.DenseLayer):
-        cin = int(G.dim_value(layer.in_ch, widths))
-        cout = int(G.dim_value(layer.out_ch, widths))
+    else:
         x = rng.normal(size=(batch * layer.tokens, cin))
         w = rng.normal(size=(cin, cout)) / np.sqrt(cin)
 
         def fwd(x, w):
             return x @ w
-    else:
-        raise TypeError(f"only conv and linear layers are timed alone, not {type(layer).__name__}.")
     args = [jax.device_put(jnp.asarray(a, dtype), device) for a in (x, w)]
     compiled = jax.jit(fwd)
     return lambda: compiled(*args)

@@ -49,11 +49,9 @@ class Counts:
 _dim = G.dim_value
 
 
-def _valid_taps(out: int, kernel: int, stride: int, pad: int | None = None,
-                n: int | None = None) -> int:
-    """Kernel taps that land inside the input along one axis, summed over outputs."""
-    n = out * stride if n is None else n
-    pad = kernel // 2 if pad is None else pad
+def _valid_taps(out: int, kernel: int, stride: int, pad: int, n: int) -> int:
+    """Kernel taps that land inside the input along one axis (``n`` long, ``pad`` before it),
+    summed over outputs."""
     return sum(1 for o in range(out) for j in range(kernel) if 0 <= o * stride - pad + j < n)
 
 
@@ -73,8 +71,8 @@ def layer_macs(layer: G.Layer, widths: Sequence[Any], *, count_padding: bool = T
     if count_padding:
         taps = h * w * kh * kw
     else:
-        (pt, _), (pl, _) = layer.padding or ((None, None), (None, None))
-        ih, iw = layer.in_hw or (None, None)
+        (pt, _), (pl, _) = layer.pads
+        ih, iw = layer.input_hw
         taps = _valid_taps(h, kh, layer.stride, pt, ih) * _valid_taps(w, kw, layer.stride, pl, iw)
     # A depthwise conv has one input channel per output channel, a grouped one cin / groups.
     per_out = 1 if layer.depthwise else (cin if layer.groups == 1 else cin // layer.groups)

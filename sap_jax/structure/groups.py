@@ -101,6 +101,17 @@ class ConvLayer:
     padding: tuple[tuple[int, int], tuple[int, int]] | None = None
     in_hw: tuple[int, int] | None = None
 
+    @property
+    def pads(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The padding, the described convention (``kernel // 2`` each side) filled in."""
+        (kh, kw) = self.kernel
+        return self.padding or ((kh // 2, kh // 2), (kw // 2, kw // 2))
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """The input's spatial size, the described convention (``out_hw * stride``) filled in."""
+        return self.in_hw or (self.out_hw[0] * self.stride, self.out_hw[1] * self.stride)
+
 
 @dataclasses.dataclass(frozen=True)
 class NormLayer:
