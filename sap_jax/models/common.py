@@ -112,10 +112,14 @@ class PrunableModel(nnx.Module):
         return self.classify(f, rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        """Images to what :meth:`classify` reads: the part of the forward that holds every
+        group (each backbone defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no features().")
 
     def classify(self, f: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        raise NotImplementedError
+        """The head on :meth:`features` (each backbone defines it); runs outside the gated
+        trace, so it may use ``rngs`` (dropout)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no classify().")
 
     def trace_ignore(self) -> tuple[str, ...]:
         """Layers whose output channels the paper's recipe leaves whole (the stem's output is

@@ -185,10 +185,9 @@ class TracedModel(PrunableModel):
                     in_channels=self.in_channels, prune=self.prune, ignore=list(self.ignore),
                     widths=list(self.widths), dtype=self.dtype_name, seed=self.seed)
 
-    def __call__(self, x: jax.Array, arch: Sequence[Any] | None = None, *,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """The network's forward; with ``arch``, gated per group (``rngs`` is not used)."""
-        self.check_input(x, arch)
-        if arch is None:
-            return self.net(x)
-        return tracing.gated_call(self.net, x, arch, self._net_structure(tuple(x.shape[1:3])))
+    def features(self, x: jax.Array) -> jax.Array:
+        """The whole network: it ends in its own head."""
+        return self.net(x)
+
+    def classify(self, f: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return f  # the logits already; ``rngs`` is not used
