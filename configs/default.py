@@ -56,14 +56,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = optimizer(0.1, (100, 150))  # dense training: 0.1, x0.1 at 100 and 150 (supp. §A)
 
     c.budget = ml_collections.ConfigDict(dict(
-        p=0.48,  # FLOPs budget: fraction of MACs kept, in (0, 1] (supp. Table 1)
-        scope="prunable",  # p is measured over the "prunable" convs' MACs (paper) or "total" MACs
+        p=0.48,  # the budget: fraction of the metric kept, in (0, 1] (supp. Table 1: of MACs)
+        metric="macs",  # what p bounds: "macs" (the paper) or "latency", the pruned model's
+                        # estimated forward time on the device of budget.latency_table over the
+                        # dense model's (not to be confused with budget.measure below)
+        latency_table="",  # metric "latency": a table from python -m sap_jax.latency; "" = build
+                           # one at the start on this run's backend, kept in the workdir as
+                           # latency_table.json so that a resumed run reads the same one
+        latency_points=9,  # a built table's grid: at most this many widths per prunable dimension
+        latency_reps=10,  # a built table's timed calls per grid point (the median is kept)
+        scope="prunable",  # p is read over the "prunable" layers (paper) or the "total" network
         enforce=True,  # at the cut, an architecture over p loses its lowest-norm kept channels
                        # (score: sap.norm) until it meets p; False = cut as chosen
         round_to=1,  # round kept widths to multiples of this at the cut, within p; 1 = off (the
                      # paper's protocol: the same architecture on every backend); 0 = auto for
-                     # deployment: 8 on GPUs, 128 on TPUs (or the largest half of it that meets
-                     # p), off on CPUs
+                     # deployment: with metric "latency", the widths where the table's latency
+                     # steps up; else 8 on GPUs, 128 on TPUs (or the largest half of it that
+                     # meets p), off on CPUs
         # The generator's resource loss lam * R(T(v)/T_full, p) (docs/method.md §6):
         form="two_sided",  # "two_sided" (ATO, dead band eps: also pulls an architecture far
                            # under p back up) or "one_sided" (NPPM)

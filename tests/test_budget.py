@@ -81,7 +81,7 @@ def test_paper_config_agn_reaches_p_on_a_frozen_model(name, image_size):
 def test_fit_tracker_keeps_the_latest_architecture_within_p():
     model = models.create("resnet20", num_classes=10)
     structure = model.structure(8)
-    track = train.make_fit_tracker(structure, 0.5, "prunable")
+    track = train.make_fit_tracker(lambda arch: flops.mac_ratio(structure, arch), 0.5)
     full = [jnp.ones(w) for w in model.widths]
     half = [jnp.asarray(np.arange(w) < w // 2, jnp.float32) for w in model.widths]
     third = [jnp.asarray(np.arange(w) < w // 3, jnp.float32) for w in model.widths]

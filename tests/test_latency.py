@@ -1,11 +1,19 @@
-"""Per-layer timing (sap_jax.method.latency): each layer is built at the widths asked for."""
+"""Per-layer timing and latency tables (sap_jax.method.latency, python -m sap_jax.latency)."""
 
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.interpolate import RegularGridInterpolator
 
 from sap_jax import models
-from sap_jax.method import latency
+from sap_jax.method import cut, latency, resource
 from sap_jax.structure import flops
 from sap_jax.structure import groups as G
 
@@ -57,3 +65,190 @@ def test_widths_that_do_not_fit_are_refused(structure):
     with pytest.raises(ValueError, match="reps"):
         latency.layer_times(structure, [structure.widths], 1, reps=0)
     assert np.all(np.asarray(structure.widths) > 0)
+
+
+# -- latency tables -----------------------------------------------------------------------------
+
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A real table of a tiny ResNet (a few grid points, two reps: seconds on 2 cores)."""
+    model = models.create("resnet_cifar_tiny", num_classes=10)
+    table = latency.build_table(model, 16, 2, points=3, reps=2)
+    return model.structure(16), table
+
+
+def test_grid_spans_the_dimension_in_power_of_two_steps():
+    assert latency.grid(1, 5, 9) == [1, 2, 3, 4, 5]
+    assert latency.grid(1, 64, 9) == [1, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert latency.grid(1, 960, 9) == [1, 128, 256, 384, 512, 640, 768, 896, 960]
+    for lo, hi, n in ((1, 16, 3), (3, 100, 5), (7, 7, 2), (1, 2048, 9)):
+        g = latency.grid(lo, hi, n)
+        assert g[0] == lo and g[-1] == hi and len(g) <= max(n, 2) and g == sorted(set(g))
+
+
+def test_table_round_trips_through_json(tiny, tmp_path):
+    structure, table = tiny
+    path = tmp_path / "t.json"
+    table.save(path)
+    back = latency.LatencyTable.load(path)
+    assert back.to_json() == json.loads(json.dumps(table.to_json()))
+    assert back.device["platform"] == "cpu" and back.versions["jax"] == jax.__version__
+    assert back.created and back.batch == 2 and back.dtype == "float32"
+    for widths in (structure.widths, [1] * structure.num_groups, [3, 5, 7]):
+        for scope in ("prunable", "total"):
+            assert back.ratio(structure, widths, scope) == table.ratio(structure, widths, scope)
+    assert all(e.train_ms is not None and e.train_ms.shape == e.forward_ms.shape
+               for e in back.entries)
+
+
+def test_a_table_of_another_model_or_size_is_refused(tiny, tmp_path):
+    _, table = tiny
+    other = models.create_abstract("resnet_cifar_tiny", widths=[2, 4, 8]).structure(16)
+    bigger = models.create_abstract("resnet_cifar_tiny").structure(32)
+    for s in (other, bigger):
+        with pytest.raises(ValueError, match="does not match this model"):
+            table.check_matches(s)
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a sap_jax latency table"):
+        latency.LatencyTable.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="does not exist"):
+        latency.LatencyTable.load(tmp_path / "missing.json")
+
+
+def _reference_ratio(table, structure, widths, scope):
+    """The estimate, computed independently: SciPy's linear grid interpolation of each layer's
+    brute-force monotone envelope, plus the rest of the forward scaled by the activations."""
+    total = 0.0
+    for row, layer in zip(table.layers, latency.timed_layers(structure)):
+        e = table.entries[row["entry"]]
+        z = np.asarray(e.forward_ms, np.float64)
+        env = np.array([min(z[q] for q in np.ndindex(z.shape)
+                            if all(a >= b for a, b in zip(q, p))) for p in np.ndindex(z.shape)]
+                       ).reshape(z.shape)
+        cout = float(G.dim_value(layer.out_ch, widths))
+        axes, point = ((e.cout,), [cout]) if e.diagonal else (
+            (e.cin, e.cout), [float(G.dim_value(layer.in_ch, widths)), cout])
+        keep = [i for i, a in enumerate(axes) if len(a) > 1]  # SciPy needs 2+ points per axis
+        env = env.reshape([len(axes[i]) for i in keep]) if keep else env.reshape(())
+        if keep:
+            f = RegularGridInterpolator([np.asarray(axes[i], float) for i in keep], env,
+                                        bounds_error=False, fill_value=None)
+            t = f([[point[i] for i in keep]])[0]
+        else:
+            t = float(env)
+        if scope == "total" or G.is_prunable(layer):
+            total += t
+    if scope == "total":
+        act = flops.activations(structure, widths) / flops.activations(structure)
+        total += table.other_fixed_ms + (table.other_ms - table.other_fixed_ms) * act
+    return total
+
+
+def test_latency_resource_loss_matches_a_numpy_reference_with_its_gradient(tiny):
+    structure, table = tiny
+    rng = np.random.default_rng(0)
+    for scope in ("total", "prunable"):
+        loss = resource.ResourceLoss(0.4, lam=3.0, form="two_sided", scope=scope, table=table)
+        assert loss.metric == "latency"
+        dense = _reference_ratio(table, structure, structure.widths, scope)
+        # Soft architectures whose kept widths fall between grid points (no kinks nearby).
+        arch = [jnp.asarray(rng.uniform(0.2, 0.9, c), jnp.float32) for c in structure.widths]
+        widths = [float(np.sum(np.asarray(v, np.float64))) for v in arch]
+        ref = _reference_ratio(table, structure, widths, scope) / dense
+        res, r = loss(structure, arch)
+        np.testing.assert_allclose(float(r), ref, rtol=1e-5)
+        want = 3.0 * (np.log(max(ref, 0.405) / 0.4) if ref > 0.4 else np.log(0.4 / min(ref, 0.395)))
+        np.testing.assert_allclose(float(res), want, rtol=1e-5)
+        # d ratio / d v_k,i = d ratio / d width_k, by central differences of the reference.
+        grads = jax.grad(functools.partial(loss.ratio, structure))(arch)
+        for k in range(structure.num_groups):
+            h = 1e-3
+            up = widths[:k] + [widths[k] + h] + widths[k + 1:]
+            down = widths[:k] + [widths[k] - h] + widths[k + 1:]
+            fd = (_reference_ratio(table, structure, up, scope)
+                  - _reference_ratio(table, structure, down, scope)) / (2 * h * dense)
+            np.testing.assert_allclose(np.asarray(grads[k]), fd, rtol=2e-3, atol=1e-7)
+
+
+def test_estimates_never_fall_as_a_group_widens(tiny):
+    """Measured CPU times need not be monotone in the width (noise, odd widths); the estimate
+    is, so the generator's gradient never rewards keeping more channels."""
+    structure, table = tiny
+    for k, c in enumerate(structure.widths):
+        base = [max(1, w // 2) for w in structure.widths]
+        f = [table.estimate_ms(structure, base[:k] + [w] + base[k + 1:]) for w in range(1, c + 1)]
+        assert all(b >= a - 1e-9 for a, b in zip(f, f[1:])), (k, f)
+
+
+def _synthetic(structure, times):
+    """A table whose one 1-D entry per group-reading layer has the given forward times."""
+    rows, entries = [], []
+    for layer in latency.timed_layers(structure):
+        shape = latency._layer_shape(layer)
+        cin = latency._dim_grid(layer.in_ch, structure, 16)
+        cout = latency._dim_grid(layer.out_ch, structure, 16)
+        z = np.zeros((len(cin), len(cout)))
+        if isinstance(layer.out_ch, G.GroupRef):
+            z[:] = np.asarray(times[layer.out_ch.index])[None, :]
+        entries.append(latency.Entry(shape, cin, cout, False, z, np.stack([z, z], -1)))
+        rows.append({"path": ".".join(layer.path), "entry": len(entries) - 1})
+    return latency.LatencyTable(
+        device={"platform": "cpu", "kind": "synthetic"}, versions={}, created="", model={
+            "class": "ResNetCifar", "group_names": list(structure.group_names),
+            "widths": list(structure.widths), "input_hw": list(structure.input_hw)},
+        batch=1, dtype="float32", reps=1, points=16, layers=rows, entries=entries)
+
+
+def test_a_table_that_is_not_monotone_is_handled():
+    """Width 5 of a group measured slower than 6 to 8 (an odd width the device runs badly):
+    the envelope prices 5 like 6, the table reports it, and rounding never keeps it."""
+    structure = models.create_abstract("resnet_cifar_tiny", widths=[8, 8, 8]).structure(16)
+    step = [1, 1, 2, 2, 9, 3, 3, 3]  # ms at widths 1..8: 5 is slow, 6-8 cost the same
+    slope = [0.1 * w for w in range(1, 9)]
+    table = _synthetic(structure, [step, slope, slope])
+    for e in table.entries:
+        assert np.all(np.diff(e.envelope(), axis=1) >= 0)
+    bad = table.monotone_violations()
+    assert bad and {b["cout"] for b in bad} == {5}
+    steps = table.step_widths(structure, tolerance=0.0)
+    # Worth keeping in group 0: 2 (1 costs as much), 4 (3 as much; 5 and up cost more) and 8 (the
+    # top; 5 costs more than 8, 6 and 7 as much). The other groups' time rises at every width.
+    assert steps == [[2, 4, 8], list(range(1, 9)), list(range(1, 9))]
+    snapped = cut.snap_widths(structure, [5, 8, 8], steps, 1.0, scope="total", table=table)
+    assert snapped == [8, 8, 8]  # 5 costs more than 8: rounding goes up, the budget allows it
+    tight = table.ratio(structure, [4, 8, 8], "total")
+    assert cut.snap_widths(structure, [5, 8, 8], steps, tight, scope="total",
+                           table=table) == [4, 8, 8]
+    assert table.ratio(structure, [5, 8, 8], "total") == table.ratio(structure, [6, 8, 8], "total")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "sap_jax.latency",
+                           "--config=tests/support/tiny_config.py", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_refuses_a_tpu_topology_and_an_absent_backend(tmp_path):
+    out = str(tmp_path / "t.json")
+    p = _cli("--backend=tpu:v5e-8", f"--out={out}")
+    assert p.returncode == 2 and "deviceless compile is not built yet" in p.stderr
+    p = _cli("--backend=gpu", f"--out={out}")
+    assert p.returncode == 2 and "--backend=gpu" in p.stderr
+    assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_cli_builds_a_table_a_run_can_read(tmp_path):
+    out = tmp_path / "t.json"
+    p = _cli(f"--out={out}", "--points=2", "--reps=1", "--no-train", "--batch=4")
+    assert p.returncode == 0, p.stderr
+    assert "latency table of resnet_cifar_tiny at 16px, batch 4" in p.stdout
+    table = latency.LatencyTable.load(out)
+    table.check_matches(models.create_abstract("resnet_cifar_tiny").structure(16))
+    assert table.batch == 4 and table.points == 2 and table.reps == 1
+    assert all(e.train_ms is None for e in table.entries) and table.check["measured_ratio"] > 0

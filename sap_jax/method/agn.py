@@ -163,7 +163,9 @@ def agn_loss(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax
 
     Returns:
       ``(loss, metrics)``: scalars ``loss``, ``ce``, ``accuracy`` (of the gated
-      sub-network), ``mac_ratio`` (over ``resource.scope``),
+      sub-network), ``budget_ratio`` (what the budget bounds, MACs or estimated latency, over
+      ``resource.scope``; ``budget_ratio_sampled`` of the noisy draw), ``mac_ratio`` (over
+      ``resource.scope``),
       ``mac_ratio_prunable``, ``mac_ratio_total``, ``resource_loss`` (λ·R),
       ``band_share`` (:func:`band_share` of the logits) and ``kept_fraction``, shape (K,).
     """
@@ -182,9 +184,12 @@ def agn_loss(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax
     res, ratio = resource(structure, budget_arch)
     res = res * resource_scale
     other = "total" if resource.scope == "prunable" else "prunable"
+    macs = ratio if resource.metric == "macs" else jax.lax.stop_gradient(
+        flops.mac_ratio(structure, budget_arch, resource.scope))
     metrics = {
-        "loss": ce + res, "ce": ce, "resource_loss": res, "mac_ratio": ratio,
-        f"mac_ratio_{resource.scope}": ratio,
+        "loss": ce + res, "ce": ce, "resource_loss": res, "budget_ratio": ratio,
+        "budget_ratio_sampled": jax.lax.stop_gradient(resource.ratio(structure, arch)),
+        "mac_ratio": macs, f"mac_ratio_{resource.scope}": macs,
         f"mac_ratio_{other}": jax.lax.stop_gradient(
             flops.mac_ratio(structure, budget_arch, other)),
         "mac_ratio_sampled": jax.lax.stop_gradient(

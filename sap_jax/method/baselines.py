@@ -29,11 +29,13 @@ NORMS = ("group_l2", "l1")
 
 def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
                  widths: Sequence[int] | None = None, p: float | None = None,
-                 scope: str = "prunable", start: Sequence[Any] | None = None) -> list[np.ndarray]:
-    """Keep the highest-norm channels: per group to ``widths``, or globally to a MAC budget.
+                 scope: str = "prunable", start: Sequence[Any] | None = None,
+                 table: Any = None) -> list[np.ndarray]:
+    """Keep the highest-norm channels: per group to ``widths``, or globally to a budget.
 
     With ``p``, channels are dropped in increasing order of norm (across all
-    groups) while the MAC ratio over ``scope`` exceeds ``p``; a group never
+    groups) while the MAC ratio (with a latency ``table``, the estimated latency
+    ratio) over ``scope`` exceeds ``p``; a group never
     drops below one channel. ``start`` (0/1 vectors; default: keep all) is the
     architecture to trim: only its kept channels are candidates, so an
     architecture already within ``p`` comes back unchanged. Returns K float32
@@ -56,7 +58,7 @@ def arch_by_norm(norms: Sequence[np.ndarray], structure: G.Structure, *,
             v[np.argsort(-np.asarray(n), kind="stable")[:w]] = 1.0
             out.append(v)
         return out
-    return trim_to_budget(norms, structure, p, scope=scope, start=start)
+    return trim_to_budget(norms, structure, p, scope=scope, start=start, table=table)
 
 
 def uniform_widths(structure: G.Structure, p: float, scope: str = "prunable") -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +27,11 @@ class CutPolicy:
 
     p: the budget, a fraction of the MACs over ``scope`` ("prunable" or "total").
     enforce_budget: trim an architecture over p by channel norm (lowest first) until it meets p.
-    round_to: kept-width multiple; 1 = none, 0 = the backend's (``HARDWARE_MULTIPLE``).
-    backend: the JAX backend, for ``round_to = 0``.
+    round_to: kept-width multiple; 1 = none, 0 = automatic: with a latency ``table``, the
+      widths where its latency steps up (:meth:`~sap_jax.method.latency.LatencyTable.step_widths`),
+      else the backend's multiple (``HARDWARE_MULTIPLE``).
+    backend: the JAX backend, for ``round_to = 0`` without a table.
+    table: a latency table: p bounds the estimated latency, not the MACs (``None``: MACs).
     """
 
     p: float
@@ -35,6 +39,7 @@ class CutPolicy:
     enforce_budget: bool = True
     round_to: int = 1
     backend: str = "cpu"
+    table: Any = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0 < self.p <= 1:
@@ -51,10 +56,10 @@ class CutPolicy:
 class CutReport:
     """What :func:`final_arch` did."""
 
-    chosen_ratio: float  # MAC ratio (over the policy's scope) of the architecture given
+    chosen_ratio: float  # budget ratio (MACs or latency, over the policy's scope) of the one given
     trimmed_channels: int  # channels dropped to meet p (enforce_budget)
     kept: list[int]  # kept width per group after trimming, before rounding
-    round_to: int  # the multiple applied (1 = none)
+    round_to: int  # the multiple applied (1 = none, 0 = a latency table's steps)
     widths: list[int]  # kept width per group of the result
 
 
@@ -66,21 +71,27 @@ def final_arch(structure: G.Structure, chosen: Arch, norms: Callable[[], Sequenc
     rounding needs it. The result is ``chosen`` itself (as float32 arrays) when nothing changes.
     """
     arch = [np.asarray(v, np.float32) for v in chosen]
-    ratio = widths_ratio(structure, [int(np.sum(v)) for v in arch], policy.scope)
+    table = policy.table
+    ratio = widths_ratio(structure, [int(np.sum(v)) for v in arch], policy.scope, table=table)
     scores = None
     if policy.enforce_budget and ratio > policy.p:
         scores = norms()
-        arch = trim_to_budget(scores, structure, policy.p, scope=policy.scope, start=arch)
+        arch = trim_to_budget(scores, structure, policy.p, scope=policy.scope, start=arch,
+                              table=table)
     kept = [int(np.sum(v)) for v in arch]
     trimmed = sum(int(np.sum(v)) for v in chosen) - sum(kept)
     # Rounding stays within p, or within the chosen ratio when that is over p and kept so.
     budget = policy.p if policy.enforce_budget else max(policy.p, ratio)
-    if policy.round_to == 0:
+    if policy.round_to == 0 and table is not None:
+        multiple = 0  # the table's own steps
+        widths = snap_widths(structure, kept, table.step_widths(structure), budget,
+                             scope=policy.scope, table=table)
+    elif policy.round_to == 0:
         multiple, widths = auto_round_widths(structure, kept, budget, policy.backend,
                                              scope=policy.scope)
     else:
         multiple = policy.round_to
-        widths = (round_widths(structure, kept, multiple, budget, scope=policy.scope)
+        widths = (round_widths(structure, kept, multiple, budget, scope=policy.scope, table=table)
                   if multiple > 1 else kept)
     if widths != kept:
         arch = resize_arch(arch, widths, norms() if scores is None else scores)
@@ -88,17 +99,19 @@ def final_arch(structure: G.Structure, chosen: Arch, norms: Callable[[], Sequenc
 
 
 def trim_to_budget(norms: Sequence[np.ndarray], structure: G.Structure, p: float, *,
-                   scope: str = "prunable", start: Arch | None = None) -> list[np.ndarray]:
-    """Drop channels in increasing order of norm (across all groups) while the MAC ratio over
-    ``scope`` exceeds ``p``; a group never drops below one channel. ``start`` (default: keep
-    all) is the architecture to trim: only its kept channels are candidates, so one already
-    within ``p`` comes back unchanged. Returns K float32 0/1 vectors."""
+                   scope: str = "prunable", start: Arch | None = None,
+                   table: Any = None) -> list[np.ndarray]:
+    """Drop channels in increasing order of norm (across all groups) while the MAC ratio (with
+    a latency ``table``: the estimated latency ratio) over ``scope`` exceeds ``p``; a group never
+    drops below one channel. ``start`` (default: keep all) is the architecture to trim: only its
+    kept channels are candidates, so one already within ``p`` comes back unchanged. Returns K
+    float32 0/1 vectors."""
     if not 0 < p <= 1:
         raise ValueError(f"budget p = {p} must lie in (0, 1].")
     sizes = list(structure.widths)
     if len(norms) != len(sizes) or any(np.shape(n) != (c,) for n, c in zip(norms, sizes)):
         raise ValueError(f"norms must be {len(sizes)} vectors of sizes {sizes}.")
-    full = flops.count(structure)
+    ratio = _ratio_fn(structure, scope, table)
     if start is None:
         keep = [np.ones(c, np.float32) for c in sizes]
     else:
@@ -109,7 +122,7 @@ def trim_to_budget(norms: Sequence[np.ndarray], structure: G.Structure, p: float
     order = sorted((float(x), k, i) for k, n in enumerate(norms) for i, x in enumerate(n)
                    if keep[k][i] == 1)
     for _, k, i in order:
-        if widths_ratio(structure, kept, scope, full=full) <= p:
+        if ratio(kept) <= p:
             break
         if kept[k] > G.MIN_KEPT:
             keep[k][i] = 0.0
@@ -118,23 +131,34 @@ def trim_to_budget(norms: Sequence[np.ndarray], structure: G.Structure, p: float
 
 
 def widths_ratio(structure: G.Structure, widths: Sequence[int], scope: str = "prunable", *,
-                 full: flops.Counts | None = None) -> float:
-    """MACs of the model at ``widths`` over the dense model's, on ``scope`` ("prunable" or "total").
+                 full: flops.Counts | None = None, table: Any = None) -> float:
+    """MACs of the model at ``widths`` over the dense model's, on ``scope`` ("prunable" or
+    "total"); with a latency ``table``, its estimated latency over the dense model's instead.
 
     ``full``: the dense model's counts, if already known (callers that loop pass it once)."""
+    if table is not None:
+        return float(table.ratio(structure, list(widths), scope))
     full = flops.count(structure) if full is None else full
     c = flops.count(structure, list(widths))
     return (c.prunable_macs / full.prunable_macs if scope == "prunable" else c.macs / full.macs)
 
 
+def _ratio_fn(structure: G.Structure, scope: str, table: Any) -> Callable[[Sequence[int]], float]:
+    """``widths -> ratio`` under the budget's metric, with the dense counts computed once."""
+    if table is not None:
+        return lambda w: widths_ratio(structure, w, scope, table=table)
+    full = flops.count(structure)
+    return lambda w: widths_ratio(structure, w, scope, full=full)
+
+
 def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p: float,
-                 scope: str = "prunable", warn: bool = True) -> list[int]:
+                 scope: str = "prunable", warn: bool = True, table: Any = None) -> list[int]:
     """Round kept widths to multiples of ``multiple`` (hardware-friendly) within the budget ``p``.
 
     Each width goes to the nearest multiple (at least ``multiple``, at most the
     group's size, which is kept even when it is not a multiple). While the MAC
-    ratio exceeds ``p``, the group whose step down saves the most MACs loses one
-    multiple.
+    ratio (or a latency ``table``'s) exceeds ``p``, the group whose step down saves the most
+    loses one multiple.
     """
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple = {multiple!r} must be a positive integer.")
@@ -143,22 +167,42 @@ def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p
         raise ValueError(f"widths has {len(widths)} entries; the model has {len(sizes)} groups.")
     out = [c if w >= c else min(c, max(multiple, int(round(w / multiple)) * multiple))
            for w, c in zip(widths, sizes)]
-    full = flops.count(structure)
-    while (now := widths_ratio(structure, out, scope, full=full)) > p:
+    grids = [sorted({*range(min(multiple, c), c, multiple), c}) for c in sizes]
+    return _descend(structure, out, grids, p, _ratio_fn(structure, scope, table),
+                    f"widths rounded to multiples of {multiple}" if warn else None)
+
+
+def snap_widths(structure: G.Structure, widths: Sequence[int], grids: Sequence[Sequence[int]],
+                p: float, scope: str = "prunable", table: Any = None) -> list[int]:
+    """Move each kept width up to the nearest of its group's allowed ``grids`` widths (a latency
+    table's steps: a width between two steps costs as much as the upper one), then, while the
+    ratio exceeds ``p``, step down the group whose next lower allowed width saves the most."""
+    if len(grids) != len(widths):
+        raise ValueError(f"grids has {len(grids)} entries; the model has {len(widths)} groups.")
+    out = [min([g for g in grid if g >= w], default=max(grid)) for w, grid in zip(widths, grids)]
+    return _descend(structure, out, [sorted(g) for g in grids], p,
+                    _ratio_fn(structure, scope, table), "widths snapped to the table's steps")
+
+
+def _descend(structure: G.Structure, out: list[int], grids: Sequence[Sequence[int]], p: float,
+             ratio: Callable[[Sequence[int]], float], what: str | None) -> list[int]:
+    """While ``ratio(out) > p``, move the group whose next lower width on its grid saves the most
+    to that width; warn (``what`` is not None) when no group can step down and p is still
+    missed."""
+    while (now := ratio(out)) > p:
         best, saved = None, 0.0
         for k, w in enumerate(out):
-            down = (w - 1) // multiple * multiple if w % multiple else w - multiple
-            if down < max(G.MIN_KEPT, min(multiple, sizes[k])):
+            lower = [g for g in grids[k] if G.MIN_KEPT <= g < w]
+            if not lower:
                 continue
-            trial = out[:k] + [down] + out[k + 1:]
-            gain = now - widths_ratio(structure, trial, scope, full=full)
+            trial = out[:k] + [lower[-1]] + out[k + 1:]
+            gain = now - ratio(trial)
             if gain > saved:
-                best, saved = (k, down), gain
-        if best is None:  # every group is at its smallest multiple
-            if warn:
-                logging.getLogger(__name__).warning(
-                    "widths rounded to multiples of %d cannot meet the budget p = %s (ratio %.3f)",
-                    multiple, p, now)
+                best, saved = (k, lower[-1]), gain
+        if best is None:  # every group is at its smallest allowed width
+            if what:
+                logging.getLogger(__name__).warning("%s cannot meet the budget p = %s (ratio "
+                                                    "%.3f)", what, p, now)
             break
         out[best[0]] = best[1]
     return out

@@ -13,7 +13,11 @@ on their own: XLA fuses them into the layers' epilogues, and whole-model timings
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import json
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sap_jax.runtime import speed
+from sap_jax.runtime import parallel, speed
 from sap_jax.structure import flops
 from sap_jax.structure import groups as G
 
@@ -31,30 +35,8 @@ def layer_forward(layer: G.ConvLayer | G.DenseLayer, widths: Sequence[int], batc
                   device: jax.Device | None = None) -> Callable[[], jax.Array]:
     """A compiled, ready-to-call forward of ``layer`` alone at group ``widths`` on one fixed
     random batch of ``batch`` images (the layer's own input shape), in ``dtype``."""
-    device = device or jax.local_devices()[0]
-    rng = np.random.default_rng(seed)
-    if not isinstance(layer, (G.ConvLayer, G.DenseLayer)):
-        raise TypeError(f"only conv and linear layers are timed alone, not {type(layer).__name__}.")
-    cin = int(G.dim_value(layer.in_ch, widths))
-    cout = int(G.dim_value(layer.out_ch, widths))
-    if isinstance(layer, G.ConvLayer):
-        fgc = cin if layer.depthwise else layer.groups
-        x = rng.normal(size=(batch, *layer.input_hw, cin))
-        w = rng.normal(size=(*layer.kernel, cin // fgc, cout)) / np.sqrt(cin)
-
-        def fwd(x, w):
-            return jax.lax.conv_general_dilated(
-                x, w, (layer.stride, layer.stride), layer.pads, feature_group_count=fgc,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    else:
-        x = rng.normal(size=(batch * layer.tokens, cin))
-        w = rng.normal(size=(cin, cout)) / np.sqrt(cin)
-
-        def fwd(x, w):
-            return x @ w
-    args = [jax.device_put(jnp.asarray(a, dtype), device) for a in (x, w)]
-    compiled = jax.jit(fwd)
-    return lambda: compiled(*args)
+    return _op(layer, int(G.dim_value(layer.in_ch, widths)), int(G.dim_value(layer.out_ch, widths)),
+               batch, dtype=dtype, seed=seed, device=device, train=False)
 
 
 def timed_layers(structure: G.Structure) -> list[G.ConvLayer | G.DenseLayer]:
@@ -95,3 +77,423 @@ def _check_widths(widths: Sequence[int], structure: G.Structure) -> None:
             not 1 <= int(w) <= c for w, c in zip(widths, structure.widths)):
         raise ValueError(f"widths {list(widths)} do not fit the groups {list(structure.widths)}: "
                          "one width per group, each from 1 to the group's size.")
+
+
+# -- latency tables ----------------------------------------------------------------------------
+#
+# A table holds, for every distinct conv/linear layer shape of a model, its measured time over a
+# grid of input and output channel counts (each count a function of the group widths: the grid
+# runs from the count at one channel per group to the dense one). A model's latency at any widths
+# is then estimated as the sum of its layers' times, interpolated in that grid, plus the part no
+# layer accounts for (norms, activations, additions, pooling), scaled by the number of activations.
+# The estimate is differentiable in the widths: the generator's resource loss reads it.
+
+FORMAT = "sap_jax.latency_table/1"
+#: A rise in latency smaller than this fraction of the model's is treated as noise where
+#: rounding looks for the widths at which latency steps up (:meth:`LatencyTable.step_widths`).
+STEP_TOLERANCE = 0.005
+
+
+def grid(lo: int, hi: int, points: int) -> list[int]:
+    """Channel counts a table measures between ``lo`` and ``hi`` (both included): every count
+    when there are at most ``points``, else ``lo``, ``hi`` and the multiples of the smallest power
+    of two that keeps the grid within ``points`` (hardware steps at powers of two)."""
+    if points < 2:
+        raise ValueError(f"points = {points} must be >= 2.")
+    if hi - lo + 1 <= points:
+        return list(range(lo, hi + 1))
+    step = 1
+    while (hi - lo) / step > points - 1:
+        step *= 2
+    return sorted({lo, hi, *range((lo // step + 1) * step, hi, step)})
+
+
+def _dim_grid(d: G.Dim, structure: G.Structure, points: int) -> list[int]:
+    lo = int(G.dim_value(d, [G.MIN_KEPT] * structure.num_groups))
+    return grid(lo, int(G.dim_value(d, structure.widths)), points)
+
+
+def _layer_shape(layer: G.ConvLayer | G.DenseLayer) -> dict[str, Any]:
+    """What, besides the channel counts, sets a layer's time (JSON-ready)."""
+    if isinstance(layer, G.DenseLayer):
+        return {"kind": "dense", "tokens": layer.tokens}
+    return {"kind": "conv", "kernel": list(layer.kernel), "stride": layer.stride,
+            "pads": [list(p) for p in layer.pads], "input_hw": list(layer.input_hw),
+            "depthwise": layer.depthwise, "groups": layer.groups}
+
+
+def _op(layer: G.ConvLayer | G.DenseLayer, cin: int, cout: int, batch: int, *, dtype: Any,
+        seed: int, device: jax.Device | None, train: bool) -> Callable[[], Any]:
+    """A compiled call of ``layer`` alone with ``cin`` input and ``cout`` output channels on one
+    fixed random batch (drawn on the device: no host copy of a large input): its forward, or
+    (``train``) its forward and the gradients to its input and kernel."""
+    device = device or jax.local_devices()[0]
+    if isinstance(layer, G.ConvLayer):
+        fgc = cin if layer.depthwise else layer.groups
+        shapes = ((batch, *layer.input_hw, cin), (*layer.kernel, cin // fgc, cout))
+
+        def fwd(x, w):
+            return jax.lax.conv_general_dilated(
+                x, w, (layer.stride, layer.stride), layer.pads, feature_group_count=fgc,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    elif isinstance(layer, G.DenseLayer):
+        shapes = ((batch * layer.tokens, cin), (cin, cout))
+
+        def fwd(x, w):
+            return x @ w
+    else:
+        raise TypeError(f"only conv and linear layers are timed alone, not {type(layer).__name__}.")
+    kx, kw = jax.random.split(jax.random.key(seed))
+    with jax.default_device(device):
+        x = jax.random.normal(kx, shapes[0], dtype)
+        w = (jax.random.normal(kw, shapes[1], jnp.float32) / np.sqrt(cin)).astype(dtype)
+    f = jax.grad(lambda x, w: jnp.sum(fwd(x, w).astype(jnp.float32)), (0, 1)) if train else fwd
+    compiled = jax.jit(f)
+    return lambda: compiled(x, w)
+
+
+@dataclasses.dataclass
+class Entry:
+    """One distinct layer shape of a table: its times over a grid of channel counts.
+
+    ``diagonal`` (a depthwise conv): input and output counts are one, ``cin`` is ``cout``, and
+    the times are a vector over ``cout``; else matrices ``(len(cin), len(cout))``. Times are
+    median milliseconds per call; ``*_iqr_ms`` hold the 25th and 75th percentiles on a last axis.
+    """
+
+    shape: dict[str, Any]
+    cin: list[int]
+    cout: list[int]
+    diagonal: bool
+    forward_ms: np.ndarray
+    forward_iqr_ms: np.ndarray
+    train_ms: np.ndarray | None = None
+    train_iqr_ms: np.ndarray | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"shape": self.shape, "cin": self.cin, "cout": self.cout, "diagonal": self.diagonal}
+        for k in ("forward_ms", "forward_iqr_ms", "train_ms", "train_iqr_ms"):
+            a = getattr(self, k)
+            out[k] = None if a is None else np.asarray(a).tolist()
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Entry:
+        arr = lambda k: None if d.get(k) is None else np.asarray(d[k], np.float64)  # noqa: E731
+        return cls(d["shape"], list(d["cin"]), list(d["cout"]), bool(d["diagonal"]),
+                   arr("forward_ms"), arr("forward_iqr_ms"), arr("train_ms"), arr("train_iqr_ms"))
+
+    def envelope(self, which: str = "forward") -> np.ndarray:
+        """The times made non-decreasing in every channel count: each point's time is the least
+        time measured at that point or any wider one. A wider layer is never estimated faster
+        than a narrower one; where the hardware disagrees (an odd width slower than the next
+        even one), the cut's rounding picks the wider width (:meth:`LatencyTable.step_widths`)."""
+        z = np.asarray(getattr(self, f"{which}_ms"), np.float64)
+        for axis in range(z.ndim):
+            z = np.flip(np.minimum.accumulate(np.flip(z, axis), axis=axis), axis)
+        return z
+
+
+def _bracket(points: Sequence[int], x: Any, xp: Any) -> tuple[Any, Any, Any]:
+    """Indices of the grid points around ``x`` and its fraction of the way between them (linear
+    extrapolation outside the grid, so a relaxed width below one channel keeps a gradient)."""
+    if len(points) == 1:
+        return 0, 0, 0.0 * x
+    g = np.asarray(points, np.float64)
+    i = xp.clip(xp.searchsorted(xp.asarray(g), x, side="right") - 1, 0, len(points) - 2)
+    lo, hi = xp.asarray(g)[i], xp.asarray(g)[i + 1]
+    return i, i + 1, (x - lo) / (hi - lo)
+
+
+def interpolate(entry: Entry, cin: Any, cout: Any, *, xp: Any = np, which: str = "forward",
+                monotone: bool = True) -> Any:
+    """The layer's time (ms) at channel counts ``cin``, ``cout`` (real numbers allowed): linear
+    between grid points along each count (bilinear on a 2-D grid), on the monotone envelope
+    (``monotone=False``: on the times as measured). ``xp`` is ``numpy`` (host) or ``jax.numpy``
+    (traced, differentiable)."""
+    z = xp.asarray(entry.envelope(which) if monotone else getattr(entry, f"{which}_ms"))
+    j0, j1, u = _bracket(entry.cout, cout, xp)
+    if entry.diagonal:
+        return (1 - u) * z[j0] + u * z[j1]
+    i0, i1, t = _bracket(entry.cin, cin, xp)
+    return ((1 - t) * (1 - u) * z[i0, j0] + t * (1 - u) * z[i1, j0]
+            + (1 - t) * u * z[i0, j1] + t * u * z[i1, j1])
+
+
+@dataclasses.dataclass
+class LatencyTable:
+    """Measured per-layer times of one model on one device, and the latency model they give.
+
+    Build one with :func:`build_table` (or ``python -m sap_jax.latency``); save and load it as
+    JSON (:meth:`save`, :meth:`load`). ``layers`` maps each conv/linear layer (by path, in
+    forward order) to its :class:`Entry`; ``model_ms`` is the dense model's measured forward,
+    ``other_ms`` the part of it no layer's own time accounts for (at least 0): norms,
+    activations, additions, pooling. Of that, ``other_fixed_ms`` does not shrink with the widths
+    and the rest shrinks with the number of activations (fitted on the model measured dense and
+    at half width). ``check`` compares, at a quarter of every width, the measured whole-model
+    time with the estimate.
+    """
+
+    device: dict[str, Any]
+    versions: dict[str, str]
+    created: str
+    model: dict[str, Any]  # class, group names, dense widths, image size
+    batch: int
+    dtype: str
+    reps: int
+    points: int
+    layers: list[dict[str, Any]]  # {"path": "a.b", "entry": index}
+    entries: list[Entry]
+    model_ms: float | None = None
+    other_ms: float = 0.0
+    other_fixed_ms: float = 0.0
+    check: dict[str, Any] | None = None
+    build_seconds: float | None = None
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["entries"] = [e.to_json() for e in self.entries]
+        return {"format": FORMAT, **d}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LatencyTable:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a sap_jax latency table (format {d.get('format')!r}, expected "
+                             f"{FORMAT!r}); build one with python -m sap_jax.latency.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["entries"] = [Entry.from_json(e) for e in d["entries"]]
+        return cls(**kw)
+
+    def save(self, path: Any) -> None:
+
+        parallel.write_text_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Any) -> LatencyTable:
+
+        p = parallel.path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"latency table {path} does not exist; build one with python -m "
+                             "sap_jax.latency --config=... --out=PATH.") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"latency table {path} is not valid JSON ({e}).") from None
+        return cls.from_json(d)
+
+    # -- matching a model ------------------------------------------------------------------------
+
+    def check_matches(self, structure: G.Structure) -> None:
+        """Raise ``ValueError`` unless this table was built for ``structure``'s groups and layers
+        (same group sizes, image size and layer shapes): a table of another model, input size or
+        preset would estimate nonsense."""
+        want = (list(structure.group_names), list(structure.widths), list(structure.input_hw))
+        have = (self.model.get("group_names"), self.model.get("widths"),
+                self.model.get("input_hw"))
+        problems = []
+        if have != want:
+            problems.append(f"it describes groups {have[1]} at input {have[2]}, the model has "
+                            f"{want[1]} at {want[2]}")
+        else:
+            layers = timed_layers(structure)
+            if [x["path"] for x in self.layers] != [".".join(x.path) for x in layers]:
+                problems.append("its layers are not the model's")
+            else:
+                for row, layer in zip(self.layers, layers):
+                    e = self.entries[row["entry"]]
+                    if e.shape != _layer_shape(layer):
+                        problems.append(f"layer {row['path']} has another shape")
+                        break
+        if problems:
+            raise ValueError(f"latency table built for {self.model.get('class')} does not match "
+                             f"this model: {problems[0]}. Build one for this config (python -m "
+                             "sap_jax.latency), or leave budget.latency_table empty.")
+
+    # -- the latency model -------------------------------------------------------------------------
+
+    def layer_ms(self, structure: G.Structure, widths: Sequence[Any], *, xp: Any = np,
+                 which: str = "forward", monotone: bool = True) -> list[Any]:
+        """Each timed layer's estimated milliseconds at group ``widths`` (``which``: "forward"
+        or "train", the forward plus backward)."""
+        out = []
+        for row, layer in zip(self.layers, timed_layers(structure)):
+            e = self.entries[row["entry"]]
+            out.append(interpolate(e, G.dim_value(layer.in_ch, widths),
+                                   G.dim_value(layer.out_ch, widths), xp=xp, which=which,
+                                   monotone=monotone))
+        return out
+
+    def estimate_ms(self, structure: G.Structure, widths: Sequence[Any], scope: str = "total", *,
+                    xp: Any = np, which: str = "forward", monotone: bool = True) -> Any:
+        """Estimated milliseconds of the model at ``widths``: over the layers a group sets
+        (``"prunable"``) or the whole forward (``"total"``: every layer, plus ``other_ms`` scaled
+        by the activations)."""
+        if scope not in flops.SCOPES:
+            raise ValueError(f"scope must be one of {flops.SCOPES}, got {scope!r}.")
+        times = self.layer_ms(structure, widths, xp=xp, which=which, monotone=monotone)
+        if scope == "prunable":
+            return sum(t for t, layer in zip(times, timed_layers(structure))
+                       if G.is_prunable(layer))
+        if which != "forward":
+            return sum(times)
+        act = flops.activations(structure, widths) / flops.activations(structure)
+        return sum(times) + self.other_fixed_ms + (self.other_ms - self.other_fixed_ms) * act
+
+    def ratio(self, structure: G.Structure, widths: Sequence[Any], scope: str = "total", *,
+              xp: Any = np) -> Any:
+        """Estimated forward latency at ``widths`` over the dense model's, on ``scope``."""
+        full = self.estimate_ms(structure, list(structure.widths), scope)
+        return self.estimate_ms(structure, widths, scope, xp=xp) / full
+
+    def step_widths(self, structure: G.Structure,
+                    tolerance: float = STEP_TOLERANCE) -> list[list[int]]:
+        """Per group, the widths worth keeping: the grid points after which the next wider point
+        is measurably slower (more than ``tolerance`` of the model's latency), and the group's
+        full size. Other widths cost as much as a wider one, so the cut rounds up to these. Read
+        along one group at a time, with the others dense; a group whose width only enters
+        concatenated or flattened channels gets every width (no rounding)."""
+        out = []
+        dense = list(structure.widths)
+        full = self.estimate_ms(structure, dense, "total")
+        for k, c in enumerate(structure.widths):
+            points = grid(G.MIN_KEPT, c, self.points)
+            if not any(G.GroupRef(k) in (x.in_ch, x.out_ch) for x in timed_layers(structure)):
+                out.append(list(range(G.MIN_KEPT, c + 1)))
+                continue
+            f = [self.estimate_ms(structure, dense[:k] + [g] + dense[k + 1:], "total",
+                                  monotone=False) for g in points]
+            keep = [g for i, g in enumerate(points)
+                    if i == len(points) - 1 or min(f[i + 1:]) - f[i] > tolerance * full]
+            out.append(keep)
+        return out
+
+    def monotone_violations(self, which: str = "forward") -> list[dict[str, Any]]:
+        """Grid points measured slower than a wider point of the same layer beyond the noise
+        (the wider point's 75th percentile is below this one's 25th): odd widths that cost more
+        than even ones. The estimate uses the monotone envelope, so these only inform."""
+        out = []
+        for idx, e in enumerate(self.entries):
+            z, iqr = getattr(e, f"{which}_ms"), getattr(e, f"{which}_iqr_ms")
+            if z is None:
+                continue
+            env = e.envelope(which)
+            for pos in zip(*np.nonzero(env < z)):
+                wider = [q for q in np.ndindex(z.shape)
+                         if all(a >= b for a, b in zip(q, pos)) and q != pos
+                         and iqr[q][1] < iqr[pos][0]]
+                if wider:
+                    cin = e.cout[pos[0]] if e.diagonal else e.cin[pos[0]]
+                    cout = e.cout[pos[-1]]
+                    out.append({"entry": idx, "cin": cin, "cout": cout, "ms": float(z[pos]),
+                                "wider_ms": float(min(z[q] for q in wider))})
+        return out
+
+
+def _measure(layer: G.ConvLayer | G.DenseLayer, cin: list[int], cout: list[int], diagonal: bool,
+             batch: int, *, dtype: Any, reps: int, device: jax.Device | None,
+             train: bool) -> Entry:
+    """Time ``layer`` at every grid point, one point at a time (a large layer's inputs at every
+    point would not fit in memory together)."""
+    points = [(c, c) for c in cout] if diagonal else [(a, b) for a in cin for b in cout]
+    shape = (len(cout),) if diagonal else (len(cin), len(cout))
+    out: dict[str, Any] = {}
+    for which in ("forward", "train") if train else ("forward",):
+        med, iqr = [], []
+        for a, b in points:
+            fn = _op(layer, a, b, batch, dtype=dtype, seed=0, device=device,
+                     train=which == "train")
+            (t,) = speed.time_interleaved([fn], reps)
+            med.append(1e3 * statistics.median(t))
+            iqr.append([1e3 * q for q in speed.spread(t)])
+        out[f"{which}_ms"] = np.reshape(med, shape)
+        out[f"{which}_iqr_ms"] = np.reshape(iqr, (*shape, 2))
+    return Entry(_layer_shape(layer), cin, cout, diagonal, **out)
+
+
+def _versions() -> dict[str, str]:
+    import flax
+    import jaxlib
+
+    from sap_jax.runtime.version import VERSION
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "sap_jax": VERSION}
+
+
+def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.float32,
+                points: int = 9, reps: int = 10, train: bool = True,
+                device: jax.Device | None = None, check: bool = True,
+                log: Callable[[str], None] | None = None) -> LatencyTable:
+    """Measure a :class:`LatencyTable` of ``model`` (a ``PrunableModel``, with real arrays) at
+    ``batch`` images of ``image_size`` in ``dtype`` on ``device`` (default: the first local one).
+
+    Every distinct conv/linear layer shape is timed once (the blocks of a stage share theirs) at
+    every point of a grid of at most ``points`` channel counts per prunable dimension: the
+    forward and, with ``train``, the forward plus backward, each the median of ``reps`` calls
+    after a warm-up call. The dense model's whole forward is timed too (for ``other_ms``) and,
+    with ``check``, the model at half of every group's width, to record how close the estimate
+    comes (``check``).
+    """
+
+
+    from sap_jax import models
+
+    t0 = time.perf_counter()
+    if reps < 1:
+        raise ValueError(f"reps = {reps} must be >= 1.")
+    device = device or jax.local_devices()[0]
+    structure = model.structure(image_size)
+    entries: list[Entry] = []
+    index: dict[str, int] = {}
+    rows = []
+    layers = timed_layers(structure)
+    for n, layer in enumerate(layers):
+        diagonal = isinstance(layer, G.ConvLayer) and layer.depthwise
+        cout = _dim_grid(layer.out_ch, structure, points)
+        cin = cout if diagonal else _dim_grid(layer.in_ch, structure, points)
+        key = json.dumps([_layer_shape(layer), cin, cout])
+        if key not in index:
+            index[key] = len(entries)
+            entries.append(_measure(layer, cin, cout, diagonal, batch, dtype=dtype, reps=reps,
+                                    device=device, train=train))
+            if log:
+                log(f"layer {n + 1}/{len(layers)} {'.'.join(layer.path)}: "
+                    f"{len(cin) * len(cout) if not diagonal else len(cout)} points, "
+                    f"{time.perf_counter() - t0:.0f} s")
+        rows.append({"path": ".".join(layer.path), "entry": index[key]})
+    table = LatencyTable(
+        device={"platform": device.platform, "kind": device.device_kind},
+        versions=_versions(), created=datetime.datetime.now(datetime.UTC).isoformat(
+            timespec="seconds"),
+        model={"class": type(model).__name__, "group_names": list(structure.group_names),
+               "widths": list(structure.widths), "input_hw": list(structure.input_hw)},
+        batch=batch, dtype=jnp.dtype(dtype).name, reps=reps, points=points, layers=rows,
+        entries=entries)
+    # The dense model, at half of every group's width (to fit how the rest of the forward, which
+    # no layer's own time covers, scales), and with ``check`` at a quarter (to test the fit).
+    sizes = {"dense": list(structure.widths),
+             "half": [max(G.MIN_KEPT, w // 2) for w in structure.widths]}
+    if check:
+        sizes["quarter"] = [max(G.MIN_KEPT, w // 4) for w in structure.widths]
+    fns = [speed.forward_fn(model if name == "dense" else models.from_config(
+        type(model).__name__, {**model.config(), "widths": ws}), image_size, batch, dtype=dtype,
+        device=device) for name, ws in sizes.items()]
+    measured = dict(zip(sizes, (1e3 * statistics.median(t)
+                                for t in speed.time_interleaved(fns, reps))))
+    table.model_ms = measured["dense"]
+    rest = {k: measured[k] - float(sum(table.layer_ms(structure, sizes[k], monotone=False)))
+            for k in ("dense", "half")}
+    act = flops.activations(structure, sizes["half"]) / flops.activations(structure)
+    per_act = max(0.0, (rest["dense"] - rest["half"]) / (1 - act)) if act < 1 else 0.0
+    table.other_ms = max(0.0, rest["dense"])
+    table.other_fixed_ms = max(0.0, table.other_ms - per_act)
+    if check:
+        q = sizes["quarter"]
+        table.check = {"widths": q, "measured_ms": measured["quarter"],
+                       "measured_ratio": measured["quarter"] / measured["dense"],
+                       "estimated_ratio": float(table.ratio(structure, q, "total")),
+                       "half_measured_ms": measured["half"]}
+    table.build_seconds = time.perf_counter() - t0
+    return table

@@ -1,8 +1,11 @@
-"""The FLOPs-budget (resource) loss ``R(T(v)/T_full, p)`` of the AGN objective.
+"""The budget (resource) loss ``R(T(v)/T_full, p)`` of the AGN objective.
 
 ``r = T(v)/T_full`` is the fraction of MACs the sub-network keeps (over the
 prunable layers or the whole network, see :data:`sap_jax.structure.flops.SCOPES`) and
-``p`` the target fraction. Two forms (docs/method.md §3):
+``p`` the target fraction. With a latency table (:class:`sap_jax.method.latency.LatencyTable`)
+``T`` is the estimated latency on the table's device instead: each layer's time interpolated
+between the grid widths it was measured at, as a function of the relaxed kept widths
+``sum(v_k)``, so the loss stays differentiable. Two forms (docs/method.md §3):
 
 * ``"one_sided"`` (NPPM): ``log(max(r, p) / p)`` — zero at or under budget.
 * ``"two_sided"`` (ATO): ``log(max(r, p + eps) / p)`` if ``r > p``, else
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +74,9 @@ class ResourceLoss:
       lam: weight λ of the resource term in the AGN loss (lineage: 4–8).
       form: ``"one_sided"`` or ``"two_sided"``.
       eps: dead band of the two-sided form.
-      scope: MACs the budget is read over: ``"prunable"`` (paper) or ``"total"``.
+      scope: what the budget is read over: the ``"prunable"`` layers (paper) or the
+        ``"total"`` network.
+      table: a latency table: the budget bounds estimated latency, not MACs (``None``: MACs).
     """
 
     p: float
@@ -78,6 +84,12 @@ class ResourceLoss:
     form: str = "one_sided"
     eps: float = 0.005
     scope: str = "prunable"
+    table: Any = dataclasses.field(default=None, compare=False)
+
+    @property
+    def metric(self) -> str:
+        """What ``p`` bounds: ``"macs"`` or ``"latency"``."""
+        return "macs" if self.table is None else "latency"
 
     def __post_init__(self):
         check_budget(self.p, form=self.form, eps=self.eps)
@@ -87,8 +99,13 @@ class ResourceLoss:
             raise ValueError(f"resource-loss weight lam = {self.lam!r} must be a number >= 0.")
 
     def ratio(self, structure: G.Structure, arch: G.Arch) -> jax.Array:
-        """Kept MAC fraction of ``arch`` over this loss's scope (differentiable)."""
-        return flops.mac_ratio(structure, arch, self.scope)
+        """Kept fraction of ``arch``'s MACs, or of its estimated latency, over this loss's scope
+        (differentiable)."""
+        if self.table is None:
+            return flops.mac_ratio(structure, arch, self.scope)
+        G.check_arch(arch, structure.widths, structure.group_names)
+        return jnp.asarray(self.table.ratio(structure, flops.kept_widths(arch), self.scope,
+                                            xp=jnp), jnp.float32)
 
     def __call__(self, structure: G.Structure, arch: G.Arch) -> tuple[jax.Array, jax.Array]:
         """Return ``(lam * R(r, p), r)`` for the architecture ``arch``."""

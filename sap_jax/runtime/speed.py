@@ -148,7 +148,19 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     if noisy:
         lines.append(f"  at batch {', '.join(noisy)} the speed-up is within the noise: its IQR "
                      "includes 1 (more speed.reps, or a quieter machine, would tell)")
-    return lines
+    return lines + slower_lines(s)
+
+
+def slower_lines(s: dict[str, Any]) -> list[str]:
+    """A plain warning for every batch size at which the pruned model ran slower than the dense
+    one, with what to try."""
+    slow = [r for r in s["batches"] if r["speedup"] < 1]
+    if not slow:
+        return []
+    at = ", ".join(f"batch {r['batch']} ({r['speedup']:.2f}x)" for r in slow)
+    return [f"  warning: the pruned model ran SLOWER than the dense one on {s['device']} at {at}. "
+            "Fewer MACs did not mean less time here: cut with budget.round_to = 0 (widths this "
+            "hardware runs well) or budget.metric = \"latency\" (a budget on measured time)."]
 
 
 def brief_line(s: dict[str, Any]) -> str:
@@ -159,5 +171,6 @@ def brief_line(s: dict[str, Any]) -> str:
         spread = (f" [{iqr[0]:.2f}-{iqr[1]:.2f}"
                   f"{', within noise' if r.get('within_noise') else ''}]" if iqr else "")
         parts.append(f"batch {r['batch']} {r['speedup']:.2f}x{spread}")
-    return (f"  speed-up on {s['device']} ({s['dtype']}, median of {s['reps']}, IQR): "
-            + ", ".join(parts) + f"; MACs {s['mac_speedup']:.2f}x fewer")
+    return "\n".join([f"  speed-up on {s['device']} ({s['dtype']}, median of {s['reps']}, IQR): "
+                      + ", ".join(parts) + f"; MACs {s['mac_speedup']:.2f}x fewer",
+                      *slower_lines(s)])

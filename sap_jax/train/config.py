@@ -19,7 +19,7 @@ import jax
 import ml_collections
 
 from sap_jax import models, tracing
-from sap_jax.method import agn, baselines, resource
+from sap_jax.method import agn, baselines, latency, resource
 from sap_jax.runtime.errors import ConfigError  # noqa: F401 - re-exported (it lived here)
 from sap_jax.train import spec as spec_lib
 
@@ -30,6 +30,7 @@ TRAIN_SIZES = {"digits": 1437, "mnist5k": 4000, "cifar10": 50_000, "imagenet2012
 FIXED_IMAGE_SIZE = {"mnist5k": 28, "cifar10": 32}
 NUM_CLASSES = {"digits": 10, "mnist5k": 10, "cifar10": 10, "imagenet2012": 1000}
 SCHEDULES = ("step", "cosine", "constant")
+METRICS = ("macs", "latency")
 PENALTIES = ("gradient", "proximal")
 SELECTORS = ("agn", "norm")
 FINAL_ARCH = ("last", "best")
@@ -87,7 +88,12 @@ def _check_budget(b: spec_lib.BudgetSpec, errors: list[str]) -> None:
             ("measure", _in(b.measure, agn.BUDGET_ON), f"one of {agn.BUDGET_ON}"),
             ("enforce", isinstance(b.enforce, bool), "True or False"),
             ("round_to", _int(b.round_to) and b.round_to >= 0,
-             "an integer >= 0 (0 = auto for the backend, 1 = no rounding)")):
+             "an integer >= 0 (0 = auto for the backend, 1 = no rounding)"),
+            ("metric", _in(b.metric, METRICS), f"one of {METRICS}"),
+            ("latency_table", isinstance(b.latency_table, str),
+             "a path or \"\" (build one in the workdir)"),
+            ("latency_points", _int(b.latency_points) and b.latency_points >= 2, "an integer >= 2"),
+            ("latency_reps", _int(b.latency_reps) and b.latency_reps >= 1, "an integer >= 1")):
         if not ok:
             errors.append(f"budget.{field} = {getattr(b, field)!r} must be {want}.")
     try:
@@ -224,6 +230,19 @@ def _check_data(c: ml_collections.ConfigDict, errors: list[str], device_count: i
 
 
 
+def _check_latency_table(run: spec_lib.RunSpec, model, errors: list[str]) -> None:
+    """A given latency table must load and describe this model at this input size."""
+    b = run.budget
+    if b.metric != "latency" or not b.latency_table or not isinstance(b.latency_table, str):
+        return
+    try:
+        table = latency.LatencyTable.load(b.latency_table)
+        if model is not None:
+            table.check_matches(model.structure(run.image_size))
+    except ValueError as e:
+        errors.append(f"budget.latency_table: {e}")
+
+
 def _check_sap(c: ml_collections.ConfigDict, model, errors: list[str]) -> None:
     """The search: schedule, penalty, selector and the norm baselines' fields."""
     s = c.sap
@@ -319,6 +338,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
     model = _check_model(c, run, errors)
     _check_data(c, errors, device_count, process_count)
     _check_budget(run.budget, errors)
+    _check_latency_table(run, model, errors)
     _check_sap(c, model, errors)
     _check_agn(c, errors, device_count)
     _check_rest(c, errors)

@@ -13,7 +13,7 @@ from sap_jax.train.spec import RunSpec
 
 def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: flops.Counts,
             final_acc: float, dense_structure, pruned_structure, *,
-            config: dict[str, Any]) -> dict[str, Any]:
+            config: dict[str, Any], latency: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a run reports, JSON-ready.
 
     Args:
@@ -23,11 +23,19 @@ def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: fl
       final_acc: the fine-tuned model's test accuracy.
       dense_structure, pruned_structure: the two models' channel groups.
       config: the run's config as JSON (``config.to_json_dict``), recorded as it was given.
+      latency: with budget.metric "latency": ``estimated_ratio`` (the whole forward's),
+        ``budget_ratio`` (over budget.scope) and the table's ``device``, ``batch``, ``dtype``.
     """
     ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
     return {
         "model": spec.model.name, "dataset": spec.data.dataset, "image_size": spec.image_size,
         "p": spec.budget.p, "budget_scope": spec.budget.scope,
+        "budget_metric": spec.budget.metric,  # what p bounds: "macs" or "latency"
+        # The pruned model's forward time over the dense one's, estimated from the latency
+        # table (metric "latency"; the measured one is latency_ratio_measured, with speed).
+        "latency_ratio_estimated": (latency or {}).get("estimated_ratio"),
+        "latency_table": ({k: v for k, v in latency.items() if k != "estimated_ratio"}
+                          if latency else None),
         "dense_acc": meta.get("dense_acc"),
         "subnet_acc_at_cut": meta.get("subnet_acc_at_cut"),
         "cut_acc": meta.get("cut_acc"),  # extracted model, BN statistics as trained
@@ -44,8 +52,9 @@ def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: fl
                    "history.ft_test_acc": "test"},
         # Alignment: mean norm of the dropped channels over that of the kept ones (0 = a free cut).
         "alignment_ratio_at_cut": meta.get("alignment_ratio_at_cut"),
-        # The generator's own (deterministic) MAC ratio at the end of the search.
-        "generator_ratio": ((meta.get("history", {}).get("mac_ratio") or [None])[-1]
+        # The generator's own (deterministic) ratio, under budget_metric, at the end of the search.
+        "generator_ratio": ((meta.get("history", {}).get("budget_ratio")
+                             or meta.get("history", {}).get("mac_ratio") or [None])[-1]
                             if spec.sap.selector == "agn" else None),
         "saturated_epochs": meta.get("saturated_epochs", 0),
         "macs_before": before.macs, "macs_after": after.macs,
@@ -83,7 +92,7 @@ def summary(r: dict[str, Any]) -> str:
     """A human-readable table of a run's results."""
     lines = [
         f"SAP {r['model']} on {r['dataset']} ({r['image_size']}px), budget p = {r['p']} "
-        f"of {r['budget_scope']} MACs",
+        f"of {_budget_words(r)}",
         "",
         f"  {'accuracy':<38} {'':>10}",
         f"  {'dense model':<38} {_pct(r['dense_acc']):>10}",
@@ -127,7 +136,7 @@ def brief(r: dict[str, Any], workdir: Any) -> str:
     if r.get("alignment_ratio_at_cut") is not None:
         size += f"; alignment {r['alignment_ratio_at_cut']:.3f}"
     lines = [f"SAP {r['model']} on {r['dataset']} ({r['image_size']}px), budget p = {r['p']} "
-             f"of {r['budget_scope']} MACs", "  accuracy: " + acc, "  " + size, *_notes(r)]
+             f"of {_budget_words(r)}", "  accuracy: " + acc, "  " + size, *_notes(r)]
     if r.get("speed"):
         lines.append(speed.brief_line(r["speed"]))
     lines.append("  wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["times_s"].items())
@@ -141,20 +150,37 @@ def _notes(r: dict[str, Any]) -> list[str]:
     chosen = r.get("chosen_arch_ratio")
     if chosen is not None and chosen > r["p"]:
         trimmed = r.get("trimmed_channels", 0)
-        lines.append(f"  the chosen architecture kept {chosen:.1%} of {r['budget_scope']} MACs, "
+        lines.append(f"  the chosen architecture kept {chosen:.1%} of {_budget_words(r)}, "
                      "over p; "
                      + (f"its {trimmed} lowest-norm kept channels were dropped at the cut to "
                         "meet p" if r.get("budget_enforced")
                         else "cut as chosen (budget.enforce = False)"))
     if r.get("arch_source") == "generator_last_within_p":
         lines.append(f"  the generator's last architecture kept {r['last_arch_ratio']:.1%} of "
-                     f"{r['budget_scope']} MACs, just over p: the cut took its latest one within p")
+                     f"{_budget_words(r)}, just over p: the cut took its latest one within p")
     if r.get("saturated_epochs"):
         lines.append(f"  warning: the generator was saturated above p in {r['saturated_epochs']} "
                      "search epochs (see the log)")
     if (r.get("round_to") or 1) > 1:
         lines.append(f"  kept widths rounded to multiples of {r['round_to']} (budget.round_to)")
+    elif r.get("round_to") == 0:
+        lines.append("  kept widths moved to where the latency table's time steps up "
+                     "(budget.round_to = 0)")
+    if r.get("latency_ratio_estimated") is not None:
+        measured = r.get("latency_ratio_measured")
+        est = r["latency_ratio_estimated"]
+        lines.append(f"  forward time, pruned over dense: estimated {est:.1%}"
+                     + (f", measured {measured:.1%}" if measured is not None else "")
+                     + f" (table: {r['latency_table']['device']['kind']}, batch "
+                     f"{r['latency_table']['batch']})")
     return lines
+
+
+def _budget_words(r: dict[str, Any]) -> str:
+    """What p is a fraction of: "prunable MACs", "total estimated latency", ..."""
+    if r.get("budget_metric") == "latency":
+        return f"{r['budget_scope']} estimated latency"
+    return f"{r['budget_scope']} MACs"
 
 
 def write(workdir: str, r: dict[str, Any], *, plots: bool = True) -> None:

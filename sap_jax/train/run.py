@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from flax import nnx
 
 from sap_jax import models, surgery
 from sap_jax.method import cut, penalty
@@ -31,7 +32,7 @@ from sap_jax.structure import flops
 from sap_jax.structure import norms as norms_lib
 from sap_jax.structure.codec import ModuleCodec
 from sap_jax.surgery import pretrained
-from sap_jax.train import bnstats, checkpoints, loop, report, search, steps
+from sap_jax.train import bnstats, checkpoints, loop, report, search, steps, tables
 from sap_jax.train import config as config_lib
 from sap_jax.train import data as data_lib
 from sap_jax.train import spec as spec_lib
@@ -125,9 +126,17 @@ class Env:
                                              config_hash=checkpoints.config_hash(config),
                                              accept=accept)
         self.key = jax.random.key(spec.seed)
+        # With metric "latency", the table, measured before anything else compiles.
+        self.latency_table = tables.for_run(spec, self.workdir, lambda: self.model(None))
+        if self.latency_table is not None:
+            try:
+                self.latency_table.check_matches(self.model_abstract().structure(spec.image_size))
+            except ValueError as e:
+                raise ConfigError(f"budget.latency_table: {e}") from None
         # The budget's two targets, built once, as validation built them.
-        self.cut_policy = spec_lib.cut_policy(spec.budget, backend=jax.default_backend())
-        self.generator_loss = spec_lib.resource_loss(spec.budget)
+        self.cut_policy = spec_lib.cut_policy(spec.budget, backend=jax.default_backend(),
+                                              table=self.latency_table)
+        self.generator_loss = spec_lib.resource_loss(spec.budget, table=self.latency_table)
         self.watch: checkpoints.PreemptionWatch | None = None  # set while the phases run
         self.cache_stats: parallel.CacheStats | None = None
         self.remeasure_speed = False  # set by train_and_evaluate for a finished run
@@ -137,6 +146,10 @@ class Env:
         its input (size, normalisation, classes), the dataset, the budget and the stage."""
         return {"dataset": self.spec.data.dataset, "p": self.spec.budget.p, "stage": stage,
                 "input": self.data.info.model_input(), **extra}
+
+    def model_abstract(self) -> models.PrunableModel:
+        """The dense model without arrays (its structure, its config)."""
+        return nnx.eval_shape(lambda: self.model(None))
 
     def model(self, widths: Sequence[int] | None) -> models.PrunableModel:
         spec = self.spec
@@ -205,15 +218,15 @@ def chosen_arch(env: Env, state: state_lib.SearchState, prog: Progress, structur
     prog.arch_source = ("norm" if s.selector == "norm"
                         else {"last": "generator", "best": "generator_best"}[s.final_arch])
     ratio = cut.widths_ratio(structure, [int(np.sum(v)) for v in state_lib.to_host(final)],
-                             policy.scope)
+                             policy.scope, table=policy.table)
     # A generator that hovers at p may end one channel over it: take its latest in-budget v
     # if that came within the last search epoch (one AGN step per agn_every weight steps).
     age = int(state_lib.to_host(state.fit_age))
     if (prog.arch_source == "generator" and ratio > policy.p
             and age <= max(1, env.spe // s.agn_every)):
-        logging.info("the generator's last architecture keeps %.2f%% of %s MACs, over p = %s; "
+        logging.info("the generator's last architecture keeps %.2f%% of %s %s, over p = %s; "
                      "the cut takes its latest one within p, from %d AGN steps earlier",
-                     100 * ratio, policy.scope, policy.p, age)
+                     100 * ratio, policy.scope, env.spec.budget.metric, policy.p, age)
         prog.arch_ratio_last, prog.arch_source = ratio, "generator_last_within_p"
         final = state.fit_arch
     return final
@@ -232,12 +245,13 @@ def cut_phase(env: Env, dense: Programs, state: state_lib.SearchState,
     prog.arch_ratio_chosen, prog.trimmed_channels, prog.round_to = (
         rep.chosen_ratio, rep.trimmed_channels, rep.round_to)
     if rep.trimmed_channels:
-        logging.warning("the chosen architecture keeps %.2f%% of %s MACs, over p = %s: dropped "
+        logging.warning("the chosen architecture keeps %.2f%% of %s %s, over p = %s: dropped "
                         "its %d lowest-norm kept channels to meet p (budget.enforce)",
-                        100 * rep.chosen_ratio, policy.scope, policy.p, rep.trimmed_channels)
+                        100 * rep.chosen_ratio, policy.scope, env.spec.budget.metric, policy.p,
+                        rep.trimmed_channels)
     if rep.widths != rep.kept:  # hardware-friendly widths, still within the budget
-        logging.info("widths rounded to multiples of %d: %s -> %s", rep.round_to, rep.kept,
-                     rep.widths)
+        logging.info("widths rounded (%s): %s -> %s", f"multiples of {rep.round_to}"
+                     if rep.round_to else "the latency table's steps", rep.kept, rep.widths)
     changed = any(not np.array_equal(a, h) for a, h in zip(arch, chosen))
     if changed:
         final = parallel.replicate(arch, env.mesh)
@@ -296,10 +310,31 @@ def finetune_phase(env: Env, progs: Programs, prog: Progress) -> loop.Phase:
                       data_epoch_offset=env.spec.optim.num_epochs, end_epoch=end_epoch)
 
 
+def _latency_estimate(env: Env, structure, widths: Sequence[int]) -> dict[str, Any] | None:
+    """With a latency table: the pruned widths' estimated forward time over the dense one's."""
+    t = env.latency_table
+    if t is None:
+        return None
+    return {"estimated_ratio": float(t.ratio(structure, list(widths), "total")),
+            "budget_ratio": float(t.ratio(structure, list(widths), env.spec.budget.scope)),
+            "device": t.device, "batch": t.batch, "dtype": t.dtype, "created": t.created}
+
+
+def _latency_measured(env: Env, s: dict[str, Any]) -> float | None:
+    """The measured forward time, pruned over dense, at the latency table's batch."""
+    t = env.latency_table
+    row = next((r for r in s["batches"] if t is not None and r["batch"] == t.batch), None)
+    return None if row is None else row["pruned_ms"] / row["dense_ms"]
+
+
 def _speed(env: Env, dense_model, pruned_model) -> dict[str, Any]:
-    """The pruned model's inference timed against a dense one (``speed``)."""
+    """The pruned model's inference timed against a dense one (``speed``); with a latency
+    table, also at the table's batch, so its estimate meets a measurement."""
     size, sp = env.spec.image_size, env.spec.speed
-    return speed.compare(dense_model, pruned_model, size, tuple(sp.batch_sizes),
+    batches = tuple(sp.batch_sizes)
+    if env.latency_table is not None and env.latency_table.batch not in batches:
+        batches += (env.latency_table.batch,)
+    return speed.compare(dense_model, pruned_model, size, batches,
                          macs=(flops.model_macs(dense_model, size),
                                flops.model_macs(pruned_model, size)),
                          reps=sp.reps, dtype=env.dtype)
@@ -318,7 +353,8 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: state_lib.Weights
                  metadata=env.model_metadata("fine_tuned", test_accuracy=final_acc))
     before, after = flops.count(dense.structure), flops.count(pruned.structure)
     results = report.results(spec, prog.to_json(), before, after, final_acc, dense.structure,
-                             pruned.structure, config=env.config_json)
+                             pruned.structure, config=env.config_json,
+                             latency=_latency_estimate(env, dense.structure, pruned.model.widths))
     if spec.speed.enabled:
         # Every process times its own first device (no collectives), so hosts stay in step;
         # process 0's figures are reported. The dense side is a fresh model of the same class
@@ -326,6 +362,7 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: state_lib.Weights
         t0 = time.perf_counter()
         results["speed"] = _speed(env, env.model(None), final_model)
         results["times_s"]["speed"] = time.perf_counter() - t0
+        results["latency_ratio_measured"] = _latency_measured(env, results["speed"])
     results["compile_cache"] = env.cache_stats.as_dict()  # this process's compilations
     results["config_changes"] = checkpoints.config_changes(env.workdir)
     init = env.workdir / INIT_FILE
@@ -370,7 +407,7 @@ def _remeasure_speed(env: Env, done: dict[str, Any]) -> dict[str, Any]:
     pruned = surgery.load(env.workdir / PRUNED_DIR)
     new = _speed(env, env.model(None), pruned)
     earlier = done.get("speed_earlier") or []
-    done = {**done, "speed": new,
+    done = {**done, "speed": new, "latency_ratio_measured": _latency_measured(env, new),
             "speed_earlier": earlier + ([done["speed"]] if done.get("speed") else [])}
     if jax.process_index() == 0:
         report.write(env.workdir, done, plots=False)

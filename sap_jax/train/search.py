@@ -63,14 +63,16 @@ class Search:
         self.sap, self.agn, self.cut_p = spec.sap, spec.agn, spec.budget.p
         self.num_epochs, self.val_size = spec.optim.num_epochs, spec.data.val_size
         self.generator_loss = env.generator_loss
-        self.scope = spec.budget.scope  # the MACs both targets are read over
+        self.scope = spec.budget.scope  # what both targets are read over
+        self.metric = spec.budget.metric  # "macs" or "latency"
         a, b = spec.agn, spec.budget
         self.agn_step = steps.make_agn_step(
             progs.codec, gen.codec, progs.structure, self.generator_loss, gen.tx, tau=a.tau,
             offset=a.offset, deterministic_v=a.deterministic_v, lam_rate=b.lam_rate,
             lam_max_scale=b.lam_max_scale, budget_on=b.measure, dtype=env.dtype)
         self.norms = steps.make_norms(progs.structure, self.sap.include_bn)
-        self.track_fit = steps.make_fit_tracker(progs.structure, self.cut_p, self.scope)
+        self.track_fit = steps.make_fit_tracker(
+            lambda arch: self.generator_loss.ratio(progs.structure, arch), self.cut_p)
         self.initial_arch = xla_cpu.jit(lambda p, r: gen.codec.merge(p, r).sample(
             None, tau=a.tau, offset=a.offset))
         self.ones = [jnp.ones(w) for w in progs.model.widths]
@@ -149,6 +151,8 @@ class Search:
                f"val {pct(row['val_acc'])}"]
         if self.searching:
             sub = row.get("subnet_val_acc_bn", row["subnet_val_acc"])
+            if self.metric == "latency":
+                out.append(f"latency {pct(row['budget_ratio'])}")
             out += [f"MACs {pct(row['mac_ratio'])}", f"sub-net val {pct(sub)}",
                     f"align {row['alignment_ratio']:.3f}", f"changed {pct(row['hamming'])}"]
             if "agn_lam" in row:
@@ -171,6 +175,8 @@ class Search:
                                                        "val")
         row["mac_ratio"] = float(flops.mac_ratio(progs.structure, arch_np, self.scope))
         row["mac_ratio_total"] = float(flops.mac_ratio(progs.structure, arch_np, "total"))
+        # What the budget bounds: the MAC ratio, or the latency table's estimate.
+        row["budget_ratio"] = float(self.generator_loss.ratio(progs.structure, arch_np))
         row["kept_fraction"] = float(np.mean(np.concatenate(arch_np)))
         row["penalty"] = float(penalty.partial_group_lasso(
             state.params, state.arch, progs.structure, include_bn=self.sap.include_bn))
@@ -188,6 +194,7 @@ class Search:
         return {"agn_loss": mean("loss"), "agn_resource_loss": mean("resource_loss"),
                 "agn_ce": mean("ce"),
                 "agn_mac_ratio_sampled": mean("mac_ratio_sampled"),  # with Gumbel noise
+                "agn_budget_ratio_sampled": mean("budget_ratio_sampled"),
                 "band_share": float(agn_acc[-1]["band_share"]),
                 "agn_lam": float(agn_acc[-1]["lam"])}
 
@@ -199,13 +206,14 @@ class Search:
         if judged > (-1.0 if prog.best_subnet_val_acc is None else prog.best_subnet_val_acc):
             prog.best_subnet_val_acc, prog.best_subnet_epoch = judged, epoch + 1
             state = state.replace(best_arch=state.arch)
-        if self.use_agn and row["mac_ratio"] > p and row.get("band_share", 1.0) < SATURATED_BAND:
+        if (self.use_agn and row["budget_ratio"] > p
+                and row.get("band_share", 1.0) < SATURATED_BAND):
             prog.saturated_epochs += 1
             logging.warning(
-                "epoch %d: the generator is saturated above its budget (MAC ratio %.3f, p = "
+                "epoch %d: the generator is saturated above its budget (%s ratio %.3f, p = "
                 "%s; %.1f%% of its logits in the sensitive band): its decisions have stopped "
                 "moving. Lower agn.learning_rate or agn.b2, or raise agn.tau (docs/method.md).",
-                epoch + 1, row["mac_ratio"], p, 100 * row["band_share"])
+                epoch + 1, self.metric, row["budget_ratio"], p, 100 * row["band_share"])
         return state
 
     def norm_arch(self, params: Any) -> list[jax.Array]:
@@ -213,5 +221,6 @@ class Search:
         s = self.sap
         norms = norms_lib.channel_norms(to_host(params), self.progs.structure, s.norm)
         arch = baselines.arch_by_norm(norms, self.progs.structure, widths=list(s.widths) or None,
-                                      p=None if s.widths else self.cut_p, scope=self.scope)
+                                      p=None if s.widths else self.cut_p, scope=self.scope,
+                                      table=self.generator_loss.table)
         return parallel.replicate(arch, self.env.mesh)

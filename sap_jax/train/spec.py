@@ -78,7 +78,11 @@ class BudgetSpec:
     """The FLOPs budget (config: ``budget``): the cut meets :attr:`p`; the generator aims at
     :attr:`generator_target`."""
 
-    p: float  # fraction of the MACs over `scope` the pruned model keeps: what the cut meets
+    p: float  # fraction of the metric over `scope` the pruned model keeps: what the cut meets
+    metric: str  # "macs" or "latency" (estimated from a latency table)
+    latency_table: str  # a table's path; "" = build one in the workdir (metric "latency")
+    latency_points: int
+    latency_reps: int
     scope: str
     enforce: bool
     round_to: int
@@ -175,16 +179,18 @@ class RunSpec:
 
 # -- the maths objects of the budget ------------------------------------------------------------
 
-def cut_policy(budget: BudgetSpec, backend: str) -> cut.CutPolicy:
-    """How the cut meets ``budget.p`` on JAX backend ``backend`` (for ``round_to = 0``)."""
+def cut_policy(budget: BudgetSpec, backend: str, table: Any = None) -> cut.CutPolicy:
+    """How the cut meets ``budget.p`` on JAX backend ``backend`` (for ``round_to = 0``); with
+    metric "latency", ``table`` is the run's latency table."""
     return cut.CutPolicy(p=budget.p, scope=budget.scope, enforce_budget=budget.enforce,
-                         round_to=budget.round_to, backend=backend)
+                         round_to=budget.round_to, backend=backend, table=table)
 
 
-def resource_loss(budget: BudgetSpec) -> resource.ResourceLoss:
-    """The generator's resource loss: it aims at ``budget.generator_target``, not ``p``."""
+def resource_loss(budget: BudgetSpec, table: Any = None) -> resource.ResourceLoss:
+    """The generator's resource loss: it aims at ``budget.generator_target``, not ``p``; with
+    metric "latency" it reads ``table``."""
     return resource.ResourceLoss(budget.generator_target, lam=budget.lam, form=budget.form,
-                                 eps=budget.eps, scope=budget.scope)
+                                 eps=budget.eps, scope=budget.scope, table=table)
 
 
 def model_arguments(model: ModelSpec, image_size: int) -> dict[str, Any]:

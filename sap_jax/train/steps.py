@@ -19,7 +19,6 @@ from flax import nnx
 from sap_jax.method import agn as agn_lib
 from sap_jax.method import penalty, resource
 from sap_jax.runtime import xla_cpu
-from sap_jax.structure import flops
 from sap_jax.structure.codec import ModuleCodec
 from sap_jax.train.spec import GeneratorSpec, OptimSpec
 
@@ -183,16 +182,17 @@ def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
     return xla_cpu.jit(step, donate_argnums=(0, 2))
 
 
-def make_fit_tracker(structure, p: float, scope: str) -> Callable:
+def make_fit_tracker(ratio: Callable[[Any], jax.Array], p: float) -> Callable:
     """``(fit_arch, fit_age, arch) -> (fit_arch, fit_age)``: the generator's most recent
-    architecture within the budget ``p`` and how many AGN steps ago it came.
+    architecture within the budget ``p`` (``ratio(arch)``: its MAC or estimated latency ratio)
+    and how many AGN steps ago it came.
 
     A generator that hovers at p flips single channels across it; on a small model one channel
     can be 1% of the MACs, so its very last v may sit just over p. The cut then takes this one
     (SAP's own choice) instead of trimming channels by norm.
     """
     def fn(fit_arch, fit_age, arch):
-        ok = flops.mac_ratio(structure, arch, scope) <= p
+        ok = ratio(arch) <= p
         fit_arch = [jnp.where(ok, v, f) for v, f in zip(arch, fit_arch)]
         return fit_arch, jnp.where(ok, 0, jnp.minimum(fit_age, NEVER_FIT - 1) + 1).astype(jnp.int32)
 

@@ -1,0 +1,114 @@
+"""Build a latency table: what each layer of a config's model costs on a device, by width.
+
+    python -m sap_jax.latency --config=configs/NAME.py [--backend=cpu|gpu|tpu] --out=PATH
+        [--batch=N] [--points=9] [--reps=10] [--no-train]
+
+For every distinct conv and linear layer shape of the config's model, the forward and the
+forward plus backward are timed alone over a grid of kept widths (at most ``--points`` per
+prunable channel dimension; default ``budget.latency_points``), at the config's image size and
+dtype and at the batch one device computes (``batch_size`` over the backend's devices), each the
+median of ``--reps`` calls after a warm-up call. The dense model's whole forward is timed too,
+and the model at half and at a quarter of every width, to fit and to check the estimate. The
+table records the device, the software versions and the date; a run reads it with
+``--config.budget.metric=latency --config.budget.latency_table=PATH``.
+
+On TPUs without a TPU (``--backend=tpu:TOPOLOGY``, a deviceless compile) the table would be
+estimated from the compiler; that is not built yet, and the command exits 2 saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import jax
+
+from sap_jax.runtime.errors import EXIT_BAD_INPUT, ConfigError
+
+
+def _config(path: str):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist (--config=configs/NAME.py).")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    spec = importlib.util.spec_from_file_location("_sap_jax_latency_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        return module.get_config()
+    except Exception as e:  # noqa: BLE001 - whatever the user's config file raises
+        raise ConfigError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from e
+
+
+def _device(backend: str) -> jax.Device:
+    if backend.startswith("tpu:"):
+        raise ConfigError(f"--backend={backend}: a TPU table estimated from a deviceless compile "
+                          "is not built yet. Build the table on a TPU host with --backend=tpu.")
+    try:
+        return jax.local_devices(backend=backend)[0]
+    except RuntimeError as e:
+        raise ConfigError(f"--backend={backend}: JAX has no such backend here ({e}).") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sap_jax.latency",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True,
+                    help="a config file, e.g. configs/cifar10_resnet56.py")
+    ap.add_argument("--backend", default=None,
+                    help="cpu, gpu or tpu (default: JAX's default backend); tpu:TOPOLOGY is not "
+                         "built yet")
+    ap.add_argument("--out", required=True, help="where to write the table (JSON)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="images per call (default: batch_size over the backend's devices)")
+    ap.add_argument("--points", type=int, default=None,
+                    help="grid widths per prunable dimension (default: budget.latency_points)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed calls per point (default: budget.latency_reps)")
+    ap.add_argument("--no-train", "--no_train", dest="train", action="store_false",
+                    help="time the forward only, not also the forward plus backward")
+    args = ap.parse_args(argv)
+    from sap_jax.train import config as config_lib
+    from sap_jax.train import spec as spec_lib
+    from sap_jax.train import tables
+
+    try:
+        for name in ("batch", "points", "reps"):
+            value = getattr(args, name)
+            if value is not None and value < (2 if name == "points" else 1):
+                raise ConfigError(f"--{name} = {value} must be >= {2 if name == 'points' else 1}.")
+        device = _device(args.backend or jax.default_backend())
+        config = _config(args.config)
+        config_lib.validate(config, device_count=len(jax.devices(device.platform)),
+                            process_count=1)
+        spec = spec_lib.from_config(config)
+        model = tables.model_for(spec, config_lib.NUM_CLASSES.get(spec.data.dataset))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    t0 = time.perf_counter()
+    table = tables.build(spec, model, device=device, batch=args.batch, points=args.points,
+                         reps=args.reps, train=args.train,
+                         log=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    table.save(args.out)
+    c = table.check or {}
+    print(f"latency table of {spec.model.name} at {spec.image_size}px, batch {table.batch}, "
+          f"{table.dtype} on {device.device_kind}: {len(table.entries)} layer shapes, built in "
+          f"{time.perf_counter() - t0:.0f} s -> {args.out}")
+    alone = table.model_ms - table.other_ms
+    nan = float("nan")
+    print(f"  dense forward {table.model_ms:.2f} ms (layers alone {alone:.2f} ms); at a quarter "
+          f"of every width: measured {c.get('measured_ratio', nan):.3f} of dense, estimated "
+          f"{c.get('estimated_ratio', nan):.3f}")
+    bad = table.monotone_violations()
+    if bad:
+        print(f"  {len(bad)} grid points ran slower than a wider one beyond the noise (odd widths "
+              "this device runs badly); estimates use the monotone envelope, and rounding "
+              "(budget.round_to = 0) avoids those widths")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""A run whose budget bounds estimated latency (budget.metric = "latency"), end to end."""
+
+import json
+
+import pytest
+from conftest import tiny_config
+
+from sap_jax import models, train
+from sap_jax.method import latency
+from sap_jax.runtime.errors import ConfigError
+from sap_jax.train import config as config_lib
+from sap_jax.train import spec as spec_lib
+from sap_jax.train import tables
+
+LATENCY = {"budget.metric": "latency", "budget.latency_points": 3, "budget.latency_reps": 2,
+           "budget.round_to": 0, "budget.scope": "total"}
+
+
+@pytest.mark.slow
+def test_a_latency_budgeted_run_meets_p_under_its_table(tmp_path):
+    c = tiny_config(**LATENCY, **{"speed.enabled": True, "speed.batch_sizes": (1,),
+                                  "speed.reps": 2})
+    spec = spec_lib.from_config(c)
+    dense = models.create_abstract("resnet_cifar_tiny", num_classes=10).structure(16)
+    # The table the run builds at its start (the same call), measured first so that p can be
+    # set within reach: a tiny model's time is mostly fixed costs, so even one channel per
+    # group keeps much of it.
+    built = []
+    table = tables.for_run(spec, tmp_path, lambda: built.append(1) or models.create(
+        "resnet_cifar_tiny", num_classes=10))
+    assert built == [1] and (tmp_path / tables.TABLE_FILE).exists()
+    table.check_matches(dense)
+    assert table.batch == c.batch_size and table.device["platform"] == "cpu"
+    floor = table.ratio(dense, [1] * dense.num_groups, "total")
+    assert floor < 1
+    c.budget.p = round(float(floor + 0.6 * (1 - floor)), 4)
+    before = (tmp_path / tables.TABLE_FILE).read_bytes()
+    r = train.train_and_evaluate(c, str(tmp_path))
+    # The run read the table kept in its workdir instead of measuring a new one.
+    assert (tmp_path / tables.TABLE_FILE).read_bytes() == before
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["budget_metric"] == "latency" and saved["round_to"] == 0
+    assert saved["latency_table"]["created"] == table.created
+    # The cut meets p under the same estimate, with widths where the table's time steps up.
+    estimated = table.ratio(dense, saved["widths"], "total")
+    assert estimated <= c.budget.p
+    assert saved["latency_ratio_estimated"] == pytest.approx(estimated)
+    steps = table.step_widths(dense)
+    assert all(w in s for w, s in zip(saved["widths"], steps)), (saved["widths"], steps)
+    # ... and is measured at the table's batch, next to the estimate.
+    assert [b["batch"] for b in saved["speed"]["batches"]] == [1, c.batch_size]
+    row = saved["speed"]["batches"][1]
+    assert saved["latency_ratio_measured"] == pytest.approx(row["pruned_ms"] / row["dense_ms"])
+    text = (tmp_path / "summary.txt").read_text()
+    assert "of total estimated latency" in text and "forward time, pruned over dense" in text
+    assert r["widths"] == saved["widths"]
+
+
+def test_latency_budget_fields_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="budget.metric = 'flops'"):
+        config_lib.validate(tiny_config(**{"budget.metric": "flops"}))
+    with pytest.raises(ConfigError, match="budget.latency_points = 1"):
+        config_lib.validate(tiny_config(**{"budget.latency_points": 1}))
+    missing = str(tmp_path / "none.json")
+    with pytest.raises(ConfigError, match="budget.latency_table: latency table .* does not exist"):
+        config_lib.validate(tiny_config(**LATENCY, **{"budget.latency_table": missing}))
+
+
+def test_a_table_of_another_model_is_refused_before_the_run(tmp_path):
+    """A table built for other widths fails validation, before anything trains."""
+    other = models.create("resnet_cifar_tiny", num_classes=10, widths=[2, 4, 8])
+    table = latency.build_table(other, 16, 1, points=2, reps=1, train=False, check=False)
+    table.save(tmp_path / "t.json")
+    with pytest.raises(ConfigError, match="does not match this model"):
+        config_lib.validate(tiny_config(**LATENCY, **{"budget.latency_table":
+                                                      str(tmp_path / "t.json")}))
