@@ -1,14 +1,15 @@
 """Real speed of extracted models vs their dense originals (a benchmark, not a test).
 
     python benchmarks/pruned_speedup.py [--models resnet56,resnet50,mobilenet_v2,WORKDIR]
-        [--reps 10] [--batch 32] [--round-to 8[,16,...]] [--dtype float32|bfloat16]
-        [--layers] [--json PATH]
+        [--reps 10] [--batch 32] [--image-size N] [--round-to 8[,16,...]]
+        [--dtype float32|bfloat16] [--layers] [--fold_bn] [--json PATH]
 
 For each preset at its paper budget (p of the prunable MACs: ResNet-56 0.48 on
 CIFAR, ResNet-50 0.37 and MobileNetV2 0.65 on ImageNet) it builds the pruned
 model with uniform per-group widths (the widest uniform keep fraction within
-the budget). An entry of ``--models`` that is a directory is a run's workdir (or a saved
-model): its own, non-uniform widths are timed against its dense widths, at its image size.
+the budget), at its image size (32 or 224; ``--image-size`` sets another). An entry of
+``--models`` that is a directory is a run's workdir (or a saved model): its own, non-uniform
+widths are timed against its dense widths, at its image size.
 For each M in ``--round-to``, the same widths rounded to multiples of M within the same
 budget are timed too. It times the jitted eval-mode forward pass with
 ``sap_jax.runtime.speed.compare`` (dense and pruned alternate rep by rep) in ``--dtype``
@@ -46,10 +47,10 @@ def _model_dtype(dtype: str) -> str | None:
     return None if dtype == "float32" else dtype
 
 
-def candidates(entry: str, dtype: str) -> tuple[str, float, int, models.PrunableModel,
-                                               dict[str, list[int]], Callable]:
+def candidates(entry: str, dtype: str, image_size: int | None = None
+               ) -> tuple[str, float, int, models.PrunableModel, dict[str, list[int]], Callable]:
     """``(name, p, image size, dense model, {variant: widths}, build(widths))`` for a preset
-    name or a workdir / saved-model directory."""
+    name (at ``image_size``, default the preset's) or a workdir / saved-model directory."""
     if os.path.isdir(entry):
         path = entry if surgery.is_saved_model(entry) else os.path.join(entry, PRUNED_DIR)
         if not surgery.is_saved_model(path):
@@ -71,6 +72,7 @@ def candidates(entry: str, dtype: str) -> tuple[str, float, int, models.Prunable
         raise SystemExit(f"--models: {entry!r} is neither a directory nor one of "
                          f"{sorted(BUDGETS)}.")
     p, size = BUDGETS[entry]
+    size = image_size or size
 
     def build(widths):
         return models.create(entry, widths=list(widths), dtype=_model_dtype(dtype))
@@ -79,9 +81,25 @@ def candidates(entry: str, dtype: str) -> tuple[str, float, int, models.Prunable
         dense.structure(size), p)}, build
 
 
+def fold_gain(model: models.PrunableModel, size: int, batch: int, reps: int, dtype: str,
+              macs: int) -> dict:
+    """``model`` unfolded against itself with every BatchNorm that follows a conv folded."""
+    folded = surgery.fold_bn(model, size)
+    r = speed.compare(model, folded, size, (1, batch), macs=(macs, macs), reps=reps,
+                      dtype=jnp.dtype(dtype))
+    lat, thr = r["batches"]
+    return {"folded_batch_norms": len(surgery.folded_batch_norms(folded)),
+            "unfolded_latency_ms": lat["dense_ms"], "folded_latency_ms": lat["pruned_ms"],
+            "latency_speedup": lat["speedup"], "latency_speedup_iqr": lat["speedup_iqr"],
+            "unfolded_images_per_s": thr["dense_images_per_s"],
+            "folded_images_per_s": thr["pruned_images_per_s"],
+            "throughput_speedup": thr["speedup"], "throughput_speedup_iqr": thr["speedup_iqr"]}
+
+
 def measure(entry: str, reps: int, batch: int, round_to: tuple[int, ...], *,
-            dtype: str = "float32", layers: bool = False) -> list[dict]:
-    name, p, size, dense, variants, build = candidates(entry, dtype)
+            dtype: str = "float32", layers: bool = False, fold_bn: bool = False,
+            image_size: int | None = None) -> list[dict]:
+    name, p, size, dense, variants, build = candidates(entry, dtype, image_size)
     s = dense.structure(size)
     base = next(iter(variants.values()))
     for m in round_to:
@@ -89,9 +107,11 @@ def measure(entry: str, reps: int, batch: int, round_to: tuple[int, ...], *,
             variants[f"rounded to {m}"] = cut.round_widths(s, base, m, p, warn=False)
     full = flops.count(s)
     rows = []
+    dense_fold = fold_gain(dense, size, batch, reps, dtype, full.macs) if fold_bn else None
     for label, widths in variants.items():
         c = flops.count(s, widths)
-        r = speed.compare(dense, build(widths), size, (1, batch), macs=(full.macs, c.macs),
+        pruned = build(widths)
+        r = speed.compare(dense, pruned, size, (1, batch), macs=(full.macs, c.macs),
                           reps=reps, dtype=jnp.dtype(dtype))
         lat, thr = r["batches"]
         rows.append({"model": name, "p": p, "variant": label, "dtype": dtype,
@@ -103,6 +123,9 @@ def measure(entry: str, reps: int, batch: int, round_to: tuple[int, ...], *,
                      "latency_speedup": lat["speedup"], "throughput_speedup": thr["speedup"],
                      "latency_efficiency": lat["efficiency"],
                      "throughput_efficiency": thr["efficiency"]})
+        if fold_bn:
+            rows[-1]["fold_bn"] = {"dense": dense_fold, "pruned": fold_gain(
+                pruned, size, batch, reps, dtype, c.macs)}
     if layers:
         per_layer = latency.layer_times(s, [list(s.widths), *variants.values()], batch,
                                         reps=reps, dtype=jnp.dtype(dtype))
@@ -141,18 +164,44 @@ def layer_lines(row: dict, top: int = 8) -> list[str]:
     return out
 
 
+def fold_lines(rows: list[dict]) -> list[str]:
+    """One line per model timed unfolded and folded: each entry's dense model once, then its
+    variants."""
+    out, seen = [], set()
+    for r in rows:
+        entries = [("pruned", r["variant"])]
+        if r["model"] not in seen:
+            seen.add(r["model"])
+            entries.insert(0, ("dense", "dense"))
+        for key, label in entries:
+            f = r["fold_bn"][key]
+            out.append(
+                f"  {r['model']:<13} {label:<14} {f['folded_batch_norms']:>4} "
+                f"{f['unfolded_latency_ms']:>8.2f} {f['folded_latency_ms']:>7.2f} "
+                f"{f['latency_speedup']:>5.2f} "
+                f"{'{:.2f}-{:.2f}'.format(*f['latency_speedup_iqr']):>11} | "
+                f"{f['unfolded_images_per_s']:>8.1f} {f['folded_images_per_s']:>8.1f} "
+                f"{f['throughput_speedup']:>5.2f} "
+                f"{'{:.2f}-{:.2f}'.format(*f['throughput_speedup_iqr']):>11}")
+    return out
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="resnet56,resnet50,mobilenet_v2")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32,
                     help="throughput batch (256 on an accelerator)")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="the presets' input size (default: 32 for CIFAR models, 224 otherwise)")
     ap.add_argument("--round-to", default="8",
                     help="also time widths rounded to each of these multiples (comma-separated)")
     ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="the models compute in this dtype (bfloat16 on an accelerator)")
     ap.add_argument("--layers", action="store_true",
                     help="also time every conv and linear layer alone (a per-layer breakdown)")
+    ap.add_argument("--fold_bn", "--fold-bn", action="store_true",
+                    help="also time every model with its BatchNorms folded into the convs")
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args(argv)
     try:
@@ -162,7 +211,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name in args.models.split(","):
         rows += measure(name, args.reps, args.batch, round_to, dtype=args.dtype,
-                        layers=args.layers)
+                        layers=args.layers, fold_bn=args.fold_bn, image_size=args.image_size)
     print(f"{jax.devices()[0].platform} ({args.dtype}), medians of {args.reps}; "
           "efficiency = speed-up / MAC speed-up")
     print(f"  {'model':<13} {'widths':<14} {'MACs':>6} {'lat. dense ms':>13} {'pruned':>8} "
@@ -173,6 +222,13 @@ def main(argv=None) -> list[dict]:
               f"{r['latency_speedup']:>6.2f} {r['latency_efficiency']:>5.2f} | "
               f"{r['dense_images_per_s']:>11.1f} {r['pruned_images_per_s']:>8.1f} "
               f"{r['throughput_speedup']:>6.2f} {r['throughput_efficiency']:>5.2f}")
+    if args.fold_bn:
+        print(f"BatchNorm folded into the conv before it (batch 1 latency, batch {args.batch} "
+              "throughput; x: folded speed-up, its IQR over the rounds)")
+        print(f"  {'model':<13} {'widths':<14} {'BNs':>4} {'lat. ms':>8} {'folded':>7} "
+              f"{'x':>5} {'IQR':>11} | {'img/s':>8} {'folded':>8} {'x':>5} {'IQR':>11}")
+        for line in fold_lines(rows):
+            print(line)
     for r in rows:
         if "layers" in r:
             print("\n".join(layer_lines(r)))

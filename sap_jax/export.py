@@ -1,6 +1,7 @@
 """Export a saved (pruned) model for serving, without sap_jax on the other side.
 
     python -m sap_jax.export --pruned=DIR --format=stablehlo|savedmodel --out=OUT
+        [--fold_bn=true|false]
 
 ``DIR`` is a directory written by ``surgery.save`` or a run's workdir (its ``pruned_model/``).
 Both formats take a batch of RGB images, NHWC float32 with pixels in [0, 1], of any batch size,
@@ -12,7 +13,12 @@ in, so the caller only scales pixels to [0, 1].
 * ``savedmodel``: a TensorFlow SavedModel in ``OUT/`` (via ``jax2tf``) whose ``serve``
   signature maps ``images`` to ``logits``; TF Serving or ``tf.saved_model.load`` runs it.
 
-``OUT/export.json`` records the input contract and the model's metadata (classes, source).
+By default every BatchNorm that directly follows a conv is folded into it
+(:func:`sap_jax.surgery.fold_bn`: scaled kernel, one bias; the logits agree with the unfolded
+model's to float rounding); ``--fold_bn=false`` exports the BatchNorms as they are.
+
+``OUT/export.json`` records the input contract, the model's metadata (classes, source), and
+``fold_bn`` with ``folded_batch_norms``, how many BatchNorms were folded.
 """
 
 from __future__ import annotations
@@ -42,9 +48,11 @@ def resolve(directory: str) -> str:
     return directory
 
 
-def serving_fn(directory: str) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
+def serving_fn(directory: str, fold_bn: bool = True
+               ) -> tuple[Callable[[jax.Array], jax.Array], dict[str, Any]]:
     """The eval-mode forward pass of the saved model with its normalisation baked in
-    (``images`` in [0, 1] -> logits), and the input contract from its model.json."""
+    (``images`` in [0, 1] -> logits), and the input contract from its model.json (with
+    ``folded_batch_norms``: how many BatchNorms ``fold_bn`` folded into their convs)."""
     info = surgery.read_info(directory)
     x = (info.get("metadata") or {}).get("input")
     if x is None:
@@ -52,6 +60,10 @@ def serving_fn(directory: str) -> tuple[Callable[[jax.Array], jax.Array], dict[s
                          "metadata.input); re-save it with this version of sap_jax.")
     model = surgery.load(directory)
     model.eval()
+    if fold_bn:
+        size = x["image_size"]
+        model = surgery.fold_bn(model, (1, size, size, model.in_channels))
+    folded = len(surgery.folded_batch_norms(model))
     graphdef, state = nnx.split(model)
     mean = jnp.asarray(x["mean"], jnp.float32)
     std = jnp.asarray(x["std"], jnp.float32)
@@ -60,7 +72,8 @@ def serving_fn(directory: str) -> tuple[Callable[[jax.Array], jax.Array], dict[s
         m = nnx.merge(graphdef, state)
         return m((images.astype(jnp.float32) - mean) / std)
 
-    return fn, {**x, "source": directory, "class": info["class"], "widths": info["widths"],
+    return fn, {**x, "folded_batch_norms": folded, "source": directory, "class": info["class"],
+                "widths": info["widths"],
                 "metadata": {k: v for k, v in (info.get("metadata") or {}).items() if k != "input"}}
 
 
@@ -87,23 +100,35 @@ def export_savedmodel(fn: Callable, size: int, out: str) -> str:
     return out
 
 
-def export(directory: str, fmt: str, out: str) -> dict[str, Any]:
-    """Write ``directory``'s model to ``out`` in ``fmt``; returns what export.json records."""
+def export(directory: str, fmt: str, out: str, *, fold_bn: bool = True) -> dict[str, Any]:
+    """Write ``directory``'s model to ``out`` in ``fmt``, with each BatchNorm that directly
+    follows a conv folded into it unless ``fold_bn`` is false; returns what export.json
+    records."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}.")
     directory = resolve(directory)
-    fn, contract = serving_fn(directory)
+    fn, contract = serving_fn(directory, fold_bn)
     os.makedirs(out, exist_ok=True)
     size = contract["image_size"]
     path = (export_stablehlo if fmt == "stablehlo" else export_savedmodel)(fn, size, out)
     record = {"format": fmt, "path": path, "input": {
         "shape": ["batch", size, size, 3], "dtype": "float32", "layout": "NHWC",
         "pixel_range": contract["pixel_range"], "normalisation": "baked in"},
+        "fold_bn": bool(fold_bn), "folded_batch_norms": contract["folded_batch_norms"],
         **{k: contract[k] for k in ("num_classes", "class_names", "mean", "std", "source",
                                    "class", "widths", "metadata")}}
     with open(os.path.join(out, "export.json"), "w") as f:
         json.dump(record, f, indent=2)
     return record
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,14 +138,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="a saved model directory, or a run's workdir (its pruned_model/)")
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--fold_bn", type=_flag, nargs="?", const=True, default=True,
+                    metavar="true|false",
+                    help="fold each BatchNorm that directly follows a conv into it (default: "
+                         "true)")
     args = ap.parse_args(argv)
     try:
-        record = export(args.pruned, args.format, args.out)
+        record = export(args.pruned, args.format, args.out, fold_bn=args.fold_bn)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {record['class']} (widths {record['widths']}) to {record['path']}: "
-          f"{record['input']['shape']} float32 images in [0, 1] -> {record['num_classes']} logits")
+          f"{record['input']['shape']} float32 images in [0, 1] -> {record['num_classes']} logits"
+          f" ({record['folded_batch_norms']} BatchNorms folded into their convs)")
     return 0
 
 

@@ -64,6 +64,32 @@ def test_stablehlo_reloads_with_jax_alone_at_any_batch_size(saved, tmp_path, cap
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_batch_norm_is_folded_by_default_and_can_be_kept(saved, tmp_path, capsys):
+    """Folded (the default) and ``--fold_bn=false`` both give the pruned model's logits; the
+    folded program normalises nothing, export.json says which it is."""
+    import jax
+    from flax import nnx
+
+    wd, images, want = saved
+    n_bn = sum(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(
+        surgery.load(wd / "pruned_model")))
+    assert n_bn > 0  # every BatchNorm of the presets follows a conv
+    for flag, folded in ((None, n_bn), ("--fold_bn=false", 0), ("--fold_bn=true", n_bn)):
+        out = tmp_path / str(flag)
+        argv = ["--pruned", str(wd), "--format", "stablehlo", "--out", str(out)]
+        assert export.main(argv + ([flag] if flag else [])) == 0
+        assert f"({folded} BatchNorms folded into their convs)" in capsys.readouterr().out
+        record = json.loads((out / "export.json").read_text())
+        assert record["fold_bn"] == (folded > 0) and record["folded_batch_norms"] == folded
+        exp = jax.export.deserialize((out / "model.stablehlo").read_bytes())
+        assert ("rsqrt" in exp.mlir_module()) == (folded == 0)
+        got = np.asarray(exp.call(images))
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    with pytest.raises(SystemExit):
+        export.main(["--pruned", str(wd), "--format", "stablehlo", "--out", str(tmp_path),
+                     "--fold_bn=maybe"])
+
+
 def test_savedmodel_reloads_with_tensorflow_alone(saved, tmp_path):
     wd, images, want = saved
     export.export(str(wd / "pruned_model"), "savedmodel", str(tmp_path / "sm"))
