@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"latency table of {spec.model.name} at {spec.image_size}px, batch {table.batch}, "
           f"{table.dtype} on {device.device_kind}: {len(table.entries)} layer shapes, built in "
           f"{time.perf_counter() - t0:.0f} s -> {args.out}")
-    alone = table.model_ms - table.other_ms
     nan = float("nan")
-    print(f"  dense forward {table.model_ms:.2f} ms (layers alone {alone:.2f} ms); at a quarter "
+    print(f"  dense forward {table.model_ms:.2f} ms (fit: {table.layer_scale:.2f} x the layers' "
+          f"own times + {table.fixed_ms:.2f} ms); at a quarter "
           f"of every width: measured {c.get('measured_ratio', nan):.3f} of dense, estimated "
           f"{c.get('estimated_ratio', nan):.3f}")
     bad = table.monotone_violations()

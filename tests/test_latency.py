@@ -119,7 +119,8 @@ def test_a_table_of_another_model_or_size_is_refused(tiny, tmp_path):
 
 def _reference_ratio(table, structure, widths, scope):
     """The estimate, computed independently: SciPy's linear grid interpolation of each layer's
-    brute-force monotone envelope, plus the rest of the forward scaled by the activations."""
+    brute-force monotone envelope, summed, and for the whole forward scaled and offset by the
+    table's fit."""
     total = 0.0
     for row, layer in zip(table.layers, latency.timed_layers(structure)):
         e = table.entries[row["entry"]]
@@ -141,8 +142,7 @@ def _reference_ratio(table, structure, widths, scope):
         if scope == "total" or G.is_prunable(layer):
             total += t
     if scope == "total":
-        act = flops.activations(structure, widths) / flops.activations(structure)
-        total += table.other_fixed_ms + (table.other_ms - table.other_fixed_ms) * act
+        total = table.layer_scale * total + table.fixed_ms
     return total
 
 

@@ -84,8 +84,8 @@ def _check_widths(widths: Sequence[int], structure: G.Structure) -> None:
 # A table holds, for every distinct conv/linear layer shape of a model, its measured time over a
 # grid of input and output channel counts (each count a function of the group widths: the grid
 # runs from the count at one channel per group to the dense one). A model's latency at any widths
-# is then estimated as the sum of its layers' times, interpolated in that grid, plus the part no
-# layer accounts for (norms, activations, additions, pooling), scaled by the number of activations.
+# is then estimated from the sum of its layers' times, interpolated in that grid, scaled and
+# offset by a fit on the whole model measured dense and at half width (LatencyTable).
 # The estimate is differentiable in the widths: the generator's resource loss reads it.
 
 FORMAT = "sap_jax.latency_table/1"
@@ -226,12 +226,12 @@ class LatencyTable:
 
     Build one with :func:`build_table` (or ``python -m sap_jax.latency``); save and load it as
     JSON (:meth:`save`, :meth:`load`). ``layers`` maps each conv/linear layer (by path, in
-    forward order) to its :class:`Entry`; ``model_ms`` is the dense model's measured forward,
-    ``other_ms`` the part of it no layer's own time accounts for (at least 0): norms,
-    activations, additions, pooling. Of that, ``other_fixed_ms`` does not shrink with the widths
-    and the rest shrinks with the number of activations (fitted on the model measured dense and
-    at half width). ``check`` compares, at a quarter of every width, the measured whole-model
-    time with the estimate.
+    forward order) to its :class:`Entry`; ``model_ms`` is the dense model's measured forward.
+    The whole forward is estimated as ``layer_scale`` times the sum of the layers' own times plus
+    ``fixed_ms``, fitted on the dense model and the model at half of every width, measured whole:
+    layers timed alone do not cost what they cost inside the model (fused norms and activations,
+    caches), and part of the forward does not shrink with the widths. ``check`` compares, at a
+    quarter of every width, the measured whole-model time with the estimate.
     """
 
     device: dict[str, Any]
@@ -245,8 +245,8 @@ class LatencyTable:
     layers: list[dict[str, Any]]  # {"path": "a.b", "entry": index}
     entries: list[Entry]
     model_ms: float | None = None
-    other_ms: float = 0.0
-    other_fixed_ms: float = 0.0
+    layer_scale: float = 1.0
+    fixed_ms: float = 0.0
     check: dict[str, Any] | None = None
     build_seconds: float | None = None
 
@@ -329,8 +329,8 @@ class LatencyTable:
     def estimate_ms(self, structure: G.Structure, widths: Sequence[Any], scope: str = "total", *,
                     xp: Any = np, which: str = "forward", monotone: bool = True) -> Any:
         """Estimated milliseconds of the model at ``widths``: over the layers a group sets
-        (``"prunable"``) or the whole forward (``"total"``: every layer, plus ``other_ms`` scaled
-        by the activations)."""
+        (``"prunable"``: their own times) or the whole forward (``"total"``: every layer's, scaled
+        and offset as fitted on the whole model; ``which = "train"``: the layers' sum)."""
         if scope not in flops.SCOPES:
             raise ValueError(f"scope must be one of {flops.SCOPES}, got {scope!r}.")
         times = self.layer_ms(structure, widths, xp=xp, which=which, monotone=monotone)
@@ -339,8 +339,7 @@ class LatencyTable:
                        if G.is_prunable(layer))
         if which != "forward":
             return sum(times)
-        act = flops.activations(structure, widths) / flops.activations(structure)
-        return sum(times) + self.other_fixed_ms + (self.other_ms - self.other_fixed_ms) * act
+        return self.layer_scale * sum(times) + self.fixed_ms
 
     def ratio(self, structure: G.Structure, widths: Sequence[Any], scope: str = "total", *,
               xp: Any = np) -> Any:
@@ -432,9 +431,9 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
     Every distinct conv/linear layer shape is timed once (the blocks of a stage share theirs) at
     every point of a grid of at most ``points`` channel counts per prunable dimension: the
     forward and, with ``train``, the forward plus backward, each the median of ``reps`` calls
-    after a warm-up call. The dense model's whole forward is timed too (for ``other_ms``) and,
-    with ``check``, the model at half of every group's width, to record how close the estimate
-    comes (``check``).
+    after a warm-up call. The dense model's whole forward is timed too, and at half of every
+    group's width, to fit ``layer_scale`` and ``fixed_ms``; with ``check`` also at a quarter, to
+    record how close the estimate comes (``check``).
     """
 
 
@@ -471,8 +470,8 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
                "widths": list(structure.widths), "input_hw": list(structure.input_hw)},
         batch=batch, dtype=jnp.dtype(dtype).name, reps=reps, points=points, layers=rows,
         entries=entries)
-    # The dense model, at half of every group's width (to fit how the rest of the forward, which
-    # no layer's own time covers, scales), and with ``check`` at a quarter (to test the fit).
+    # The dense model, at half of every group's width (to fit the whole forward's estimate), and
+    # with ``check`` at a quarter (to test the fit).
     sizes = {"dense": list(structure.widths),
              "half": [max(G.MIN_KEPT, w // 2) for w in structure.widths]}
     if check:
@@ -483,12 +482,17 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
     measured = dict(zip(sizes, (1e3 * statistics.median(t)
                                 for t in speed.time_interleaved(fns, reps))))
     table.model_ms = measured["dense"]
-    rest = {k: measured[k] - float(sum(table.layer_ms(structure, sizes[k], monotone=False)))
-            for k in ("dense", "half")}
-    act = flops.activations(structure, sizes["half"]) / flops.activations(structure)
-    per_act = max(0.0, (rest["dense"] - rest["half"]) / (1 - act)) if act < 1 else 0.0
-    table.other_ms = max(0.0, rest["dense"])
-    table.other_fixed_ms = max(0.0, table.other_ms - per_act)
+    # The whole forward as ``layer_scale * (sum of the layers' own times) + fixed_ms``, fitted on
+    # the dense and the half-width model: layers timed alone are not timed as in the model
+    # (fusion with their norms and activations, caches, threads), and part of the forward
+    # (stem, pooling, dispatch) does not shrink with the widths.
+    alone = {k: float(sum(table.layer_ms(structure, sizes[k]))) for k in ("dense", "half")}
+    scale = (measured["dense"] - measured["half"]) / (alone["dense"] - alone["half"]) if (
+        alone["dense"] > alone["half"]) else 0.0
+    fixed = measured["dense"] - scale * alone["dense"]
+    if scale <= 0 or fixed < 0:  # no usable fit: the layers' times, scaled to the model's
+        scale, fixed = measured["dense"] / alone["dense"], 0.0
+    table.layer_scale, table.fixed_ms = scale, fixed
     if check:
         q = sizes["quarter"]
         table.check = {"widths": q, "measured_ms": measured["quarter"],
