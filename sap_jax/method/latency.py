@@ -89,9 +89,10 @@ def _check_widths(widths: Sequence[int], structure: G.Structure) -> None:
 # The estimate is differentiable in the widths: the generator's resource loss reads it.
 
 FORMAT = "sap_jax.latency_table/1"
-#: A rise in latency smaller than this fraction of the model's is treated as noise where
-#: rounding looks for the widths at which latency steps up (:meth:`LatencyTable.step_widths`).
-STEP_TOLERANCE = 0.005
+#: Where rounding looks for the widths at which latency steps up
+#: (:meth:`LatencyTable.step_widths`), a rise smaller than this fraction of what the group's
+#: whole width range costs is treated as noise.
+STEP_TOLERANCE = 0.05
 
 
 def grid(lo: int, hi: int, points: int) -> list[int]:
@@ -350,13 +351,13 @@ class LatencyTable:
     def step_widths(self, structure: G.Structure,
                     tolerance: float = STEP_TOLERANCE) -> list[list[int]]:
         """Per group, the widths worth keeping: the grid points after which the next wider point
-        is measurably slower (more than ``tolerance`` of the model's latency), and the group's
-        full size. Other widths cost as much as a wider one, so the cut rounds up to these. Read
-        along one group at a time, with the others dense; a group whose width only enters
-        concatenated or flattened channels gets every width (no rounding)."""
+        is measurably slower (by more than ``tolerance`` of the time between the group at one
+        channel and at full width), and the group's full size. Other widths cost as much as a
+        wider one, so the cut rounds up to these. Read along one group at a time, with the
+        others dense; a group whose width only enters concatenated or flattened channels gets
+        every width (no rounding)."""
         out = []
         dense = list(structure.widths)
-        full = self.estimate_ms(structure, dense, "total")
         for k, c in enumerate(structure.widths):
             points = grid(G.MIN_KEPT, c, self.points)
             if not any(G.GroupRef(k) in (x.in_ch, x.out_ch) for x in timed_layers(structure)):
@@ -364,8 +365,9 @@ class LatencyTable:
                 continue
             f = [self.estimate_ms(structure, dense[:k] + [g] + dense[k + 1:], "total",
                                   monotone=False) for g in points]
+            span = max(f[-1] - f[0], 0.0)
             keep = [g for i, g in enumerate(points)
-                    if i == len(points) - 1 or min(f[i + 1:]) - f[i] > tolerance * full]
+                    if i == len(points) - 1 or min(f[i + 1:]) - f[i] > tolerance * span]
             out.append(keep)
         return out
 

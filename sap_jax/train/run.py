@@ -328,16 +328,17 @@ def _latency_measured(env: Env, s: dict[str, Any]) -> float | None:
 
 
 def _speed(env: Env, dense_model, pruned_model) -> dict[str, Any]:
-    """The pruned model's inference timed against a dense one (``speed``); with a latency
-    table, also at the table's batch, so its estimate meets a measurement."""
+    """The pruned model's inference timed against a dense one (``speed``), both as deployed:
+    each BN folded into its conv (``surgery.fold_bn``, as ``sap_jax.export`` does); with a
+    latency table, also at the table's batch, so its estimate meets a measurement."""
     size, sp = env.spec.image_size, env.spec.speed
     batches = tuple(sp.batch_sizes)
     if env.latency_table is not None and env.latency_table.batch not in batches:
         batches += (env.latency_table.batch,)
-    return speed.compare(dense_model, pruned_model, size, batches,
-                         macs=(flops.model_macs(dense_model, size),
-                               flops.model_macs(pruned_model, size)),
-                         reps=sp.reps, dtype=env.dtype)
+    macs = (flops.model_macs(dense_model, size), flops.model_macs(pruned_model, size))
+    dense_model, pruned_model = (surgery.fold_bn(m, size) for m in (dense_model, pruned_model))
+    return {"fold_bn": True, **speed.compare(dense_model, pruned_model, size, batches, macs=macs,
+                                             reps=sp.reps, dtype=env.dtype)}
 
 
 def finish(env: Env, dense: Programs, pruned: Programs, state: state_lib.Weights,
