@@ -34,6 +34,7 @@ def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: fl
         # The pruned model's forward time over the dense one's, estimated from the latency
         # table (metric "latency"; the measured one is latency_ratio_measured, with speed).
         "latency_ratio_estimated": (latency or {}).get("estimated_ratio"),
+        "latency_ratio_measured": None,  # set with the speed measurement (at the table's batch)
         "latency_table": ({k: v for k, v in latency.items() if k != "estimated_ratio"}
                           if latency else None),
         "dense_acc": meta.get("dense_acc"),

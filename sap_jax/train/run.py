@@ -408,7 +408,9 @@ def _remeasure_speed(env: Env, done: dict[str, Any]) -> dict[str, Any]:
     pruned = surgery.load(env.workdir / PRUNED_DIR)
     new = _speed(env, env.model(None), pruned)
     earlier = done.get("speed_earlier") or []
-    done = {**done, "speed": new, "latency_ratio_measured": _latency_measured(env, new),
+    measured = ({"latency_ratio_measured": _latency_measured(env, new)}
+                if env.latency_table is not None else {})
+    done = {**done, "speed": new, **measured,
             "speed_earlier": earlier + ([done["speed"]] if done.get("speed") else [])}
     if jax.process_index() == 0:
         report.write(env.workdir, done, plots=False)
