@@ -19,27 +19,12 @@ estimated from the compiler; that is not built yet, and the command exits 2 sayi
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 import time
 
 import jax
 
 from sap_jax.runtime.errors import EXIT_BAD_INPUT, ConfigError
-
-
-def _config(path: str):
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist (--config=configs/NAME.py).")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    spec = importlib.util.spec_from_file_location("_sap_jax_latency_config", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        return module.get_config()
-    except Exception as e:  # noqa: BLE001 - whatever the user's config file raises
-        raise ConfigError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from e
 
 
 def _device(backend: str) -> jax.Device:
@@ -80,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < (2 if name == "points" else 1):
                 raise ConfigError(f"--{name} = {value} must be >= {2 if name == 'points' else 1}.")
         device = _device(args.backend or jax.default_backend())
-        config = _config(args.config)
+        config = config_lib.load_file(args.config)
         config_lib.validate(config, device_count=len(jax.devices(device.platform)),
                             process_count=1)
         spec = spec_lib.from_config(config)

@@ -142,20 +142,16 @@ def parse_flags(argv: list[str]) -> tuple[list[str] | None, str | None]:
 
 
 def _load_config(argv: list[str]):
-    """The config named by ``--config=PATH`` in ``argv`` (None if absent or not loadable)."""
-    import importlib.util
-    import os
+    """The config named by ``--config=PATH`` in ``argv`` (None if absent or not loadable:
+    absl reports a missing or bad --config itself, with its own message)."""
+    from sap_jax.train import config as config_lib
 
     path = _config_path(argv)
-    if not path or not os.path.isfile(path):
-        return None  # absl reports a missing or bad --config itself
+    if not path:
+        return None
     try:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-        spec = importlib.util.spec_from_file_location("_sap_jax_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config()
-    except Exception:  # noqa: BLE001 - absl reports the same failure with its own message
+        return config_lib.load_file(path)
+    except errors.ConfigError:
         return None
 
 

@@ -184,16 +184,18 @@ def agn_loss(agn: AGN, apply_fn: ApplyFn, model_state: Any, batch: dict[str, jax
     res, ratio = resource(structure, budget_arch)
     res = res * resource_scale
     other = "total" if resource.scope == "prunable" else "prunable"
-    macs = ratio if resource.metric == "macs" else jax.lax.stop_gradient(
+    by_macs = resource.metric == "macs"
+    macs = ratio if by_macs else jax.lax.stop_gradient(
         flops.mac_ratio(structure, budget_arch, resource.scope))
+    sampled = jax.lax.stop_gradient(flops.mac_ratio(structure, arch, resource.scope))
     metrics = {
         "loss": ce + res, "ce": ce, "resource_loss": res, "budget_ratio": ratio,
-        "budget_ratio_sampled": jax.lax.stop_gradient(resource.ratio(structure, arch)),
+        "budget_ratio_sampled": sampled if by_macs else jax.lax.stop_gradient(
+            resource.ratio(structure, arch)),
         "mac_ratio": macs, f"mac_ratio_{resource.scope}": macs,
         f"mac_ratio_{other}": jax.lax.stop_gradient(
             flops.mac_ratio(structure, budget_arch, other)),
-        "mac_ratio_sampled": jax.lax.stop_gradient(
-            flops.mac_ratio(structure, arch, resource.scope)),
+        "mac_ratio_sampled": sampled,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         "band_share": jax.lax.stop_gradient(band_share(o, tau=tau, offset=offset)),
         "kept_fraction": jnp.stack([jnp.mean(v) for v in arch]),

@@ -146,7 +146,8 @@ def widths_ratio(structure: G.Structure, widths: Sequence[int], scope: str = "pr
 def _ratio_fn(structure: G.Structure, scope: str, table: Any) -> Callable[[Sequence[int]], float]:
     """``widths -> ratio`` under the budget's metric, with the dense counts computed once."""
     if table is not None:
-        return lambda w: widths_ratio(structure, w, scope, table=table)
+        dense = table.estimate_ms(structure, list(structure.widths), scope)
+        return lambda w: float(table.estimate_ms(structure, list(w), scope)) / dense
     full = flops.count(structure)
     return lambda w: widths_ratio(structure, w, scope, full=full)
 

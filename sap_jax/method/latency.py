@@ -101,12 +101,10 @@ def grid(lo: int, hi: int, points: int) -> list[int]:
     of two that keeps the grid within ``points`` (hardware steps at powers of two)."""
     if points < 2:
         raise ValueError(f"points = {points} must be >= 2.")
-    if hi - lo + 1 <= points:
-        return list(range(lo, hi + 1))
     step = 1
-    while (hi - lo) / step > points - 1:
+    while len(out := sorted({lo, hi, *range((lo // step + 1) * step, hi, step)})) > points:
         step *= 2
-    return sorted({lo, hi, *range((lo // step + 1) * step, hi, step)})
+    return out
 
 
 def _dim_grid(d: G.Dim, structure: G.Structure, points: int) -> list[int]:
@@ -170,6 +168,8 @@ class Entry:
     forward_iqr_ms: np.ndarray
     train_ms: np.ndarray | None = None
     train_iqr_ms: np.ndarray | None = None
+    _envelopes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, init=False,
+                                                         repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         out = {"shape": self.shape, "cin": self.cin, "cout": self.cout, "diagonal": self.diagonal}
@@ -189,10 +189,12 @@ class Entry:
         time measured at that point or any wider one. A wider layer is never estimated faster
         than a narrower one; where the hardware disagrees (an odd width slower than the next
         even one), the cut's rounding picks the wider width (:meth:`LatencyTable.step_widths`)."""
-        z = np.asarray(getattr(self, f"{which}_ms"), np.float64)
-        for axis in range(z.ndim):
-            z = np.flip(np.minimum.accumulate(np.flip(z, axis), axis=axis), axis)
-        return z
+        if which not in self._envelopes:  # read at every estimate: computed once
+            z = np.asarray(getattr(self, f"{which}_ms"), np.float64)
+            for axis in range(z.ndim):
+                z = np.flip(np.minimum.accumulate(np.flip(z, axis), axis=axis), axis)
+            self._envelopes[which] = z
+        return self._envelopes[which]
 
 
 def _bracket(points: Sequence[int], x: Any, xp: Any) -> tuple[Any, Any, Any]:

@@ -325,6 +325,24 @@ def _check_rest(c: ml_collections.ConfigDict, errors: list[str]) -> None:
         errors.append(f"compile_cache = {c.compile_cache!r} must be a string: \"workdir\", a "
                       "directory, or \"\" (JAX's own setting).")
 
+def load_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of the config file ``path`` (a ``configs/NAME.py``; its repository root
+    goes on ``sys.path`` so it can import ``configs``). Raises :class:`ConfigError` naming the
+    problem when the file is missing or does not load."""
+    import sys
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist (--config=configs/NAME.py).")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    spec = importlib.util.spec_from_file_location("_sap_jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        return module.get_config()
+    except Exception as e:  # noqa: BLE001 - whatever the user's config file raises
+        raise ConfigError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from e
+
+
 def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
              process_count: int | None = None) -> None:
     """Raise :class:`ConfigError` listing every invalid field of ``c``: unknown ones (with close
