@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ml_collections import config_flags
 
-from sap_jax import main, models, surgery
+from sap_jax import cli, models, surgery
 from sap_jax.method import agn, penalty
 from sap_jax.structure import flops
 from sap_jax.train import config as config_lib
@@ -42,7 +42,7 @@ def _parse(overrides):
     fv = flags.FlagValues()
     argv = ["prog", f"--config={os.path.join(ROOT, 'tests', 'support', 'tiny_config.py')}",
             *overrides]
-    problem = main.check_overrides(argv)
+    problem = cli.check_overrides(argv)
     if problem:
         raise flags.Error(problem)
     config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True, sys_argv=argv)

@@ -25,7 +25,7 @@ from clu import metric_writers, periodic_actions
 from flax import nnx
 
 from sap_jax import models, surgery
-from sap_jax.method import cut, penalty
+from sap_jax.method import cut
 from sap_jax.runtime import console, parallel, speed
 from sap_jax.runtime.errors import ConfigError, Preempted
 from sap_jax.structure import flops
@@ -161,7 +161,7 @@ class Env:
     def programs(self, widths: Sequence[int] | None, phase: str,
                  model: models.PrunableModel | None = None) -> Programs:
         """The compiled steps of the model at ``widths`` for ``phase`` ("search"/"finetune")."""
-        spec, s = self.spec, self.spec.sap
+        spec = self.spec
         # A given model (the extracted one) spares a random initialisation: on CPU that compiles
         # one small program per new parameter shape, ~30 s for a pruned ResNet-20.
         model = self.model(widths) if model is None else model
@@ -170,18 +170,10 @@ class Env:
         progs = Programs(model, structure, codec,
                          steps.make_eval_step(codec, self.dtype, structure),
                          bnstats.make_batch_stats_step(codec, self.dtype))
-        o = spec.optim if phase == "search" else spec.finetune
-        sched = steps.lr_schedule(o, self.spe, o.num_epochs, spec.data.batch_size)
-        prox = None
-        if phase == "search" and s.penalty == "proximal":
-            start = s.e_start * self.spe
-            prox = lambda lr: penalty.proximal_partial_group_lasso(  # noqa: E731
-                structure, lambda n: lr(n) * s.gamma * (n >= start), include_bn=s.include_bn)
-        progs.tx = steps.make_optimizer(o, sched, proximal=prox)
-        progs.train_step = steps.make_train_step(
-            codec, structure, progs.tx, penalty_form=s.penalty if phase == "search" else "none",
-            include_bn=s.include_bn, dtype=self.dtype,
-            skip_nonfinite=spec.on_nonfinite == "skip")
+        progs.tx, progs.train_step = steps.make_weight_step(
+            codec, structure, spec.optim if phase == "search" else spec.finetune, spec.sap,
+            phase=phase, steps_per_epoch=self.spe, batch_size=spec.data.batch_size,
+            dtype=self.dtype, skip_nonfinite=spec.on_nonfinite == "skip")
         return progs
 
     def evaluate(self, progs: Programs, params: Any, rest: Any, arch,

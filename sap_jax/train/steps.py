@@ -20,7 +20,7 @@ from sap_jax.method import agn as agn_lib
 from sap_jax.method import penalty, resource
 from sap_jax.runtime import xla_cpu
 from sap_jax.structure.codec import ModuleCodec
-from sap_jax.train.spec import GeneratorSpec, OptimSpec
+from sap_jax.train.spec import GeneratorSpec, OptimSpec, SearchSpec
 
 #: fit_age before any architecture within the budget has been seen.
 NEVER_FIT = 2**30
@@ -121,6 +121,28 @@ def make_train_step(codec: ModuleCodec, structure, tx: optax.GradientTransformat
                       "finite": finite.astype(jnp.float32)}
 
     return xla_cpu.jit(step, donate_argnums=(0, 1, 2))
+
+
+def make_weight_step(codec: ModuleCodec, structure, o: OptimSpec, s: SearchSpec, *,
+                     phase: str, steps_per_epoch: int, batch_size: int, dtype: Any,
+                     skip_nonfinite: bool) -> tuple[optax.GradientTransformation, Callable]:
+    """``(tx, step)``: the weight optimizer and train step of ``phase``, as a run compiles them.
+
+    "search": the dense/search step, its penalty (``s.penalty``: in the loss, or proximal in
+    ``tx`` from epoch ``s.e_start``); "plain": the same step without any penalty (a baseline's);
+    "finetune": the pruned model's step (``o`` is then the fine-tuning spec).
+    """
+    sched = lr_schedule(o, steps_per_epoch, o.num_epochs, batch_size)
+    prox = None
+    if phase == "search" and s.penalty == "proximal":
+        start = s.e_start * steps_per_epoch
+        prox = lambda lr: penalty.proximal_partial_group_lasso(  # noqa: E731
+            structure, lambda n: lr(n) * s.gamma * (n >= start), include_bn=s.include_bn)
+    tx = make_optimizer(o, sched, proximal=prox)
+    step = make_train_step(codec, structure, tx,
+                           penalty_form=s.penalty if phase == "search" else "none",
+                           include_bn=s.include_bn, dtype=dtype, skip_nonfinite=skip_nonfinite)
+    return tx, step
 
 
 def make_eval_step(codec: ModuleCodec, dtype: Any = jnp.float32, structure: Any = None) -> Callable:

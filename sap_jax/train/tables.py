@@ -28,9 +28,11 @@ def table_batch(spec: spec_lib.RunSpec, devices: int) -> int:
     return max(1, spec.data.batch_size // max(1, devices))
 
 
-def model_for(spec: spec_lib.RunSpec, num_classes: int | None) -> models.PrunableModel:
-    """The dense model of the config (random weights: values do not change speed)."""
-    return models.create(spec.model.name, seed=spec.seed, num_classes=num_classes,
+def model_for(spec: spec_lib.RunSpec, num_classes: int | None,
+              widths: list[int] | None = None) -> models.PrunableModel:
+    """The config's model, dense or at ``widths`` (random weights: values do not change
+    speed)."""
+    return models.create(spec.model.name, seed=spec.seed, num_classes=num_classes, widths=widths,
                          dtype=None if spec.dtype == "float32" else spec.dtype,
                          **spec_lib.model_arguments(spec.model, spec.image_size))
 

@@ -1,0 +1,124 @@
+"""Compile a run for a TPU slice on this CPU host: will it fit, and how fast would it be?
+
+    python -m sap_jax.aot --config=configs/NAME.py --topology=v5e:2x4 [--config.FIELD=VALUE ...]
+        [--steps=plain,sap,agn,eval,finetune,finetune_r128] [--out=PATH.json]
+
+No TPU is needed, only the TPU compiler (``pip install -c constraints.txt -e '.[tpu]'``). Every
+step the run would compile is compiled for the slice with the run's mesh, shardings, global
+batch and dtype (``sap_jax.train.aot``); ``--topology`` is ``GENERATION:SHAPE`` (v4:2x2x1,
+v5e:2x4, v5p:2x2x2, v6e:4x4) or a Cloud accelerator type (v4-8, v5litepod-8, v6e-16).
+
+It prints a table, then, as the last line of stdout, one JSON object: ``topology``, ``chips``,
+``hbm_capacity_bytes`` (per chip), ``fits``, ``steps`` ({name: ``estimated_s``,
+``images_per_s`` (per chip), ``hbm_bytes`` (peak per chip), ``collectives`` {op: count},
+``compile_s``, and the raw figures}), ``sap_over_plain`` and ``pruned_speedup_estimated``.
+Times are compiler estimates (a per-op roofline plus ring all-reduce time), not measurements.
+
+Exit codes: 0 fits; 2 a step does not fit in HBM (one line on stderr says how much it needs per
+chip and what to change), an unknown topology, libtpu missing, or a bad config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+# A compile-only TPU process: before JAX loads any plugin. The host's own accelerators stay
+# untouched (a launcher may run this beside a job on a TPU VM).
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sap_jax import cli  # noqa: E402
+from sap_jax.runtime import errors  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("topology", None, "TPU slice: GENERATION:SHAPE (v5e:2x4) or an accelerator "
+                    "type (v4-8).")
+flags.DEFINE_list("steps", None, "Steps to compile (default: all): plain, sap, agn, eval, "
+                  "finetune, finetune_r128.")
+flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
+flags.mark_flags_as_required(["config", "topology"])
+
+GiB = 2**30
+
+
+def table(result: dict) -> str:
+    """The result as a table a person reads."""
+    lines = [f"{result['topology']}: {result['chips']} chips, {result['hosts']} host(s), "
+             f"{result['hbm_capacity_bytes'] / GiB:.1f} GiB HBM per chip (compiler estimates, "
+             "not measurements)",
+             f"{'step':<14}{'compile s':>10}{'est. ms':>10}{'img/s/chip':>12}{'HBM GiB':>9}"
+             "  collectives"]
+    for name, r in result["steps"].items():
+        ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-"
+        est = f"{r['estimated_s'] * 1e3:.2f}" if r["estimated_s"] else "-"
+        coll = ", ".join(f"{n} {op}" for op, n in r["collectives"].items()) or "none"
+        if "refused" in r:
+            coll = "does not fit: the compiler ran out of HBM"
+        lines.append(f"{name:<14}{r['compile_s']:>10.1f}{est:>10}"
+                     f"{ips:>12}{r['hbm_bytes'] / GiB:>9.2f}  {coll}")
+    if "sap_over_plain" in result:
+        lines.append(f"SAP's weight step over the plain one: {result['sap_over_plain']:.3f}x")
+    for k, v in result.get("pruned_speedup_estimated", {}).items():
+        ratio = result["pruned_macs_ratio"][k]
+        lines.append(f"pruned ({k}, {ratio:.2f} of the prunable MACs) train step speed-up over "
+                     f"dense: {v:.2f}x")
+    return "\n".join(lines)
+
+
+def advice(result: dict) -> str:
+    """One line: how much the largest step needs per chip, and what to change."""
+    worst = max(result["steps"], key=lambda k: result["steps"][k]["hbm_bytes"])
+    need, cap = result["hbm_needed_bytes"] / GiB, result["hbm_capacity_bytes"] / GiB
+    return (f"does not fit: step {worst!r} needs {need:.2f} GiB per chip, {result['topology']} "
+            f"has {cap:.1f} GiB; lower --config.batch_size (or eval_batch_size), use "
+            "--config.dtype=bfloat16, or choose a slice with more chips or more HBM per chip")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from sap_jax.runtime import console, tpu
+
+    console.setup_terminal(FLAGS.verbosity)
+    try:
+        # libtpu's start-up complaints about a host that is not a TPU VM, TensorFlow's banners.
+        with console.quiet_stderr() if FLAGS.verbosity <= 0 else contextlib.nullcontext():
+            topo = tpu.topology(FLAGS.topology)
+            from sap_jax.train import aot
+            from sap_jax.train import config as config_lib
+            from sap_jax.train import spec as spec_lib
+
+        config_lib.validate(FLAGS.config, device_count=topo.chips, process_count=topo.hosts)
+        spec = spec_lib.from_config(FLAGS.config)
+        report = aot.compile_steps(spec, topo, names=FLAGS.steps or aot.STEPS,
+                                   log=lambda s: print(s, file=sys.stderr, flush=True))
+    except errors.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(errors.EXIT_BAD_INPUT)
+    result = aot.summary(topo, report)
+    print(table(result))
+    line = json.dumps(result)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+    if not result["fits"]:
+        print(f"error: {advice(result)}", file=sys.stderr, flush=True)
+        sys.exit(errors.EXIT_BAD_INPUT)
+
+
+def run() -> None:
+    rest = cli.parse_or_exit(sys.argv)
+    app.run(main, flags_parser=lambda _argv: rest)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,207 @@
+"""Per-op costs read from a compiled program's HLO text, for roofline estimates of step time.
+
+XLA's ``cost_analysis()`` gives one total per program, and on TPU its ``optimal_seconds`` can
+be negative (seen for a ResNet-50 train step). A roofline over totals (``max(flops / peak,
+bytes / bandwidth)``) credits a step with overlapping the work of ops that run one after the
+other. Here each top-level op of the entry computation (a fusion, a convolution, a copy, a
+collective) is one unit: its FLOPs are those of the convolutions and dot products it contains
+(2 per multiply-add; elementwise work is left to its bytes), its bytes are its operands' and
+results' sizes. :func:`roofline_s` sums ``max(flops / peak, bytes / bandwidth)`` over the ops,
+so a memory-bound op and a compute-bound one each cost their own bound.
+
+Limits, said where they are used: bytes count every operand and result once, whatever memory
+space the compiler placed it in (on-chip buffers included, so memory time is an upper bound);
+ops inside ``while`` or ``conditional`` bodies are counted once (our steps have none; a program
+with them is flagged by :attr:`Program.has_control_flow`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import Counter
+
+#: Bytes per element of each HLO element type.
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
+               "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4,
+               "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1,
+               "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "token": 0}
+#: Collective ops (an async pair counts once, at its ``-start``).
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "collective-broadcast", "ragged-all-to-all")
+#: Ops that move or compute nothing.
+FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
+        "partition-id", "replica-id", "opt-barrier"}
+
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True))
+                    + r")\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([^\s=]+)\s*=\s*(.*?)\s([a-z][a-z0-9-]*)\((.*)$")
+_HEADER = re.compile(r"^(ENTRY\s+)?%([^\s(]+)\s*\(.*\{\s*$")
+
+
+def shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The arrays of an HLO shape (a tuple's elements in order): ``[(dtype, dims), ...]``."""
+    return [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d))
+            for m in _ARRAY.finditer(text)]
+
+
+def nbytes(text: str) -> float:
+    """Bytes of every array in an HLO shape."""
+    return float(sum(DTYPE_BYTES[t] * math.prod(d) for t, d in shapes(text)))
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str  # the result's HLO shape text
+    opcode: str
+    operands: list[str]
+    attrs: str  # everything after the operand list
+
+    def attr(self, key: str) -> str | None:
+        m = re.search(r"\b" + re.escape(key) + r"=([^\s,]+(?:\{[^}]*\})?)", self.attrs)
+        return m.group(1) if m else None
+
+
+def _split_operands(rest: str) -> tuple[str, str]:
+    """``"a, b), attrs"`` -> ``("a, b", "attrs")``, honouring nested brackets."""
+    depth = 1
+    for i, ch in enumerate(rest):
+        if ch in "({[":
+            depth += 1
+        elif ch in ")}]":
+            depth -= 1
+            if depth == 0:
+                return rest[:i], rest[i + 1:]
+    return rest, ""
+
+
+@dataclasses.dataclass
+class Program:
+    """The computations of an HLO module: ``{name: [Instr, ...]}`` and the entry's name."""
+
+    computations: dict[str, list[Instr]]
+    entry: str
+
+    @property
+    def has_control_flow(self) -> bool:
+        return any(i.opcode in ("while", "conditional") for i in self.computations[self.entry])
+
+    def shapes_of(self, computation: str) -> dict[str, str]:
+        return {i.name: i.shape for i in self.computations[computation]}
+
+
+def parse(text: str) -> Program:
+    """Parse an HLO module's text (``compiled.as_text()``)."""
+    comps: dict[str, list[Instr]] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m:
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if m:
+            ops, attrs = _split_operands(m.group(4))
+            comps[current].append(Instr(m.group(1), m.group(2), m.group(3),
+                                        re.findall(r"%([\w.\-]+)", ops), attrs))
+    if entry is None:
+        raise ValueError("no ENTRY computation in this HLO text")
+    return Program(comps, entry)
+
+
+def _dims(shape_text: str) -> tuple[int, ...]:
+    arrays = shapes(shape_text)
+    return arrays[0][1] if arrays else ()
+
+
+def _conv_flops(ins: Instr, known: dict[str, str]) -> float:
+    """2 x output elements x (kernel window x input features per group), every tap of the
+    window counted (padding included, as the MXU computes it) except those that fall on the
+    zeros a transposed convolution's ``lhs_dilate`` inserts."""
+    labels = ins.attr("dim_labels") or ""
+    if "->" not in labels or len(ins.operands) < 2:
+        return 0.0
+    rhs_labels = labels.split("->")[0].split("_")[1]
+    rhs = _dims(known.get(ins.operands[1], ""))
+    if len(rhs) != len(rhs_labels):
+        return 0.0
+    per_output = math.prod(d for d, c in zip(rhs, rhs_labels) if c.isdigit() or c == "i")
+    dilate = re.search(r"lhs_dilate=([0-9x]+)", ins.attrs)
+    skipped = math.prod(int(d) for d in dilate.group(1).split("x")) if dilate else 1
+    return 2.0 * math.prod(_dims(ins.shape)) * per_output / skipped
+
+
+def _dot_flops(ins: Instr, known: dict[str, str]) -> float:
+    contracting = ins.attr("lhs_contracting_dims") or "{}"
+    idx = [int(d) for d in re.findall(r"\d+", contracting)]
+    lhs = _dims(known.get(ins.operands[0], "")) if ins.operands else ()
+    k = math.prod(lhs[d] for d in idx if d < len(lhs))
+    return 2.0 * math.prod(_dims(ins.shape)) * k
+
+
+def flops(program: Program, computation: str, _seen: tuple[str, ...] = ()) -> float:
+    """FLOPs of the convolutions and dot products of ``computation`` and what it calls."""
+    known = program.shapes_of(computation)
+    total = 0.0
+    for ins in program.computations[computation]:
+        if ins.opcode == "convolution":
+            total += _conv_flops(ins, known)
+        elif ins.opcode == "dot":
+            total += _dot_flops(ins, known)
+        for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", ins.attrs):
+            if callee in program.computations and callee not in _seen:
+                total += flops(program, callee, _seen + (computation,))
+    return total
+
+
+@dataclasses.dataclass
+class OpCost:
+    name: str
+    opcode: str
+    flops: float
+    bytes: float
+
+
+def op_costs(program: Program) -> list[OpCost]:
+    """One :class:`OpCost` per top-level op of the entry computation that does work."""
+    known = program.shapes_of(program.entry)
+    out = []
+    for ins in program.computations[program.entry]:
+        if ins.opcode in FREE or ins.opcode.endswith("-done"):
+            continue
+        if ins.opcode in ("convolution", "dot"):
+            f = _conv_flops(ins, known) if ins.opcode == "convolution" else _dot_flops(ins, known)
+        else:
+            f = sum(flops(program, c) for c in re.findall(r"calls=%([\w.\-]+)", ins.attrs)
+                    if c in program.computations)
+        b = nbytes(ins.shape) + sum(nbytes(known.get(o, "")) for o in ins.operands)
+        out.append(OpCost(ins.name, ins.opcode, f, b))
+    return out
+
+
+def collectives(program: Program) -> dict[str, dict[str, float]]:
+    """``{op: {"count": n, "bytes": result bytes summed}}`` of the entry's collectives."""
+    count: Counter = Counter()
+    size: Counter = Counter()
+    for ins in program.computations[program.entry]:
+        op = ins.opcode.removesuffix("-start")
+        if op in COLLECTIVES and not ins.opcode.endswith("-done"):
+            count[op] += 1
+            size[op] += nbytes(ins.shape)
+    return {op: {"count": count[op], "bytes": size[op]} for op in sorted(count)}
+
+
+def roofline_s(costs: list[OpCost], peak_flops: float, bandwidth: float) -> float:
+    """Sum over ops of ``max(flops / peak_flops, bytes / bandwidth)`` (collectives excluded:
+    their time is the interconnect's)."""
+    return sum(max(c.flops / peak_flops, c.bytes / bandwidth) for c in costs
+               if c.opcode.removesuffix("-start") not in COLLECTIVES)
