@@ -6,6 +6,9 @@
 #       --bucket gs://my-bucket --config configs/imagenet_r50.py --run r50-p048 \
 #       [--dry-run] [-- --config.budget.p=0.48 ...]
 #
+# Before a slice is created (with --accelerator), the run is compiled for it on this
+# machine (python -m sap_jax.aot, which needs the [tpu] extra here): a run whose steps do
+# not fit in the chips' HBM is refused before anything is paid for.
 # Every worker runs `python -m sap_jax.main`, detached (it survives the end of
 # this command), logging to ~/sap_jax_logs/$RUN.log, copied to
 # $BUCKET/runs/$RUN/logs/ when it ends; jax.distributed.initialize() detects the
@@ -34,7 +37,8 @@ Options:
   --skip-install         do not (re)install on the workers
   --attach               after starting (or if already running), follow worker 0's log
   --logs                 print the end of worker 0's log and exit
-  --dry-run              print the commands instead of running them
+  --dry-run              check the fit, then print the commands instead of running them
+  --skip-fit-check       do not compile the run for --accelerator on this machine first
   -- ARGS...             passed on to python -m sap_jax.main (config overrides)
 EOF
 }
@@ -44,6 +48,7 @@ die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 
 name="" zone="" accelerator="" version="tpu-ubuntu2204-base" project="" spot=0
 bucket="" config="" run="" repo="" ref="" skip_install=0 dry_run=0 attach=0 logs_only=0
+fit_check=1
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -62,6 +67,7 @@ while [[ $# -gt 0 ]]; do
     --attach) attach=1; shift ;;
     --logs) logs_only=1; shift ;;
     --dry-run) dry_run=1; shift ;;
+    --skip-fit-check) fit_check=0; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
     *) die "unknown option '$1' (see --help)" ;;
@@ -161,6 +167,20 @@ alive="[ -f $pid ] && kill -0 \$(cat $pid) 2>/dev/null"
 if [[ $logs_only -eq 1 ]]; then
   run_cmd "${ssh_0[@]}" --command "tail -n 100 $log"
   exit 0
+fi
+
+# 0. Will the run fit? Compile every step for the accelerator type here, before paying.
+if [[ $fit_check -eq 1 && -n "$accelerator" ]]; then
+  py="${SAP_JAX_PYTHON:-$root/.venv/bin/python}"
+  [[ -x "$py" ]] || py=python3
+  overrides=()
+  for a in "${extra[@]}"; do [[ "$a" != --config.* ]] || overrides+=("$a"); done
+  echo "# fit check: compiling the run for $accelerator on this machine (sap_jax.aot)" >&2
+  if ! (cd "$root" && "$py" -m sap_jax.aot --config="$config" --topology="$accelerator" \
+          "${overrides[@]}") >&2; then
+    die "the run does not fit on $accelerator, or could not be compiled for it (see above): change the config or the slice, install the [tpu] extra here, or pass --skip-fit-check"
+  fi
+  echo "# fit check: the run fits on $accelerator"
 fi
 
 # 1. The slice.

@@ -14,14 +14,17 @@ TPU = os.path.join(ROOT, "launch", "tpu_pod.sh")
 SLURM = os.path.join(ROOT, "launch", "slurm_gpu.sh")
 HEAD = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
                       check=True).stdout.strip()
-TPU_ARGS = ["--name", "sap-r50", "--zone", "us-central2-b", "--accelerator", "v4-32",
+TPU_PAIRS = ["--name", "sap-r50", "--zone", "us-central2-b", "--accelerator", "v4-32",
             "--bucket", "gs://bkt/", "--config", "configs/imagenet_r50.py", "--run", "r50",
             "--repo", "https://example.org/sap_jax.git", "--ref", HEAD]
+# The fit check compiles ResNet-50 for v4-32 (minutes): tested on the tiny config below.
+TPU_ARGS = [*TPU_PAIRS, "--skip-fit-check"]
+TINY = "tests/support/tiny_config.py"
 
 
-def _sh(*args, env=None):
+def _sh(*args, env=None, timeout=60):
     return subprocess.run(["bash", *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=60)
+                          timeout=timeout)
 
 
 def _fake(tmp_path, name, script):
@@ -229,12 +232,35 @@ def test_tpu_launcher_refuses_what_the_workers_cannot_have(tmp_path):
     (["--oops"], "unknown option"),
 ])
 def test_tpu_launcher_bad_input(args, message):
-    base = dict(zip(TPU_ARGS[::2], TPU_ARGS[1::2]))
+    base = dict(zip(TPU_PAIRS[::2], TPU_PAIRS[1::2]))
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v
     flat = [x for kv in base.items() for x in kv] + ([args[0]] if len(args) == 1 else [])
-    p = _sh(TPU, *flat, "--dry-run")
+    p = _sh(TPU, *flat, "--skip-fit-check", "--dry-run")
     assert p.returncode == 2 and message in p.stderr
+
+
+def _fit_args():
+    base = dict(zip(TPU_PAIRS[::2], TPU_PAIRS[1::2]))
+    base.update({"--accelerator": "v4-8", "--config": TINY})
+    return [x for kv in base.items() for x in kv]
+
+
+def test_tpu_launcher_checks_the_fit_before_creating_a_slice(tmp_path):
+    """--dry-run compiles the run for the accelerator type here first (sap_jax.aot), then prints
+    the commands; a run that does not fit is refused and nothing is created."""
+    env, log = _fake_gcloud(tmp_path, "MISSING")
+    env["SAP_JAX_TPU_POLL_S"] = "0"
+    p = _sh(TPU, *_fit_args(), "--dry-run", env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "img/s/chip" in p.stderr and "# fit check: the run fits on v4-8" in p.stdout
+    assert any(x.startswith("gcloud compute tpus tpu-vm create") for x in p.stdout.splitlines())
+    p = _sh(TPU, *_fit_args(), "--", "--config.eval_batch_size=33554432", "--config.seed=1",
+            env=env, timeout=600)
+    assert p.returncode == 2
+    assert "does not fit: step 'eval' needs" in p.stderr
+    assert "the run does not fit on v4-8" in p.stderr.strip().splitlines()[-1]
+    assert not log.exists()  # not even a look at the slice
 
 
 SLURM_ARGS = ["--nodes", "2", "--gpus-per-node", "4", "--config", "configs/imagenet_r101.py",
