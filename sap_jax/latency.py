@@ -12,8 +12,12 @@ and the model at half and at a quarter of every width, to fit and to check the e
 table records the device, the software versions and the date; a run reads it with
 ``--config.budget.metric=latency --config.budget.latency_table=PATH``.
 
-On TPUs without a TPU (``--backend=tpu:TOPOLOGY``, a deviceless compile) the table would be
-estimated from the compiler; that is not built yet, and the command exits 2 saying so.
+``--backend=tpu:TOPOLOGY`` (v5e:2x4, v4-8; the ``[tpu]`` extra) builds the table of a TPU that
+is not there: every grid point, and the whole forward, is compiled for one chip of that slice on
+this host and its time estimated from the compiled program (``sap_jax.runtime.tpu.analyse``: a
+per-op roofline at the chip's published peak and bandwidth). The batch is ``batch_size`` over
+the slice's chips. Such a table records ``"estimated"`` in its device: its times are compiler
+estimates, not measurements.
 """
 
 from __future__ import annotations
@@ -28,9 +32,6 @@ from sap_jax.runtime.errors import EXIT_BAD_INPUT, ConfigError
 
 
 def _device(backend: str) -> jax.Device:
-    if backend.startswith("tpu:"):
-        raise ConfigError(f"--backend={backend}: a TPU table estimated from a deviceless compile "
-                          "is not built yet. Build the table on a TPU host with --backend=tpu.")
     try:
         return jax.local_devices(backend=backend)[0]
     except RuntimeError as e:
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True,
                     help="a config file, e.g. configs/cifar10_resnet56.py")
     ap.add_argument("--backend", default=None,
-                    help="cpu, gpu or tpu (default: JAX's default backend); tpu:TOPOLOGY is not "
-                         "built yet")
+                    help="cpu, gpu or tpu (default: JAX's default backend), or tpu:TOPOLOGY "
+                         "(e.g. tpu:v5e:2x4) to estimate a TPU slice's table by compiling here")
     ap.add_argument("--out", required=True, help="where to write the table (JSON)")
     ap.add_argument("--batch", type=int, default=None,
                     help="images per call (default: batch_size over the backend's devices)")
@@ -64,23 +65,40 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, name)
             if value is not None and value < (2 if name == "points" else 1):
                 raise ConfigError(f"--{name} = {value} must be >= {2 if name == 'points' else 1}.")
-        device = _device(args.backend or jax.default_backend())
+        estimate = info = None
+        if (args.backend or "").startswith("tpu:"):
+            import os
+
+            from sap_jax.runtime import tpu
+
+            os.environ["JAX_PLATFORMS"] = "cpu"  # compile only: leave this host's chips alone
+            topo = tpu.topology(args.backend[len("tpu:"):])
+            device, devices = jax.devices("cpu")[0], topo.chips
+            estimate = tpu.estimator(topo)
+            info = {"platform": "tpu", "kind": topo.chip.device_kind, "topology": topo.name,
+                    "estimated": "compiler: per-op roofline of the compiled HLO"}
+        else:
+            device = _device(args.backend or jax.default_backend())
+            devices = len(jax.devices(device.platform))
         config = config_lib.load_file(args.config)
-        config_lib.validate(config, device_count=len(jax.devices(device.platform)),
-                            process_count=1)
+        config_lib.validate(config, device_count=devices, process_count=1)
         spec = spec_lib.from_config(config)
         model = tables.model_for(spec, config_lib.NUM_CLASSES.get(spec.data.dataset))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     t0 = time.perf_counter()
-    table = tables.build(spec, model, device=device, batch=args.batch, points=args.points,
-                         reps=args.reps, train=args.train,
-                         log=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    table = tables.build(spec, model, device=device,
+                         batch=args.batch or tables.table_batch(spec, devices),
+                         points=args.points, reps=args.reps, train=args.train,
+                         log=lambda m: print(f"  {m}", file=sys.stderr, flush=True),
+                         estimate=estimate, device_info=info)
     table.save(args.out)
     c = table.check or {}
     print(f"latency table of {spec.model.name} at {spec.image_size}px, batch {table.batch}, "
-          f"{table.dtype} on {device.device_kind}: {len(table.entries)} layer shapes, built in "
+          f"{table.dtype} on {table.device['kind']}"
+          f"{' (estimated: ' + table.device['topology'] + ')' if estimate else ''}: "
+          f"{len(table.entries)} layer shapes, built in "
           f"{time.perf_counter() - t0:.0f} s -> {args.out}")
     nan = float("nan")
     print(f"  dense forward {table.model_ms:.2f} ms (fit: {table.layer_scale:.2f} x the layers' "

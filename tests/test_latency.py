@@ -233,13 +233,34 @@ def _cli(*args):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_refuses_a_tpu_topology_and_an_absent_backend(tmp_path):
+def test_cli_refuses_an_unknown_topology_and_an_absent_backend(tmp_path):
     out = str(tmp_path / "t.json")
-    p = _cli("--backend=tpu:v5e-8", f"--out={out}")
-    assert p.returncode == 2 and "deviceless compile is not built yet" in p.stderr
+    p = _cli("--backend=tpu:v9:2x2", f"--out={out}")
+    assert p.returncode == 2 and "unknown TPU generation" in p.stderr
     p = _cli("--backend=gpu", f"--out={out}")
     assert p.returncode == 2 and "--backend=gpu" in p.stderr
     assert not os.path.exists(out)
+
+
+def test_cli_estimates_a_tpu_table_by_compiling_for_a_slice_that_is_not_there(tmp_path):
+    """--backend=tpu:TOPOLOGY: every point compiled for one v5e chip and its time estimated from
+    the program (the [tpu] extra); the table says so and a run reads it like a measured one."""
+    out = tmp_path / "t.json"
+    p = _cli("--backend=tpu:v5e:2x2", f"--out={out}", "--points=2", "--no-train")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "(estimated: v5e:2x2)" in p.stdout
+    table = latency.LatencyTable.load(out)
+    structure = models.create_abstract("resnet_cifar_tiny").structure(16)
+    table.check_matches(structure)
+    assert table.device["platform"] == "tpu" and table.device["kind"] == "TPU v5 lite"
+    assert table.device["topology"] == "v5e:2x2" and "estimated" in table.device
+    assert table.batch == 16 // 4  # batch_size over the slice's 4 chips
+    for e in table.entries:
+        ms = np.asarray(e.forward_ms)
+        assert np.all(ms > 0) and ms.flat[-1] >= ms.flat[0]  # the widest point costs the most
+        assert np.array_equal(np.asarray(e.forward_iqr_ms)[..., 0], ms)  # no spread: one estimate
+    assert table.model_ms > 0
+    assert 0 < table.ratio(structure, [max(1, w // 2) for w in structure.widths], "total") < 1
 
 
 @pytest.mark.slow

@@ -121,12 +121,11 @@ def _layer_shape(layer: G.ConvLayer | G.DenseLayer) -> dict[str, Any]:
             "depthwise": layer.depthwise, "groups": layer.groups}
 
 
-def _op(layer: G.ConvLayer | G.DenseLayer, cin: int, cout: int, batch: int, *, dtype: Any,
-        seed: int, device: jax.Device | None, train: bool) -> Callable[[], Any]:
-    """A compiled call of ``layer`` alone with ``cin`` input and ``cout`` output channels on one
-    fixed random batch (drawn on the device: no host copy of a large input): its forward, or
-    (``train``) its forward and the gradients to its input and kernel."""
-    device = device or jax.local_devices()[0]
+def _layer_fn(layer: G.ConvLayer | G.DenseLayer, cin: int, cout: int, batch: int, *,
+              train: bool) -> tuple[Callable, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(f, (input shape, kernel shape))``: ``layer`` alone with ``cin`` input and ``cout``
+    output channels, its forward or (``train``) its forward and the gradients to its input and
+    kernel."""
     if isinstance(layer, G.ConvLayer):
         fgc = cin if layer.depthwise else layer.groups
         shapes = ((batch, *layer.input_hw, cin), (*layer.kernel, cin // fgc, cout))
@@ -142,13 +141,27 @@ def _op(layer: G.ConvLayer | G.DenseLayer, cin: int, cout: int, batch: int, *, d
             return x @ w
     else:
         raise TypeError(f"only conv and linear layers are timed alone, not {type(layer).__name__}.")
+    f = jax.grad(lambda x, w: jnp.sum(fwd(x, w).astype(jnp.float32)), (0, 1)) if train else fwd
+    return f, shapes
+
+
+def _op(layer: G.ConvLayer | G.DenseLayer, cin: int, cout: int, batch: int, *, dtype: Any,
+        seed: int, device: jax.Device | None, train: bool) -> Callable[[], Any]:
+    """A compiled call of :func:`_layer_fn` on one fixed random batch (drawn on the device: no
+    host copy of a large input)."""
+    device = device or jax.local_devices()[0]
+    f, shapes = _layer_fn(layer, cin, cout, batch, train=train)
     kx, kw = jax.random.split(jax.random.key(seed))
     with jax.default_device(device):
         x = jax.random.normal(kx, shapes[0], dtype)
         w = (jax.random.normal(kw, shapes[1], jnp.float32) / np.sqrt(cin)).astype(dtype)
-    f = jax.grad(lambda x, w: jnp.sum(fwd(x, w).astype(jnp.float32)), (0, 1)) if train else fwd
     compiled = jax.jit(f)
     return lambda: compiled(x, w)
+
+
+#: ``estimate(f, abstract_args) -> milliseconds``: a compiled program's time from the compiler
+#: (a device that is not there), instead of timing calls.
+Estimator = Callable[[Callable, tuple], float]
 
 
 @dataclasses.dataclass
@@ -397,15 +410,21 @@ class LatencyTable:
 
 def _measure(layer: G.ConvLayer | G.DenseLayer, cin: list[int], cout: list[int], diagonal: bool,
              batch: int, *, dtype: Any, reps: int, device: jax.Device | None,
-             train: bool) -> Entry:
+             train: bool, estimate: Estimator | None = None) -> Entry:
     """Time ``layer`` at every grid point, one point at a time (a large layer's inputs at every
-    point would not fit in memory together)."""
+    point would not fit in memory together); with ``estimate``, ask it instead (no spread)."""
     points = [(c, c) for c in cout] if diagonal else [(a, b) for a in cin for b in cout]
     shape = (len(cout),) if diagonal else (len(cin), len(cout))
     out: dict[str, Any] = {}
     for which in ("forward", "train") if train else ("forward",):
         med, iqr = [], []
         for a, b in points:
+            if estimate is not None:
+                f, shapes = _layer_fn(layer, a, b, batch, train=which == "train")
+                ms = estimate(f, tuple(jax.ShapeDtypeStruct(x, dtype) for x in shapes))
+                med.append(ms)
+                iqr.append([ms, ms])
+                continue
             fn = _op(layer, a, b, batch, dtype=dtype, seed=0, device=device,
                      train=which == "train")
             (t,) = speed.time_interleaved([fn], reps)
@@ -425,10 +444,27 @@ def _versions() -> dict[str, str]:
             "sap_jax": VERSION}
 
 
+def _estimate_forward(model: Any, image_size: int, batch: int, dtype: Any,
+                      estimate: Estimator) -> float:
+    """The whole eval-mode forward of ``model`` on ``batch`` images, from ``estimate``."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    def fwd(st, x):
+        m = nnx.merge(graphdef, st)
+        m.eval()
+        return m(x)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    return estimate(fwd, (abstract, jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
+                                                         jnp.dtype(dtype))))
+
+
 def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.float32,
                 points: int = 9, reps: int = 10, train: bool = True,
                 device: jax.Device | None = None, check: bool = True,
-                log: Callable[[str], None] | None = None) -> LatencyTable:
+                log: Callable[[str], None] | None = None, estimate: Estimator | None = None,
+                device_info: dict[str, Any] | None = None) -> LatencyTable:
     """Measure a :class:`LatencyTable` of ``model`` (a ``PrunableModel``, with real arrays) at
     ``batch`` images of ``image_size`` in ``dtype`` on ``device`` (default: the first local one).
 
@@ -438,6 +474,10 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
     after a warm-up call. The dense model's whole forward is timed too, and at half of every
     group's width, to fit ``layer_scale`` and ``fixed_ms``; with ``check`` also at a quarter, to
     record how close the estimate comes (``check``).
+
+    ``estimate`` (with ``device_info``, what the table records as its device): every time comes
+    from it instead of from timed calls, the layers' and the whole model's alike; a TPU slice
+    that is not there (``sap_jax.runtime.tpu.estimator``).
     """
 
 
@@ -460,14 +500,14 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
         if key not in index:
             index[key] = len(entries)
             entries.append(_measure(layer, cin, cout, diagonal, batch, dtype=dtype, reps=reps,
-                                    device=device, train=train))
+                                    device=device, train=train, estimate=estimate))
             if log:
                 log(f"layer {n + 1}/{len(layers)} {'.'.join(layer.path)}: "
                     f"{len(cin) * len(cout) if not diagonal else len(cout)} points, "
                     f"{time.perf_counter() - t0:.0f} s")
         rows.append({"path": ".".join(layer.path), "entry": index[key]})
     table = LatencyTable(
-        device={"platform": device.platform, "kind": device.device_kind},
+        device=device_info or {"platform": device.platform, "kind": device.device_kind},
         versions=_versions(), created=datetime.datetime.now(datetime.UTC).isoformat(
             timespec="seconds"),
         model={"class": type(model).__name__, "group_names": list(structure.group_names),
@@ -480,11 +520,16 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
              "half": [max(G.MIN_KEPT, w // 2) for w in structure.widths]}
     if check:
         sizes["quarter"] = [max(G.MIN_KEPT, w // 4) for w in structure.widths]
-    fns = [speed.forward_fn(model if name == "dense" else models.from_config(
-        type(model).__name__, {**model.config(), "widths": ws}), image_size, batch, dtype=dtype,
-        device=device) for name, ws in sizes.items()]
-    measured = dict(zip(sizes, (1e3 * statistics.median(t)
-                                for t in speed.time_interleaved(fns, reps))))
+    variants = {name: model if name == "dense" else models.from_config(
+        type(model).__name__, {**model.config(), "widths": ws}) for name, ws in sizes.items()}
+    if estimate is not None:
+        measured = {name: _estimate_forward(m, image_size, batch, dtype, estimate)
+                    for name, m in variants.items()}
+    else:
+        fns = [speed.forward_fn(m, image_size, batch, dtype=dtype, device=device)
+               for m in variants.values()]
+        measured = dict(zip(sizes, (1e3 * statistics.median(t)
+                                    for t in speed.time_interleaved(fns, reps))))
     table.model_ms = measured["dense"]
     # The whole forward as ``layer_scale * (sum of the layers' own times) + fixed_ms``, fitted on
     # the dense and the half-width model: layers timed alone are not timed as in the model

@@ -190,3 +190,18 @@ def analyse(compiled: Any, chip: Chip, chips: int) -> dict[str, Any]:
             "collectives": {op: int(c["count"]) for op, c in coll.items()},
             "collective_bytes": {op: c["bytes"] for op, c in coll.items()},
             "control_flow": program.has_control_flow, "xla_cost": xla}
+
+
+def estimator(topology: Topology):
+    """``estimate(f, abstract_args) -> ms``: ``f`` compiled for one chip of ``topology`` and its
+    :func:`analyse` time, for latency tables of a TPU that is not there
+    (``sap_jax.method.latency.build_table(estimate=...)``)."""
+    import jax
+
+    sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+
+    def estimate(f, args) -> float:
+        placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                              args)
+        return 1e3 * analyse(jax.jit(f).lower(*placed).compile(), topology.chip, 1)["estimated_s"]
+    return estimate

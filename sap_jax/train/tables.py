@@ -39,13 +39,17 @@ def model_for(spec: spec_lib.RunSpec, num_classes: int | None,
 
 def build(spec: spec_lib.RunSpec, model: models.PrunableModel, *, device: jax.Device,
           batch: int | None = None, points: int | None = None, reps: int | None = None,
-          train: bool = True, log: Callable[[str], None] | None = None) -> latency.LatencyTable:
-    """Measure the table of ``model`` at the run's image size and dtype on ``device``."""
+          train: bool = True, log: Callable[[str], None] | None = None,
+          estimate: latency.Estimator | None = None,
+          device_info: dict[str, Any] | None = None) -> latency.LatencyTable:
+    """Measure the table of ``model`` at the run's image size and dtype on ``device`` (or, with
+    ``estimate``, ask the compiler; see :func:`sap_jax.method.latency.build_table`)."""
     b = spec.budget
     return latency.build_table(
         model, spec.image_size, batch or table_batch(spec, len(jax.devices(device.platform))),
         dtype=jnp.dtype(spec.dtype), points=points or b.latency_points,
-        reps=reps or b.latency_reps, train=train, device=device, log=log)
+        reps=reps or b.latency_reps, train=train, device=device, log=log, estimate=estimate,
+        device_info=device_info)
 
 
 def for_run(spec: spec_lib.RunSpec, workdir: Any,
