@@ -62,8 +62,8 @@ def table(result: dict) -> str:
         coll = ", ".join(f"{n} {op}" for op, n in r["collectives"].items()) or "none"
         if "refused" in r:
             coll = "does not fit: the compiler ran out of HBM"
-        lines.append(f"{name:<14}{r['compile_s']:>10.1f}{est:>10}"
-                     f"{ips:>12}{r['hbm_bytes'] / GiB:>9.2f}  {coll}")
+        hbm = f"{r['hbm_bytes'] / GiB:.2f}" if r["hbm_bytes"] else "?"
+        lines.append(f"{name:<14}{r['compile_s']:>10.1f}{est:>10}{ips:>12}{hbm:>9}  {coll}")
     if "sap_over_plain" in result:
         lines.append(f"SAP's weight step over the plain one: {result['sap_over_plain']:.3f}x")
     for k, v in result.get("pruned_speedup_estimated", {}).items():
@@ -75,9 +75,13 @@ def table(result: dict) -> str:
 
 def advice(result: dict) -> str:
     """One line: how much the largest step needs per chip, and what to change."""
-    worst = max(result["steps"], key=lambda k: result["steps"][k]["hbm_bytes"])
-    need, cap = result["hbm_needed_bytes"] / GiB, result["hbm_capacity_bytes"] / GiB
-    return (f"does not fit: step {worst!r} needs {need:.2f} GiB per chip, {result['topology']} "
+    steps = result["steps"]
+    refused = [k for k, r in steps.items() if "refused" in r]
+    worst = refused[0] if refused else max(steps, key=lambda k: steps[k]["hbm_bytes"] or 0)
+    cap = result["hbm_capacity_bytes"] / GiB
+    need = steps[worst]["hbm_bytes"]
+    amount = f"at least {need / GiB:.2f} GiB" if need else f"more than {cap:.1f} GiB"
+    return (f"does not fit: step {worst!r} needs {amount} per chip, {result['topology']} "
             f"has {cap:.1f} GiB; lower --config.batch_size (or eval_batch_size), use "
             "--config.dtype=bfloat16, or choose a slice with more chips or more HBM per chip")
 

@@ -67,11 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--{name} = {value} must be >= {2 if name == 'points' else 1}.")
         estimate = info = None
         if (args.backend or "").startswith("tpu:"):
-            import os
-
             from sap_jax.runtime import tpu
 
-            os.environ["JAX_PLATFORMS"] = "cpu"  # compile only: leave this host's chips alone
+            # Compile only: this host's own chips stay untouched (before any backend starts).
+            jax.config.update("jax_platforms", "cpu")
             topo = tpu.topology(args.backend[len("tpu:"):])
             device, devices = jax.devices("cpu")[0], topo.chips
             estimate = tpu.estimator(topo)
@@ -103,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     nan = float("nan")
     print(f"  dense forward {table.model_ms:.2f} ms (fit: {table.layer_scale:.2f} x the layers' "
           f"own times + {table.fixed_ms:.2f} ms); at a quarter "
-          f"of every width: measured {c.get('measured_ratio', nan):.3f} of dense, estimated "
+          f"of every width: {'estimated by the compiler' if estimate else 'measured'} "
+          f"{c.get('measured_ratio', nan):.3f} of dense, estimated from the table "
           f"{c.get('estimated_ratio', nan):.3f}")
     bad = table.monotone_violations()
     if bad:

@@ -246,6 +246,7 @@ def _fit_args():
     return [x for kv in base.items() for x in kv]
 
 
+@pytest.mark.slow
 def test_tpu_launcher_checks_the_fit_before_creating_a_slice(tmp_path):
     """--dry-run compiles the run for the accelerator type here first (sap_jax.aot), then prints
     the commands; a run that does not fit is refused and nothing is created."""

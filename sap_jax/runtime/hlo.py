@@ -9,10 +9,17 @@ collective) is one unit: its FLOPs are those of the convolutions and dot product
 results' sizes. :func:`roofline_s` sums ``max(flops / peak, bytes / bandwidth)`` over the ops,
 so a memory-bound op and a compute-bound one each cost their own bound.
 
-Limits, said where they are used: bytes count every operand and result once, whatever memory
-space the compiler placed it in (on-chip buffers included, so memory time is an upper bound);
-ops inside ``while`` or ``conditional`` bodies are counted once (our steps have none; a program
-with them is flagged by :attr:`Program.has_control_flow`).
+Limits, said where they are used:
+
+- bytes count every operand and result once at its logical size, whatever memory space the
+  compiler placed it in (on-chip buffers included, so memory time is an upper bound) and
+  without the padding of the TPU's tiled layouts;
+- FLOPs are logical too: an MXU pass over a contraction narrower than its width (128 or 256)
+  costs as much as a full one, which is not modelled, so the estimate favours narrow, unaligned
+  widths and cannot show what rounding them to 128 gains;
+- ops inside ``while``/``conditional`` bodies and top-level ``call``s are not counted (our steps
+  have none; :attr:`Program.has_control_flow` flags a program with loops or branches);
+- collectives wrapped in async computations or fusions are not found.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ class Instr:
     attrs: str  # everything after the operand list
 
     def attr(self, key: str) -> str | None:
-        m = re.search(r"\b" + re.escape(key) + r"=([^\s,]+(?:\{[^}]*\})?)", self.attrs)
+        m = re.search(r"\b" + re.escape(key) + r"=(\{[^}]*\}|[^\s,]+)", self.attrs)
         return m.group(1) if m else None
 
 
@@ -189,14 +196,23 @@ def op_costs(program: Program) -> list[OpCost]:
 
 
 def collectives(program: Program) -> dict[str, dict[str, float]]:
-    """``{op: {"count": n, "bytes": result bytes summed}}`` of the entry's collectives."""
+    """``{op: {"count": n, "bytes": b}}`` of the entry's collectives; ``b`` sums each one's
+    full-size buffer: the result (of an async ``-start``, its last element), the operands for a
+    reduce-scatter (whose result is one shard)."""
     count: Counter = Counter()
     size: Counter = Counter()
+    known = program.shapes_of(program.entry)
     for ins in program.computations[program.entry]:
         op = ins.opcode.removesuffix("-start")
         if op in COLLECTIVES and not ins.opcode.endswith("-done"):
             count[op] += 1
-            size[op] += nbytes(ins.shape)
+            if op == "reduce-scatter":
+                size[op] += sum(nbytes(known.get(o, "")) for o in ins.operands)
+            elif ins.opcode.endswith("-start") and len(shapes(ins.shape)) > 1:
+                t, d = shapes(ins.shape)[-1]
+                size[op] += DTYPE_BYTES[t] * math.prod(d)
+            else:
+                size[op] += nbytes(ins.shape)
     return {op: {"count": count[op], "bytes": size[op]} for op in sorted(count)}
 
 

@@ -140,8 +140,8 @@ def topology(name: str) -> Topology:
             topology_name=f"{chip.generation}:{shape}", platform="tpu",
             chip_config_name="megacore" if chip.megacore else "default")
     except Exception as e:  # libtpu's own message says what it refused
-        raise ConfigError(f"topology {name!r}: libtpu refused it ({str(e).splitlines()[0]})."
-                          ) from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"topology {name!r}: libtpu refused it ({reason}).") from None
     return Topology(f"{chip.generation}:{shape}", chip, list(desc.devices))
 
 

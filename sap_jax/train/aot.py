@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -63,24 +62,24 @@ class Compiled:
                 "hbm_bytes": c["hbm_bytes"], "collectives": c["collectives"],
                 "compile_s": self.compile_s, "compute_s": c["compute_s"],
                 "collectives_s": c["collectives_s"], "flops": c["flops"], "bytes": c["bytes"],
-                "memory": c["memory"], "xla_cost": c["xla_cost"]}
+                "memory": c["memory"], "control_flow": c["control_flow"],
+                "xla_cost": c["xla_cost"]}
 
 
-_SIZE = re.compile(r"\(([0-9.]+)([KMGT])\)")
+_SIZE = re.compile(r"\b([0-9]+(?:\.[0-9]+)?)([KMGT])\b")
 
 
 def out_of_memory(error: Exception) -> dict[str, Any] | None:
-    """What a compile the TPU compiler refused for lack of HBM needed (``hbm_bytes``, from its
-    message "... required for HLO temporaries (22.02G) exceeds available HBM (15.75G)"), or None
-    for any other error."""
+    """What a compile the TPU compiler refused for lack of HBM needed, or None for any other
+    error. ``hbm_bytes`` is the first size its message names ("... required for HLO temporaries
+    (22.02G) exceeds available HBM (15.75G)", or "Used 17.25G of 15.48G hbm"): a lower bound
+    (temporaries alone leave out the arguments), None when the message names no size."""
     msg = str(error)
     if "RESOURCE_EXHAUSTED" not in msg:
         return None
     sizes = [float(v) * 1024 ** " KMGT".index(u) for v, u in _SIZE.findall(msg)]
     line = next((x for x in msg.splitlines() if "RESOURCE_EXHAUSTED" in x), msg)
-    return {"hbm_bytes": sizes[0] if sizes else float("inf"),
-            "hbm_available_bytes": sizes[1] if len(sizes) > 1 else None,
-            "refused": line.strip()}
+    return {"hbm_bytes": sizes[0] if sizes else None, "refused": line.strip()}
 
 
 def _abstract(tree: Any, sharding: NamedSharding) -> Any:
@@ -177,8 +176,9 @@ def pruned_widths(structure: Any, p: float, scope: str) -> dict[str, list[int]]:
 
 
 def mesh_of(topology: tpu.Topology) -> Mesh:
-    """The run's mesh (:func:`sap_jax.runtime.parallel.make_mesh`) over the slice's devices."""
-    return Mesh(np.array(topology.devices), ("data",))
+    """The run's mesh (:func:`sap_jax.runtime.parallel.make_mesh`, one ``data`` axis, JAX's
+    device order) over the slice's devices."""
+    return jax.make_mesh((topology.chips,), ("data",), devices=topology.devices)
 
 
 def compile_steps(spec: spec_lib.RunSpec, topology: tpu.Topology, *,
@@ -234,7 +234,7 @@ def summary(topology: tpu.Topology, report: dict[str, Any]) -> dict[str, Any]:
     the plain dense step over the pruned fine-tuning step, uniform and rounded to 128)."""
     chip, n = topology.chip, topology.chips
     rows = {k: c.row(n) for k, c in report["compiled"].items()}
-    need = max((r["hbm_bytes"] for r in rows.values()), default=0)
+    need = max((r["hbm_bytes"] or 0 for r in rows.values()), default=0)
     t = {k: r["estimated_s"] for k, r in rows.items() if r["estimated_s"]}
     out = {"topology": topology.name, "chips": n, "hosts": topology.hosts,
            "hbm_capacity_bytes": chip.hbm_bytes, "hbm_needed_bytes": need,
