@@ -82,6 +82,16 @@ ENTRY %main (a: f32[4,8,16], b: f32[8,16,32]) -> f32[4,32] {
 }
 """)
     assert [o.flops for o in hlo.op_costs(two)] == [2 * 4 * 32 * 8 * 16]
+    # A 1x1 conv the compiler wrote with the roles swapped (the kernel as the input, an
+    # activation-sized window over it): only the one tap that meets the kernel is work.
+    swapped = hlo.parse("""HloModule m
+ENTRY %main (k: bf16[1,1,32,16], x: bf16[64,112,112,32]) -> bf16[64,112,112,16] {
+  %k = bf16[1,1,32,16]{2,3,1,0} parameter(0)
+  %x = bf16[64,112,112,32]{0,3,2,1} parameter(1)
+  ROOT %c = bf16[64,112,112,16]{0,3,2,1} convolution(%k, %x), window={size=112x112 pad=111_0x111_0}, dim_labels=01fb_o01i->f01b
+}
+""")
+    assert [o.flops for o in hlo.op_costs(swapped)] == [2 * 64 * 112 * 112 * 16 * 32]
     # Bytes: operands + result, by element type (bf16 2, f32 4).
     assert ops["fusion"].bytes == 8 * 16 * 16 * 4 * 2 + 3 * 3 * 4 * 32 * 2 + 8 * 16 * 16 * 32 * 4
     assert hlo.collectives(program) == {"all-reduce": {"count": 2, "bytes": 64 * 10 * 4 + 16 * 4}}

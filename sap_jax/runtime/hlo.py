@@ -131,17 +131,27 @@ def _dims(shape_text: str) -> tuple[int, ...]:
 
 
 def _conv_flops(ins: Instr, known: dict[str, str]) -> float:
-    """2 x output elements x (kernel window x input features per group), every tap of the
-    window counted (padding included, as the MXU computes it) except those that fall on the
-    zeros a transposed convolution's ``lhs_dilate`` inserts."""
+    """2 x output elements x (kernel window x input features per group).
+
+    Every tap of the window counts (padding included, as the MXU computes it) up to the input's
+    own extent in that dimension: the compiler also writes convolutions with the roles swapped
+    (a 1x1 kernel as the input, an activation-sized window over it, almost all padding), where
+    only the taps that can meet the input are work. Taps on the zeros a transposed convolution's
+    ``lhs_dilate`` inserts are not counted."""
     labels = ins.attr("dim_labels") or ""
     if "->" not in labels or len(ins.operands) < 2:
         return 0.0
-    rhs_labels = labels.split("->")[0].split("_")[1]
+    lhs_labels, rhs_labels = labels.split("->")[0].split("_")
+    lhs = _dims(known.get(ins.operands[0], ""))
     rhs = _dims(known.get(ins.operands[1], ""))
-    if len(rhs) != len(rhs_labels):
+    if len(rhs) != len(rhs_labels) or len(lhs) != len(lhs_labels):
         return 0.0
-    per_output = math.prod(d for d, c in zip(rhs, rhs_labels) if c.isdigit() or c == "i")
+    per_output = 1
+    for d, c in zip(rhs, rhs_labels):
+        if c == "i":
+            per_output *= d
+        elif c.isdigit():
+            per_output *= min(d, lhs[lhs_labels.index(c)]) if c in lhs_labels else d
     dilate = re.search(r"lhs_dilate=([0-9x]+)", ins.attrs)
     skipped = math.prod(int(d) for d in dilate.group(1).split("x")) if dilate else 1
     return 2.0 * math.prod(_dims(ins.shape)) * per_output / skipped
