@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "sap_jax"
 
 #: Lowest first; a module may import its own layer and those before it.
 LAYERS = ("runtime", "structure", "tracing", "models", "method", "surgery", "train", "entry")
-ENTRY_POINTS = {"main", "info", "export", "latency", "__init__"}
+ENTRY_POINTS = {"main", "info", "export", "latency", "aot", "cli", "__init__"}
 
 
 def layer_of(dotted: str) -> int:
