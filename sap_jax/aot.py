@@ -35,6 +35,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from sap_jax import cli  # noqa: E402
 from sap_jax.runtime import errors  # noqa: E402
+from sap_jax.runtime.tpu import GiB  # noqa: E402 - no JAX import behind it
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -45,8 +46,6 @@ flags.DEFINE_list("steps", None, "Steps to compile (default: all): plain, sap, a
                   "finetune, finetune_r128.")
 flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
 flags.mark_flags_as_required(["config", "topology"])
-
-GiB = 2**30
 
 
 def table(result: dict) -> str:

@@ -226,24 +226,25 @@ def test_tpu_launcher_refuses_what_the_workers_cannot_have(tmp_path):
     assert p.returncode == 2 and "differs from commit" in p.stderr
 
 
+def _tpu_args(changes):
+    """TPU_PAIRS with the options in ``changes`` replaced."""
+    base = {**dict(zip(TPU_PAIRS[::2], TPU_PAIRS[1::2])), **changes}
+    return [x for kv in base.items() for x in kv]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bucket", "/local/dir"], "must be a gs:// path"),
     (["--config", "configs/nope.py"], "not found"),
     (["--oops"], "unknown option"),
 ])
 def test_tpu_launcher_bad_input(args, message):
-    base = dict(zip(TPU_PAIRS[::2], TPU_PAIRS[1::2]))
-    for k, v in zip(args[::2], args[1::2]):
-        base[k] = v
-    flat = [x for kv in base.items() for x in kv] + ([args[0]] if len(args) == 1 else [])
+    flat = _tpu_args(dict(zip(args[::2], args[1::2]))) + ([args[0]] if len(args) == 1 else [])
     p = _sh(TPU, *flat, "--skip-fit-check", "--dry-run")
     assert p.returncode == 2 and message in p.stderr
 
 
 def _fit_args():
-    base = dict(zip(TPU_PAIRS[::2], TPU_PAIRS[1::2]))
-    base.update({"--accelerator": "v4-8", "--config": TINY})
-    return [x for kv in base.items() for x in kv]
+    return _tpu_args({"--accelerator": "v4-8", "--config": TINY})
 
 
 @pytest.mark.slow

@@ -447,14 +447,7 @@ def _versions() -> dict[str, str]:
 def _estimate_forward(model: Any, image_size: int, batch: int, dtype: Any,
                       estimate: Estimator) -> float:
     """The whole eval-mode forward of ``model`` on ``batch`` images, from ``estimate``."""
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-
-    def fwd(st, x):
-        m = nnx.merge(graphdef, st)
-        m.eval()
-        return m(x)
+    fwd, state = speed.eval_forward(model)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     return estimate(fwd, (abstract, jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
                                                          jnp.dtype(dtype))))

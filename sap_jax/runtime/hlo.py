@@ -187,6 +187,10 @@ class OpCost:
     flops: float
     bytes: float
 
+    @property
+    def collective(self) -> bool:
+        return self.opcode.removesuffix("-start") in COLLECTIVES
+
 
 def op_costs(program: Program) -> list[OpCost]:
     """One :class:`OpCost` per top-level op of the entry computation that does work."""
@@ -229,5 +233,4 @@ def collectives(program: Program) -> dict[str, dict[str, float]]:
 def roofline_s(costs: list[OpCost], peak_flops: float, bandwidth: float) -> float:
     """Sum over ops of ``max(flops / peak_flops, bytes / bandwidth)`` (collectives excluded:
     their time is the interconnect's)."""
-    return sum(max(c.flops / peak_flops, c.bytes / bandwidth) for c in costs
-               if c.opcode.removesuffix("-start") not in COLLECTIVES)
+    return sum(max(c.flops / peak_flops, c.bytes / bandwidth) for c in costs if not c.collective)

@@ -135,6 +135,12 @@ def param_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def abstract(tree: Any, sharding: Any) -> Any:
+    """``tree``'s arrays (or shapes) as ``ShapeDtypeStruct``s placed by ``sharding``: what
+    ``jit(...).lower`` compiles for without any data (ahead-of-time compiles)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place a host tree (identical on every process) on all devices, replicated."""
     sharding = param_sharding(mesh)

@@ -29,6 +29,18 @@ from flax import nnx
 from sap_jax.runtime import xla_cpu
 
 
+def eval_forward(model: nnx.Module) -> tuple[Callable, Any]:
+    """``(fwd, state)``: ``fwd(state, x)`` is ``model``'s eval-mode forward as a pure function
+    of its state (``model`` itself is not changed)."""
+    graphdef, state = nnx.split(model)
+
+    def fwd(st, x):
+        m = nnx.merge(graphdef, st)
+        m.eval()
+        return m(x)
+    return fwd, state
+
+
 def forward_fn(model: nnx.Module, image_size: int, batch: int, *, dtype: Any = jnp.float32,
                device: jax.Device | None = None, seed: int = 0) -> Callable[[], jax.Array]:
     """A compiled, ready-to-call eval-mode forward pass of ``model`` on one fixed random batch.
@@ -37,13 +49,7 @@ def forward_fn(model: nnx.Module, image_size: int, batch: int, *, dtype: Any = j
     process's first device); the model object itself is not changed.
     """
     device = device or jax.local_devices()[0]
-    graphdef, state = nnx.split(model)
-
-    def fwd(st, x):
-        m = nnx.merge(graphdef, st)
-        m.eval()
-        return m(x)
-
+    fwd, state = eval_forward(model)
     compiled = xla_cpu.jit(fwd, inference_of=model.structure(image_size))
     state = jax.device_put(state, device)
     x = np.random.default_rng(seed).normal(size=(batch, image_size, image_size, 3))

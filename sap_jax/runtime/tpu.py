@@ -183,7 +183,7 @@ def analyse(compiled: Any, chip: Chip, chips: int) -> dict[str, Any]:
     compute = hlo.roofline_s(ops, chip.peak_flops, chip.hbm_bandwidth)
     comm = allreduce_s(coll, chip, chips)
     flops = sum(o.flops for o in ops)
-    nbytes = sum(o.bytes for o in ops if o.opcode.removesuffix("-start") not in hlo.COLLECTIVES)
+    nbytes = sum(o.bytes for o in ops if not o.collective)
     return {"estimated_s": compute + comm, "compute_s": compute, "collectives_s": comm,
             "roofline": "per-op", "flops": flops, "bytes": nbytes, "hbm_bytes": peak,
             "memory": memory,
@@ -198,10 +198,11 @@ def estimator(topology: Topology):
     (``sap_jax.method.latency.build_table(estimate=...)``)."""
     import jax
 
+    from sap_jax.runtime import parallel
+
     sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
 
     def estimate(f, args) -> float:
-        placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                              args)
+        placed = parallel.abstract(args, sharding)
         return 1e3 * analyse(jax.jit(f).lower(*placed).compile(), topology.chip, 1)["estimated_s"]
     return estimate

@@ -25,11 +25,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from sap_jax.method import baselines, cut
-from sap_jax.runtime import tpu
+from sap_jax.runtime import parallel, tpu
 from sap_jax.runtime.errors import ConfigError
 from sap_jax.structure import flops
 from sap_jax.structure.codec import ModuleCodec
@@ -82,17 +81,13 @@ def out_of_memory(error: Exception) -> dict[str, Any] | None:
     return {"hbm_bytes": sizes[0] if sizes else None, "refused": line.strip()}
 
 
-def _abstract(tree: Any, sharding: NamedSharding) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 class Planner:
     """The abstract arguments of a run's steps on ``mesh``, for a model at any widths."""
 
     def __init__(self, spec: spec_lib.RunSpec, mesh: Mesh, num_classes: int):
         self.spec, self.mesh, self.num_classes = spec, mesh, num_classes
-        self.rep = NamedSharding(mesh, P())
-        self.split = NamedSharding(mesh, P("data"))
+        self.rep = parallel.param_sharding(mesh)
+        self.split = parallel.batch_sharding(mesh)
         self.dtype = jnp.dtype(spec.dtype)
         train_size = config_lib.TRAIN_SIZES.get(spec.data.dataset, 0)
         self.spe = spec.data.steps_per_epoch or max(1, train_size // spec.data.batch_size)
@@ -120,11 +115,12 @@ class Planner:
         k = jax.eval_shape(lambda: jax.random.key(0))
         return jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=self.rep)
 
-    def weights(self, model: Any, tx: Any) -> tuple[Any, Any, Any]:
-        codec = ModuleCodec(model)
-        params, rest = codec.split(model)
-        opt = jax.eval_shape(tx.init, params)
-        return (_abstract(params, self.rep), _abstract(rest, self.rep), _abstract(opt, self.rep))
+    def state(self, module: Any, tx: Any = None) -> tuple[Any, ...]:
+        """``module``'s ``(params, rest)`` and, with ``tx``, its optimizer state: replicated,
+        as the run places them."""
+        params, rest = ModuleCodec(module).split(module)
+        trees = (params, rest) if tx is None else (params, rest, jax.eval_shape(tx.init, params))
+        return tuple(parallel.abstract(t, self.rep) for t in trees)
 
     def weight_step(self, model: Any, phase: str) -> tuple[Callable, tuple]:
         spec = self.spec
@@ -134,16 +130,14 @@ class Planner:
             ModuleCodec(model), structure, o, spec.sap, phase=phase, steps_per_epoch=self.spe,
             batch_size=spec.data.batch_size, dtype=self.dtype,
             skip_nonfinite=spec.on_nonfinite == "skip")
-        args = (*self.weights(model, tx), self.batch(spec.data.batch_size),
+        args = (*self.state(model, tx), self.batch(spec.data.batch_size),
                 self.arch(model.widths), self.scalar(), self.key())
         return step, args
 
     def eval_step(self, model: Any) -> tuple[Callable, tuple]:
-        codec = ModuleCodec(model)
-        step = steps.make_eval_step(codec, self.dtype, model.structure(self.spec.image_size))
-        params, rest = codec.split(model)
-        return step, (_abstract(params, self.rep), _abstract(rest, self.rep),
-                      self.batch(self.spec.data.eval_batch_size, mask=True),
+        step = steps.make_eval_step(ModuleCodec(model), self.dtype,
+                                    model.structure(self.spec.image_size))
+        return step, (*self.state(model), self.batch(self.spec.data.eval_batch_size, mask=True),
                       self.arch(model.widths))
 
     def agn_step(self, model: Any) -> tuple[Callable, tuple]:
@@ -158,13 +152,8 @@ class Planner:
             ModuleCodec(model), gen.codec, structure, budget, gen.tx, tau=a.tau, offset=a.offset,
             deterministic_v=a.deterministic_v, lam_rate=b.lam_rate,
             lam_max_scale=b.lam_max_scale, budget_on=b.measure, dtype=self.dtype)
-        gparams, grest = gen.codec.split(gen.module)
-        gopt = jax.eval_shape(gen.tx.init, gparams)
-        codec = ModuleCodec(model)
-        params, rest = codec.split(model)
-        return step, (_abstract(gparams, self.rep), _abstract(grest, self.rep),
-                      _abstract(gopt, self.rep), self.scalar(), _abstract(params, self.rep),
-                      _abstract(rest, self.rep), self.batch(spec.agn.batch_size), self.key())
+        return step, (*self.state(gen.module, gen.tx), self.scalar(), *self.state(model),
+                      self.batch(spec.agn.batch_size), self.key())
 
 
 def pruned_widths(structure: Any, p: float, scope: str) -> dict[str, list[int]]:

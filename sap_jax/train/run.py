@@ -152,11 +152,8 @@ class Env:
         return nnx.eval_shape(lambda: self.model(None))
 
     def model(self, widths: Sequence[int] | None) -> models.PrunableModel:
-        spec = self.spec
-        return models.create(spec.model.name, seed=spec.seed,
-                             num_classes=self.data.info.num_classes, widths=widths,
-                             dtype=None if spec.dtype == "float32" else spec.dtype,
-                             **spec_lib.model_arguments(spec.model, spec.image_size))
+        return tables.model_for(self.spec, self.data.info.num_classes,
+                                None if widths is None else list(widths))
 
     def programs(self, widths: Sequence[int] | None, phase: str,
                  model: models.PrunableModel | None = None) -> Programs:
