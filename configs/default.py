@@ -139,6 +139,11 @@ def get_config() -> ml_collections.ConfigDict:
         reps=10,  # timed forward passes per model and batch size, after a warm-up; medians
     ))
 
+    # Before the first training step: cut a trial pruned model, save and reload it, place its
+    # state on the mesh and trace the dense and pruned steps there, so that a model the cut,
+    # saving or the mesh cannot handle stops at once (exit 2, naming the layer) instead of after
+    # training. Seconds; False skips it
+    c.preflight = True
     # NaN/Inf loss or gradients: "stop" (keep last checkpoint) or "skip" the step
     c.on_nonfinite = "stop"
     # multi-host: how often hosts agree on a SIGTERM (1 host: every step)

@@ -53,6 +53,8 @@ def randomize(model, seed: int = 0):
     rng = np.random.default_rng(seed)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
     for path, x in flat.items():
+        if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+            continue  # random keys and their counters
         name, shape = path[-1], x.shape
         if name == "var":
             v = rng.uniform(0.5, 2.0, shape)

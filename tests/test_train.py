@@ -163,15 +163,21 @@ def test_command_line_mistakes_exit_with_2_and_one_line(tmp_path, case):
     assert "Traceback" not in p.stderr and "FATAL" not in p.stderr
 
 
-def test_eight_simulated_devices_match_one_device(tmp_path):
+def multidevice_runs(tmp_path, counts, *model):
+    """tests/support/multidevice_run.py's results on each of ``counts`` simulated devices."""
     out = {}
-    for n in (1, 8):
+    for n in counts:
         script = os.path.join(ROOT, "tests", "support", "multidevice_run.py")
-        p = subprocess.run([sys.executable, script, str(n), str(tmp_path / f"d{n}")],
+        p = subprocess.run([sys.executable, script, str(n), str(tmp_path / f"d{n}"), *model],
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
         out[n] = json.loads(line[len("RESULT "):])
+    return out
+
+
+def test_eight_simulated_devices_match_one_device(tmp_path):
+    out = multidevice_runs(tmp_path, (1, 8))
     one, eight = np.array(out[1]["losses"]), np.array(out[8]["losses"])
     assert len(one) == len(eight) >= 10
     # The same steps: sharding only reorders float32 sums. Dense training (the first epoch)

@@ -123,8 +123,16 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return True
 
 
-def make_mesh() -> Mesh:
-    return jax.make_mesh((jax.device_count(),), ("data",))
+def make_mesh(devices: Any = None) -> Mesh:
+    """The run's mesh: one ``data`` axis over ``devices`` (default: every device, JAX's order).
+
+    The axis is ``Auto``: the compiler propagates shardings through the model, so user code
+    that broadcasts a parameter against the batch (a ViT's cls token, a position embedding)
+    runs as written; with ``Explicit`` axes such a concatenation is a sharding type error.
+    """
+    n = jax.device_count() if devices is None else len(devices)
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from sap_jax.structure import codec
 from sap_jax.structure import groups as G
 
 #: Set on a depthwise ``nnx.Conv`` that was resized: cut to one channel it would look like a
@@ -84,8 +85,9 @@ def resize_modules(model: nnx.Module) -> None:
 
 
 def flat_arrays(model: nnx.Module) -> dict[G.Path, Any]:
-    """Every array of ``model`` by its :data:`~sap_jax.structure.groups.Path`."""
-    return {G.as_path(k): v for k, v in
+    """Every array of ``model`` by its :data:`~sap_jax.structure.groups.Path` (random keys as
+    their data, see :mod:`sap_jax.structure.codec`)."""
+    return {G.as_path(k): codec.plain(v) for k, v in
             traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model))).items()}
 
 
@@ -93,5 +95,5 @@ def set_arrays(model: nnx.Module, flat: dict[G.Path, Any]) -> None:
     """Replace the arrays of ``model`` by ``flat`` (any shapes), then fix size attributes."""
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Variable) and G.as_path(path) in flat:
-            var.set_value(jnp.asarray(flat[G.as_path(path)], var.get_value().dtype))
+            var.set_value(codec.like(var.get_value(), flat[G.as_path(path)]))
     resize_modules(model)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
 from sap_jax import models as M
 from sap_jax.models.gating import check_structure_argument
+from sap_jax.structure import codec, norms, slicing
 from sap_jax.structure import groups as G
-from sap_jax.structure import norms, slicing
 
 
 def _structure(model: M.PrunableModel) -> G.Structure:
@@ -101,7 +100,7 @@ def fill_abstract(abstract: M.PrunableModel, flat: dict[G.Path, Any], source: st
     """Fill an abstract model with arrays, checking every name and shape first."""
     graphdef, state = nnx.split(abstract)
     keys = traverse_util.flatten_dict(nnx.to_pure_dict(state))  # the model's own keys (ints)
-    expected = {G.as_path(k): v for k, v in keys.items()}
+    expected = {G.as_path(k): codec.plain(v) for k, v in keys.items()}
     missing = [k for k in expected if k not in flat]
     extra = sorted(set(flat) - set(expected))
     wrong = [(k, tuple(np.shape(flat[k])), tuple(v.shape)) for k, v in expected.items()
@@ -115,6 +114,6 @@ def fill_abstract(abstract: M.PrunableModel, flat: dict[G.Path, Any], source: st
             f"{list(abstract.widths)} ({len(missing)} missing, {len(extra)} unexpected, "
             f"{len(wrong)} mis-shaped arrays):\n" + "\n".join(lines))
     pure = traverse_util.unflatten_dict(
-        {k: jnp.asarray(flat[G.as_path(k)], v.dtype) for k, v in keys.items()})
+        {k: codec.like(v, flat[G.as_path(k)]) for k, v in keys.items()})
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)

@@ -165,9 +165,8 @@ def pruned_widths(structure: Any, p: float, scope: str) -> dict[str, list[int]]:
 
 
 def mesh_of(topology: tpu.Topology) -> Mesh:
-    """The run's mesh (:func:`sap_jax.runtime.parallel.make_mesh`, one ``data`` axis, JAX's
-    device order) over the slice's devices."""
-    return jax.make_mesh((topology.chips,), ("data",), devices=topology.devices)
+    """The run's mesh (:func:`sap_jax.runtime.parallel.make_mesh`) over the slice's devices."""
+    return parallel.make_mesh(topology.devices)
 
 
 def compile_steps(spec: spec_lib.RunSpec, topology: tpu.Topology, *,

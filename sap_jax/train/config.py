@@ -321,6 +321,8 @@ def _check_rest(c: ml_collections.ConfigDict, errors: list[str]) -> None:
         errors.append(f"speed.batch_sizes = {b!r} must be a non-empty tuple of positive integers.")
     if not (_int(sp.reps) and sp.reps >= 1):
         errors.append(f"speed.reps = {sp.reps!r} must be an integer >= 1.")
+    if not isinstance(c.preflight, bool):
+        errors.append(f"preflight = {c.preflight!r} must be True or False.")
     if not isinstance(c.compile_cache, str):
         errors.append(f"compile_cache = {c.compile_cache!r} must be a string: \"workdir\", a "
                       "directory, or \"\" (JAX's own setting).")
@@ -366,10 +368,12 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
 
 
 #: Fields that change where a run keeps or reads things, what it logs and plots, how often it
-#: saves, and the speed measurement, never what it computes: a run may resume with other values
-#: (another machine's cache or data directory, more logging, a speed re-measurement).
+#: saves, the speed measurement and the pre-flight check, never what it computes: a run may
+#: resume with other values (another machine's cache or data directory, more logging, a speed
+#: re-measurement).
 NOT_RESULT_FIELDS = ("compile_cache", "data_dir", "log_every_steps", "plots", "speed",
-                     "checkpoint_every_epochs", "keep_checkpoints", "preemption_check_every_steps")
+                     "preflight", "checkpoint_every_epochs", "keep_checkpoints",
+                     "preemption_check_every_steps")
 
 
 def result_fields(d: dict[str, Any],

@@ -32,7 +32,7 @@ from sap_jax.structure import flops
 from sap_jax.structure import norms as norms_lib
 from sap_jax.structure.codec import ModuleCodec
 from sap_jax.surgery import pretrained
-from sap_jax.train import bnstats, checkpoints, loop, report, search, steps, tables
+from sap_jax.train import bnstats, checkpoints, loop, preflight, report, search, steps, tables
 from sap_jax.train import config as config_lib
 from sap_jax.train import data as data_lib
 from sap_jax.train import spec as spec_lib
@@ -429,6 +429,11 @@ def _phases(env: Env) -> dict[str, Any]:
     if new_run and init_from:
         n = pretrained.load_into(dense.model, init_from)
         logging.info("started from %s (%d tensors)", init_from, n)
+    if env.spec.preflight and prog.phase == "search":  # the cut is still ahead: try it now
+        times = preflight.check(env.spec, dense.model, env.mesh, env.workdir,
+                                env.data.info.num_classes)
+        logging.info("pre-flight: trial cut %.1f s, save and reload %.1f s, steps traced on the "
+                     "mesh %.1f s", times["cut_s"], times["save_load_s"], times["mesh_s"])
     template = state_lib.fresh_search_state(dense, gen, env.key)
     prog.dense_widths = list(dense.model.widths)
     if prog.phase == "search":

@@ -175,6 +175,7 @@ class RunSpec:
     preemption_check_every_steps: int
     plots: bool
     compile_cache: str
+    preflight: bool  # a trial cut, save/load and the steps traced on the mesh before training
 
 
 # -- the maths objects of the budget ------------------------------------------------------------
@@ -235,7 +236,7 @@ def _build(get: Callable[[str], Any]) -> RunSpec:
         speed=_section(get, "speed", SpeedSpec),
         **{f: get(f) for f in ("on_nonfinite", "log_every_steps", "checkpoint_every_epochs",
                                "keep_checkpoints", "preemption_check_every_steps", "plots",
-                               "compile_cache")})
+                               "compile_cache", "preflight")})
 
 
 def _is_section(x: Any) -> bool:

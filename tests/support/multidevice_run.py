@@ -1,6 +1,6 @@
 """Run a few tiny training steps on N simulated CPU devices and print the losses as JSON.
 
-    python tests/support/multidevice_run.py N WORKDIR
+    python tests/support/multidevice_run.py N WORKDIR [MODEL]
 """
 
 import json
@@ -21,6 +21,8 @@ from sap_jax import train  # noqa: E402
 assert jax.device_count() == n, jax.devices()
 c = tiny_config.get_config()
 c.num_epochs, c.finetune.num_epochs, c.log_every_steps = 2, 1, 1
+if len(sys.argv) > 3:
+    c.model, c.model_prune = sys.argv[3], "all"
 losses, phases = [], []
 
 

@@ -1,0 +1,220 @@
+"""The pre-flight check: everything after training that a model could fail, tried before it.
+
+A model the cut cannot slice, a pruned model that cannot be saved or rebuilt, or a forward the
+run's mesh cannot shard would otherwise stop the run after hours of training. Before the first
+training step (config ``preflight``) :func:`check`:
+
+1. cuts a trial pruned model (a random half of every group's channels) with
+   :func:`sap_jax.surgery.extract` and checks that it computes what the gated dense model
+   computes, in eval mode;
+2. saves it (:func:`sap_jax.surgery.save`) in the workdir, loads it back and checks the reloaded
+   model computes the same logits, bit for bit;
+3. places the trial model's state on the run's mesh (random keys included);
+4. traces and lowers the dense model's search step and the trial model's fine-tuning step with
+   the run's shardings (``jit(...).lower``: the model's whole forward and backward under the
+   mesh, without the XLA compile the first step does anyway).
+
+A failure raises :class:`PreflightError` (exit code 2) with one line: the stage, the layer it
+happened in (from the traceback: the innermost Flax module on it, by its path in the model
+where it can be found), the error, and what to change.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sap_jax import models, surgery
+from sap_jax.runtime import parallel
+from sap_jax.runtime.errors import ConfigError
+from sap_jax.structure.codec import ModuleCodec
+from sap_jax.train import aot
+from sap_jax.train import spec as spec_lib
+
+#: Where the trial pruned model is saved (inside the workdir; removed afterwards).
+TRIAL_DIR = "preflight_model"
+_IMAGES = 2
+_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+class PreflightError(ConfigError):
+    """The model cannot go through the cut, saving or the mesh; found before training."""
+
+
+def _module_frames(exc: BaseException) -> list[tuple[Any, str]]:
+    """The Flax modules (``self`` of a frame) on ``exc``'s traceback, outermost first, with
+    where each frame stood (``file:line``)."""
+    from flax import linen
+
+    out = []
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, (nnx.Module, linen.Module)):
+            out.append((obj, f"{os.path.basename(frame.f_code.co_filename)}:{line}"))
+    return out
+
+
+def _path_in(obj: Any, roots: Sequence[Any]) -> str | None:
+    for root in roots:
+        for path, node in nnx.iter_graph(root):
+            if node is obj:
+                return ".".join(str(k) for k in path)
+    return None
+
+
+def where(exc: BaseException, roots: Sequence[Any] = ()) -> str | None:
+    """The layer ``exc`` happened in: the innermost Flax module on its traceback, by its path
+    in one of ``roots`` when it is one of theirs (else its class and source line)."""
+    frames = _module_frames(exc)
+    if not frames:
+        return None
+    obj, at = frames[-1]
+    path = _path_in(obj, roots)
+    name = type(obj).__name__
+    return f"{path} ({name})" if path else f"{name} at {at}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0].rstrip(".")
+
+
+def _fail(stage: str, exc: BaseException, hint: str, roots: Sequence[Any] = ()) -> PreflightError:
+    layer = where(exc, roots)
+    at = f" in {layer}" if layer else ""
+    return PreflightError(f"pre-flight ({stage}) failed{at}: {type(exc).__name__}: "
+                          f"{_first_line(exc)}. {hint} (preflight=False skips this check.)")
+
+
+def _layer_name(group: str, model: Any) -> str:
+    """A group's name as ``model_ignore`` takes it (a traced model's network is ``net``)."""
+    return group[len("net."):] if isinstance(model, models.TracedModel) and group.startswith(
+        "net.") else group
+
+
+def trial_arch(widths: Sequence[int], seed: int) -> list[np.ndarray]:
+    """A random half of every group's channels (at least one; not a prefix, so that the cut
+    must follow each group's positions)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for w in widths:
+        keep = np.zeros(w, bool)
+        keep[rng.choice(w, max(1, w // 2), replace=False)] = True
+        out.append(keep)
+    return out
+
+
+def _mismatch(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max())))
+
+
+def _cut(dense: Any, arch: Sequence[np.ndarray], x: Any, found: list[Any]
+         ) -> tuple[Any, Any, float]:
+    """The extracted model at ``arch``, its logits, and how far they are from the gated dense
+    model's (relative). Raises what the cut or the forward raises; ``found`` collects the
+    models made on the way, so an error can be placed in them."""
+    small = surgery.extract(dense, arch)
+    found.append(small)
+    small.eval()
+    got = small(x)
+    return small, got, _mismatch(got, dense(x, [np.asarray(a, np.float32) for a in arch]))
+
+
+def _culprit(dense: Any, arch: list[np.ndarray], x: Any, tol: float) -> str | None:
+    """The first group whose cut alone fails, or makes the extracted model differ from the
+    gated dense one."""
+    for k, name in enumerate(dense.group_names):
+        one = [a if i == k else np.ones_like(a) for i, a in enumerate(arch)]
+        try:
+            if _cut(dense, one, x, [])[2] > tol:
+                return name
+        except Exception:  # noqa: BLE001 - failing is what is looked for
+            return name
+    return None
+
+
+def _trial_cut(dense: Any, arch: list[np.ndarray], x: Any, tol: float) -> tuple[Any, Any]:
+    """Stage 1: the trial pruned model and its logits, or a :class:`PreflightError` naming
+    the group to leave whole."""
+    found: list[Any] = [dense]
+    problem, err = None, 0.0
+    try:
+        small, got, err = _cut(dense, arch, x, found)
+    except Exception as e:  # noqa: BLE001 - a user's model may raise anything here
+        problem = e
+    if problem is None and err <= tol:
+        return small, got
+    group = _culprit(dense, arch, x, tol)
+    what = (f"{type(problem).__name__}: {_first_line(problem)}" if problem is not None else
+            f"the extracted model differs from the gated dense one by {err:.2g} (relative; "
+            f"tolerance {tol:g})")
+    layer = where(problem, found) if problem is not None else None
+    fix = (f" Cutting the group {group} alone fails: leave its channels whole with "
+           f"model_ignore=['{_layer_name(group, dense)}']." if group else
+           " No single group's cut fails alone; report the model.")
+    raise PreflightError(f"pre-flight (trial cut) failed{f' in {layer}' if layer else ''}: "
+                         f"{what}.{fix} (preflight=False skips this check.)") from problem
+
+
+def check(spec: spec_lib.RunSpec, dense_model: models.PrunableModel, mesh: Any,
+          workdir: Any, num_classes: int) -> dict[str, float]:
+    """Run the pre-flight check (module docstring) on the run's dense model; returns the
+    seconds each stage took. Raises :class:`PreflightError`."""
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dense = nnx.clone(dense_model)  # eval mode and forward passes must not touch the run's model
+    dense.eval()
+    size, tol = spec.image_size, _TOLERANCE.get(spec.dtype, 5e-2)
+    x = jax.random.normal(jax.random.key(spec.seed), (_IMAGES, size, size, dense.in_channels))
+    arch = surgery.kept_arch(dense, trial_arch(dense.widths, spec.seed))
+    small, got = _trial_cut(dense, arch, x, tol)
+    times["cut_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    directory = parallel.path(workdir) / TRIAL_DIR
+    try:
+        surgery.save(directory, small, dense_widths=dense.widths, image_size=size,
+                     overwrite=True)
+        back = surgery.load(directory)
+        back.eval()
+        same = np.array_equal(np.asarray(back(x)), np.asarray(got))
+    except Exception as e:  # noqa: BLE001
+        raise _fail("save and reload", e, "A pruned model must be rebuilt from its config(): "
+                    "a factory's model_kwargs must describe the whole network.", [small]) from e
+    finally:
+        parallel.sync("preflight:reloaded")
+        if jax.process_index() == 0 and directory.exists():
+            directory.rmtree()
+    if not same:
+        raise PreflightError("pre-flight (save and reload) failed: the reloaded trial model "
+                             "computes other logits than the one saved; a factory's "
+                             "model_kwargs must describe the whole network. (preflight=False "
+                             "skips this check.)")
+    times["save_load_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    try:
+        jax.block_until_ready(parallel.replicate(ModuleCodec(back).split(back), mesh))
+    except Exception as e:  # noqa: BLE001
+        raise _fail("placing the state on the mesh", e, "Every array of the model's state "
+                    "must be a JAX array (parameters, statistics, random keys).", [back]) from e
+    planner = aot.Planner(spec, mesh, num_classes)
+    for phase, model in (("search", dense_model), ("finetune", back)):
+        try:
+            fn, args = planner.weight_step(model, phase)
+            with mesh:
+                fn.lower(*args)
+        except Exception as e:  # noqa: BLE001
+            raise _fail(f"the {'dense' if phase == 'search' else 'trial pruned'} model's "
+                        "training step on the mesh", e,
+                        "The forward must run on a batch sharded over the 'data' axis.",
+                        [model]) from e
+    times["mesh_s"] = time.perf_counter() - t0
+    return times

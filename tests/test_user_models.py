@@ -1,0 +1,121 @@
+"""Models as users write them (tests/support/user_models.py): stored random keys and a cls
+token go through training, the cut, save/load and export; a model the cut cannot handle stops
+in the pre-flight check, before any training, with one line naming what to change."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sap_jax import models, surgery
+from sap_jax.runtime import parallel
+from sap_jax.structure import slicing
+from sap_jax.structure.codec import ModuleCodec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKEN_NET = "tests.support.user_models:token_net"
+
+
+def _token_net():
+    return models.create(TOKEN_NET, image_size=16, num_classes=10, prune="all")
+
+
+def _key_leaves(model):
+    return [v for v in jax.tree.leaves(nnx.state(model))
+            if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)]
+
+
+def test_stored_random_keys_travel_as_key_data_and_come_back_as_keys():
+    model = _token_net()
+    (key,) = _key_leaves(model)
+    codec = ModuleCodec(model)
+    params, rest = codec.split(model)
+    # The run's trees hold the key's raw data: NumPy, the mesh and orbax take it.
+    data = [v for v in jax.tree.leaves(rest) if v.dtype == jnp.uint32 and v.shape == (2,)]
+    assert len(data) == 1 and np.array_equal(data[0], jax.random.key_data(key))
+    placed = parallel.replicate((params, rest), parallel.make_mesh())
+    back = codec.merge(*placed)
+    (again,) = _key_leaves(back)
+    assert again.dtype == key.dtype
+    assert np.array_equal(jax.random.key_data(again), jax.random.key_data(key))
+    # Dropout in train mode draws from the restored key exactly as from the original.
+    x = jnp.ones((2, 16, 16, 3))
+    model.train(), back.train()
+    assert np.array_equal(np.asarray(model(x)), np.asarray(back(x)))
+
+
+def test_a_pruned_model_with_a_stored_key_saves_loads_and_keeps_its_key(tmp_path):
+    model = _token_net()
+    small = surgery.extract(model, [np.arange(w) % 2 == 0 for w in model.widths])
+    assert small.widths == tuple(max(1, (w + 1) // 2) for w in model.widths)
+    surgery.save(tmp_path / "m", small)
+    back = surgery.load(tmp_path / "m")
+    (k1,), (k2,) = _key_leaves(small), _key_leaves(back)
+    assert k1.dtype == k2.dtype
+    assert np.array_equal(jax.random.key_data(k1), jax.random.key_data(k2))
+    flat = slicing.flat_arrays(back)
+    assert all(not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) for v in flat.values())
+
+
+def _main(*args):
+    return subprocess.run([sys.executable, "-m", "sap_jax.main",
+                           "--config=tests/support/tiny_config.py", *args], cwd=ROOT,
+                          capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_trains_cuts_and_exports_a_model_with_a_key_and_a_cls_token(tmp_path):
+    wd = tmp_path / "w"
+    p = _main(f"--workdir={wd}", f"--config.model={TOKEN_NET}", "--config.model_prune=all")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "pre-flight: trial cut" in p.stderr
+    r = json.loads((wd / "results.json").read_text())
+    assert r["widths"] != r["dense_widths"]
+    small = surgery.load(wd / "pruned_model")
+    assert list(small.widths) == r["widths"] and len(_key_leaves(small)) == 1
+    e = subprocess.run([sys.executable, "-m", "sap_jax.export", f"--pruned={wd}",
+                        "--format=stablehlo", f"--out={tmp_path / 'e'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert (tmp_path / "e" / "model.stablehlo").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_model_the_cut_breaks_stops_before_training_naming_the_group(tmp_path):
+    wd = tmp_path / "w"
+    p = _main(f"--workdir={wd}", "--config.model=tests.support.user_models:stubborn")
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
+    line = errors[0]
+    assert line.startswith("error: pre-flight (trial cut) failed in net.head (Linear)"), line
+    assert "model_ignore=['conv']" in line and "Traceback" not in p.stderr
+    # No training time was spent: no checkpoint, no results, no trial model left behind.
+    assert not (wd / "results.json").exists() and not (wd / "preflight_model").exists()
+    assert not list(wd.glob("checkpoints/*"))
+    # With the group left whole, the same model passes the check and trains.
+    ok = _main(f"--workdir={tmp_path / 'w2'}", "--config.model=tests.support.user_models:stubborn",
+               "--config.model_ignore=('conv',)", "--config.num_epochs=2",
+               "--config.finetune.num_epochs=1")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_cls_token_and_stored_key_dropout_shard_over_four_devices_as_on_one(tmp_path):
+    """The batch split over 4 simulated devices: the cls token broadcast against it runs, and
+    the dropout masks drawn from the model's own key are those of one device (the global
+    view), so the losses agree to rounding."""
+    from test_train import multidevice_runs
+
+    out = multidevice_runs(tmp_path, (1, 4), TOKEN_NET)
+    one, four = np.array(out[1]["losses"]), np.array(out[4]["losses"])
+    assert len(one) == len(four) >= 10 and np.all(np.isfinite(four))
+    n = out[1]["dense_steps"]
+    np.testing.assert_allclose(four[:n], one[:n], rtol=2e-5)
