@@ -3,7 +3,8 @@
 Nothing here imports ``sap_jax``: these models exist to check that sap_jax can
 trace and prune architectures it has never seen (VGG with a flatten head,
 grouped convs, dense concatenation, squeeze-and-excitation, depthwise convs,
-LayerNorm + layer scale, and a PyTorch-style NCHW flatten).
+LayerNorm + layer scale, a PyTorch-style NCHW flatten, a U-Net with transposed-conv and
+resize upsampling, and dilated, factorised and non-square-strided convs).
 
 Every model takes NHWC float input and returns ``(N, num_classes)`` logits;
 ``model.train()`` / ``model.eval()`` switch BatchNorm between batch statistics
@@ -341,6 +342,73 @@ def flatten_cnn(num_classes: int = 10, in_channels: int = 3, *, image_size: int 
     return FlattenCNN(num_classes, in_channels, image_size, width, rngs or nnx.Rngs(0))
 
 
+# ------------------------------------------------------------------------ U-Net
+
+class UNet(nnx.Module):
+    """A two-level U-Net trunk with a classification head: a stride-2 downsample, two ways
+    up (a learned ConvTranspose and a nearest resize) and skip concatenations."""
+
+    def __init__(self, num_classes: int, in_channels: int, width: int, rngs: nnx.Rngs) -> None:
+        w = width
+        self.enc, self.enc_bn = _conv(in_channels, w, 3, rngs), _bn(w, rngs)
+        self.down, self.down_bn = _conv(w, 2 * w, 3, rngs, stride=2), _bn(2 * w, rngs)
+        self.mid, self.mid_bn = _conv(2 * w, 2 * w, 3, rngs), _bn(2 * w, rngs)
+        # Learned upsampling, flax's default "SAME" padding: exactly twice the size.
+        self.up = nnx.ConvTranspose(2 * w, w, (3, 3), strides=(2, 2), rngs=rngs)
+        self.dec1, self.dec1_bn = _conv(2 * w, w, 3, rngs), _bn(w, rngs)
+        self.side, self.side_bn = _conv(2 * w, w, 1, rngs), _bn(w, rngs)
+        self.dec2, self.dec2_bn = _conv(2 * w, w, 3, rngs), _bn(w, rngs)
+        self.head = nnx.Linear(w, num_classes, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        e = jax.nn.relu(self.enc_bn(self.enc(x)))
+        m = jax.nn.relu(self.down_bn(self.down(e)))
+        m = jax.nn.relu(self.mid_bn(self.mid(m)))
+        d = jax.nn.relu(self.dec1_bn(self.dec1(jnp.concatenate([self.up(m), e], axis=-1))))
+        # Second way up: a 1x1 conv, then nearest-neighbour resizing to the skip's size.
+        s = jax.nn.relu(self.side_bn(self.side(m)))
+        s = jax.image.resize(s, (*e.shape[:3], s.shape[-1]), "nearest")
+        d = jax.nn.relu(self.dec2_bn(self.dec2(jnp.concatenate([d, s], axis=-1))))
+        return self.head(_gap(d))
+
+
+def unet(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 32, width: int = 8,
+         rngs: nnx.Rngs | None = None) -> nnx.Module:
+    return UNet(num_classes, in_channels, width, rngs or nnx.Rngs(0))
+
+
+# ------------------------------------------------------------------ Dilated CNN
+
+class DilatedCNN(nnx.Module):
+    """Factorised (1x3 then 3x1) kernels, an atrous 3x3 conv and a conv strided along the
+    height only."""
+
+    def __init__(self, num_classes: int, in_channels: int, width: int, rngs: nnx.Rngs) -> None:
+        w = width
+        self.row = nnx.Conv(in_channels, w, (1, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.col = nnx.Conv(w, w, (3, 1), padding="SAME", use_bias=False, rngs=rngs)
+        self.bn1 = _bn(w, rngs)
+        # Dilation 2: a 5x5 field of view for 3x3 weights; padding 2 keeps the size.
+        self.atrous = nnx.Conv(w, 2 * w, (3, 3), kernel_dilation=2, padding=((2, 2), (2, 2)),
+                               use_bias=False, rngs=rngs)
+        self.bn2 = _bn(2 * w, rngs)
+        self.tall = nnx.Conv(2 * w, 2 * w, (3, 3), strides=(2, 1), padding="SAME", use_bias=False,
+                             rngs=rngs)
+        self.bn3 = _bn(2 * w, rngs)
+        self.head = nnx.Linear(2 * w, num_classes, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        x = jax.nn.relu(self.bn1(self.col(self.row(x))))
+        x = jax.nn.relu(self.bn2(self.atrous(x)))
+        x = jax.nn.relu(self.bn3(self.tall(x)))
+        return self.head(_gap(x))
+
+
+def dilated(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 32,
+            width: int = 8, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    return DilatedCNN(num_classes, in_channels, width, rngs or nnx.Rngs(0))
+
+
 ZOO: dict[str, Callable[..., nnx.Module]] = {
     "vgg11_bn": vgg11_bn,
     "vgg16_bn": vgg16_bn,
@@ -350,6 +418,8 @@ ZOO: dict[str, Callable[..., nnx.Module]] = {
     "mobilenet_v3": mobilenet_v3,
     "convnext": convnext,
     "flatten_cnn": flatten_cnn,
+    "unet": unet,
+    "dilated": dilated,
 }
 
 

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import FULL, TINY, slow
+from flax import nnx
 
-from sap_jax import models
+from sap_jax import models, tracing
 from sap_jax.structure import flops
+from sap_jax.structure import groups as G
 
 # Standard figures (multiply-adds of convs + linear layers; params incl. BN affine).
 TABLE = {
@@ -108,3 +110,71 @@ def test_analytic_count_agrees_with_xla(name):
         assert 3.0 <= per_act <= 6.0, per_act
         compiled = flops.xla_forward_flops(model, size)
         assert 0.9 <= compiled / (2 * standard) <= 1.25, compiled / (2 * standard)
+
+
+# ------------------------------------------- transposed, dilated and non-square strided convs
+
+_H, _W, _CIN, _COUT = 7, 6, 3, 5  # odd and unequal sides: asymmetric "SAME" pads
+_ONE_CONV = {
+    "conv_transpose": lambda r: nnx.ConvTranspose(_CIN, _COUT, (3, 3), strides=(2, 2), rngs=r),
+    "conv_transpose_valid_2x1": lambda r: nnx.ConvTranspose(
+        _CIN, _COUT, (3, 2), strides=(2, 1), padding="VALID", rngs=r),
+    "dilated": lambda r: nnx.Conv(_CIN, _COUT, (3, 3), kernel_dilation=2, rngs=r),
+    "dilated_2x3_valid": lambda r: nnx.Conv(_CIN, _COUT, (2, 2), kernel_dilation=(2, 3),
+                                            padding="VALID", rngs=r),
+    "stride_2x1": lambda r: nnx.Conv(_CIN, _COUT, (3, 3), strides=(2, 1), rngs=r),
+}
+
+
+class _OneConv(nnx.Module):
+    def __init__(self, conv):
+        self.conv = conv
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+def _conv_eqn(model):
+    """The model's one ``conv_general_dilated``, as JAX lowers the layer."""
+    x = jax.ShapeDtypeStruct((1, _H, _W, _CIN), jnp.float32)
+    eqns = [e for e in jax.make_jaxpr(model)(x).eqns if e.primitive.name == "conv_general_dilated"]
+    assert len(eqns) == 1
+    return eqns[0]
+
+
+def _brute_force_taps(eqn) -> int:
+    """(output pixel, kernel tap) pairs that read a real input pixel, counted on a 2-D map of
+    the dilated, padded input (1 = a real pixel, 0 = a hole or padding)."""
+    p = eqn.params
+    (_, h, w, _), (kh, kw, _, _) = (v.aval.shape for v in eqn.invars)  # NHWC, HWIO (flax)
+    (dh, dw), (rh, rw), (sh, sw) = p["lhs_dilation"], p["rhs_dilation"], p["window_strides"]
+    (pt, pb), (pl, pr) = p["padding"]
+    assert min(pt, pb, pl, pr) >= 0
+    real = np.zeros(((h - 1) * dh + 1 + pt + pb, (w - 1) * dw + 1 + pl + pr), int)
+    real[pt:pt + (h - 1) * dh + 1:dh, pl:pl + (w - 1) * dw + 1:dw] = 1
+    _, oh, ow, _ = eqn.outvars[0].aval.shape
+    return sum(int(real[i * sh + a * rh, j * sw + b * rw]) for i in range(oh)
+               for j in range(ow) for a in range(kh) for b in range(kw))
+
+
+@pytest.mark.parametrize("name", sorted(_ONE_CONV))
+def test_transposed_dilated_and_strided_convs_by_hand_and_by_xla(name):
+    """Along an axis a transposed conv upsamples it counts each real input pixel's taps (the
+    taps on the holes between them are no MACs), elsewhere each output's; without padding
+    taps the count equals a brute-force count and XLA's own cost of the op."""
+    model = _OneConv(_ONE_CONV[name](nnx.Rngs(0)))
+    s = tracing.structure(model, (1, _H, _W, _CIN))
+    (conv,) = [x for x in s.layers if isinstance(x, G.ConvLayer)]
+    eqn = _conv_eqn(model)
+    _, oh, ow, _ = eqn.outvars[0].aval.shape
+    up = np.broadcast_to(model.conv.strides or 1, 2) > 1 if isinstance(
+        model.conv, nnx.ConvTranspose) else (False, False)
+    (kh, kw) = model.conv.kernel_size
+    hand = (_H if up[0] else oh) * (_W if up[1] else ow) * kh * kw * _CIN * _COUT
+    assert flops.layer_macs(conv, s.widths) == hand
+    valid = _brute_force_taps(eqn) * _CIN * _COUT
+    assert 0 < valid <= hand and (valid < hand) == (name != "dilated_2x3_valid")  # padding
+    assert flops.layer_macs(conv, s.widths, count_padding=False) == valid
+    args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+    xla = jax.jit(lambda *a: eqn.primitive.bind(*a, **eqn.params)).lower(*args).cost_analysis()
+    assert xla["flops"] == 2 * valid

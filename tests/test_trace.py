@@ -407,6 +407,62 @@ def test_models_that_are_easy_to_get_wrong(cls):
             ("c0",), ("c1",), ("dw",), ("c2",), ("fc",), ("head",)}
 
 
+def test_unet_upsampling_leaves_the_decoder_prunable(zoo_models):
+    """The nearest resize is a gather over spatial axes only: the conv it upsamples (side) and
+    the one after it (dec2) stay prunable. The ConvTranspose is a layer like any other: cut,
+    it is a smaller ConvTranspose, counted with its input dilation."""
+    model, s = zoo_models["unet"]
+    _, status = tracing.trace(model, (1, HW, HW, CIN))
+    assert status["side"] == status["dec2"] == status["up"] == "prunable"
+    (up,) = [x for x in s.layers if x.path == ("up",)]
+    assert up.lhs_dilation == 2 and up.input_hw == (HW // 2, HW // 2) and up.out_hw == (HW, HW)
+    keep = _masks(s.widths, seed=1)[0]
+    keep = [np.where(k.any(), k, np.arange(len(k)) == 0) for k in keep]
+    small = surgery.extract(model, keep, s)
+    names = list(s.group_names)
+    assert isinstance(small.up, nnx.ConvTranspose) and (
+        small.up.in_features, small.up.out_features) == (
+        keep[names.index("mid")].sum(), keep[names.index("up")].sum())
+
+
+class _Indexed(nnx.Module):
+    """A conv, an op that indexes its output, and a conv reading the result."""
+
+    def __init__(self, index, rngs):
+        self.a, self.b = nnx.Conv(3, 6, (3, 3), rngs=rngs), nnx.Conv(6, 5, (3, 3), rngs=rngs)
+        self.head, self.index = nnx.Linear(5, 4, rngs=rngs), index
+
+    def __call__(self, x):
+        y = self.index(jax.nn.relu(self.a(x)))
+        return self.head(jax.nn.relu(self.b(y)).mean((1, 2)))
+
+
+_INDEXED = {  # the op, and whether it leaves a's channels prunable
+    "nearest_resize": (lambda y: jax.image.resize(y, (y.shape[0], 12, 16, y.shape[3]),
+                                                  "nearest"), True),
+    "row_gather": (lambda y: y[:, jnp.array([0, 2, 5, 7])], True),
+    "dynamic_slice": (lambda y: jax.lax.dynamic_slice(
+        y, (0, 1, 2, 0), (y.shape[0], 4, 4, y.shape[3])), True),
+    "channel_gather": (lambda y: y[..., jnp.array([0, 2, 4, 1, 3, 5])], False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_INDEXED))
+def test_a_gather_over_spatial_axes_passes_the_channels(name):
+    """A gather or dynamic slice that takes the channel axis whole keeps the channels
+    prunable (and the cut model exact); one that picks channels fixes them."""
+    index, passes = _INDEXED[name]
+    model = randomize(_Indexed(index, nnx.Rngs(0)), seed=3)
+    s, status = tracing.trace(model, (1, HW, HW, CIN))
+    assert (status["a"] == "prunable") == passes and status["b"] == "prunable"
+    if not passes:
+        assert status["a"] == "gathered"
+    x = _images()
+    keep = [np.arange(w) % 2 == 0 for w in s.widths]
+    gated = tracing.gated_call(model, x, [k.astype(np.float32) for k in keep], s)
+    np.testing.assert_allclose(surgery.extract(model, keep, s)(x), gated, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ the whole pipeline
 
 @pytest.mark.slow

@@ -116,9 +116,16 @@ def _layer_shape(layer: G.ConvLayer | G.DenseLayer) -> dict[str, Any]:
     """What, besides the channel counts, sets a layer's time (JSON-ready)."""
     if isinstance(layer, G.DenseLayer):
         return {"kind": "dense", "tokens": layer.tokens}
-    return {"kind": "conv", "kernel": list(layer.kernel), "stride": layer.stride,
-            "pads": [list(p) for p in layer.pads], "input_hw": list(layer.input_hw),
-            "depthwise": layer.depthwise, "groups": layer.groups}
+    def plain(v):  # a non-square (h, w) as JSON reads it back
+        return list(v) if isinstance(v, tuple) else v
+
+    shape = {"kind": "conv", "kernel": list(layer.kernel), "stride": plain(layer.stride),
+             "pads": [list(p) for p in layer.pads], "input_hw": list(layer.input_hw),
+             "depthwise": layer.depthwise, "groups": layer.groups}
+    # Dilations only where set: tables built before they were recorded still match.
+    shape.update({k: plain(getattr(layer, k)) for k in ("dilation", "lhs_dilation")
+                  if getattr(layer, k) != 1})
+    return shape
 
 
 def _layer_fn(layer: G.ConvLayer | G.DenseLayer, cin: int, cout: int, batch: int, *,
@@ -132,7 +139,8 @@ def _layer_fn(layer: G.ConvLayer | G.DenseLayer, cin: int, cout: int, batch: int
 
         def fwd(x, w):
             return jax.lax.conv_general_dilated(
-                x, w, (layer.stride, layer.stride), layer.pads, feature_group_count=fgc,
+                x, w, layer.strides, layer.pads, lhs_dilation=layer.lhs_dilations,
+                rhs_dilation=layer.dilations, feature_group_count=fgc,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
     elif isinstance(layer, G.DenseLayer):
         shapes = ((batch * layer.tokens, cin), (cin, cout))

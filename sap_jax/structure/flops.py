@@ -5,7 +5,15 @@ Convention (stated once, used everywhere):
 * **MACs** are multiply-accumulates of convolutions and linear layers for one
   image: ``H_out * W_out * k_h * k_w * C_in * C_out / groups`` per conv and
   ``C_in * C_out`` per linear layer. BatchNorm, activations, pooling, the
-  residual add and biases are not counted. One MAC = 2 FLOPs.
+  residual add and biases are not counted. One MAC = 2 FLOPs. A transposed conv
+  (``nnx.ConvTranspose``: its input dilated by its stride) counts, along each axis
+  it upsamples, the taps of each real input pixel instead of each output
+  (``H_in * W_in * k_h * k_w * C_in * C_out`` when it upsamples both): the taps on
+  the holes between input pixels multiply zeros nobody stores. Taps on zero padding
+  count (the standard convention); ``count_padding=False`` counts, per spatial axis,
+  only the (output, tap) pairs that land on a real input element, given the padding,
+  window stride, kernel dilation and input dilation, which is how XLA's cost
+  analysis counts a convolution.
 * **Params** are trainable parameters: conv and linear kernels and biases and
   BatchNorm scale and bias. BatchNorm running statistics are not counted.
 * **Prunable** MACs/params are those of layers that have at least one channel
@@ -22,6 +30,7 @@ architecture vector.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,31 +58,36 @@ class Counts:
 _dim = G.dim_value
 
 
-def _valid_taps(out: int, kernel: int, stride: int, pad: int, n: int) -> int:
-    """Kernel taps that land inside the input along one axis (``n`` long, ``pad`` before it),
-    summed over outputs."""
-    return sum(1 for o in range(out) for j in range(kernel) if 0 <= o * stride - pad + j < n)
+def _valid_taps(out: int, kernel: int, stride: int, pad: int, n: int, dilation: int = 1,
+                lhs_dilation: int = 1) -> int:
+    """(output, tap) pairs along one axis whose tap lands on a real input element: tap ``j``
+    of output ``o`` reads position ``o * stride - pad + j * dilation`` of the input dilated by
+    ``lhs_dilation`` (``n`` elements, ``lhs_dilation - 1`` holes between neighbours)."""
+    return sum(1 for o in range(out) for j in range(kernel)
+               if (p := o * stride - pad + j * dilation) % lhs_dilation == 0
+               and 0 <= p // lhs_dilation < n)
 
 
 def layer_macs(layer: G.Layer, widths: Sequence[Any], *, count_padding: bool = True) -> Any:
-    """MACs of one layer for one image, given the group widths.
+    """MACs of one layer for one image, given the group widths (the convention: see the
+    module docstring).
 
-    ``count_padding=False`` leaves out taps that fall on zero padding, which
-    is how XLA's cost analysis counts convolutions; the standard convention
-    (and the default) counts every tap.
+    ``count_padding=False`` leaves out taps that fall on zero padding (or between the
+    pixels of a transposed conv's input), which is how XLA's cost analysis counts
+    convolutions; the standard convention (and the default) counts every tap.
     """
     if isinstance(layer, (G.NormLayer, G.ScaleLayer)):
         return 0
     cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
     if isinstance(layer, G.DenseLayer):
         return layer.tokens * cin * cout
-    (h, w), (kh, kw) = layer.out_hw, layer.kernel
-    if count_padding:
-        taps = h * w * kh * kw
+    if count_padding:  # per axis: each output's taps, or each real input pixel's
+        axes = zip(layer.out_hw, layer.input_hw, layer.lhs_dilations)
+        taps = math.prod(o if d == 1 else n for o, n, d in axes) * math.prod(layer.kernel)
     else:
-        (pt, _), (pl, _) = layer.pads
-        ih, iw = layer.input_hw
-        taps = _valid_taps(h, kh, layer.stride, pt, ih) * _valid_taps(w, kw, layer.stride, pl, iw)
+        taps = math.prod(_valid_taps(*a) for a in zip(
+            layer.out_hw, layer.kernel, layer.strides, (p for p, _ in layer.pads),
+            layer.input_hw, layer.dilations, layer.lhs_dilations))
     # A depthwise conv has one input channel per output channel, a grouped one cin / groups.
     per_out = 1 if layer.depthwise else (cin if layer.groups == 1 else cin // layer.groups)
     return taps * per_out * cout

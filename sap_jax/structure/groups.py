@@ -77,13 +77,21 @@ class DimSum:
 Dim = int | GroupRef | DimSum
 
 
+def _hw(v: int | Sequence[int]) -> tuple[int, int]:
+    """An int or an (h, w) pair as a pair."""
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvLayer:
     """A 2-D convolution with an HWIO kernel at ``path + ('kernel',)``.
 
     ``out_hw`` is the spatial size of its output for the described input;
     padding is ``kernel // 2`` on each side. A depthwise conv has
-    ``depthwise=True`` and ``in_ch == out_ch``.
+    ``depthwise=True`` and ``in_ch == out_ch``. ``stride``, ``dilation`` (the kernel's,
+    atrous) and ``lhs_dilation`` (the input's: a transposed conv, ``nnx.ConvTranspose``,
+    inserts ``lhs_dilation - 1`` holes between input pixels) take an int or an (h, w) pair;
+    a square one is stored as an int.
     """
 
     path: Path
@@ -91,15 +99,38 @@ class ConvLayer:
     out_ch: Dim
     kernel: tuple[int, int]
     out_hw: tuple[int, int]
-    stride: int = 1
+    stride: int | tuple[int, int] = 1
     depthwise: bool = False
     bias: bool = False
     groups: int = 1  # feature_group_count of a grouped (not depthwise) conv
     # Padding ((top, bottom), (left, right)) and input size when they are not the described
-    # convention (kernel // 2 each side, input = out_hw * stride); only MAC counts that leave
-    # out padded taps read them.
+    # convention (kernel // 2 each side, input = out_hw * stride): MAC counts that leave out
+    # padded taps, a transposed conv's count and the latency table read them.
     padding: tuple[tuple[int, int], tuple[int, int]] | None = None
     in_hw: tuple[int, int] | None = None
+    dilation: int | tuple[int, int] = 1
+    lhs_dilation: int | tuple[int, int] = 1
+
+    def __post_init__(self):
+        # One spelling per value, so that a traced layer equals the same one described by hand.
+        for name in ("stride", "dilation", "lhs_dilation"):
+            h, w = _hw(getattr(self, name))
+            object.__setattr__(self, name, h if h == w else (h, w))
+
+    @property
+    def strides(self) -> tuple[int, int]:
+        """The window strides (h, w)."""
+        return _hw(self.stride)
+
+    @property
+    def dilations(self) -> tuple[int, int]:
+        """The kernel dilation (h, w)."""
+        return _hw(self.dilation)
+
+    @property
+    def lhs_dilations(self) -> tuple[int, int]:
+        """The input dilation (h, w); above 1 for a transposed conv."""
+        return _hw(self.lhs_dilation)
 
     @property
     def pads(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -110,7 +141,8 @@ class ConvLayer:
     @property
     def input_hw(self) -> tuple[int, int]:
         """The input's spatial size, the described convention (``out_hw * stride``) filled in."""
-        return self.in_hw or (self.out_hw[0] * self.stride, self.out_hw[1] * self.stride)
+        (sh, sw) = self.strides
+        return self.in_hw or (self.out_hw[0] * sh, self.out_hw[1] * sw)
 
 
 @dataclasses.dataclass(frozen=True)

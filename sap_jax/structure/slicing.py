@@ -75,6 +75,11 @@ def resize_modules(model: nnx.Module) -> None:
                 node.feature_group_count = int(k[-1])
                 setattr(node, DEPTHWISE_MARK, True)
             node.kernel_shape = tuple(k)
+        elif isinstance(node, nnx.ConvTranspose):
+            k = node.kernel.shape  # (*window, in, out); (*window, out, in) if transpose_kernel
+            cin, cout = (k[-1], k[-2]) if node.transpose_kernel else (k[-2], k[-1])
+            node.in_features, node.out_features = int(cin), int(cout)
+            node.kernel_shape = tuple(k)
         elif isinstance(node, nnx.Linear):
             node.in_features, node.out_features = (int(d) for d in node.kernel.shape)
         elif isinstance(node, NORM_TYPES):

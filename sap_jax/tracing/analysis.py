@@ -38,7 +38,9 @@ class LayerRec:
     out: tuple[np.ndarray, np.ndarray] | int = 0
     kernel: tuple[int, int] = (1, 1)
     out_hw: tuple[int, int] = (1, 1)
-    stride: int = 1
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)  # the kernel's (rhs_dilation)
+    lhs_dilation: tuple[int, int] = (1, 1)  # the input's (a transposed conv)
     groups: int = 1
     depthwise: bool = False
     tokens: int = 1

@@ -160,7 +160,8 @@ def build(an: Analysis, module_of, *, prune: str, ignore: Sequence[str], input_h
             pad, in_hw = lr.padding or (None, None)
             layers.append(G.ConvLayer(path, dim(lr.ins), dim(lr.out), lr.kernel, lr.out_hw,
                                       lr.stride, lr.depthwise, bias,
-                                      1 if lr.depthwise else lr.groups, pad, in_hw))
+                                      1 if lr.depthwise else lr.groups, pad, in_hw,
+                                      lr.dilation, lr.lhs_dilation))
         elif lr.kind == "dense":
             layers.append(G.DenseLayer(path, dim(lr.ins), dim(lr.out), bias, lr.tokens))
     seen = {lr.path for lr in an.layers}

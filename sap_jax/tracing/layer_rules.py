@@ -14,7 +14,9 @@ from sap_jax.tracing.labels import Act, Const, Par, vary_all
 
 def conv_rule(an: Analysis, eqn, ins, shapes, key):
     """``conv_general_dilated``: plain (in/out slices), depthwise (channels pass, a
-    ``depthwise`` slice) or grouped (input and output fixed)."""
+    ``depthwise`` slice) or grouped (input and output fixed). A transposed conv
+    (``nnx.ConvTranspose``) is one with an input dilation; strides, dilations and padding
+    are recorded for the MAC count."""
     x, w = ins
     dn = eqn.params["dimension_numbers"]
     lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
@@ -30,12 +32,16 @@ def conv_rule(an: Analysis, eqn, ins, shapes, key):
     module = path[:-1] or path  # a bare parameter on the model: name it by itself
     kernel = tuple(int(shapes[1][d]) for d in rhs_spec[2:4])
     out_hw = tuple(int(out_shape[d]) for d in out_spec[2:4])
-    stride = int(eqn.params["window_strides"][0])
     in_hw = tuple(int(shapes[0][d]) for d in lhs_spec[2:4])
+    stride, dilation, lhs_dilation = (tuple(int(v) for v in eqn.params[k]) for k in (
+        "window_strides", "rhs_dilation", "lhs_dilation"))
     pad = tuple(tuple(int(p) for p in q) for q in eqn.params["padding"])
+    # The described convention (ConvLayer): "same" padding k // 2, no dilation; else the
+    # padding and input size are kept for the MAC count.
     usual = all(p == (k // 2, k // 2) for p, k in zip(pad, kernel)) and in_hw == tuple(
-        o * stride for o in out_hw)
-    rec = LayerRec("conv", module, kernel=kernel, out_hw=out_hw, stride=stride, groups=g,
+        o * s for o, s in zip(out_hw, stride)) and dilation == lhs_dilation == (1, 1)
+    rec = LayerRec("conv", module, kernel=kernel, out_hw=out_hw, stride=stride,
+                   dilation=dilation, lhs_dilation=lhs_dilation, groups=g,
                    ins=(x.sid, x.cidx), padding=None if usual else (pad, in_hw))
     an.layers.append(rec)
     an.consumers[key] = (0, x)

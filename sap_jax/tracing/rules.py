@@ -212,8 +212,32 @@ def cumulative_rule(an, eqn, ins, shapes, key):
     return [a]
 
 
+def _whole_channel_axis(eqn, a: Act, shape) -> int | None:
+    """The output axis of a ``gather`` or ``dynamic_slice`` that takes ``a``'s channel axis
+    whole and indexes only other axes (a nearest resize, ``x[:, rows]``), else None."""
+    if eqn.params["slice_sizes"][a.axis] != shape[a.axis]:
+        return None
+    if eqn.primitive.name == "dynamic_slice":  # a full-size slice starts at 0 (clamped)
+        return a.axis
+    dn = eqn.params["dimension_numbers"]
+    if a.axis in (*dn.collapsed_slice_dims, *dn.start_index_map, *dn.operand_batching_dims):
+        return None
+    # The operand axes neither collapsed nor batched are the output's offset dims, in order.
+    kept = [d for d in range(len(shape))
+            if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
+    return dn.offset_dims[kept.index(a.axis)]
+
+
 def gather_rule(an, eqn, ins, shapes, key):
-    """Indexing by computed positions: the tracer cannot tell which channels go where."""
+    """Indexing by computed positions: a ``gather`` or ``dynamic_slice`` of an activation
+    that takes its channel axis whole (at positions that do not depend on an activation)
+    passes the channels; otherwise the tracer cannot tell which channels go where."""
+    a = ins[0]
+    if eqn.primitive.name in ("gather", "dynamic_slice") and isinstance(a, Act) and not any(
+            isinstance(i, Act) for i in ins[1:]):
+        axis = _whole_channel_axis(eqn, a, shapes[0])
+        if axis is not None:
+            return [Act(axis, a.sid, a.cidx)]
     return [an.mixed([a for a in ins if isinstance(a, Act)], "gathered", eqn)]
 
 
