@@ -69,7 +69,9 @@ def serving_fn(directory: str, fold_bn: bool = True
     std = jnp.asarray(x["std"], jnp.float32)
 
     def fn(images: jax.Array) -> jax.Array:
-        m = nnx.merge(graphdef, state)
+        # Fresh variables at the export's trace level: a layer that advances a stored random
+        # stream (nnx.bridge modules do, even in eval mode) cannot mutate closed-over ones.
+        m = nnx.merge(graphdef, state, copy=True)
         return m((images.astype(jnp.float32) - mean) / std)
 
     return fn, {**x, "folded_batch_norms": folded, "source": directory, "class": info["class"],

@@ -31,7 +31,7 @@ from flax import nnx
 from sap_jax import tracing
 from sap_jax.models.common import PrunableModel
 from sap_jax.structure import groups as G
-from sap_jax.structure import slicing
+from sap_jax.structure import linen, slicing
 
 _PREFIX = ("net",)
 
@@ -186,8 +186,10 @@ class TracedModel(PrunableModel):
                     widths=list(self.widths), dtype=self.dtype_name, seed=self.seed)
 
     def features(self, x: jax.Array) -> jax.Array:
-        """The whole network: it ends in its own head."""
-        return self.net(x)
+        """The whole network: it ends in its own head. Cut Linen layers (through
+        ``nnx.bridge``) run at their stored widths (:mod:`sap_jax.structure.linen`)."""
+        with linen.stored_widths():
+            return self.net(x)
 
     def classify(self, f: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         return f  # the logits already; ``rngs`` is not used

@@ -8,7 +8,7 @@ for the MAC count.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,13 +38,27 @@ def _fit_positions(pos: np.ndarray, ch: np.ndarray, size: int
     return (offset, stride, reps, period) if np.array_equal(grid, want) else None
 
 
+def _is_norm(mod: Any) -> bool:
+    """An NNX normalisation layer, or a Linen one's variables (a Linen model through
+    ``nnx.bridge`` is dicts of arrays): running statistics beside at most a scale and bias."""
+    if isinstance(mod, NORM_TYPES):
+        return True
+    return isinstance(mod, Mapping) and {"mean", "var"} <= set(mod) <= set(_NORM_ROLES)
+
+
+def _is_layer(mod: Any) -> bool:
+    """An NNX conv or linear layer, or a Linen one's variables (a kernel)."""
+    return isinstance(mod, (nnx.Conv, nnx.ConvTranspose, nnx.Linear)) or (
+        isinstance(mod, Mapping) and "kernel" in mod)
+
+
 def _role(kind: str, path: G.Path, module_of: Callable[[G.Path], Any]) -> str:
     if kind != "param":
         return kind
     mod = module_of(path[:-1])
-    if isinstance(mod, NORM_TYPES):
+    if _is_norm(mod):
         return _NORM_ROLES.get(path[-1], "channel")
-    if isinstance(mod, (nnx.Conv, nnx.ConvTranspose, nnx.Linear)) and path[-1] == "bias":
+    if _is_layer(mod) and path[-1] == "bias":
         return "bias"
     return "channel"
 
@@ -55,7 +69,11 @@ def module_getter(model: nnx.Module) -> Callable[[G.Path], Any]:
         node = model
         for k in path:
             try:
-                node = getattr(node, k) if isinstance(k, str) and hasattr(node, k) else node[int(k)]
+                if isinstance(node, Mapping):  # a Linen model's variables (nnx.bridge)
+                    node = node[k]
+                else:
+                    node = getattr(node, k) if isinstance(k, str) and hasattr(node, k) \
+                        else node[int(k)]
             except (TypeError, ValueError, IndexError, KeyError, AttributeError):
                 return None
         return node
@@ -154,8 +172,7 @@ def build(an: Analysis, module_of, *, prune: str, ignore: Sequence[str], input_h
     layers: list[G.Layer] = []
     for lr in an.layers:
         path = prefix + lr.path
-        bias = module_of(lr.path + ("bias",)) is not None and not isinstance(
-            module_of(lr.path), NORM_TYPES)
+        bias = module_of(lr.path + ("bias",)) is not None and not _is_norm(module_of(lr.path))
         if lr.kind == "conv":
             pad, in_hw = lr.padding or (None, None)
             layers.append(G.ConvLayer(path, dim(lr.ins), dim(lr.out), lr.kernel, lr.out_hw,
@@ -166,11 +183,10 @@ def build(an: Analysis, module_of, *, prune: str, ignore: Sequence[str], input_h
             layers.append(G.DenseLayer(path, dim(lr.ins), dim(lr.out), bias, lr.tokens))
     seen = {lr.path for lr in an.layers}
     for r in an.records:
-        if r.kind != "param" or r.path[:-1] in seen and not isinstance(
-                module_of(r.path[:-1]), NORM_TYPES):
+        if r.kind != "param" or r.path[:-1] in seen and not _is_norm(module_of(r.path[:-1])):
             continue
         mod = module_of(r.path[:-1])
-        if isinstance(mod, NORM_TYPES):
+        if _is_norm(mod):
             if r.path[:-1] in seen:
                 continue
             seen.add(r.path[:-1])

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from sap_jax.structure import groups as G
+from sap_jax.structure import linen
 from sap_jax.structure.codec import path_str
 from sap_jax.structure.slicing import DEPTHWISE_MARK
 from sap_jax.tracing import rules
@@ -48,7 +49,8 @@ def _program_cached(graphdef, treedef, leaf_avals, x_aval, mode: str | None,
         m = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         if mode == "eval":
             m.eval()
-        y = getattr(m, method)(x)
+        with linen.stored_widths():  # a cut Linen model (via nnx.bridge) runs as it is stored
+            y = getattr(m, method)(x)
         return y, jax.tree.leaves(nnx.state(m))
 
     closed, out_shape = jax.make_jaxpr(pure, return_shape=True)(list(leaf_avals), x_aval)

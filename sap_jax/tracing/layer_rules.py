@@ -63,13 +63,29 @@ def conv_rule(an: Analysis, eqn, ins, shapes, key):
     return [out]
 
 
+def _free_axis_position(eqn, operand: int, axis: int, shapes) -> int | None:
+    """Where ``dot_general`` puts axis ``axis`` of operand ``operand`` in its output when that
+    axis is neither contracted nor batched (output: batch axes, lhs free, rhs free); else None."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    free = [[d for d in range(len(shapes[i])) if d not in (lc, rc)[i] and d not in (lb, rb)[i]]
+            for i in (0, 1)]
+    if axis not in free[operand]:
+        return None
+    return len(lb) + (len(free[0]) if operand == 1 else 0) + free[operand].index(axis)
+
+
 def dot_general_rule(an: Analysis, eqn, ins, shapes, key):
     """``dot_general``: a linear layer when one operand is an activation contracted over its
     channels and the other a parameter; along another axis (token mixing) channels pass."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     acts = [i for i, a in enumerate(ins) if isinstance(a, Act)]
-    if len(acts) != 1 or not isinstance(ins[1 - acts[0]], Par) \
-            or len(ins[1 - acts[0]].items) != 1:
+    other = ins[1 - acts[0]] if len(acts) == 1 else None
+    if len(acts) == 1 and isinstance(other, Const):
+        # A computed matrix along other axes (a bilinear resize): the channels pass.
+        axis = _free_axis_position(eqn, acts[0], ins[acts[0]].axis, shapes)
+        if axis is not None:
+            return [Act(axis, ins[acts[0]].sid, ins[acts[0]].cidx)]
+    if len(acts) != 1 or not isinstance(other, Par) or len(other.items) != 1:
         return [an.mixed([ins[i] for i in acts], "multiplied with another activation "
                          "(e.g. attention) or a computed matrix", eqn)]
     ai = acts[0]
