@@ -409,6 +409,55 @@ def dilated(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 32
     return DilatedCNN(num_classes, in_channels, width, rngs or nnx.Rngs(0))
 
 
+# ------------------------------------------------------------------ ViT
+
+class ViTBlock(nnx.Module):
+    """Pre-norm transformer block: multi-head self-attention, then an MLP."""
+
+    def __init__(self, d: int, heads: int, hidden: int, rngs: nnx.Rngs) -> None:
+        self.ln1, self.ln2 = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
+        self.fc1, self.fc2 = nnx.Linear(d, hidden, rngs=rngs), nnx.Linear(hidden, d, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)  # keeps its own random key
+
+    def __call__(self, x: Array) -> Array:
+        h = self.ln1(x)
+        x = x + self.attn(h, h)
+        return x + self.fc2(self.drop(jax.nn.gelu(self.fc1(self.ln2(x)))))
+
+
+class ViT(nnx.Module):
+    """A tiny ViT: conv patch embedding, a cls token broadcast against the batch, learned
+    position embeddings, two blocks, the cls token's logits."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: int,
+                 rngs: nnx.Rngs, patch: int = 2, heads: int = 2) -> None:
+        d = 2 * width
+        self.patch = nnx.Conv(in_channels, d, (patch, patch), strides=patch, padding="VALID",
+                              rngs=rngs)
+        tokens = (image_size // patch) ** 2 + 1
+        self.cls = nnx.Param(jnp.zeros((1, 1, d)))
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, tokens, d)))
+        self.blocks = nnx.List([ViTBlock(d, heads, 2 * d, rngs) for _ in range(2)])
+        self.ln = nnx.LayerNorm(d, rngs=rngs)
+        self.head = nnx.Linear(d, num_classes, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        x = self.patch(x)
+        n, d = x.shape[0], x.shape[-1]
+        x = x.reshape(n, -1, d)
+        x = jnp.concatenate([jnp.broadcast_to(self.cls[...], (n, 1, d)), x], axis=1)
+        x = x + self.pos[...]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x)[:, 0])
+
+
+def vit(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 32, width: int = 8,
+        rngs: nnx.Rngs | None = None) -> nnx.Module:
+    return ViT(num_classes, in_channels, image_size, width, rngs or nnx.Rngs(0))
+
+
 ZOO: dict[str, Callable[..., nnx.Module]] = {
     "vgg11_bn": vgg11_bn,
     "vgg16_bn": vgg16_bn,
@@ -420,6 +469,7 @@ ZOO: dict[str, Callable[..., nnx.Module]] = {
     "flatten_cnn": flatten_cnn,
     "unet": unet,
     "dilated": dilated,
+    "vit": vit,
 }
 
 

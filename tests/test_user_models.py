@@ -119,3 +119,32 @@ def test_cls_token_and_stored_key_dropout_shard_over_four_devices_as_on_one(tmp_
     assert len(one) == len(four) >= 10 and np.all(np.isfinite(four))
     n = out[1]["dense_steps"]
     np.testing.assert_allclose(four[:n], one[:n], rtol=2e-5)
+
+
+def test_a_layer_with_several_output_axes_keeps_the_layers_after_it():
+    """``nnx.LinearGeneral(16, (4, 8))`` then an ``nnx.Linear``: both stay in the structure
+    with their MACs (the heads x head_dim output is fixed, not lost), and the count equals
+    XLA's."""
+    from test_trace import _xla_conv_dot_flops
+
+    from sap_jax import tracing
+    from sap_jax.structure import flops
+    from sap_jax.structure import groups as G
+
+    class Heads(nnx.Module):
+        def __init__(self, rngs):
+            self.proj = nnx.Conv(3, 16, (1, 1), rngs=rngs)
+            self.general = nnx.LinearGeneral(16, (4, 8), use_bias=True, rngs=rngs)
+            self.linear = nnx.Linear(32, 10, rngs=rngs)
+
+        def __call__(self, x):
+            y = self.general(nnx.relu(self.proj(x)).mean((1, 2)))
+            return self.linear(y.reshape(y.shape[0], -1))
+
+    model = Heads(nnx.Rngs(0))
+    s, status = tracing.trace(model, (1, 4, 4, 3))
+    dense = {x.path: x for x in s.layers if isinstance(x, G.DenseLayer)}
+    assert dense[("general",)].out_ch == 32 and dense[("linear",)].in_ch == 32
+    assert status["proj"] == "prunable" and "several output axes" in status["general"]
+    assert _xla_conv_dot_flops(model, jnp.ones((1, 4, 4, 3))) == 2 * flops.count(
+        s, count_padding=False).macs

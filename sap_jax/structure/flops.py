@@ -4,7 +4,9 @@ Convention (stated once, used everywhere):
 
 * **MACs** are multiply-accumulates of convolutions and linear layers for one
   image: ``H_out * W_out * k_h * k_w * C_in * C_out / groups`` per conv and
-  ``C_in * C_out`` per linear layer. BatchNorm, activations, pooling, the
+  ``C_in * C_out`` per linear layer and token (plus the products of two
+  activations, attention's QKᵀ and AV: output elements times the contracted
+  size). BatchNorm, activations, pooling, the
   residual add and biases are not counted. One MAC = 2 FLOPs. A transposed conv
   (``nnx.ConvTranspose``: its input dilated by its stride) counts, along each axis
   it upsamples, the taps of each real input pixel instead of each output
@@ -78,6 +80,8 @@ def layer_macs(layer: G.Layer, widths: Sequence[Any], *, count_padding: bool = T
     """
     if isinstance(layer, (G.NormLayer, G.ScaleLayer)):
         return 0
+    if isinstance(layer, G.ProductLayer):
+        return layer.macs
     cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
     if isinstance(layer, G.DenseLayer):
         return layer.tokens * cin * cout
@@ -99,6 +103,8 @@ def layer_params(layer: G.Layer, widths: Sequence[Any]) -> Any:
         return sum(n in ("scale", "bias") for n in layer.names) * _dim(layer.ch, widths)
     if isinstance(layer, G.ScaleLayer):
         return _dim(layer.ch, widths)
+    if isinstance(layer, G.ProductLayer):
+        return 0
     cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
     kh, kw = layer.kernel if isinstance(layer, G.ConvLayer) else (1, 1)
     depthwise = isinstance(layer, G.ConvLayer) and layer.depthwise

@@ -173,7 +173,16 @@ class ScaleLayer:
     ch: Dim
 
 
-Layer = ConvLayer | NormLayer | DenseLayer | ScaleLayer
+@dataclasses.dataclass(frozen=True)
+class ProductLayer:
+    """Two activations multiplied (attention's QKᵀ and AV): ``macs`` per image, no
+    parameters. The tracer fixes the channels of both operands, so the count is constant."""
+
+    path: Path  # the layer producing its first operand, then "product"
+    macs: int
+
+
+Layer = ConvLayer | NormLayer | DenseLayer | ScaleLayer | ProductLayer
 
 #: Slice roles. Kernel roles are what the partial group lasso penalises by
 #: default; norm affine roles (BatchNorm, LayerNorm, ...) are optional; running statistics
@@ -238,6 +247,8 @@ def _has_group(d: Dim) -> bool:
 
 def is_prunable(layer: Layer) -> bool:
     """Whether any channel dimension of ``layer`` belongs to a group."""
+    if isinstance(layer, ProductLayer):
+        return False
     dims = ((layer.ch,) if isinstance(layer, (NormLayer, ScaleLayer))
             else (layer.in_ch, layer.out_ch))
     return any(_has_group(d) for d in dims)
@@ -288,6 +299,8 @@ class Structure:
             if isinstance(layer, ScaleLayer):
                 add(layer.ch, layer.path, 0, "channel")
                 continue
+            if isinstance(layer, ProductLayer):
+                continue
             kernel = layer.path + ("kernel",)
             if isinstance(layer, ConvLayer) and layer.depthwise:
                 add(layer.out_ch, kernel, -1, "depthwise")
@@ -311,6 +324,8 @@ class Structure:
                 continue
             if isinstance(layer, ScaleLayer):
                 shapes[layer.path] = (dim_value(layer.ch, widths),)
+                continue
+            if isinstance(layer, ProductLayer):
                 continue
             cin, cout = dim_value(layer.in_ch, widths), dim_value(layer.out_ch, widths)
             if isinstance(layer, ConvLayer):

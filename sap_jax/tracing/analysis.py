@@ -32,7 +32,7 @@ class Record:
 @dataclasses.dataclass
 class LayerRec:
     """A conv, linear or normalisation layer seen in the forward, before groups are numbered."""
-    kind: str  # conv | dense
+    kind: str  # conv | dense | product (two activations multiplied; tokens = MACs per image)
     path: G.Path  # module path
     ins: tuple[np.ndarray, np.ndarray] | int = 0
     out: tuple[np.ndarray, np.ndarray] | int = 0
@@ -51,8 +51,9 @@ class Analysis:
     """Channel spaces and per-channel parameter uses of one jaxpr (see the module docstring)."""
 
     def __init__(self, leaf_ndims: dict[G.Path, int], ignore: Sequence[str] = (),
-                 strict: bool = True, depthwise: Sequence[G.Path] = ()):
+                 strict: bool = True, depthwise: Sequence[G.Path] = (), images: int = 1):
         self.leaf_ndims = dict(leaf_ndims)
+        self.images = images  # the traced batch: products count their MACs per image
         self.depthwise = set(depthwise)  # convs known to be depthwise (even at one channel)
         # (param path, param axis) pairs whose entries a reduction or product mixed (weight
         # standardisation, spectral norm): a channel there cannot be cut on its own.

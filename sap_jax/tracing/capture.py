@@ -56,7 +56,7 @@ def _program_cached(graphdef, treedef, leaf_avals, x_aval, mode: str | None,
     closed, out_shape = jax.make_jaxpr(pure, return_shape=True)(list(leaf_avals), x_aval)
     # Tracing for a structure (eval mode) is strict; the gated forward only needs its labels.
     an = Analysis({p: len(a.shape) for p, a in zip(leaf_paths, leaf_avals)}, ignore,
-                  strict=mode == "eval", depthwise=depthwise)
+                  strict=mode == "eval", depthwise=depthwise, images=x_aval.shape[0])
     ins = [Par(((p, tuple(range(len(a.shape)))),)) if jnp.issubdtype(a.dtype, jnp.floating)
            else Const(frozenset(vary_all(a))) for p, a in zip(leaf_paths, leaf_avals)]
     ins.append(an.act(x_aval.shape[-1], "the model input", len(x_aval.shape) - 1,

@@ -74,52 +74,72 @@ def _free_axis_position(eqn, operand: int, axis: int, shapes) -> int | None:
     return len(lb) + (len(free[0]) if operand == 1 else 0) + free[operand].index(axis)
 
 
+def _count_product(an: Analysis, eqn, ins, shapes) -> None:
+    """A matrix product that is not a parameter layer (attention's QKᵀ and AV, a bilinear
+    resize's interpolation matrix) still costs MACs: output elements times the contracted
+    size, per image."""
+    (lc, _), _ = eqn.params["dimension_numbers"]
+    macs = int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([shapes[0][d] for d in lc]))
+    an.layers.append(LayerRec("product", (*an.producer_name(ins).split("."), "product"),
+                              tokens=macs // an.images))
+
+
 def dot_general_rule(an: Analysis, eqn, ins, shapes, key):
     """``dot_general``: a linear layer when one operand is an activation contracted over its
-    channels and the other a parameter; along another axis (token mixing) channels pass."""
+    channels and the other a parameter; along another axis (token mixing) channels pass.
+
+    A kernel with several output axes (``nnx.LinearGeneral``'s heads x head_dim) or an input
+    contracted over several axes (attention's output projection) is still a layer (MACs, the
+    layers after it), with those channels fixed."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     acts = [i for i, a in enumerate(ins) if isinstance(a, Act)]
-    other = ins[1 - acts[0]] if len(acts) == 1 else None
-    if len(acts) == 1 and isinstance(other, Const):
-        # A computed matrix along other axes (a bilinear resize): the channels pass.
-        axis = _free_axis_position(eqn, acts[0], ins[acts[0]].axis, shapes)
-        if axis is not None:
-            return [Act(axis, ins[acts[0]].sid, ins[acts[0]].cidx)]
-    if len(acts) != 1 or not isinstance(other, Par) or len(other.items) != 1:
-        return [an.mixed([ins[i] for i in acts], "multiplied with another activation "
-                         "(e.g. attention) or a computed matrix", eqn)]
     ai = acts[0]
     x, w = ins[ai], ins[1 - ai]
+    if len(acts) == 2 or not isinstance(w, Par) or len(w.items) != 1:
+        _count_product(an, eqn, ins, shapes)
+        # A computed matrix along other axes (attention weights times V, a bilinear resize):
+        # the channels pass.
+        axis = _free_axis_position(eqn, ai, x.axis, shapes) if len(acts) == 1 else None
+        if axis is not None:
+            return [Act(axis, x.sid, x.cidx)]
+        return [an.mixed([ins[i] for i in acts], "multiplied with another activation (e.g. "
+                         "attention) or a computed matrix", eqn)]
     xc, wc = (lc, rc) if ai == 0 else (rc, lc)
     xb, wb = (lb, rb) if ai == 0 else (rb, lb)
     path, axes = w.items[0]
-    out_shape = eqn.outvars[0].aval.shape
-    x_free = [d for d in range(len(shapes[ai])) if d not in xc and d not in xb]
-    w_free = [d for d in range(len(shapes[1 - ai])) if d not in wc and d not in wb]
-    # Output axes: batch, then the lhs's free axes, then the rhs's.
-    first, second = (x_free, w_free) if ai == 0 else (w_free, x_free)
-    pos = {("l", d): len(xb) + i for i, d in enumerate(first)}
-    pos.update({("r", d): len(xb) + len(first) + i for i, d in enumerate(second)})
-    x_free_pos = {d: pos[("l" if ai == 0 else "r", d)] for d in x_free}
-    w_free_pos = {d: pos[("r" if ai == 0 else "l", d)] for d in w_free}
     if x.axis in xb:
         return [an.mixed([x], "used as a batch axis of a matrix product", eqn)]
-    if x.axis in x_free:  # a product along another axis (token mixing): channels pass
-        return [Act(x_free_pos[x.axis], x.sid, x.cidx)]
-    wd = wc[list(xc).index(x.axis)]
+    axis = _free_axis_position(eqn, ai, x.axis, shapes)
+    if axis is not None:  # a product along another axis (token mixing): channels pass
+        return [Act(axis, x.sid, x.cidx)]
     module = path[:-1] or path  # a bare parameter on the model: name it by itself
-    an.consumers[key] = (ai, x)
-    an.record("in", path, axes[wd], x.sid, x.cidx)
-    big = [d for d in w_free if axes[d] is not None]  # the kernel's output axis
+    name = ".".join(module)
+    x_free = [d for d in range(len(shapes[ai])) if d not in xc and d not in xb]
+    w_free = [d for d in range(len(shapes[1 - ai])) if d not in wc and d not in wb]
     rows = int(np.prod([shapes[ai][d] for d in x_free[1:]])) if len(x_free) > 1 else 1
-    rec = LayerRec("dense", module, ins=(x.sid, x.cidx), tokens=rows)
+    if len(xc) == 1:
+        an.consumers[key] = (ai, x)
+        an.record("in", path, axes[wc[list(xc).index(x.axis)]], x.sid, x.cidx)
+        rec = LayerRec("dense", module, ins=(x.sid, x.cidx), tokens=rows)
+    else:
+        an.fix(x, f"contracted together with other axes by {name}")
+        rec = LayerRec("dense", module, ins=int(np.prod([shapes[ai][d] for d in xc])),
+                       tokens=rows)
     an.layers.append(rec)
-    if len(big) != 1:
-        rec.out = int(np.prod([shapes[1 - ai][d] for d in w_free]))
+    big = [d for d in w_free if axes[d] is not None]  # the kernel's output axis
+    if len(big) == 1:
+        d = big[0]
+        out = an.act(shapes[1 - ai][d], name, _free_axis_position(eqn, 1 - ai, d, shapes))
+        an.record("out", path, axes[d], out.sid, out.cidx)
+        rec.out = (out.sid, out.cidx)
+        return [out]
+    rec.out = int(np.prod([shapes[1 - ai][d] for d in w_free]))
+    if not w_free:
         return [Const(frozenset(vary_all(eqn.outvars[0].aval)))]
-    d = big[0]
-    out = an.act(shapes[1 - ai][d], ".".join(module), w_free_pos[d])
-    an.record("out", path, axes[d], out.sid, out.cidx)
-    rec.out = (out.sid, out.cidx)
-    assert out_shape[w_free_pos[d]] == len(out.sid)
+    # Several output axes: the last one carries (fixed) labels, so the layers after it are seen.
+    d = w_free[-1]
+    out = an.act(shapes[1 - ai][d], name, _free_axis_position(eqn, 1 - ai, d, shapes),
+                 fixed=f"one of several output axes of {name} (e.g. attention heads); not "
+                       "prunable yet")
+    an.record("out", path, axes[d], out.sid, out.cidx)  # for its status line
     return [out]
