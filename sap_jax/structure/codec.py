@@ -16,6 +16,7 @@ it back as a key of the same implementation (:func:`like`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -43,9 +44,10 @@ def plain(x: Any) -> Any:
     return jax.random.key_data(x)
 
 
+@functools.cache
 def _impl_name(dtype: Any) -> str:
     for name in _KEY_IMPLS:  # the public way from a key dtype back to its implementation
-        if jax.random.key(0, impl=name).dtype == dtype:
+        if jax.eval_shape(lambda n=name: jax.random.key(0, impl=n)).dtype == dtype:
             return name
     raise ValueError(f"unknown random key type {dtype}; known: {', '.join(_KEY_IMPLS)}.")
 

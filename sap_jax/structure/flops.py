@@ -81,7 +81,7 @@ def layer_macs(layer: G.Layer, widths: Sequence[Any], *, count_padding: bool = T
     if isinstance(layer, (G.NormLayer, G.ScaleLayer)):
         return 0
     if isinstance(layer, G.ProductLayer):
-        return layer.macs
+        return layer.per_channel * _dim(layer.ch, widths)
     cin, cout = _dim(layer.in_ch, widths), _dim(layer.out_ch, widths)
     if isinstance(layer, G.DenseLayer):
         return layer.tokens * cin * cout

@@ -175,11 +175,14 @@ class ScaleLayer:
 
 @dataclasses.dataclass(frozen=True)
 class ProductLayer:
-    """Two activations multiplied (attention's QKᵀ and AV): ``macs`` per image, no
-    parameters. The tracer fixes the channels of both operands, so the count is constant."""
+    """A matrix product that is not a parameter layer (attention's QKᵀ and AV, a bilinear
+    resize): ``per_channel * ch`` MACs per image, no parameters. ``ch`` is the channel
+    dimension that passes through it (its cost follows that width), or 1 when the product fixes
+    its operands' channels (``per_channel`` is then the whole count)."""
 
-    path: Path  # the layer producing its first operand, then "product"
-    macs: int
+    path: Path  # the layer producing its first operand, then "product<k>"
+    ch: Dim
+    per_channel: int
 
 
 Layer = ConvLayer | NormLayer | DenseLayer | ScaleLayer | ProductLayer
@@ -247,9 +250,7 @@ def _has_group(d: Dim) -> bool:
 
 def is_prunable(layer: Layer) -> bool:
     """Whether any channel dimension of ``layer`` belongs to a group."""
-    if isinstance(layer, ProductLayer):
-        return False
-    dims = ((layer.ch,) if isinstance(layer, (NormLayer, ScaleLayer))
+    dims = ((layer.ch,) if isinstance(layer, (NormLayer, ScaleLayer, ProductLayer))
             else (layer.in_ch, layer.out_ch))
     return any(_has_group(d) for d in dims)
 

@@ -32,7 +32,7 @@ class Record:
 @dataclasses.dataclass
 class LayerRec:
     """A conv, linear or normalisation layer seen in the forward, before groups are numbered."""
-    kind: str  # conv | dense | product (two activations multiplied; tokens = MACs per image)
+    kind: str  # conv | dense | product (a computed matrix product: MACs = tokens * |out|)
     path: G.Path  # module path
     ins: tuple[np.ndarray, np.ndarray] | int = 0
     out: tuple[np.ndarray, np.ndarray] | int = 0

@@ -182,7 +182,7 @@ def build(an: Analysis, module_of, *, prune: str, ignore: Sequence[str], input_h
         elif lr.kind == "dense":
             layers.append(G.DenseLayer(path, dim(lr.ins), dim(lr.out), bias, lr.tokens))
         elif lr.kind == "product":
-            layers.append(G.ProductLayer(path, lr.tokens))
+            layers.append(G.ProductLayer(path, dim(lr.out), lr.tokens))
     seen = {lr.path for lr in an.layers}
     for r in an.records:
         if r.kind != "param" or r.path[:-1] in seen and not _is_norm(module_of(r.path[:-1])):

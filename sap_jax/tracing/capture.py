@@ -82,8 +82,8 @@ def program(model: nnx.Module, x_aval, mode: str | None, ignore: Sequence[str] =
     ``method`` names the forward (``model.method(x)``)."""
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
-    # jax.typeof keeps a traced array's sharding: a jaxpr traced without it would not bind to
-    # explicitly sharded values (the trainer's mesh).
+    # jax.typeof keeps a traced array's sharding: the jaxpr then binds to values placed on a
+    # mesh (the trainer's).
     avals = tuple(_aval(a) for a in leaves)
     depthwise = tuple(sorted(G.as_path(p) for p, m in nnx.iter_graph(model)
                              if isinstance(m, nnx.Conv) and getattr(m, DEPTHWISE_MARK, False)))

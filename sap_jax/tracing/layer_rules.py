@@ -74,14 +74,21 @@ def _free_axis_position(eqn, operand: int, axis: int, shapes) -> int | None:
     return len(lb) + (len(free[0]) if operand == 1 else 0) + free[operand].index(axis)
 
 
-def _count_product(an: Analysis, eqn, ins, shapes) -> None:
+def _count_product(an: Analysis, eqn, ins, shapes, passing: Act | None = None) -> None:
     """A matrix product that is not a parameter layer (attention's QKᵀ and AV, a bilinear
     resize's interpolation matrix) still costs MACs: output elements times the contracted
-    size, per image."""
+    size, per image. When an activation's channels pass through it (``passing``), the count
+    is per channel of theirs, so it follows their kept width."""
     (lc, _), _ = eqn.params["dimension_numbers"]
     macs = int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([shapes[0][d] for d in lc]))
-    an.layers.append(LayerRec("product", (*an.producer_name(ins).split("."), "product"),
-                              tokens=macs // an.images))
+    macs //= an.images
+    n = sum(r.kind == "product" for r in an.layers)
+    rec = LayerRec("product", (*an.producer_name(ins).split("."), f"product{n}"))
+    if passing is None:
+        rec.out, rec.tokens = 1, macs
+    else:
+        rec.out, rec.tokens = (passing.sid, passing.cidx), macs // len(passing.sid)
+    an.layers.append(rec)
 
 
 def dot_general_rule(an: Analysis, eqn, ins, shapes, key):
@@ -96,10 +103,10 @@ def dot_general_rule(an: Analysis, eqn, ins, shapes, key):
     ai = acts[0]
     x, w = ins[ai], ins[1 - ai]
     if len(acts) == 2 or not isinstance(w, Par) or len(w.items) != 1:
-        _count_product(an, eqn, ins, shapes)
         # A computed matrix along other axes (attention weights times V, a bilinear resize):
         # the channels pass.
         axis = _free_axis_position(eqn, ai, x.axis, shapes) if len(acts) == 1 else None
+        _count_product(an, eqn, ins, shapes, x if axis is not None else None)
         if axis is not None:
             return [Act(axis, x.sid, x.cidx)]
         return [an.mixed([ins[i] for i in acts], "multiplied with another activation (e.g. "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -129,58 +129,52 @@ def _cut(dense: Any, arch: Sequence[np.ndarray], x: Any, found: list[Any]
 
 def _culprit(dense: Any, arch: list[np.ndarray], x: Any, tol: float) -> str | None:
     """The first group whose cut alone fails, or makes the extracted model differ from the
-    gated dense one."""
-    for k, name in enumerate(dense.group_names):
-        one = [a if i == k else np.ones_like(a) for i, a in enumerate(arch)]
+    gated dense one; None when no single cut fails, or when nothing is cut and it still
+    fails (then no group is to blame)."""
+    def fails(a: list[np.ndarray]) -> bool:
         try:
-            if _cut(dense, one, x, [])[2] > tol:
-                return name
+            return _cut(dense, a, x, [])[2] > tol
         except Exception:  # noqa: BLE001 - failing is what is looked for
+            return True
+
+    if fails([np.ones_like(a) for a in arch]):
+        return None
+    for k, name in enumerate(dense.group_names):
+        if fails([a if i == k else np.ones_like(a) for i, a in enumerate(arch)]):
             return name
     return None
 
 
-def _trial_cut(dense: Any, arch: list[np.ndarray], x: Any, tol: float) -> tuple[Any, Any]:
+def _trial_cut(dense: Any, x: Any, seed: int, tol: float) -> tuple[Any, Any]:
     """Stage 1: the trial pruned model and its logits, or a :class:`PreflightError` naming
     the group to leave whole."""
     found: list[Any] = [dense]
-    problem, err = None, 0.0
+    problem, err, arch = None, 0.0, None
     try:
+        arch = surgery.kept_arch(dense, trial_arch(dense.widths, seed))
         small, got, err = _cut(dense, arch, x, found)
     except Exception as e:  # noqa: BLE001 - a user's model may raise anything here
         problem = e
     if problem is None and err <= tol:
         return small, got
-    group = _culprit(dense, arch, x, tol)
+    group = _culprit(dense, arch, x, tol) if arch is not None else None
     what = (f"{type(problem).__name__}: {_first_line(problem)}" if problem is not None else
             f"the extracted model differs from the gated dense one by {err:.2g} (relative; "
             f"tolerance {tol:g})")
     layer = where(problem, found) if problem is not None else None
     fix = (f" Cutting the group {group} alone fails: leave its channels whole with "
            f"model_ignore=['{_layer_name(group, dense)}']." if group else
-           " No single group's cut fails alone; report the model.")
+           " No single group's cut is to blame; report the model.")
     raise PreflightError(f"pre-flight (trial cut) failed{f' in {layer}' if layer else ''}: "
                          f"{what}.{fix} (preflight=False skips this check.)") from problem
 
 
-def check(spec: spec_lib.RunSpec, dense_model: models.PrunableModel, mesh: Any,
-          workdir: Any, num_classes: int) -> dict[str, float]:
-    """Run the pre-flight check (module docstring) on the run's dense model; returns the
-    seconds each stage took. Raises :class:`PreflightError`."""
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    dense = nnx.clone(dense_model)  # eval mode and forward passes must not touch the run's model
-    dense.eval()
-    size, tol = spec.image_size, _TOLERANCE.get(spec.dtype, 5e-2)
-    x = jax.random.normal(jax.random.key(spec.seed), (_IMAGES, size, size, dense.in_channels))
-    arch = surgery.kept_arch(dense, trial_arch(dense.widths, spec.seed))
-    small, got = _trial_cut(dense, arch, x, tol)
-    times["cut_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    directory = parallel.path(workdir) / TRIAL_DIR
+def _save_and_reload(small: Any, got: Any, x: Any, directory: Any, dense_widths: Any,
+                     size: int) -> Any:
+    """Stage 2: the trial model saved and loaded back (bit-equal logits); the directory is
+    removed afterwards."""
     try:
-        surgery.save(directory, small, dense_widths=dense.widths, image_size=size,
+        surgery.save(directory, small, dense_widths=dense_widths, image_size=size,
                      overwrite=True)
         back = surgery.load(directory)
         back.eval()
@@ -197,9 +191,12 @@ def check(spec: spec_lib.RunSpec, dense_model: models.PrunableModel, mesh: Any,
                              "computes other logits than the one saved; a factory's "
                              "model_kwargs must describe the whole network. (preflight=False "
                              "skips this check.)")
-    times["save_load_s"] = time.perf_counter() - t0
+    return back
 
-    t0 = time.perf_counter()
+
+def _on_the_mesh(spec: spec_lib.RunSpec, dense_model: Any, back: Any, mesh: Any,
+                 num_classes: int) -> None:
+    """Stage 3: the trial model's state placed on the mesh; both weight steps lowered."""
     try:
         jax.block_until_ready(parallel.replicate(ModuleCodec(back).split(back), mesh))
     except Exception as e:  # noqa: BLE001
@@ -216,5 +213,39 @@ def check(spec: spec_lib.RunSpec, dense_model: models.PrunableModel, mesh: Any,
                         "training step on the mesh", e,
                         "The forward must run on a batch sharded over the 'data' axis.",
                         [model]) from e
+
+
+def _agreed(stage: Callable[[], Any]) -> Any:
+    """``stage()``, with every process stopping when it failed on any one (the others would
+    otherwise wait for it in the first training step's collectives)."""
+    problem: PreflightError | None = None
+    try:
+        out = stage()
+    except PreflightError as e:
+        problem = e
+    if parallel.any_process(problem is not None):
+        raise problem or PreflightError("pre-flight failed on another process; its log names "
+                                        "the layer. (preflight=False skips this check.)")
+    return out
+
+
+def check(spec: spec_lib.RunSpec, dense_model: models.PrunableModel, mesh: Any,
+          workdir: Any, num_classes: int) -> dict[str, float]:
+    """Run the pre-flight check (module docstring) on the run's dense model; returns the
+    seconds each stage took. Raises :class:`PreflightError`."""
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dense = nnx.clone(dense_model)  # eval mode and forward passes must not touch the run's model
+    dense.eval()
+    size, tol = spec.image_size, _TOLERANCE.get(spec.dtype, 5e-2)
+    x = jax.random.normal(jax.random.key(spec.seed), (_IMAGES, size, size, dense.in_channels))
+    small, got = _agreed(lambda: _trial_cut(dense, x, spec.seed, tol))
+    times["cut_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    back = _agreed(lambda: _save_and_reload(small, got, x, parallel.path(workdir) / TRIAL_DIR,
+                                            dense.widths, size))
+    times["save_load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _agreed(lambda: _on_the_mesh(spec, dense_model, back, mesh, num_classes))
     times["mesh_s"] = time.perf_counter() - t0
     return times
