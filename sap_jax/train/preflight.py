@@ -206,8 +206,7 @@ def _on_the_mesh(spec: spec_lib.RunSpec, dense_model: Any, back: Any, mesh: Any,
     for phase, model in (("search", dense_model), ("finetune", back)):
         try:
             fn, args = planner.weight_step(model, phase)
-            with mesh:
-                fn.lower(*args)
+            fn.lower(*args)  # the arguments carry the run's shardings
         except Exception as e:  # noqa: BLE001
             raise _fail(f"the {'dense' if phase == 'search' else 'trial pruned'} model's "
                         "training step on the mesh", e,
