@@ -194,24 +194,24 @@ def compile_steps(spec: spec_lib.RunSpec, topology: tpu.Topology, *,
     }
     images = {"agn": spec.agn.batch_size, "eval": spec.data.eval_batch_size}
     compiled: dict[str, Compiled] = {}
-    with planner.mesh:
-        for name in names:
-            fn, args = plans[name]()
-            t0 = time.perf_counter()
-            try:
-                exe = fn.lower(*args).compile()
-            except Exception as e:  # noqa: BLE001 - out of HBM is an answer; anything else raises
-                cost = out_of_memory(e)
-                if cost is None:
-                    raise
-                log(f"{name}: does not fit, {cost['refused']}")
-            else:
-                cost = tpu.analyse(exe, topology.chip, topology.chips)
-                log(f"{name}: compiled in {time.perf_counter() - t0:.1f} s, estimated "
-                    f"{cost['estimated_s'] * 1e3:.2f} ms, {cost['hbm_bytes'] / tpu.GiB:.2f} GiB "
-                    "per chip")
-            compiled[name] = Compiled(name, images.get(name, spec.data.batch_size),
-                                      time.perf_counter() - t0, cost)
+    # The arguments carry the slice's shardings: no mesh context (`with mesh:` is deprecated).
+    for name in names:
+        fn, args = plans[name]()
+        t0 = time.perf_counter()
+        try:
+            exe = fn.lower(*args).compile()
+        except Exception as e:  # noqa: BLE001 - out of HBM is an answer; anything else raises
+            cost = out_of_memory(e)
+            if cost is None:
+                raise
+            log(f"{name}: does not fit, {cost['refused']}")
+        else:
+            cost = tpu.analyse(exe, topology.chip, topology.chips)
+            log(f"{name}: compiled in {time.perf_counter() - t0:.1f} s, estimated "
+                f"{cost['estimated_s'] * 1e3:.2f} ms, {cost['hbm_bytes'] / tpu.GiB:.2f} GiB "
+                "per chip")
+        compiled[name] = Compiled(name, images.get(name, spec.data.batch_size),
+                                  time.perf_counter() - t0, cost)
     return {"compiled": compiled, "widths": widths, "macs_ratio": ratios,
             "dense_macs": flops.count(structure)}
 
