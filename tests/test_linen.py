@@ -3,9 +3,6 @@ published JAX vision code writes it): traced, cut to a smaller model that equals
 dense one, counted, saved and loaded, and trained end to end by the CLI."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +16,6 @@ from sap_jax import models, surgery, tracing
 from sap_jax.structure import flops, linen
 from sap_jax.structure import groups as G
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HW = 16
 FACTORY = "examples.linen_resnet:resnet_tiny_linen"
 
@@ -94,12 +90,10 @@ def test_linen_model_through_its_factory_saves_and_loads_bit_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_cli_trains_cuts_finetunes_and_exports_a_linen_resnet(tmp_path):
+    from test_user_models import _main, export_stablehlo
+
     wd = tmp_path / "w"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run([sys.executable, "-m", "sap_jax.main",
-                        "--config=tests/support/tiny_config.py", f"--workdir={wd}",
-                        f"--config.model={FACTORY}", "--config.model_prune=all"],
-                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    p = _main(f"--workdir={wd}", f"--config.model={FACTORY}", "--config.model_prune=all")
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((wd / "results.json").read_text())
     assert r["widths"] != r["dense_widths"] and r["macs_after"] < r["macs_before"]
@@ -108,7 +102,5 @@ def test_cli_trains_cuts_finetunes_and_exports_a_linen_resnet(tmp_path):
     # Training mode reached Linen's BatchNorm: its running statistics moved from their start.
     means = [v for k, v in nnx.to_flat_state(nnx.state(small, nnx.BatchStat)) if k[-1] == "mean"]
     assert means and any(float(jnp.abs(v[...]).max()) > 0 for v in means)
-    e = subprocess.run([sys.executable, "-m", "sap_jax.export", f"--pruned={wd}",
-                        "--format=stablehlo", f"--out={tmp_path / 'e'}"], cwd=ROOT,
-                       capture_output=True, text=True, env=env, timeout=300)
+    e = export_stablehlo(wd, tmp_path / "e")
     assert e.returncode == 0, e.stderr[-2000:]

@@ -64,10 +64,19 @@ def test_a_pruned_model_with_a_stored_key_saves_loads_and_keeps_its_key(tmp_path
 
 
 def _main(*args):
-    return subprocess.run([sys.executable, "-m", "sap_jax.main",
-                           "--config=tests/support/tiny_config.py", *args], cwd=ROOT,
-                          capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+    """``python -m sap_jax.main`` on the tiny config (test_train's runner)."""
+    from test_train import TINY_CONFIG
+    from test_train import _main as main
+
+    return main(TINY_CONFIG, *args)
+
+
+def export_stablehlo(workdir, out):
+    """``python -m sap_jax.export --format=stablehlo`` of a run's pruned model."""
+    return subprocess.run([sys.executable, "-m", "sap_jax.export", f"--pruned={workdir}",
+                           "--format=stablehlo", f"--out={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 @pytest.mark.slow
@@ -80,10 +89,7 @@ def test_cli_trains_cuts_and_exports_a_model_with_a_key_and_a_cls_token(tmp_path
     assert r["widths"] != r["dense_widths"]
     small = surgery.load(wd / "pruned_model")
     assert list(small.widths) == r["widths"] and len(_key_leaves(small)) == 1
-    e = subprocess.run([sys.executable, "-m", "sap_jax.export", f"--pruned={wd}",
-                        "--format=stablehlo", f"--out={tmp_path / 'e'}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    e = export_stablehlo(wd, tmp_path / "e")
     assert e.returncode == 0, e.stderr[-2000:]
     assert (tmp_path / "e" / "model.stablehlo").stat().st_size > 0
 

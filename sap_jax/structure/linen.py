@@ -18,21 +18,15 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-_LAYERS: tuple[type, ...] | None = None
+import flax.linen as nn
 
-
-def _layers() -> tuple[type, ...]:
-    global _LAYERS
-    if _LAYERS is None:
-        import flax.linen as nn
-
-        _LAYERS = (nn.Dense, nn.Conv, nn.ConvTranspose)
-    return _LAYERS
+#: The standard Linen layers whose width is an attribute (``features``).
+_LAYERS = (nn.Dense, nn.Conv, nn.ConvTranspose)
 
 
 def _follow(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
     m = context.module
-    if context.method_name == "__call__" and isinstance(m, _layers()) and m.scope is not None \
+    if context.method_name == "__call__" and isinstance(m, _LAYERS) and m.scope is not None \
             and m.has_variable("params", "kernel"):
         k = m.get_variable("params", "kernel").shape
         transposed = getattr(m, "transpose_kernel", False)
@@ -49,7 +43,5 @@ def _follow(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
 def stored_widths() -> Iterator[None]:
     """Within the block, standard Linen layers take their widths from their stored kernels
     (see the module docstring). Harmless for models without Linen layers."""
-    import flax.linen as nn
-
     with nn.intercept_methods(_follow):
         yield

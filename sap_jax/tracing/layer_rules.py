@@ -63,12 +63,18 @@ def conv_rule(an: Analysis, eqn, ins, shapes, key):
     return [out]
 
 
+def _free_axes(eqn, shapes) -> list[list[int]]:
+    """Each ``dot_general`` operand's axes that are neither contracted nor batched."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    return [[d for d in range(len(shapes[i])) if d not in (lc, rc)[i] and d not in (lb, rb)[i]]
+            for i in (0, 1)]
+
+
 def _free_axis_position(eqn, operand: int, axis: int, shapes) -> int | None:
     """Where ``dot_general`` puts axis ``axis`` of operand ``operand`` in its output when that
     axis is neither contracted nor batched (output: batch axes, lhs free, rhs free); else None."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    free = [[d for d in range(len(shapes[i])) if d not in (lc, rc)[i] and d not in (lb, rb)[i]]
-            for i in (0, 1)]
+    (_, (lb, _)) = eqn.params["dimension_numbers"]
+    free = _free_axes(eqn, shapes)
     if axis not in free[operand]:
         return None
     return len(lb) + (len(free[0]) if operand == 1 else 0) + free[operand].index(axis)
@@ -112,7 +118,7 @@ def dot_general_rule(an: Analysis, eqn, ins, shapes, key):
         return [an.mixed([ins[i] for i in acts], "multiplied with another activation (e.g. "
                          "attention) or a computed matrix", eqn)]
     xc, wc = (lc, rc) if ai == 0 else (rc, lc)
-    xb, wb = (lb, rb) if ai == 0 else (rb, lb)
+    xb = lb if ai == 0 else rb
     path, axes = w.items[0]
     if x.axis in xb:
         return [an.mixed([x], "used as a batch axis of a matrix product", eqn)]
@@ -121,8 +127,8 @@ def dot_general_rule(an: Analysis, eqn, ins, shapes, key):
         return [Act(axis, x.sid, x.cidx)]
     module = path[:-1] or path  # a bare parameter on the model: name it by itself
     name = ".".join(module)
-    x_free = [d for d in range(len(shapes[ai])) if d not in xc and d not in xb]
-    w_free = [d for d in range(len(shapes[1 - ai])) if d not in wc and d not in wb]
+    free = _free_axes(eqn, shapes)
+    x_free, w_free = free[ai], free[1 - ai]
     rows = int(np.prod([shapes[ai][d] for d in x_free[1:]])) if len(x_free) > 1 else 1
     if len(xc) == 1:
         an.consumers[key] = (ai, x)

@@ -92,12 +92,6 @@ def _fail(stage: str, exc: BaseException, hint: str, roots: Sequence[Any] = ()) 
                           f"{_first_line(exc)}. {hint} (preflight=False skips this check.)")
 
 
-def _layer_name(group: str, model: Any) -> str:
-    """A group's name as ``model_ignore`` takes it (a traced model's network is ``net``)."""
-    return group[len("net."):] if isinstance(model, models.TracedModel) and group.startswith(
-        "net.") else group
-
-
 def trial_arch(widths: Sequence[int], seed: int) -> list[np.ndarray]:
     """A random half of every group's channels (at least one; not a prefix, so that the cut
     must follow each group's positions)."""
@@ -163,7 +157,7 @@ def _trial_cut(dense: Any, x: Any, seed: int, tol: float) -> tuple[Any, Any]:
             f"tolerance {tol:g})")
     layer = where(problem, found) if problem is not None else None
     fix = (f" Cutting the group {group} alone fails: leave its channels whole with "
-           f"model_ignore=['{_layer_name(group, dense)}']." if group else
+           f"model_ignore=['{group}']." if group else
            " No single group's cut is to blame; report the model.")
     raise PreflightError(f"pre-flight (trial cut) failed{f' in {layer}' if layer else ''}: "
                          f"{what}.{fix} (preflight=False skips this check.)") from problem
