@@ -12,6 +12,7 @@ in, so the caller only scales pixels to [0, 1].
   batch dimension; ``jax.export.deserialize(open(f, "rb").read()).call(images)`` runs it.
 * ``savedmodel``: a TensorFlow SavedModel in ``OUT/`` (via ``jax2tf``) whose ``serve``
   signature maps ``images`` to ``logits``; TF Serving or ``tf.saved_model.load`` runs it.
+  Needs the optional extra ``[tf]``; without it the command exits 2 naming the install line.
 
 By default every BatchNorm that directly follows a conv is folded into it
 (:func:`sap_jax.surgery.fold_bn`: scaled kernel, one bias; the logits agree with the unfolded
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sap_jax import surgery
-from sap_jax.runtime import parallel
+from sap_jax.runtime import extras, parallel
 
 FORMATS = ("stablehlo", "savedmodel")
 
@@ -108,6 +109,8 @@ def export(directory: str, fmt: str, out: str, *, fold_bn: bool = True) -> dict[
     records."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}.")
+    if fmt == "savedmodel":  # before any tracing
+        extras.require("tf", "--format=savedmodel (jax2tf)")
     directory = resolve(directory)
     fn, contract = serving_fn(directory, fold_bn)
     os.makedirs(out, exist_ok=True)

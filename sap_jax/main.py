@@ -7,7 +7,6 @@ workdir resumes from the latest checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -62,16 +61,8 @@ def main(argv: list[str]) -> None:
         _fail(e)
     import jax
 
-    with console.quiet_stderr() if FLAGS.verbosity <= 0 else contextlib.nullcontext():
-        from sap_jax import train  # (clu imports TensorFlow)
+    from sap_jax import train  # (TensorFlow only later, for a TFDS dataset: train.data)
 
-        # TensorFlow (input pipeline only) must not grab accelerators.
-        try:
-            import tensorflow as tf
-
-            tf.config.set_visible_devices([], "GPU")
-        except Exception:  # noqa: BLE001 - TF absent or already initialised: nothing to hide
-            pass
     console.setup_file(FLAGS.workdir, jax.process_index())
     logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())

@@ -1,22 +1,23 @@
-"""Starting from trained weights: torchvision state_dicts and sap_jax's own saved models."""
+"""Starting from trained weights: torchvision state_dicts (.safetensors and .pth, read without
+torch) and sap_jax's own saved models."""
 
 import json
 import subprocess
 import sys
+import zipfile
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import randomize, slow
 from conftest import tiny_config as tiny
+from support import torch_fixtures
 
 from sap_jax import models, surgery
 from sap_jax.runtime.errors import ConfigError
 from sap_jax.structure import slicing
-from sap_jax.surgery import pretrained
+from sap_jax.surgery import pretrained, torchfile
 from sap_jax.train import config as config_lib
-
-TORCHVISION = ["resnet18", "mobilenet_v2"] + slow(["resnet34", "resnet50", "resnet101"])
 
 
 def _as_torchvision(model) -> dict[str, np.ndarray]:
@@ -59,49 +60,109 @@ def test_a_mismatched_state_dict_names_the_tensor():
         pretrained.torchvision_arrays(sd, model)
 
 
-_TORCHVISION_SIDE = """
-import sys, numpy as np, torch, torchvision.models as tvm
-name, out = sys.argv[1], sys.argv[2]
-torch.manual_seed(0)
-net = getattr(tvm, name)(weights=None)
-with torch.no_grad():  # non-trivial BN statistics and affine, so every tensor matters
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5); m.running_var.uniform_(0.5, 2.0)
-            m.weight.uniform_(0.5, 1.5); m.bias.uniform_(-0.5, 0.5)
-net.eval()
-torch.save(net.state_dict(), out + "/w.pth")
-x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
-with torch.no_grad():
-    np.save(out + "/logits.npy", net(torch.from_numpy(x)).numpy())
-np.save(out + "/x.npy", x)
-"""
+def _write_safetensors(path, arrays):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+    return path
 
 
-@pytest.mark.parametrize("name", TORCHVISION)
-def test_converted_torchvision_models_match_torchvision_logits(tmp_path, name):
-    """A randomly initialised torchvision model (random BN statistics too), its .pth loaded
-    through init_from's path: torchvision's own eval logits within 1e-4 relative. torchvision
-    runs in a fresh interpreter: its triton import crashes next to TensorFlow."""
-    pytest.importorskip("torch", reason="the optional extra [torch] is not installed")
-    r = subprocess.run([sys.executable, "-c", _TORCHVISION_SIDE, name, str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"] + slow(["resnet50"]))
+def test_torchvision_safetensors_give_torchvision_logits(tmp_path, name):
+    """Seeded NumPy weights (every tensor of torchvision's state_dict, random BN statistics
+    too) written as .safetensors and loaded through init_from's path: the eval logits equal
+    those torchvision computed on the same weights (committed by tests/fixtures/torch/make.py)
+    within 1e-4 relative. No torch here."""
+    weights = torch_fixtures.seeded_state_dict(torch_fixtures.manifest(name))
+    path = _write_safetensors(tmp_path / "model.safetensors", weights)
     model = models.create(name)
-    assert pretrained.load_into(model, f"torchvision:{tmp_path / 'w.pth'}") > 0
+    assert pretrained.load_into(model, f"torchvision:{path}") == len(slicing.flat_arrays(model))
     model.eval()
-    x, want = np.load(tmp_path / "x.npy"), np.load(tmp_path / "logits.npy")
-    got = np.asarray(model(jnp.asarray(x.transpose(0, 2, 3, 1))))
+    want = np.load(torch_fixtures.FIXTURES / f"{name}_logits.npy")
+    got = np.asarray(model(jnp.asarray(torch_fixtures.seeded_input().transpose(0, 2, 3, 1))))
     err = np.abs(got - want).max() / np.abs(want).max()
-    print(f"{name}: max |jax - torch| / max |torch| = {err:.2e}")
+    print(f"{name}: max |jax - torchvision| / max |torchvision| = {err:.2e}")
     assert err < 1e-4
 
 
-def test_a_damaged_pth_file_is_named(tmp_path):
-    pytest.importorskip("torch", reason="the optional extra [torch] is not installed")
-    (tmp_path / "w.pth").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(pretrained.PretrainedError, match=r"cannot read .*w\.pth as a PyTorch file"):
-        pretrained.load_into(models.create("resnet_tiny"), f"torchvision:{tmp_path / 'w.pth'}")
+def test_a_safetensors_with_a_wrong_or_missing_tensor_names_it(tmp_path):
+    model = models.create("resnet_tiny")
+    sd = _as_torchvision(randomize(model, seed=1))
+    assert pretrained.load_into(models.create("resnet_tiny"), "torchvision:" + str(
+        _write_safetensors(tmp_path / "ok.safetensors", sd))) > 0
+    bad = dict(sd, **{"layer1.0.bn2.running_var": np.ones(3, np.float32)})
+    with pytest.raises(pretrained.PretrainedError,
+                       match=r"layer1\.0\.bn2\.running_var.*has shape \(3,\)"):
+        pretrained.load_into(model, "torchvision:" + str(
+            _write_safetensors(tmp_path / "bad.safetensors", bad)))
+    sd.pop("fc.bias")
+    with pytest.raises(pretrained.PretrainedError, match=r"lacks 'fc\.bias'"):
+        pretrained.load_into(model, "torchvision:" + str(
+            _write_safetensors(tmp_path / "missing.safetensors", sd)))
+
+
+def test_a_genuine_pth_reads_without_torch():
+    """tiny.pth, written by torch.save: every dtype torchvision files use, a transposed view and
+    a slice at an offset into one shared storage, a Parameter, 0-d and empty tensors, and the
+    checkpoint's plain values."""
+    obj = torchfile.load(torch_fixtures.FIXTURES / "tiny.pth")
+    assert {k: v for k, v in obj.items() if k != "state_dict"} == {
+        "epoch": 3, "arch": "tiny", "best": 0.5, "names": ["a", "b"], "shape": (1, 2)}
+    got, want = obj["state_dict"], torch_fixtures.tiny_expected()
+    assert list(got) == ["f32", "f32_t", "f32_slice", "f16", "f64", "i64", "i32", "i8", "u8",
+                         "bool", "scalar", "empty", "bn.num_batches_tracked", "bf16", "param"]
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype and got[k].shape == w.shape, k
+        assert got[k].tobytes() == np.ascontiguousarray(w).tobytes(), k  # bit for bit
+        assert got[k].flags.c_contiguous and got[k].flags.writeable, k
+    # init_from takes the state_dict out of the checkpoint dict; integer entries are ignored
+    assert set(pretrained.read_torch(str(torch_fixtures.FIXTURES / "tiny.pth"))) == set(want)
+
+
+def test_a_pth_that_would_run_code_is_refused_without_running_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the payload would write PWNED here
+    with pytest.raises(torchfile.UnsafePickle, match=r"asks for posix\.system"):
+        torchfile.load(torch_fixtures.FIXTURES / "unsafe.pth")
+    assert not (tmp_path / "PWNED").exists()
+    with pytest.raises(pretrained.PretrainedError, match="must not run code"):
+        pretrained.load_into(models.create("resnet_tiny"),
+                             f"torchvision:{torch_fixtures.FIXTURES / 'unsafe.pth'}")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _rewrite(src, dst, change):
+    """Copy the zip ``src`` to ``dst`` with ``change(name, data) -> data`` applied."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for n in z.namelist():
+            out.writestr(n, change(n, z.read(n)))
+    return dst
+
+
+def test_damaged_and_legacy_pth_files_are_named(tmp_path):
+    tiny = torch_fixtures.FIXTURES / "tiny.pth"
+    cases = {
+        # storage 0 cut short
+        "short.pth": (lambda n, d: d[:40] if n.endswith("data/0") else d,
+                      r"storage 0 holds 40 bytes.*damaged"),
+        # storage 0 recorded with 16 elements: the (4, 6) tensor would read past it
+        "strides.pth": (lambda n, d: d.replace(b"cpuq\x13K\x18", b"cpuq\x13K\x10")
+                        if n.endswith("data.pkl") else d, r"reaches element 23 of storage 0"),
+        "nostorage.pth": (lambda n, d: d, r"lacks the storage tiny/data/5"),
+    }
+    for name, (change, msg) in cases.items():
+        path = _rewrite(tiny, tmp_path / name, change)
+        if name == "nostorage.pth":
+            with zipfile.ZipFile(tiny) as z, zipfile.ZipFile(path, "w") as out:
+                for n in z.namelist():
+                    if not n.endswith("data/5"):
+                        out.writestr(n, z.read(n))
+        with pytest.raises(torchfile.TorchFileError, match=msg):
+            torchfile.load(path)
+    with pytest.raises(pretrained.PretrainedError, match="pre-1.6 format.*re-save it"):
+        pretrained.read_torch(str(torch_fixtures.FIXTURES / "tiny_legacy.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(pretrained.PretrainedError, match="neither a PyTorch .pth"):
+        pretrained.load_into(models.create("resnet_tiny"), f"torchvision:{tmp_path / 'junk.pth'}")
 
 
 def test_a_saved_sap_jax_model_starts_another(tmp_path):
@@ -126,9 +187,12 @@ def test_init_from_is_validated_before_anything_runs(tmp_path):
         with pytest.raises(ConfigError, match=msg):
             config_lib.validate(tiny(init_from=value), device_count=1, process_count=1)
     (tmp_path / "w.pth").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="convert to the ImageNet ResNets and MobileNetV2"):
+    with pytest.raises(ConfigError, match="neither a PyTorch .pth .zip. file nor .safetensors"):
         config_lib.validate(tiny(init_from=f"torchvision:{tmp_path / 'w.pth'}"), device_count=1,
                             process_count=1)
+    with pytest.raises(ConfigError, match="convert to the ImageNet ResNets and MobileNetV2"):
+        config_lib.validate(tiny(init_from=f"torchvision:{torch_fixtures.FIXTURES / 'tiny.pth'}"),
+                            device_count=1, process_count=1)
 
 
 @pytest.mark.slow

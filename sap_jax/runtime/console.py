@@ -2,8 +2,8 @@
 
 The terminal gets the run's own lines (start, one line per epoch, the cut, warnings and
 errors) in a short format, plus, on a terminal, one live progress line with steps/s and an
-ETA. Everything else a run logs (each metric as written to TensorBoard, clu's progress notes,
-orbax, compilation-cache and backend messages) goes only to ``<workdir>/log.txt``.
+ETA. Everything else a run logs (each metric as written to TensorBoard, steps/s notes, orbax,
+compilation-cache and backend messages) goes only to ``<workdir>/log.txt``.
 ``--verbosity=1`` (absl's flag) puts all of it back on the terminal.
 """
 
@@ -18,9 +18,9 @@ from typing import TextIO
 
 from absl import logging
 
-#: Sources (path fragments) whose INFO lines stay out of the terminal: metric echoes, clu's
-#: work-unit notes, orbax, the compilation cache, JAX's backend probing (tpu on a CPU host).
-QUIET_SOURCES = ("logging_writer.py", "clu/", "/orbax/", "compilation_cache.py", "xla_bridge.py")
+#: Sources (path fragments) whose INFO lines stay out of the terminal: orbax, the compilation
+#: cache, JAX's backend probing (tpu on a CPU host). Metric echoes go through :func:`detail`.
+QUIET_SOURCES = ("/orbax/", "compilation_cache.py", "xla_bridge.py")
 LOG_FILE = "log.txt"
 #: A logger for lines that belong in the log file only (every metric of an epoch).
 DETAIL = "sap_jax.detail"

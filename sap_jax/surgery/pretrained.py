@@ -1,15 +1,22 @@
-"""Start from weights someone already trained: torchvision ``.pth`` files and sap_jax's own.
+"""Start from weights someone already trained: torchvision ``.pth``/``.safetensors`` files and
+sap_jax's own.
 
 ``init_from`` (a config field, or :func:`load_into`) names the source:
 
-* ``"torchvision:/path/resnet50.pth"``: a torchvision ResNet-18/34/50/101 or MobileNetV2
-  ``state_dict`` (or a checkpoint dict holding one under ``state_dict``/``model``), converted
+* ``"torchvision:/path/resnet50.pth"`` or ``"torchvision:/path/model.safetensors"``: a
+  torchvision ResNet-18/34/50/101 or MobileNetV2 ``state_dict`` (or a ``.pth`` checkpoint dict
+  holding one under ``state_dict``/``model``; a ``module.`` prefix from DataParallel is
+  dropped), converted
   to the matching built-in model: OIHW kernels to HWIO, linear weights transposed, BN
   ``weight/bias/running_mean/running_var`` to ``scale/bias/mean/var``. Nothing else needs
   changing: the built-in models already follow torchvision where it matters for the logits
   (ResNet v1.5's stride on the 3x3 conv, PyTorch's symmetric ``kernel // 2`` padding where
   XLA's ``SAME`` would pad a stride-2 conv asymmetrically, max-pool padding 1, BN
-  epsilon 1e-5). Reading ``.pth`` files needs ``torch`` (``pip install -e ".[torch]"``).
+  epsilon 1e-5). timm's ResNets use the same names (``timm/resnet50.tv_in1k`` is such a
+  ``.safetensors``). ``num_batches_tracked`` and other integer entries are ignored. Neither
+  format needs PyTorch: ``.safetensors`` is read with ``safetensors``, ``.pth`` with
+  :mod:`sap_jax.surgery.torchfile`, which unpickles tensors and plain containers only and
+  refuses anything else without running it.
 * ``"sap_jax:/path"``: a model saved by :func:`sap_jax.surgery.save` (a directory with
   ``model.json``), or a run's workdir (the weights of its latest checkpoint).
 
@@ -23,11 +30,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from sap_jax.runtime.errors import ConfigError
 from sap_jax.structure import groups as G
 from sap_jax.structure import slicing
+from sap_jax.surgery import torchfile
 
 SOURCES = ("torchvision", "sap_jax")
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
@@ -94,6 +103,16 @@ def _mobilenet_v2_names(model) -> dict[str, tuple[G.Path, str]]:
     return names
 
 
+def _is_weight(name: str, value) -> bool:
+    """A floating-point tensor: ``num_batches_tracked`` and other integer entries are not."""
+    if hasattr(value, "is_floating_point"):  # a torch tensor, passed in directly
+        floating = bool(value.is_floating_point())
+    else:
+        dtype = np.asarray(value).dtype
+        floating = dtype.kind == "f" or dtype == ml_dtypes.bfloat16
+    return floating and not name.endswith("num_batches_tracked")
+
+
 def torchvision_arrays(state_dict: Mapping[str, Any], model
                        ) -> tuple[dict[G.Path, np.ndarray], dict[G.Path, str]]:
     """A torchvision ``state_dict`` as ``model``'s arrays by path (HWIO kernels), and the
@@ -107,7 +126,7 @@ def torchvision_arrays(state_dict: Mapping[str, Any], model
     else:
         raise PretrainedError(f"torchvision weights convert to ResNet-18/34/50/101 and "
                               f"MobileNetV2 only, not to a {type(model).__name__}.")
-    given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    given = {k: v for k, v in state_dict.items() if _is_weight(k, v)}
     unused = sorted(set(given) - set(names))
     if unused:
         raise PretrainedError(f"the torchvision state_dict has {len(unused)} tensor(s) this "
@@ -119,7 +138,7 @@ def torchvision_arrays(state_dict: Mapping[str, Any], model
             raise PretrainedError(f"the torchvision state_dict lacks {tv!r} (for "
                                   f"{'/'.join(path)}): is it the same architecture?")
         a = np.asarray(given[tv].detach().cpu().numpy() if hasattr(given[tv], "detach")
-                       else given[tv], np.float32)
+                       else given[tv]).astype(np.float32)
         if kind == "conv" and a.ndim == 4:
             a = a.transpose(2, 3, 1, 0)  # OIHW -> HWIO (a depthwise O,1,H,W -> H,W,1,O)
         elif kind == "linear" and a.ndim == 2:
@@ -128,25 +147,52 @@ def torchvision_arrays(state_dict: Mapping[str, Any], model
     return out, source
 
 
-def read_torch(path: str) -> Mapping[str, Any]:
-    """The state_dict in a ``.pth`` file (a plain one, or under ``state_dict``/``model``)."""
+def file_format(path: str) -> str | None:
+    """``"safetensors"``, ``"pth"`` (a PyTorch zip, or the pre-1.6 format :func:`read_torch`
+    names the fix for), or None, from the file's first bytes."""
     try:
-        import torch
-    except ImportError as e:
-        raise PretrainedError("init_from = 'torchvision:...' reads .pth files with torch: "
-                              "pip install -e '.[torch]' (a CPU build is enough).") from e
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    if torchfile.is_pytorch_zip(path) or torchfile.is_legacy(path):
+        return "pth"
+    return None
+
+
+def read_torch(path: str) -> Mapping[str, Any]:
+    """The state_dict in a ``.pth`` or ``.safetensors`` file, as NumPy arrays (a ``.pth`` may
+    hold it under ``state_dict``/``model``); without PyTorch."""
     if not os.path.isfile(path):
         raise PretrainedError(f"init_from: {path} is not a file.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise PretrainedError(f"init_from: cannot read {path} as a PyTorch file "
-                              f"({type(e).__name__}: {e}); it is damaged or not a .pth.") from e
+    fmt = file_format(path)
+    if fmt == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            obj = load_file(path)
+        except (SafetensorError, ValueError, OSError) as e:
+            raise PretrainedError(f"init_from: cannot read {path} as .safetensors "
+                                  f"({type(e).__name__}: {e}).") from e
+    elif fmt == "pth":
+        try:
+            obj = torchfile.load(path)
+        except torchfile.TorchFileError as e:
+            raise PretrainedError(f"init_from: {e}") from e
+    else:
+        raise PretrainedError(f"init_from: {path} is neither a PyTorch .pth (zip) file nor "
+                              ".safetensors.")
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping):
         raise PretrainedError(f"init_from: {path} holds a {type(obj).__name__}, not a state_dict.")
+    if obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}  # saved from DataParallel
     return obj
 
 

@@ -20,7 +20,9 @@ import ml_collections
 
 from sap_jax import models, tracing
 from sap_jax.method import agn, baselines, latency, resource
+from sap_jax.runtime import extras
 from sap_jax.runtime.errors import ConfigError  # noqa: F401 - re-exported (it lived here)
+from sap_jax.train import data as data_lib
 from sap_jax.train import spec as spec_lib
 
 DATASETS = ("cifar10", "imagenet2012", "digits", "mnist5k")
@@ -155,13 +157,14 @@ def _check_init_from(c: ml_collections.ConfigDict, model, errors: list[str]) -> 
         return
     if kind == "torchvision":
         if not os.path.isfile(path):
-            errors.append(f"init_from: {path} is not a file (a torchvision .pth state_dict).")
+            errors.append(f"init_from: {path} is not a file (a torchvision state_dict, .pth or "
+                          ".safetensors).")
+        elif pretrained.file_format(path) is None:
+            errors.append(f"init_from: {path} is neither a PyTorch .pth (zip) file nor "
+                          ".safetensors.")
         if model is not None and not isinstance(model, (models.ResNet, models.MobileNetV2)):
             errors.append(f"init_from = {c.init_from!r}: torchvision weights convert to the "
                           f"ImageNet ResNets and MobileNetV2, not to model = {c.model!r}.")
-        if importlib.util.find_spec("torch") is None:
-            errors.append("init_from = 'torchvision:...' reads .pth files with torch: "
-                          "pip install -e '.[torch]' (a CPU build is enough).")
     elif not os.path.isdir(path):
         errors.append(f"init_from: {path} is not a directory (a saved model or a run's workdir).")
 
@@ -182,6 +185,10 @@ def _check_model(c: ml_collections.ConfigDict, run: spec_lib.RunSpec, errors: li
         model = models.create_abstract(c.model)
     if not _in(c.dataset, DATASETS):
         errors.append(f"dataset = {c.dataset!r} is unknown; use one of {DATASETS}.")
+    elif c.dataset in data_lib.DATASET_EXTRAS:
+        extra = data_lib.DATASET_EXTRAS[c.dataset]
+        if not extras.available(extra):
+            errors.append(extras.message(extra, f"dataset = {c.dataset!r}"))
     if not (_int(c.image_size) and c.image_size > 0):
         errors.append(f"image_size = {c.image_size!r} must be a positive integer.")
     elif model is not None:

