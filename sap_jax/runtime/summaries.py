@@ -22,6 +22,9 @@ from collections.abc import Mapping
 
 from sap_jax.runtime import console
 
+#: How often a remote logdir gets the events written so far.
+COPY_EVERY_S = 60.0
+
 
 class Summaries:
     """Scalars for TensorBoard and the log, and a steps/s + ETA report every ``every_steps``.
@@ -36,6 +39,7 @@ class Summaries:
         self._writer = None
         self._local = None  # where events are written for a remote logdir
         self._last: tuple[float, int] | None = None  # (time, step) of the last progress report
+        self._copied = time.monotonic()  # when a remote logdir last got the events
         if enabled:
             from tensorboardX import SummaryWriter
 
@@ -54,6 +58,8 @@ class Summaries:
         if self._writer is not None:
             for k, v in values.items():
                 self._writer.add_scalar(k, float(v), int(step))
+            if self._local is not None and time.monotonic() - self._copied > COPY_EVERY_S:
+                self.flush()  # TensorBoard on the bucket sees the run as it goes
 
     def report_progress(self, step: int) -> None:
         """Every ``every_steps`` steps: ``perf/steps_per_sec`` and ``perf/eta_s`` (over the
@@ -91,6 +97,7 @@ class Summaries:
     def _copy_out(self) -> None:
         from etils import epath
 
+        self._copied = time.monotonic()
         for root, _, files in os.walk(self._local):
             rel = os.path.relpath(root, self._local)
             dest = epath.Path(self.logdir) / rel if rel != "." else epath.Path(self.logdir)

@@ -15,7 +15,7 @@ import os
 import re
 from typing import Any
 
-from sap_jax.runtime import hlo
+from sap_jax.runtime import extras, hlo
 from sap_jax.runtime.errors import ConfigError
 
 GiB = 2**30
@@ -56,8 +56,7 @@ SHAPES = {
     3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
         256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"},
 }
-EXTRA_HINT = ("pip install -c constraints.txt -e '.[tpu]' (the extra pins the libtpu of our jax "
-              "pin)")
+EXTRA_HINT = f"{extras.install_command('tpu')} (the extra pins the libtpu of our jax pin)"
 
 
 class TpuUnavailable(ConfigError):

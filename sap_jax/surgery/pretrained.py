@@ -148,8 +148,9 @@ def torchvision_arrays(state_dict: Mapping[str, Any], model
 
 
 def file_format(path: str) -> str | None:
-    """``"safetensors"``, ``"pth"`` (a PyTorch zip, or the pre-1.6 format :func:`read_torch`
-    names the fix for), or None, from the file's first bytes."""
+    """``"safetensors"``, ``"pth"`` (a PyTorch zip), ``"pth-legacy"`` (PyTorch's pre-1.6
+    format, which :func:`read_torch` refuses naming the fix) or None, from the file's first
+    bytes."""
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -158,9 +159,9 @@ def file_format(path: str) -> str | None:
         return None
     if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
         return "safetensors"
-    if torchfile.is_pytorch_zip(path) or torchfile.is_legacy(path):
+    if torchfile.is_pytorch_zip(path):
         return "pth"
-    return None
+    return "pth-legacy" if torchfile.is_legacy(path) else None
 
 
 def read_torch(path: str) -> Mapping[str, Any]:
@@ -178,7 +179,7 @@ def read_torch(path: str) -> Mapping[str, Any]:
         except (SafetensorError, ValueError, OSError) as e:
             raise PretrainedError(f"init_from: cannot read {path} as .safetensors "
                                   f"({type(e).__name__}: {e}).") from e
-    elif fmt == "pth":
+    elif fmt in ("pth", "pth-legacy"):
         try:
             obj = torchfile.load(path)
         except torchfile.TorchFileError as e:

@@ -159,9 +159,12 @@ def _check_init_from(c: ml_collections.ConfigDict, model, errors: list[str]) -> 
         if not os.path.isfile(path):
             errors.append(f"init_from: {path} is not a file (a torchvision state_dict, .pth or "
                           ".safetensors).")
-        elif pretrained.file_format(path) is None:
+        elif (fmt := pretrained.file_format(path)) is None:
             errors.append(f"init_from: {path} is neither a PyTorch .pth (zip) file nor "
                           ".safetensors.")
+        elif fmt == "pth-legacy":
+            errors.append(f"init_from: {path} is in PyTorch's pre-1.6 format; re-save it with a "
+                          "current torch or convert it to .safetensors.")
         if model is not None and not isinstance(model, (models.ResNet, models.MobileNetV2)):
             errors.append(f"init_from = {c.init_from!r}: torchvision weights convert to the "
                           f"ImageNet ResNets and MobileNetV2, not to model = {c.model!r}.")
@@ -352,6 +355,13 @@ def load_file(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from e
 
 
+def _invalid(errors: list[str]) -> str:
+    """One line for one error (what a script greps); a list for several."""
+    if len(errors) == 1:
+        return f"invalid config: {errors[0]}"
+    return "invalid config:\n  - " + "\n  - ".join(errors)
+
+
 def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
              process_count: int | None = None) -> None:
     """Raise :class:`ConfigError` listing every invalid field of ``c``: unknown ones (with close
@@ -359,7 +369,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
     values cannot be checked)."""
     run, errors = spec_lib.read(c)
     if run is None:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+        raise ConfigError(_invalid(errors))
     device_count = jax.device_count() if device_count is None else device_count
     process_count = jax.process_count() if process_count is None else process_count
     model = _check_model(c, run, errors)
@@ -371,7 +381,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
     _check_rest(c, errors)
     _check_init_from(c, model, errors)
     if errors:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+        raise ConfigError(_invalid(errors))
 
 
 #: Fields that change where a run keeps or reads things, what it logs and plots, how often it

@@ -116,9 +116,6 @@ class Env:
         self.dtype = jnp.dtype(spec.dtype)
         self.spe = d.steps_per_epoch or self.data.steps_per_epoch(d.batch_size)
         total = (spec.optim.num_epochs + spec.finetune.num_epochs) * self.spe
-        self.writer = summaries.Summaries(str(self.workdir), enabled=jax.process_index() == 0,
-                                          total_steps=total, every_steps=spec.log_every_steps)
-        self.report_progress = self.writer.report_progress
         self.progress_line = console.ProgressLine(total, enabled=jax.process_index() == 0)
         self.ckpts = checkpoints.Checkpoints(self.workdir, keep=spec.keep_checkpoints,
                                              config_hash=checkpoints.config_hash(config),
@@ -135,6 +132,11 @@ class Env:
         self.cut_policy = spec_lib.cut_policy(spec.budget, backend=jax.default_backend(),
                                               table=self.latency_table)
         self.generator_loss = spec_lib.resource_loss(spec.budget, table=self.latency_table)
+        # Last, so nothing above can fail with the writer (a thread, a file) open;
+        # train_and_evaluate closes it.
+        self.writer = summaries.Summaries(str(self.workdir), enabled=jax.process_index() == 0,
+                                          total_steps=total, every_steps=spec.log_every_steps)
+        self.report_progress = self.writer.report_progress
         self.watch: checkpoints.PreemptionWatch | None = None  # set while the phases run
         self.cache_stats: parallel.CacheStats | None = None
         self.remeasure_speed = False  # set by train_and_evaluate for a finished run
