@@ -204,7 +204,7 @@ def test_a_pickle_cannot_change_what_it_names_or_demand_unbounded_memory(tmp_pat
 
 
 def test_damaged_and_legacy_pth_files_are_named(tmp_path):
-    tiny = torch_fixtures.FIXTURES / "tiny.pth"
+    tiny_pth = torch_fixtures.FIXTURES / "tiny.pth"
     cases = {
         # storage 0 cut short
         "short.pth": (lambda n, d: d[:40] if n.endswith("data/0") else d,
@@ -215,9 +215,9 @@ def test_damaged_and_legacy_pth_files_are_named(tmp_path):
         "nostorage.pth": (lambda n, d: d, r"lacks the storage tiny/data/5"),
     }
     for name, (change, msg) in cases.items():
-        path = _rewrite(tiny, tmp_path / name, change)
+        path = _rewrite(tiny_pth, tmp_path / name, change)
         if name == "nostorage.pth":
-            with zipfile.ZipFile(tiny) as z, zipfile.ZipFile(path, "w") as out:
+            with zipfile.ZipFile(tiny_pth) as z, zipfile.ZipFile(path, "w") as out:
                 for n in z.namelist():
                     if not n.endswith("data/5"):
                         out.writestr(n, z.read(n))
@@ -225,6 +225,13 @@ def test_damaged_and_legacy_pth_files_are_named(tmp_path):
             torchfile.load(path)
     with pytest.raises(pretrained.PretrainedError, match="pre-1.6 format.*re-save it"):
         pretrained.read_torch(str(torch_fixtures.FIXTURES / "tiny_legacy.pth"))
+    data = (torch_fixtures.FIXTURES / "tiny.pth").read_bytes()
+    (tmp_path / "cd.pth").write_bytes(data[:-22] + b"\xff" * 22)  # end of central directory
+    with pytest.raises(pretrained.PretrainedError, match="neither a PyTorch .pth"):
+        pretrained.load_into(models.create("resnet_tiny"), f"torchvision:{tmp_path / 'cd.pth'}")
+    with pytest.raises(ConfigError, match="neither a PyTorch .pth"):
+        config_lib.validate(tiny(init_from=f"torchvision:{tmp_path / 'cd.pth'}"), device_count=1,
+                            process_count=1)
     (tmp_path / "junk.pth").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(pretrained.PretrainedError, match="neither a PyTorch .pth"):
         pretrained.load_into(models.create("resnet_tiny"), f"torchvision:{tmp_path / 'junk.pth'}")
