@@ -37,6 +37,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from experiments import study_config  # noqa: E402
+from sap_jax.runtime import provenance  # noqa: E402
 from sap_jax.train import config as config_lib  # noqa: E402
 
 ARMS = {
@@ -108,12 +109,15 @@ class Runner:
     """Runs one training run per distinct config, ``jobs`` at a time in separate processes, and
     files each finished run in ``archive`` (``<name>.json``: its results.json, wall and CPU
     time). With ``reuse``, an archived run whose config matches is taken instead of rerun, so a
-    study survives the loss of its workdir or machine and can be finished over several sittings."""
+    study survives the loss of its workdir or machine and can be finished over several sittings.
+    A run made by other code (its ``provenance.code_digest`` differs, or it has none) is
+    refused unless ``other_code``: numbers of two versions would be mixed in one table."""
 
-    def __init__(self, study, workdir: str, archive: str, tiny: bool, jobs: int, reuse: bool):
+    def __init__(self, study, workdir: str, archive: str, tiny: bool, jobs: int, reuse: bool,
+                 other_code: bool = False):
         self.study, self.workdir, self.archive = study, workdir, archive
         self.tiny, self.jobs = tiny, jobs
-        self.reuse = reuse
+        self.reuse, self.other_code = reuse, other_code
         self.cache = os.path.join(workdir, "compile_cache")
         self.log: list[dict[str, Any]] = []  # every run behind the numbers: name, wall_s, cpu_s
         self.ran = 0  # of which made by this invocation
@@ -126,6 +130,13 @@ class Runner:
         with open(path) as f:
             rec = json.load(f)
         same = config_lib.result_fields(rec["results"]["config"]) == config_lib.result_fields(want)
+        if same and not self.other_code and not provenance.same_code(
+                rec["results"].get("provenance")):
+            made = (rec["results"].get("provenance") or {}).get("git_commit") or "unrecorded code"
+            raise SystemExit(f"[study] {path} was made by other code ({made}; this is "
+                             f"{provenance.collect()['git_commit'] or 'not a git checkout'}, "
+                             "code digests differ): rerun it (drop --reuse) or pass "
+                             "--reuse-other-code to mix the two.")
         return rec if same else None
 
     def batch(self, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -420,6 +431,14 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
         "(each run's own; the raw results are in `experiments/runs/`, one JSON file a run). "
         "Nothing below is typed by hand.",
         "",
+        "**Machines.** Per-seed numbers depend on the machine: XLA:CPU chooses its kernels by "
+        "the CPU's instruction set, so the same code, library versions and seed give other "
+        "rounding on another CPU, and other numbers from the first epoch on. Compare arms "
+        "within one study (one machine), not single runs across machines; each run's "
+        "`results.json` records what made it (`provenance`: code commit and digest, library "
+        "versions, CPU model and instruction-set flags, `XLA_FLAGS`), and `--reuse` refuses "
+        "archived runs of other code unless `--reuse-other-code` is given.",
+        "",
         f"**Data.** scikit-learn's digits (1797 real 8x8 handwritten digits, upscaled to "
         f"{base.image_size} px): {base.val_size} training images are held out as the validation "
         f"split, which every choice reads (the gamma sweep, `best`); the test split ({test_size} "
@@ -539,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="take finished runs from --archive instead of rerunning them (default: "
                          "rerun everything)")
+    ap.add_argument("--reuse-other-code", action="store_true",
+                    help="with --reuse, also take archived runs made by other code (their "
+                         "results.json provenance.code_digest differs, or is missing)")
     ap.add_argument("--archive", default=None,
                     help="where each finished run is filed as <name>.json (default: the "
                          "repository's experiments/runs/, which holds the runs behind "
@@ -556,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     study = study_config.get_config(tiny=args.tiny)
     if args.no_second:
         study.second.budgets = ()
-    runner = Runner(study, args.workdir, archive, args.tiny, args.jobs or study.jobs, args.reuse)
+    runner = Runner(study, args.workdir, archive, args.tiny, args.jobs or study.jobs, args.reuse,
+                    args.reuse_other_code)
     data = run_study(study, runner)
     print(f"[study] {runner.ran} runs made now, {len(runner.log) - runner.ran} reused from "
           f"{archive}")

@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from sap_jax.runtime import provenance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -61,6 +63,19 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
     data2 = json.loads((out2 / "results_data.json").read_text())
     assert data2["main"] == data["main"] and data2["second"] == data["second"]
     assert sorted(data2["runs"], key=str) == sorted(data["runs"], key=str)
+    # Each run records what made it; a run of other code is refused unless asked for.
+    rec = json.loads((archive / "sap_p0.5_s0.json").read_text())
+    prov = rec["results"]["provenance"]
+    assert prov["code_digest"] == provenance.code_digest() and prov["jax_version"]
+    assert prov["cpu"]["count"] >= 1 and "xla_flags" in prov
+    rec["results"]["provenance"]["code_digest"] = "0" * 64
+    (archive / "sap_p0.5_s0.json").write_text(json.dumps(rec))
+    args = ["--tiny", "--out", str(out2), "--workdir", str(tmp_path / "gone"), "--archive",
+            str(archive), "--reuse"]
+    with pytest.raises(SystemExit, match=r"sap_p0\.5_s0\.json was made by other code"):
+        alignment_study.main(args)
+    assert alignment_study.main([*args, "--reuse-other-code"]) == 0
+    assert not (tmp_path / "gone" / "sap_p0.5_s0").exists()
 
 
 def test_paired_difference_and_interval_against_a_hand_computation():

@@ -25,7 +25,7 @@ from flax import nnx
 
 from sap_jax import models, surgery
 from sap_jax.method import cut
-from sap_jax.runtime import console, parallel, speed, summaries
+from sap_jax.runtime import console, parallel, provenance, speed, summaries
 from sap_jax.runtime.errors import ConfigError, Preempted
 from sap_jax.structure import flops
 from sap_jax.structure import norms as norms_lib
@@ -357,6 +357,7 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: state_lib.Weights
     results["config_changes"] = checkpoints.config_changes(env.workdir)
     init = env.workdir / INIT_FILE
     results["init_from"] = json.loads(init.read_text()) if init.exists() else None
+    results["provenance"] = provenance.collect()
     results["devices"] = {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
                           "count": jax.device_count(), "per_process": jax.local_device_count(),
                           "processes": jax.process_count()}

@@ -85,6 +85,9 @@ def check_run(workdir: pathlib.Path, *, site: os.PathLike | None = None) -> dict
     for tag in ("train/loss", "epoch/val_acc", "finetune/test_acc", "perf/steps_per_sec"):
         assert tag in tags, (tag, sorted(tags))
     assert abs(tags["finetune/test_acc"][-1][1] - results["final_acc"]) < 1e-6
+    from sap_jax.runtime import provenance  # what made the run: this very code
+
+    assert results["provenance"]["code_digest"] == provenance.code_digest()
     return results
 
 
