@@ -1,6 +1,7 @@
 """How does the search behave? Run a config's dense training and search (no fine-tuning) and print,
 per search epoch, the generator's MAC ratio, its sensitive-band share, the alignment ratio, the
-sub-network's validation accuracy and the adaptive lambda.
+sub-network's validation accuracy and the adaptive lambda; validation-split numbers only (a probe
+guides choices, and no choice reads the test split).
 
     python -m experiments.search_probe NAME [field=value ...] [--config quickstart]
         [--workdir /tmp/sap_probe]
@@ -64,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("mac_ratio", "band_share", "alignment_ratio", "subnet_val_acc", "subnet_val_acc_bn",
                 "agn_lam"):
         print(f"  {key:<18} {row(h.get(key, []))}")
-    print(f"  dense test acc {r['dense_acc']:.4f}, cut acc raw {r['cut_acc']:.4f}, BN "
-          f"{r['cut_acc_bn'] if r['cut_acc_bn'] is None else round(r['cut_acc_bn'], 4)}, "
-          f"chosen ratio {r['chosen_arch_ratio']:.4f}, trimmed {r['trimmed_channels']}")
+    # The validation split only: the probe guides choices, and choices never read the test split.
+    print(f"  dense val acc {h['val_acc'][-1]:.4f}, best sub-network val acc "
+          f"{r['best_subnet_val_acc']:.4f}, chosen ratio {r['chosen_arch_ratio']:.4f}, "
+          f"trimmed {r['trimmed_channels']}")
     return 0
 
 
