@@ -13,7 +13,6 @@ checkpoints use), since object stores cannot append.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import shutil
 import tempfile
@@ -98,9 +97,8 @@ class Summaries:
         from etils import epath
 
         self._copied = time.monotonic()
-        for root, _, files in os.walk(self._local):
-            rel = os.path.relpath(root, self._local)
-            dest = epath.Path(self.logdir) / rel if rel != "." else epath.Path(self.logdir)
-            dest.mkdir(parents=True, exist_ok=True)
-            for f in files:
-                (dest / f).write_bytes(pathlib.Path(root, f).read_bytes())
+        for f in pathlib.Path(self._local).rglob("*"):
+            if f.is_file():
+                dest = epath.Path(self.logdir) / str(f.relative_to(self._local))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(f.read_bytes())

@@ -10,7 +10,6 @@ Nothing here runs on a TPU: every time is an estimate from the compiled program 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 from typing import Any
@@ -78,7 +77,7 @@ def prepare_environment() -> None:
 
 
 def require_libtpu() -> None:
-    if importlib.util.find_spec("libtpu") is None:
+    if not extras.available("tpu"):
         raise TpuUnavailable(f"the TPU compiler (libtpu) is not installed: {EXTRA_HINT}.")
 
 
