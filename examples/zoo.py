@@ -454,8 +454,8 @@ class ViT(nnx.Module):
 
 
 def vit(num_classes: int = 10, in_channels: int = 3, *, image_size: int = 32, width: int = 8,
-        rngs: nnx.Rngs | None = None) -> nnx.Module:
-    return ViT(num_classes, in_channels, image_size, width, rngs or nnx.Rngs(0))
+        heads: int = 2, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    return ViT(num_classes, in_channels, image_size, width, rngs or nnx.Rngs(0), heads=heads)
 
 
 ZOO: dict[str, Callable[..., nnx.Module]] = {

@@ -127,10 +127,10 @@ def test_cls_token_and_stored_key_dropout_shard_over_four_devices_as_on_one(tmp_
     np.testing.assert_allclose(four[:n], one[:n], rtol=2e-5)
 
 
-def test_a_layer_with_several_output_axes_keeps_the_layers_after_it():
-    """``nnx.LinearGeneral(16, (4, 8))`` then an ``nnx.Linear``: both stay in the structure
-    with their MACs (the heads x head_dim output is fixed, not lost), and the count equals
-    XLA's."""
+def test_a_layer_with_several_output_axes_is_pruned_by_its_outer_axis():
+    """``nnx.LinearGeneral(16, (4, 8))`` then a flatten and an ``nnx.Linear``: the outer
+    output axis is a group of 4 units of 8 (like attention heads x head_dim), read by the
+    Linear at stride 8; the cut model equals the gated one and the MACs equal XLA's."""
     from test_trace import _xla_conv_dot_flops
 
     from sap_jax import tracing
@@ -149,8 +149,19 @@ def test_a_layer_with_several_output_axes_keeps_the_layers_after_it():
 
     model = Heads(nnx.Rngs(0))
     s, status = tracing.trace(model, (1, 4, 4, 3))
+    k = s.group_names.index("general")
+    assert s.widths[k] == 4 and status["proj"] == status["general"] == "prunable"
     dense = {x.path: x for x in s.layers if isinstance(x, G.DenseLayer)}
-    assert dense[("general",)].out_ch == 32 and dense[("linear",)].in_ch == 32
-    assert status["proj"] == "prunable" and "several output axes" in status["general"]
-    assert _xla_conv_dot_flops(model, jnp.ones((1, 4, 4, 3))) == 2 * flops.count(
-        s, count_padding=False).macs
+    unit = G.DimSum(((G.GroupRef(k), 8),))
+    assert dense[("general",)].out_ch == unit and dense[("linear",)].in_ch == unit
+    assert G.Slice(("linear", "kernel"), -2, "in", 0, 8, 8, 1) in s.groups[k].slices
+    assert G.Slice(("general", "bias"), -2, "bias") in s.groups[k].slices
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 3)), jnp.float32)
+    keep = [np.arange(w) % 2 == 1 for w in s.widths]
+    gated = tracing.gated_call(model, x, [v.astype(np.float32) for v in keep], s)
+    small = surgery.extract(model, keep, s)
+    assert small.general.out_features == (2, 8) and small.linear.in_features == 16
+    np.testing.assert_allclose(small(x), gated, rtol=1e-5, atol=1e-6)
+    for m in (model, small):
+        assert _xla_conv_dot_flops(m, jnp.ones((1, 4, 4, 3))) == 2 * flops.count(
+            tracing.structure(m, (1, 4, 4, 3)), count_padding=False).macs

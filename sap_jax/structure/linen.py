@@ -4,12 +4,14 @@
 A Linen layer builds its parameters' shapes from attributes (``nn.Conv(features=64)``) and
 refuses stored arrays of another shape (``ScopeParamShapeError``); the cut slices the arrays
 but cannot reach those attributes, which the Linen module's own code sets on every call.
-Within :func:`stored_widths`, each standard Linen layer (``nn.Dense``, ``nn.Conv``,
-``nn.ConvTranspose``) whose stored kernel has fewer output channels than its ``features``
-says runs with the kernel's width instead (a depthwise conv's ``feature_group_count``
-follows); normalisation layers already take theirs from the input. A custom Linen layer that
-builds a parameter from an attribute (``self.param("w", init, (self.width,))``) still fails:
-the pre-flight check names it, and ``model_ignore`` leaves its channels whole.
+Within :func:`stored_widths`, each standard Linen layer (``nn.Dense``, ``nn.DenseGeneral``,
+``nn.Conv``, ``nn.ConvTranspose``) whose stored kernel has fewer output channels than its
+``features`` says runs with the kernel's width instead (a depthwise conv's
+``feature_group_count`` follows; ``nn.MultiHeadDotProductAttention``'s q/k/v projections
+take their head count from their kernels); normalisation layers already take theirs from the
+input. A custom Linen layer that builds a parameter from an attribute
+(``self.param("w", init, (self.width,))``) still fails: the pre-flight check names it, and
+``model_ignore`` leaves its channels whole.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import flax.linen as nn
 
 #: The standard Linen layers whose width is an attribute (``features``).
-_LAYERS = (nn.Dense, nn.Conv, nn.ConvTranspose)
+_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)
 
 
 def _follow(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
@@ -31,7 +33,13 @@ def _follow(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
         k = m.get_variable("params", "kernel").shape
         transposed = getattr(m, "transpose_kernel", False)
         width = int(k[-2] if transposed else k[-1])
-        if isinstance(m.features, int) and width != m.features:
+        if isinstance(m, nn.DenseGeneral):  # kernel: (*batch, *in, *features)
+            many = not isinstance(m.features, int)
+            stored = tuple(int(d) for d in k[len(k) - (len(m.features) if many else 1):])
+            features = stored if many else stored[0]
+            if features != (tuple(m.features) if many else m.features):
+                object.__setattr__(m, "features", features)  # an attention's heads
+        elif isinstance(m.features, int) and width != m.features:
             if getattr(m, "feature_group_count", 1) == m.features > 1:  # depthwise
                 object.__setattr__(m, "feature_group_count", width)
             # A frozen dataclass field: this bound copy lives for this call only.

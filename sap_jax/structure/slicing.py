@@ -82,11 +82,29 @@ def resize_modules(model: nnx.Module) -> None:
             node.kernel_shape = tuple(k)
         elif isinstance(node, nnx.Linear):
             node.in_features, node.out_features = (int(d) for d in node.kernel.shape)
+        elif isinstance(node, nnx.LinearGeneral):  # kernel: (*batch, *in_features, *out)
+            k, nb, ni = node.kernel.shape, len(node.batch_axis), len(node.in_features)
+            node.in_features = tuple(int(d) for d in k[nb:nb + ni])
+            node.out_features = tuple(int(d) for d in k[nb + ni:])
         elif isinstance(node, NORM_TYPES):
             sized = [v for v in (getattr(node, n, None) for n in ("scale", "bias", "mean"))
                      if isinstance(v, nnx.Variable)]
             if sized:  # a norm without any per-channel array has nothing to resize
                 node.num_features = int(sized[0].shape[0])
+    for _, node in nnx.iter_graph(model):  # after its projections
+        if isinstance(node, nnx.MultiHeadAttention):
+            _resize_attention(node)
+
+
+def _resize_attention(node: nnx.MultiHeadAttention) -> None:
+    """Its head counts from its (already resized) projections: q, k, v are
+    ``(..., heads, head_dim)``, so pruned heads shrink ``num_heads`` and ``qkv_features``."""
+    node.num_heads = int(node.query.out_features[0])
+    node.num_kv_heads = int(node.key.out_features[0])
+    node.qkv_features = node.num_heads * node.head_dim
+    node.in_features = int(node.query.in_features[-1])
+    node.in_kv_features = int(node.key.in_features[-1])
+    node.out_features = int(node.out.out_features[-1])
 
 
 def flat_arrays(model: nnx.Module) -> dict[G.Path, Any]:

@@ -48,7 +48,7 @@ def _is_norm(mod: Any) -> bool:
 
 def _is_layer(mod: Any) -> bool:
     """An NNX conv or linear layer, or a Linen one's variables (a kernel)."""
-    return isinstance(mod, (nnx.Conv, nnx.ConvTranspose, nnx.Linear)) or (
+    return isinstance(mod, (nnx.Conv, nnx.ConvTranspose, nnx.Linear, nnx.LinearGeneral)) or (
         isinstance(mod, Mapping) and "kernel" in mod)
 
 

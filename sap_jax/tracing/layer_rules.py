@@ -97,26 +97,45 @@ def _count_product(an: Analysis, eqn, ins, shapes, passing: Act | None = None) -
     an.layers.append(rec)
 
 
+def _batched_pair(an: Analysis, eqn, ins, shapes) -> Act | None:
+    """Two activations multiplied with their channel axes batched together (attention's QKᵀ
+    and AV with heads as channels): channel i of the output reads only channel i of each, so
+    their spaces are tied (one head is one unit across q, k and v) and the channels pass at
+    the batch position. None when the product is laid out otherwise."""
+    (_, (lb, rb)) = eqn.params["dimension_numbers"]
+    x, y = ins
+    if x.axis not in lb or y.axis not in rb or list(lb).index(x.axis) != list(rb).index(y.axis):
+        return None
+    an.elementwise(eqn.primitive.name, [Act(0, x.sid, x.cidx), Act(0, y.sid, y.cidx)], [])
+    return Act(list(lb).index(x.axis), x.sid, x.cidx)
+
+
 def dot_general_rule(an: Analysis, eqn, ins, shapes, key):
     """``dot_general``: a linear layer when one operand is an activation contracted over its
     channels and the other a parameter; along another axis (token mixing) channels pass.
 
-    A kernel with several output axes (``nnx.LinearGeneral``'s heads x head_dim) or an input
-    contracted over several axes (attention's output projection) is still a layer (MACs, the
-    layers after it), with those channels fixed."""
+    A kernel with several output axes (``nnx.LinearGeneral``'s heads x head_dim) gives its
+    outermost one the channels: a unit is one head, the axes after it come along whole. An
+    input contracted over several axes (attention's output projection over heads x head_dim)
+    is read per channel of its channel axis likewise."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     acts = [i for i, a in enumerate(ins) if isinstance(a, Act)]
     ai = acts[0]
     x, w = ins[ai], ins[1 - ai]
-    if len(acts) == 2 or not isinstance(w, Par) or len(w.items) != 1:
-        # A computed matrix along other axes (attention weights times V, a bilinear resize):
-        # the channels pass.
-        axis = _free_axis_position(eqn, ai, x.axis, shapes) if len(acts) == 1 else None
+    if len(acts) == 2:
+        out = _batched_pair(an, eqn, ins, shapes)
+        _count_product(an, eqn, ins, shapes, out)
+        if out is not None:
+            return [out]
+        return [an.mixed([ins[i] for i in acts], "multiplied with another activation along "
+                         "other axes than a shared batch axis", eqn)]
+    if not isinstance(w, Par) or len(w.items) != 1:
+        # A computed matrix along other axes (a bilinear resize): the channels pass.
+        axis = _free_axis_position(eqn, ai, x.axis, shapes)
         _count_product(an, eqn, ins, shapes, x if axis is not None else None)
         if axis is not None:
             return [Act(axis, x.sid, x.cidx)]
-        return [an.mixed([ins[i] for i in acts], "multiplied with another activation (e.g. "
-                         "attention) or a computed matrix", eqn)]
+        return [an.mixed([x], "multiplied with a computed matrix", eqn)]
     xc, wc = (lc, rc) if ai == 0 else (rc, lc)
     xb = lb if ai == 0 else rb
     path, axes = w.items[0]
@@ -130,29 +149,25 @@ def dot_general_rule(an: Analysis, eqn, ins, shapes, key):
     free = _free_axes(eqn, shapes)
     x_free, w_free = free[ai], free[1 - ai]
     rows = int(np.prod([shapes[ai][d] for d in x_free[1:]])) if len(x_free) > 1 else 1
-    if len(xc) == 1:
-        an.consumers[key] = (ai, x)
-        an.record("in", path, axes[wc[list(xc).index(x.axis)]], x.sid, x.cidx)
-        rec = LayerRec("dense", module, ins=(x.sid, x.cidx), tokens=rows)
-    else:
-        an.fix(x, f"contracted together with other axes by {name}")
-        rec = LayerRec("dense", module, ins=int(np.prod([shapes[ai][d] for d in xc])),
-                       tokens=rows)
+    # Contracted over the channel axis (and maybe others, e.g. head_dim): each channel owns
+    # the kernel's slice along the matching axis, and ``inner`` of the layer's inputs.
+    inner = int(np.prod([shapes[ai][d] for d in xc if d != x.axis]))
+    an.consumers[key] = (ai, x)
+    an.record("in", path, axes[wc[list(xc).index(x.axis)]], x.sid, x.cidx)
+    rec = LayerRec("dense", module, ins=(np.repeat(x.sid, inner), np.repeat(x.cidx, inner)),
+                   tokens=rows)
     an.layers.append(rec)
-    big = [d for d in w_free if axes[d] is not None]  # the kernel's output axis
-    if len(big) == 1:
-        d = big[0]
-        out = an.act(shapes[1 - ai][d], name, _free_axis_position(eqn, 1 - ai, d, shapes))
-        an.record("out", path, axes[d], out.sid, out.cidx)
-        rec.out = (out.sid, out.cidx)
-        return [out]
-    rec.out = int(np.prod([shapes[1 - ai][d] for d in w_free]))
-    if not w_free:
-        return [Const(frozenset(vary_all(eqn.outvars[0].aval)))]
-    # Several output axes: the last one carries (fixed) labels, so the layers after it are seen.
-    d = w_free[-1]
-    out = an.act(shapes[1 - ai][d], name, _free_axis_position(eqn, 1 - ai, d, shapes),
-                 fixed=f"one of several output axes of {name} (e.g. attention heads); not "
-                       "prunable yet")
-    an.record("out", path, axes[d], out.sid, out.cidx)  # for its status line
+    big = [d for d in w_free if axes[d] is not None]  # the kernel's output axes
+    if not big:  # a kernel whose output axes the tracer lost (stored flat and reshaped)
+        rec.out = int(np.prod([shapes[1 - ai][d] for d in w_free]))
+        if not w_free:
+            return [Const(frozenset(vary_all(eqn.outvars[0].aval)))]
+        d = w_free[-1]  # fixed labels, so that the layers after it are still seen
+        return [an.act(shapes[1 - ai][d], name, _free_axis_position(eqn, 1 - ai, d, shapes),
+                       fixed=f"produced by {name} along a kernel axis the tracer lost")]
+    d = big[0]  # the outermost: an attention projection's heads
+    inner = int(np.prod([shapes[1 - ai][e] for e in w_free if e != d]))
+    out = an.act(shapes[1 - ai][d], name, _free_axis_position(eqn, 1 - ai, d, shapes))
+    an.record("out", path, axes[d], out.sid, out.cidx)
+    rec.out = (np.repeat(out.sid, inner), np.repeat(out.cidx, inner))
     return [out]
