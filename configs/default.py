@@ -50,8 +50,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.shuffle_buffer = 16384  # tf.data shuffle buffer (streamed datasets only)
     # training examples held out as the validation split (a fixed draw; a slice of train on
     # ImageNet). Every choice a run makes (final_arch="best", sub-network accuracy during
-    # search) reads it; the test split is only reported
-    c.val_size = 5000
+    # search) reads it; the test split is only reported. 0 here, as in the paper: with
+    # sap.final_arch = "last" the run chooses nothing, and dense training and the search keep
+    # every training image; final_arch = "best" needs one (e.g. 5000; validation says so)
+    c.val_size = 0
+    # Fine-tuning also trains on the val_size validation images: after the cut no choice reads
+    # them, so holding them out would only cost training data. False keeps them out (to
+    # compare fine-tuning runs on the validation split yourself).
+    c.val_in_finetune = True
 
     c.optim = optimizer(0.1, (100, 150))  # dense training: 0.1, x0.1 at 100 and 150 (supp. §A)
 
@@ -78,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
         # The generator's resource loss lam * R(T(v)/T_full, p) (docs/method.md §6):
         form="two_sided",  # "two_sided" (ATO, dead band eps: also pulls an architecture far
                            # under p back up) or "one_sided" (NPPM)
-        eps=0.005,  # dead band of the two-sided form
+        eps=0.005,  # dead band of the two-sided form; the adaptive lam does not move inside it
         lam=4.0,  # weight of the resource loss (lineage: 4-8)
         # > 0: dual ascent on log(lam) after each AGN step, by lam_rate * (r - p) / p, so a
         # generator held above p feels a growing pull until it meets p; 0 = a fixed lam (lineage)

@@ -123,3 +123,26 @@ def test_a_tiny_search_ends_at_its_budget_and_the_cut_trims_nothing(tmp_path):
     h = r["history"]
     assert h["mac_ratio"][0] > c.budget.p + 0.1  # it started well above p and came down
     assert max(h["agn_lam"]) > c.budget.lam  # the adaptive lambda took part
+    assert r["agn_steps"] == 28 and 0 <= r["lam_capped_steps"] <= r["agn_steps"]
+
+
+@pytest.mark.slow
+def test_steps_with_lambda_at_its_cap_are_counted_and_reported(tmp_path):
+    """A low cap and a fast controller: lambda reaches lam * lam_max_scale within the first
+    generator steps and stays while the generator is over p; results.json counts those steps,
+    the history gives each epoch's share, and the summary says so."""
+    from support import tiny_config
+
+    c = tiny_config.get_config()
+    c.num_epochs, c.sap.agn_every, c.finetune.num_epochs = 4, 1, 0  # 12 AGN steps
+    c.budget.p, c.budget.lam_rate, c.budget.lam_max_scale = 0.2, 2.0, 1.5
+    r = train.train_and_evaluate(c, str(tmp_path))
+    h = r["history"]
+    assert max(h["agn_lam"]) == pytest.approx(c.budget.lam * 1.5, rel=1e-5)
+    assert r["agn_steps"] == 12 and 0 < r["lam_capped_steps"] <= 12
+    # Each search epoch ran 4 AGN steps: the shares add up to the count.
+    assert sum(round(4 * x) for x in h["agn_lam_capped"]) == r["lam_capped_steps"]
+    # No choice reads the 16 validation images after the cut: fine-tuning takes all 1437.
+    assert r["finetune_examples"] == 1437
+    summary = (tmp_path / "summary.txt").read_text()
+    assert f"after {r['lam_capped_steps']} of 12 generator steps" in summary

@@ -48,6 +48,20 @@ def test_every_shipped_config_is_valid(name):
                         device_count=1, process_count=1)
 
 
+@pytest.mark.parametrize("name", ["default", "cifar10_resnet56", "imagenet_r50",
+                                  "imagenet_r34", "cifar10_mobilenetv2"])
+def test_paper_configs_hold_out_no_validation_split_and_best_asks_for_one(name):
+    """As the paper: every training image trains the model (final_arch = "last" chooses
+    nothing on a validation split); choosing the best architecture needs one."""
+    c = importlib.import_module(f"configs.{name}").get_config()
+    assert c.val_size == 0 and c.sap.final_arch == "last"
+    c.sap.final_arch = "best"
+    with pytest.raises(config_lib.ConfigError, match="set val_size > 0 .*paper configs hold none"):
+        config_lib.validate(c, device_count=1, process_count=1)
+    c.val_size = 5000
+    config_lib.validate(c, device_count=1, process_count=1)
+
+
 def test_config_validation_checks_sizes_against_the_dataset():
     with pytest.raises(config_lib.ConfigError, match="val_size = 1430 leaves 7 of digits.s 1437"):
         config_lib.validate(tiny(val_size=1430))

@@ -129,8 +129,11 @@ def test_imagenet_validation_split_is_a_fixed_slice_of_train_never_trained_on():
         assert len(val) == 2 and all(b["image"].shape == (4, 32, 32, 3) for b in val)
         again = list(d.eval_batches(4, "val"))
         assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(val, again))
-        # The training stream reads the rest of the split: 14 examples a pass.
+        # The training stream reads the rest of the split: 14 examples a pass; fine-tuning
+        # reads the whole split, 20.
         assert d.train_split == "train[6:]" and d.val_split == "train[:6]"
+        assert d.steps_per_epoch(2) == 7 and d.steps_per_epoch(2, with_val=True) == 10
+        assert len(list(d.train_batches(0, 2, with_val=True))) == 10
         with pytest.raises(ValueError, match="val_size = 20"):
             data.ImageNet(image_size=32, val_size=20)
         with pytest.raises(ValueError, match="unknown evaluation split"):
@@ -149,6 +152,26 @@ def test_in_memory_validation_split_is_disjoint_from_training_and_the_same_for_e
     batches = list(a.eval_batches(64, "val"))
     assert sum(float(x["mask"].sum()) for x in batches) == 100
     assert list(a.eval_batches(64, "test"))[0]["image"].shape == (64, 16, 16, 3)
+
+
+def test_fine_tuning_batches_take_the_validation_images_too_and_training_ones_never_do():
+    """``with_val``: one epoch covers the training and the validation rows once each; without
+    it, only the training rows (the order of the training-only epochs is unchanged)."""
+    n = 20
+    ids = np.arange(n)
+    x = ids.astype(np.uint8).reshape(n, 1, 1, 1).repeat(2, 1).repeat(2, 2)
+    d = data.ArrayDataset((x, ids), (x[:4], ids[:4]), num_classes=n, mean=(0.0,), std=(1 / 255,),
+                          val_size=5)
+    seen = lambda bs: sorted(int(v) for b in bs for v in b["label"])  # noqa: E731
+    val = sorted(int(v) for v in d.val_y)
+    assert d.steps_per_epoch(5) == 3 and d.steps_per_epoch(5, with_val=True) == 4
+    plain, folded = list(d.train_batches(0, 5)), list(d.train_batches(0, 5, with_val=True))
+    assert len(plain) == 3 and not set(seen(plain)) & set(val)
+    assert len(folded) == 4 and seen(folded) == list(range(n))
+    for b in folded:  # the image is the row's own
+        np.testing.assert_allclose(b["image"][:, 0, 0, 0], b["label"], atol=1e-4)
+    order = np.random.default_rng([0, 1, 0]).permutation(15)  # unchanged by the new option
+    assert [int(v) for b in plain for v in b["label"]] == [int(d.train_y[i]) for i in order]
 
 
 @pytest.mark.slow

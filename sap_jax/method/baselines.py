@@ -72,3 +72,26 @@ def uniform_widths(structure: G.Structure, p: float, scope: str = "prunable") ->
         ws = [max(G.MIN_KEPT, int(c * mid)) for c in sizes]
         lo, hi = (mid, hi) if widths_ratio(structure, ws, scope, full=full) <= p else (lo, mid)
     return [max(G.MIN_KEPT, int(c * lo)) for c in sizes]
+
+
+def random_widths(structure: G.Structure, p: float, seed: int, scope: str = "prunable",
+                  low: float = 0.25) -> list[int]:
+    """Random per-group widths at the budget: each group's keep fraction is a common scale
+    times its own draw from U(``low``, 1) (seeded), the scale the largest whose MAC ratio is
+    <= ``p``; capped at the group's size, at least one channel. A baseline that spends the
+    budget as the generator does, but without looking at the data."""
+    if not 0 < p <= 1:
+        raise ValueError(f"budget p = {p} must lie in (0, 1].")
+    if not 0 < low <= 1:
+        raise ValueError(f"low = {low} must lie in (0, 1].")
+    sizes, full = list(structure.widths), flops.count(structure)
+    draw = np.random.default_rng([seed, 29]).uniform(low, 1.0, len(sizes))
+
+    def at(scale: float) -> list[int]:
+        return [min(c, max(G.MIN_KEPT, int(c * min(1.0, scale * u)))) for c, u in zip(sizes, draw)]
+
+    lo, hi = 0.0, 1.0 / low
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if widths_ratio(structure, at(mid), scope, full=full) <= p else (lo, mid)
+    return at(lo)

@@ -111,3 +111,19 @@ class ResourceLoss:
         """Return ``(lam * R(r, p), r)`` for the architecture ``arch``."""
         r = self.ratio(structure, arch)
         return self.lam * resource_loss(r, self.p, form=self.form, eps=self.eps), r
+
+
+def adapt_log_lam(log_lam: jax.Array, ratio: jax.Array, p: float, *, rate: float, eps: float,
+                  max_log: float) -> jax.Array:
+    """One step of the adaptive resource weight: ``log(lam_t / lam)`` after an AGN step whose
+    architecture keeps ``ratio`` (dual ascent on the budget constraint, docs/method.md).
+
+    It moves by ``rate * (ratio - p) / p``, except inside the dead band
+    ``[p - eps, p + eps]``: the loss is flat there, so a drifting weight would change nothing
+    until the generator left the band and would then act with a stale value (integrator
+    windup). The integrator is the clipped value itself (within ``[0, max_log]``), so at the
+    cap it stops growing and the first step under the band starts relaxing it.
+    """
+    r = jnp.asarray(ratio, jnp.float32)
+    step = jnp.where(jnp.abs(r - p) > eps, rate * (r - p) / p, 0.0)
+    return jnp.clip(log_lam + step, 0.0, max_log)

@@ -230,6 +230,8 @@ def _check_data(c: ml_collections.ConfigDict, errors: list[str], device_count: i
             errors.append(f"val_size = {c.val_size} leaves {left} of {c.dataset}'s "
                           f"{TRAIN_SIZES[c.dataset]} training examples, fewer than one batch "
                           f"(batch_size = {c.batch_size}).")
+    if not isinstance(c.val_in_finetune, bool):
+        errors.append(f"val_in_finetune = {c.val_in_finetune!r} must be True or False.")
     if (_in(c.dataset, DATASETS) and c.dataset in FIXED_IMAGE_SIZE
             and c.image_size != FIXED_IMAGE_SIZE[c.dataset]):
         errors.append(f"image_size = {c.image_size!r}: {c.dataset} images are "
@@ -287,7 +289,8 @@ def _check_sap(c: ml_collections.ConfigDict, model, errors: list[str]) -> None:
 
     if s.final_arch == "best" and _int(c.val_size) and c.val_size == 0:
         errors.append("sap.final_arch = 'best' judges sub-networks on the validation split: set "
-                      "val_size > 0 (the test split is never used for choices).")
+                      "val_size > 0 (the test split is never used for choices; the paper "
+                      "configs hold none out, since final_arch = 'last' chooses nothing on it).")
 
 
 def _check_agn(c: ml_collections.ConfigDict, errors: list[str], device_count: int) -> None:

@@ -142,11 +142,14 @@ class ArrayDataset:
         self.info = Info(num_classes, self.train_x.shape[1], n, len(self.test_y), val_size,
                          tuple(mean), tuple(std), class_names)
 
-    def steps_per_epoch(self, global_batch: int) -> int:
-        steps = self.info.train_size // global_batch
+    def steps_per_epoch(self, global_batch: int, with_val: bool = False) -> int:
+        """Whole batches in one pass over the training split (``with_val``: and the
+        validation split, which fine-tuning may train on once no choice reads it)."""
+        n = self.info.train_size + (self.info.val_size if with_val else 0)
+        steps = n // global_batch
         if steps == 0:
-            raise ValueError(f"batch_size {global_batch} exceeds the {self.info.train_size} "
-                             "training examples: lower batch_size.")
+            raise ValueError(f"batch_size {global_batch} exceeds the {n} training examples: "
+                             "lower batch_size.")
         return steps
 
     def _local(self, idx: np.ndarray) -> np.ndarray:
@@ -175,17 +178,21 @@ class ArrayDataset:
                 "mask": np.ones(len(idx), np.float32)}
 
     def train_batches(self, epoch: int, global_batch: int, num_steps: int | None = None, *,
-                      start: int = 0) -> Iterator[Batch]:
+                      start: int = 0, with_val: bool = False) -> Iterator[Batch]:
         """One epoch of augmented batches from step ``start`` (to resume mid-epoch); order and
-        augmentation depend only on (seed, epoch, step)."""
-        steps = self.steps_per_epoch(global_batch) if not num_steps else num_steps
-        order = np.random.default_rng([self.seed, 1, epoch]).permutation(self.info.train_size)
+        augmentation depend only on (seed, epoch, step). ``with_val``: the validation images
+        join the training ones (indices past ``train_size``)."""
+        steps = self.steps_per_epoch(global_batch, with_val) if not num_steps else num_steps
+        x, y = self.train_x, self.train_y
+        if with_val and self.info.val_size:
+            x, y = np.concatenate([x, self.val_x]), np.concatenate([y, self.val_y])
+        order = np.random.default_rng([self.seed, 1, epoch]).permutation(len(y))
         order = np.resize(order, steps * global_batch)  # wraps around if num_steps asks for more
         for s in range(start, steps):
             idx = self._local(order[s * global_batch:(s + 1) * global_batch])
             rng = np.random.default_rng([self.seed, 2, epoch, s])
             augment = functools.partial(self._augment, global_batch=global_batch, rng=rng)
-            yield self._batch(self.train_x, self.train_y, idx, augment=augment)
+            yield self._batch(x, y, idx, augment=augment)
 
     def subset_batch(self, index: int, global_batch: int) -> Batch:
         """The ``index``-th AGN batch: a seeded draw from the fixed sub-dataset, not augmented."""
@@ -328,16 +335,18 @@ class ImageNet:
                          tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), names)
         self._subset_iter = None
 
-    def steps_per_epoch(self, global_batch: int) -> int:
-        return max(1, self.info.train_size // global_batch)
+    def steps_per_epoch(self, global_batch: int, with_val: bool = False) -> int:
+        n = self.info.train_size + (self.info.val_size if with_val else 0)
+        return max(1, n // global_batch)
 
     # -- tf.data pieces ------------------------------------------------------
-    def _load(self, split: str, *, shuffle_files: bool, seed: int | None = None):
+    def _load(self, split: str, *, shuffle_files: bool, seed: int | None = None,
+              training: bool = False):
         """This process's shard: equal-sized for training, every example for evaluation."""
         tfds = _tfds()
 
         read = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16)
-        shard = tfds.split_for_jax_process(split, drop_remainder=split == self.train_split)
+        shard = tfds.split_for_jax_process(split, drop_remainder=training)
         return tfds.load("imagenet2012", split=shard, data_dir=self.data_dir,
                          shuffle_files=shuffle_files, read_config=read, download=False)
 
@@ -376,14 +385,16 @@ class ImageNet:
                 "mask": tf.constant(1.0)}
 
     def train_batches(self, epoch: int, global_batch: int, num_steps: int | None = None, *,
-                      start: int = 0) -> Iterator[Batch]:
+                      start: int = 0, with_val: bool = False) -> Iterator[Batch]:
         """One epoch of batches from step ``start``: a resumed epoch replays the same seeded
-        pipeline and skips the batches already trained on."""
+        pipeline and skips the batches already trained on. ``with_val``: TFDS's whole train
+        split, the validation slice included."""
         tf, tfds = _tf(), _tfds()
 
         local = global_batch // jax.process_count()
-        steps = num_steps or self.steps_per_epoch(global_batch)
-        ds = self._load(self.train_split, shuffle_files=True, seed=self.seed + epoch).repeat()
+        steps = num_steps or self.steps_per_epoch(global_batch, with_val)
+        split = "train" if with_val else self.train_split
+        ds = self._load(split, shuffle_files=True, seed=self.seed + epoch, training=True).repeat()
         ds = ds.shuffle(self.shuffle_buffer, seed=self.seed + epoch).enumerate()
         ds = ds.map(self._train_map((self.seed, epoch)), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(local, drop_remainder=True).take(steps).skip(start).prefetch(tf.data.AUTOTUNE)
@@ -394,7 +405,7 @@ class ImageNet:
             tf, tfds = _tf(), _tfds()
 
             frac, seed = self.subset_fraction, self.seed
-            ds = self._load(self.train_split, shuffle_files=False).enumerate()
+            ds = self._load(self.train_split, shuffle_files=False, training=True).enumerate()
             ds = ds.filter(lambda i, ex: tf.random.stateless_uniform(
                 [], tf.stack([tf.cast(seed, tf.int64), i])) < frac)
             ds = ds.map(lambda i, ex: ex).cache().repeat().shuffle(4096, seed=seed).enumerate()

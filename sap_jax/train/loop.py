@@ -78,6 +78,7 @@ class Phase:
     gamma: Callable[[int], jax.Array]  # epoch -> the penalty's weight
     must_save: Callable[[int], bool]  # epochs done -> checkpoint now?
     data_epoch_offset: int = 0  # the data order of epoch e is that of epoch offset + e
+    with_val: bool = False  # train on the validation images too (fine-tuning, no choice left)
     # (epoch, first step, state) -> state
     start_epoch: Callable[[int, int, Weights], Weights] = _keep_state
     # (step, state) -> (state, AGN metrics or None)
@@ -104,7 +105,8 @@ def run_epochs(env, ph: Phase, state: Weights, prog: Progress) -> Weights:
         state = ph.start_epoch(epoch, start, state)
         gamma = ph.gamma(epoch)
         for b in env.data.train_batches(ph.data_epoch_offset + epoch, data.batch_size,
-                                        data.steps_per_epoch or None, start=start):
+                                        data.steps_per_epoch or None, start=start,
+                                        with_val=ph.with_val):
             params, rest, opt_state, m = ph.train_step(
                 state.params, state.rest, state.opt_state,
                 parallel.global_batch(b, env.mesh), ph.penalty_arch(state), gamma,

@@ -50,7 +50,7 @@ def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: fl
                    "subnet_acc_at_cut": "test", "final_acc": "test", "best_subnet_val_acc": "val",
                    "history.test_acc": "test", "history.val_acc": "val",
                    "history.subnet_val_acc": "val", "history.subnet_val_acc_bn": "val",
-                   "history.ft_test_acc": "test"},
+                   "history.ft_test_acc": "test", "history.ft_val_acc": "val"},
         # Alignment: mean norm of the dropped channels over that of the kept ones (0 = a free cut).
         "alignment_ratio_at_cut": meta.get("alignment_ratio_at_cut"),
         # The generator's own (deterministic) ratio, under budget_metric, at the end of the search.
@@ -58,6 +58,11 @@ def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: fl
                              or meta.get("history", {}).get("mac_ratio") or [None])[-1]
                             if spec.sap.selector == "agn" else None),
         "saturated_epochs": meta.get("saturated_epochs", 0),
+        # training images per fine-tuning epoch: the validation split's too with val_in_finetune
+        "finetune_examples": meta.get("finetune_examples"),
+        # AGN steps that ended with the adaptive lambda at lam * lam_max_scale, of agn_steps
+        "lam_capped_steps": meta.get("lam_capped_steps", 0),
+        "agn_steps": meta.get("agn_steps", 0),
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": ratio(after.macs, before.macs),
         "prunable_macs_before": before.prunable_macs, "prunable_macs_after": after.prunable_macs,
@@ -162,6 +167,9 @@ def _notes(r: dict[str, Any]) -> list[str]:
     if r.get("saturated_epochs"):
         lines.append(f"  warning: the generator was saturated above p in {r['saturated_epochs']} "
                      "search epochs (see the log)")
+    if r.get("lam_capped_steps"):
+        lines.append(f"  the adaptive lambda sat at its cap (budget.lam_max_scale) after "
+                     f"{r['lam_capped_steps']} of {r.get('agn_steps', 0)} generator steps")
     if (r.get("round_to") or 1) > 1:
         lines.append(f"  kept widths rounded to multiples of {r['round_to']} (budget.round_to)")
     elif r.get("round_to") == 0:

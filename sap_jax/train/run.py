@@ -115,7 +115,11 @@ class Env:
                                   shuffle_buffer=d.shuffle_buffer)
         self.dtype = jnp.dtype(spec.dtype)
         self.spe = d.steps_per_epoch or self.data.steps_per_epoch(d.batch_size)
-        total = (spec.optim.num_epochs + spec.finetune.num_epochs) * self.spe
+        # Fine-tuning may also train on the validation images (data.val_in_finetune).
+        self.ft_with_val = bool(d.val_in_finetune and self.data.info.val_size)
+        self.spe_ft = d.steps_per_epoch or self.data.steps_per_epoch(d.batch_size,
+                                                                     self.ft_with_val)
+        total = spec.optim.num_epochs * self.spe + spec.finetune.num_epochs * self.spe_ft
         self.progress_line = console.ProgressLine(total, enabled=jax.process_index() == 0)
         self.ckpts = checkpoints.Checkpoints(self.workdir, keep=spec.keep_checkpoints,
                                              config_hash=checkpoints.config_hash(config),
@@ -169,7 +173,8 @@ class Env:
                          bnstats.make_batch_stats_step(codec, self.dtype))
         progs.tx, progs.train_step = steps.make_weight_step(
             codec, structure, spec.optim if phase == "search" else spec.finetune, spec.sap,
-            phase=phase, steps_per_epoch=self.spe, batch_size=spec.data.batch_size,
+            phase=phase, steps_per_epoch=self.spe if phase == "search" else self.spe_ft,
+            batch_size=spec.data.batch_size,
             dtype=self.dtype, skip_nonfinite=spec.on_nonfinite == "skip")
         return progs
 
@@ -254,6 +259,8 @@ def cut_phase(env: Env, dense: Programs, state: state_lib.SearchState,
     ft = measure_cut(env, dense, pruned, state, ft, final, prog)
     prog.add_time("cut", time.perf_counter() - t0)
     prog.phase, prog.epoch, prog.widths = "finetune", 0, widths
+    info = env.data.info
+    prog.finetune_examples = info.train_size + (info.val_size if env.ft_with_val else 0)
     loop.save(env, ft, prog)
     return pruned, ft
 
@@ -288,6 +295,8 @@ def finetune_phase(env: Env, progs: Programs, prog: Progress) -> loop.Phase:
                   _agn: list) -> state_lib.Weights:
         acc, loss = env.evaluate(progs, state.params, state.rest, ones)
         prog.log(ft_epoch=epoch + 1, ft_test_acc=acc, ft_train_loss=train_loss)
+        if not env.ft_with_val and env.data.info.val_size:  # kept out: it can judge the result
+            prog.log(ft_val_acc=env.evaluate(progs, state.params, state.rest, ones, "val")[0])
         env.writer.write_scalars(prog.step, {"finetune/test_acc": acc, "finetune/test_loss": loss})
         logging.info("fine-tune epoch %d/%d  test_acc %.4f  test_loss %.4f", epoch + 1, n, acc,
                      loss)
@@ -296,7 +305,8 @@ def finetune_phase(env: Env, progs: Programs, prog: Progress) -> loop.Phase:
     return loop.Phase(num_epochs=n, train_step=progs.train_step, label=lambda e: "finetune",
                       penalty_arch=lambda st: ones, gamma=lambda e: jnp.float32(0.0),
                       must_save=lambda done: done == n or done % every == 0,
-                      data_epoch_offset=env.spec.optim.num_epochs, end_epoch=end_epoch)
+                      data_epoch_offset=env.spec.optim.num_epochs, end_epoch=end_epoch,
+                      with_val=env.ft_with_val)
 
 
 def _latency_estimate(env: Env, structure, widths: Sequence[int]) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ The norm baselines (``sap.selector = "norm"``) choose ``v`` by channel norm inst
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -133,6 +134,9 @@ class Search:
         if self.searching:
             row.update(self.search_metrics(state))
             row.update(self.generator_health(agn_acc))
+            # (a metric older checkpoints' partial epochs lack)
+            self.prog.lam_capped_steps += int(sum(float(m.get("lam_capped", 0))
+                                                  for m in agn_acc))
             state = self.choose(epoch, row, state)
             state = state.replace(prev_arch=state.arch)
         self.prog.log(**row)
@@ -147,14 +151,16 @@ class Search:
         """The epoch's line on the terminal: what says how the run and the search are going
         (every metric is in log.txt and TensorBoard)."""
         pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-        out = [f"loss {row['train_loss']:.3f}", f"test {pct(row['test_acc'])}",
-               f"val {pct(row['val_acc'])}"]
+        has_val = not math.isnan(row["val_acc"])  # val_size = 0: no validation split
+        out = [f"loss {row['train_loss']:.3f}", f"test {pct(row['test_acc'])}"]
+        out += [f"val {pct(row['val_acc'])}"] if has_val else []
         if self.searching:
             sub = row.get("subnet_val_acc_bn", row["subnet_val_acc"])
             if self.metric == "latency":
                 out.append(f"latency {pct(row['budget_ratio'])}")
-            out += [f"MACs {pct(row['mac_ratio'])}", f"sub-net val {pct(sub)}",
-                    f"align {row['alignment_ratio']:.3f}", f"changed {pct(row['hamming'])}"]
+            out += [f"MACs {pct(row['mac_ratio'])}"]
+            out += [f"sub-net val {pct(sub)}"] if has_val else []
+            out += [f"align {row['alignment_ratio']:.3f}", f"changed {pct(row['hamming'])}"]
             if "agn_lam" in row:
                 out.append(f"lambda {row['agn_lam']:.1f}")
         return "  ".join(out)
@@ -196,7 +202,10 @@ class Search:
                 "agn_mac_ratio_sampled": mean("mac_ratio_sampled"),  # with Gumbel noise
                 "agn_budget_ratio_sampled": mean("budget_ratio_sampled"),
                 "band_share": float(agn_acc[-1]["band_share"]),
-                "agn_lam": float(agn_acc[-1]["lam"])}
+                "agn_lam": float(agn_acc[-1]["lam"]),
+                # the share of the epoch's steps that ended at lambda's cap
+                "agn_lam_capped": float(np.mean([float(m.get("lam_capped", 0))
+                                                 for m in agn_acc]))}
 
     def choose(self, epoch: int, row: dict, state: SearchState) -> SearchState:
         """Keep the best architecture so far and warn about a saturated generator."""

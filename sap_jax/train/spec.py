@@ -54,6 +54,7 @@ class DataSpec:
     eval_batch_size: int
     steps_per_epoch: int  # 0 = one pass over the training split
     val_size: int  # training examples held out as the validation split
+    val_in_finetune: bool  # fine-tuning also trains on the validation images
     shuffle_buffer: int
 
 

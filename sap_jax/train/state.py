@@ -125,6 +125,7 @@ class Progress:
     best_subnet_val_acc: float | None = None
     best_subnet_epoch: int | None = None
     saturated_epochs: int = 0
+    lam_capped_steps: int = 0  # AGN steps that ended with the adaptive lambda at its cap
     dense_acc: float | None = None
     # The cut.
     widths: list[int] | None = None
@@ -133,6 +134,7 @@ class Progress:
     arch_ratio_last: float | None = None
     trimmed_channels: int | None = None
     round_to: int | None = None
+    finetune_examples: int | None = None  # training images per fine-tuning epoch (val folded in)
     cut_acc: float | None = None
     cut_acc_bn: float | None = None
     subnet_acc_at_cut: float | None = None

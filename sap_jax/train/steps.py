@@ -174,8 +174,11 @@ def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
     With ``lam_rate > 0`` it is a dual-ascent controller: after each step it grows by
     ``lam_rate * (r - p) / p`` for the new v's MAC ratio ``r``, within ``[0, log lam_max_scale]``.
     A generator held above p by the cross-entropy therefore feels a growing budget pull until it
-    meets p, and the pull relaxes back to ``lam`` once it does (docs/method.md, "A generator
-    that reaches p"). ``lam_rate = 0`` keeps the lineage's fixed ``lam``.
+    meets p, and the pull relaxes back to ``lam`` once it is well under (docs/method.md, "A
+    generator that reaches p"). ``lam_rate = 0`` keeps the lineage's fixed ``lam``.
+
+    Nothing is integrated inside the loss's dead band, and the cap does not wind up
+    (:func:`sap_jax.method.resource.adapt_log_lam`). ``metrics["lam_capped"]`` is 1 at the cap.
     """
     def apply_fn(model_state, images, arch):
         model = model_codec.merge(*model_state)
@@ -196,9 +199,11 @@ def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
         noise = None if deterministic_v else jax.random.fold_in(key, 1)
         arch = [jax.lax.stop_gradient(v) for v in gen.sample(noise, tau=tau, offset=offset)]
         if lam_rate:
-            r = budget.ratio(structure, arch)
-            log_lam = jnp.clip(log_lam + lam_rate * (r - budget.p) / budget.p, 0.0, max_log)
+            log_lam = resource.adapt_log_lam(log_lam, budget.ratio(structure, arch), budget.p,
+                                             rate=lam_rate, eps=budget.eps, max_log=max_log)
         metrics["lam"] = budget.lam * jnp.exp(log_lam)
+        metrics["lam_capped"] = jnp.float32(lam_rate > 0 and max_log > 0) * (
+            log_lam >= max_log).astype(jnp.float32)
         return agn_params, agn_opt_state, log_lam, arch, metrics
 
     return xla_cpu.jit(step, donate_argnums=(0, 2))
