@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
         # The generator's resource loss lam * R(T(v)/T_full, p) (docs/method.md §6):
         form="two_sided",  # "two_sided" (ATO, dead band eps: also pulls an architecture far
                            # under p back up) or "one_sided" (NPPM)
-        eps=0.005,  # dead band of the two-sided form; the adaptive lam does not move inside it
+        eps=0.005,  # dead band of the two-sided form; the adaptive lam holds still inside it
         lam=4.0,  # weight of the resource loss (lineage: 4-8)
         # > 0: dual ascent on log(lam) after each AGN step, by lam_rate * (r - p) / p, so a
         # generator held above p feels a growing pull until it meets p; 0 = a fixed lam (lineage)

@@ -118,7 +118,7 @@ def baseline_widths(study, arm: str, p: float, seed: int) -> tuple[int, ...]:
     c = arm_config(study, "sap", p, seed)
     structure = models.create_abstract(c.model).structure(c.image_size)
     if arm == "uniform":
-        return tuple(baselines.uniform_widths(structure, p, c.budget.scope))
+        return tuple(baselines.uniform_widths(structure, p, c.budget.scope, fill=True))
     return tuple(baselines.random_widths(structure, p, seed, c.budget.scope))
 
 
@@ -210,6 +210,12 @@ def gl_choice(sweep: dict[str, list[dict]]) -> str:
 
 
 def run_study(study, runner: Runner) -> dict[str, Any]:
+    base = arm_config(study, "sap", study.budgets[0], 0)
+    if not (base.val_size > 0 and base.finetune.num_epochs > 0):
+        raise SystemExit(f"[study] {study.base} has val_size = {base.val_size} and "
+                         f"{base.finetune.num_epochs} fine-tuning epochs: the sweeps are judged "
+                         "on a validation split, after fine-tuning for group lasso; use a base "
+                         "config with both (configs/quickstart.py).")
     tag = lambda p, s: f"p{p}_s{s}"  # noqa: E731
     first = {}
     for p in study.budgets:
@@ -252,9 +258,13 @@ def run_study(study, runner: Runner) -> dict[str, Any]:
             for arm in ("uniform", "random"):
                 second[f"{arm}_{tag(p, s)}"] = dict(arm=arm, p=p, seed=s,
                                                     widths=baseline_widths(study, arm, p, s))
-            second[f"group_lasso_tuned_{tag(p, s)}"] = dict(arm="group_lasso_tuned", p=p, seed=s,
-                                                            gamma=gl_gamma)
+            if gl_gamma != base_gamma:  # else the tuned arm is the group_lasso runs
+                second[f"group_lasso_tuned_{tag(p, s)}"] = dict(
+                    arm="group_lasso_tuned", p=p, seed=s, gamma=gl_gamma)
     done.update(runner.batch(second))
+    if gl_gamma == base_gamma:
+        done.update({f"group_lasso_tuned_{tag(p, s)}": done[f"group_lasso_{tag(p, s)}"]
+                     for p in study.budgets for s in study.seeds})
     main = {str(p): {arm: [done[f"{arm}_{tag(p, s)}"] for s in study.seeds] for arm in ARMS}
             for p in study.budgets}
     sweep = {g: [done[n] for n in names] for g, names in sweep_names.items()}
@@ -545,8 +555,10 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
         "",
         f"**Data.** scikit-learn's digits (1797 real 8x8 handwritten digits, upscaled to "
         f"{base.image_size} px): {base.val_size} training images are held out as the validation "
-        f"split, which every choice reads (the gamma sweep, `best`); the test split ({test_size} "
-        "images) gives the reported numbers only.",
+        f"split, which every choice reads (the gamma sweeps, `best`); the test split ({test_size} "
+        "images) gives the reported numbers only. Fine-tuning trains on the validation images "
+        "too (nothing is chosen on them after the cut), except in group lasso's gamma sweep, "
+        "whose choice reads them after fine-tuning.",
         "",
         f"**Runs.** Every run is `{study.base}` ({base.model}, "
         f"{base.num_epochs} epochs, "
@@ -599,22 +611,10 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
           f"compress), runs are short ({base.num_epochs - base.sap.e_start} search epochs instead "
           f"of 160), and the validation and test splits hold {base.val_size} and {test_size} "
           f"images, so one test image is {100 / test_size:.2f} points of accuracy.", ""]
-    # group lasso's own gamma
     p0 = study.budgets[0]
-    L += ["## 3a. Group lasso's own gamma, judged on the validation split", "",
-          f"At p = {p0}, seeds {tuple(study.sweep_seeds)}, the validation images kept out of "
-          "fine-tuning so that they can judge its result. The gamma with the best mean "
-          "validation accuracy after fine-tuning is the tuned arm's "
-          f"(gamma = {data['gl_gamma']}); the test column is reported, not used.", "",
-          "| gamma | dense val. acc. (%) | val. acc. after fine-tuning (%) "
-          "| final test acc. (%) |", "|---|---|---|---|"]
-    for g, rs in data["gl_sweep"].items():
-        L.append(f"| {g} | {_fmt([r['history']['val_acc'][-1] for r in rs])} | "
-                 f"{_fmt([r['history']['ft_val_acc'][-1] for r in rs])} | "
-                 f"{_fmt(_vals(rs, 'final_acc'))} |")
-    L.append("")
     # gamma sweep
     L += ["## 3. Gamma sweep (Figure 1 analogue), judged on the validation split", "",
+          "### 3a. SAP's gamma", "",
           f"At p = {p0}, seeds {tuple(study.sweep_seeds)}. Dense and sub-network accuracy are "
           "validation accuracy at the end of the search; the test column is reported, not used.",
           "", "![gamma sweep](" + rel("gamma_sweep") + ")", "",
@@ -635,6 +635,19 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
           "validation accuracy stays within 0.5 points of gamma = 0: "
           + (", ".join(repr(g) for g in good) if good else "none in this sweep") + f". "
           f"`{study.base}` uses gamma = {data['base_gamma']}.", ""]
+    # group lasso's own gamma
+    L += ["### 3b. Group lasso's own gamma", "",
+          f"At p = {p0}, seeds {tuple(study.sweep_seeds)}, the validation images kept out of "
+          "fine-tuning so that they can judge its result. The gamma with the best mean "
+          "validation accuracy after fine-tuning is the tuned arm's "
+          f"(gamma = {data['gl_gamma']}); the test column is reported, not used.", "",
+          "| gamma | dense val. acc. (%) | val. acc. after fine-tuning (%) "
+          "| final test acc. (%) |", "|---|---|---|---|"]
+    for g, rs in data["gl_sweep"].items():
+        L.append(f"| {g} | {_fmt([r['history']['val_acc'][-1] for r in rs])} | "
+                 f"{_fmt([r['history']['ft_val_acc'][-1] for r in rs])} | "
+                 f"{_fmt(_vals(rs, 'final_acc'))} |")
+    L.append("")
     # stability
     L += ["## 4. Stability (Figure 2 analogue)", "", "![stability](" + rel("stability") + ")", "",
           f"The epoch from which the architecture differs from the previous epoch's in fewer "

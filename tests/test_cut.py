@@ -19,6 +19,34 @@ def test_rounded_widths_are_multiples_within_the_budget():
     assert flops.count(s, uniform).prunable_macs / full.prunable_macs <= 0.37
 
 
+def test_filled_uniform_widths_reach_the_budget_and_stay_as_uniform_as_they_can():
+    """Rounded down per group, one keep fraction lands well under p on a small model; filled
+    channel by channel it reaches p (no further channel fits) and no two groups' kept
+    fractions differ by more than one channel's worth."""
+    s = models.create_abstract("resnet20").structure(16)
+    for p in (0.5, 0.3, 0.2):
+        plain, filled = baselines.uniform_widths(s, p), baselines.uniform_widths(s, p, fill=True)
+        assert cut.widths_ratio(s, plain) <= cut.widths_ratio(s, filled) <= p
+        assert all(f >= w for f, w in zip(filled, plain))
+        for k in range(len(filled)):  # nothing more fits
+            more = [w + (i == k) for i, w in enumerate(filled)]
+            assert filled[k] == s.widths[k] or cut.widths_ratio(s, more) > p
+        frac = [w / c for w, c in zip(filled, s.widths)]
+        assert max(frac) - min(frac) <= 1 / min(s.widths) + 1e-9
+    assert cut.widths_ratio(s, baselines.uniform_widths(s, 0.3)) < 0.28  # what fill is for
+    assert cut.widths_ratio(s, baselines.uniform_widths(s, 0.3, fill=True)) > 0.29
+
+
+def test_random_widths_meet_the_budget_and_differ_by_seed():
+    s = models.create_abstract("resnet20").structure(16)
+    draws = [baselines.random_widths(s, 0.3, seed) for seed in range(3)]
+    assert len({tuple(w) for w in draws}) == 3
+    for w in draws:
+        assert 0.29 <= cut.widths_ratio(s, w) <= 0.3
+        assert all(1 <= x <= c for x, c in zip(w, s.widths))
+    assert baselines.random_widths(s, 0.3, 1) == draws[1]  # seeded
+
+
 def test_auto_rounding_uses_the_backends_multiple_or_the_largest_half_that_meets_p():
     s = models.create_abstract("resnet56").structure(32)
     full, p = flops.count(s), 0.48

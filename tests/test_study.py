@@ -47,6 +47,9 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
         assert [tuple(r["widths"]) for r in rows[arm]] == [
             alignment_study.baseline_widths(study, arm, 0.5, s) for s in (0, 1)]
     assert rows["random"][0]["widths"] != rows["random"][1]["widths"]
+    for arm in ("uniform", "random", "l1"):  # every arm at the same MACs
+        assert all(abs(r["prunable_macs_ratio"] - 0.5) <= study.budget_tolerance
+                   for r in rows[arm]), arm
     # The paper's gamma and group lasso's own one, chosen on the validation split after
     # fine-tuning (those sweep runs kept the validation images out of fine-tuning).
     sap_pg = json.loads((tmp_path / "runs" / "sap_paper_gamma_p0.5_s0" / "results.json")

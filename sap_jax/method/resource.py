@@ -119,10 +119,11 @@ def adapt_log_lam(log_lam: jax.Array, ratio: jax.Array, p: float, *, rate: float
     architecture keeps ``ratio`` (dual ascent on the budget constraint, docs/method.md).
 
     It moves by ``rate * (ratio - p) / p``, except inside the dead band
-    ``[p - eps, p + eps]``: the loss is flat there, so a drifting weight would change nothing
-    until the generator left the band and would then act with a stale value (integrator
-    windup). The integrator is the clipped value itself (within ``[0, max_log]``), so at the
-    cap it stops growing and the first step under the band starts relaxing it.
+    ``[p - eps, p + eps]`` (the two-sided loss's; ``eps = 0`` for the one-sided one): the loss
+    is flat there, so a drifting weight would change nothing until the generator left the band
+    and would then act with a stale value (integrator windup). The integrator is the clipped
+    value itself (within ``[0, max_log]``), so at the cap it does not grow, and the first step
+    under the band relaxes it.
     """
     r = jnp.asarray(ratio, jnp.float32)
     step = jnp.where(jnp.abs(r - p) > eps, rate * (r - p) / p, 0.0)

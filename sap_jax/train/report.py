@@ -58,7 +58,8 @@ def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: fl
                              or meta.get("history", {}).get("mac_ratio") or [None])[-1]
                             if spec.sap.selector == "agn" else None),
         "saturated_epochs": meta.get("saturated_epochs", 0),
-        # training images per fine-tuning epoch: the validation split's too with val_in_finetune
+        # the images fine-tuning draws its batches from: the training split's, and the
+        # validation split's too with val_in_finetune (steps_per_epoch may cap an epoch)
         "finetune_examples": meta.get("finetune_examples"),
         # AGN steps that ended with the adaptive lambda at lam * lam_max_scale, of agn_steps
         "lam_capped_steps": meta.get("lam_capped_steps", 0),

@@ -134,7 +134,7 @@ class Progress:
     arch_ratio_last: float | None = None
     trimmed_channels: int | None = None
     round_to: int | None = None
-    finetune_examples: int | None = None  # training images per fine-tuning epoch (val folded in)
+    finetune_examples: int | None = None  # images fine-tuning draws from (val folded in or not)
     cut_acc: float | None = None
     cut_acc_bn: float | None = None
     subnet_acc_at_cut: float | None = None

@@ -177,7 +177,7 @@ def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
     meets p, and the pull relaxes back to ``lam`` once it is well under (docs/method.md, "A
     generator that reaches p"). ``lam_rate = 0`` keeps the lineage's fixed ``lam``.
 
-    Nothing is integrated inside the loss's dead band, and the cap does not wind up
+    Nothing is integrated inside the two-sided loss's dead band
     (:func:`sap_jax.method.resource.adapt_log_lam`). ``metrics["lam_capped"]`` is 1 at the cap.
     """
     def apply_fn(model_state, images, arch):
@@ -186,6 +186,7 @@ def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
         return model(images.astype(dtype), arch)
 
     max_log = float(np.log(lam_max_scale))
+    band = budget.eps if budget.form == "two_sided" else 0.0  # the one-sided loss has none
 
     def step(agn_params, agn_rest, agn_opt_state, log_lam, params, rest, batch, key):
         gen = agn_codec.merge(agn_params, agn_rest)
@@ -200,7 +201,7 @@ def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
         arch = [jax.lax.stop_gradient(v) for v in gen.sample(noise, tau=tau, offset=offset)]
         if lam_rate:
             log_lam = resource.adapt_log_lam(log_lam, budget.ratio(structure, arch), budget.p,
-                                             rate=lam_rate, eps=budget.eps, max_log=max_log)
+                                             rate=lam_rate, eps=band, max_log=max_log)
         metrics["lam"] = budget.lam * jnp.exp(log_lam)
         metrics["lam_capped"] = jnp.float32(lam_rate > 0 and max_log > 0) * (
             log_lam >= max_log).astype(jnp.float32)
