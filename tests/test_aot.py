@@ -127,6 +127,28 @@ def test_bad_topology_names_say_what_is_wrong(name, words):
         tpu.parse_name(name)
 
 
+def test_padded_costs_round_features_to_the_mxu_and_arrays_to_their_tiles():
+    """With ``mxu`` a conv's contracted and output features, and a dot's contracted size and
+    output minor dimension, round up to the matrix unit's width; with ``padded`` an array counts
+    at its tiled layout's size (the most minor dimension of its layout to the tile's last
+    size, the next to the first); arrays without a tile stay as they are."""
+    program = hlo.parse(HLO_TEXT)
+    ops = {o.name: o for o in hlo.op_costs(program, mxu=128, padded=True)}
+    assert ops["fusion"].flops == 2 * (8 * 16 * 16 * 128) * (3 * 3 * 128)  # 4 -> 128, 32 -> 128
+    assert ops["fusion.1"].flops == 2 * (8 * 16 * 16 * 128) * (3 * 3 * 128) / 4
+    assert ops["dot"].flops == 2 * 64 * 128 * 128  # 10 output features -> 128
+    # fusion's result f32[8,16,16,32]{3,2,1,0:T(8,128)}: dim 3 32 -> 128, dim 2 16 -> 16.
+    logical = {o.name: o for o in hlo.op_costs(program)}
+    assert ops["fusion"].bytes == logical["fusion"].bytes + 8 * 16 * 16 * (128 - 32) * 4
+    assert hlo.nbytes("bf16[8,14,14,40]{3,0,2,1:T(8,128)(2,1)}", padded=True) == (
+        2 * 128 * 14 * 14 * 8)  # minor dim 3 -> 128; next minor, dim 0 (8), already 8
+    assert hlo.nbytes("bf16[6,14,14,40]{3,0,2,1:T(8,128)(2,1)}", padded=True) == (
+        2 * 128 * 14 * 14 * 8)  # dim 0: 6 -> 8
+    assert hlo.nbytes("f32[100]{0:T(256)}", padded=True) == 4 * 256
+    assert hlo.nbytes("f32[100]{0:T(256)}") == 4 * 100
+    assert hlo.nbytes("(f32[3,5]{1,0}, s32[]{:T(128)})", padded=True) == 4 * 15 + 4
+
+
 def test_conv_roofline_matches_an_independent_count(monkeypatch):
     """A VALID conv compiled for one v5e chip: the per-op FLOPs equal 2*N*Ho*Wo*Cout*Cin*k*k
     and XLA's own count, and the estimate is at least the roofline of the whole program."""
@@ -147,6 +169,9 @@ def test_conv_roofline_matches_an_independent_count(monkeypatch):
     expect = 2 * n * ho * ho * cout * cin * k * k
     assert cost["flops"] == pytest.approx(expect, rel=1e-6)
     assert cost["xla_cost"]["flops"] == pytest.approx(expect, rel=0.01)
+    # On the MXU the 64 input channels take a 128-wide pass: twice the work.
+    assert cost["flops_padded"] == pytest.approx(2 * expect, rel=1e-6)
+    assert cost["estimated_s"] >= cost["estimated_s_logical"]
     whole = max(expect / topo.chip.peak_flops, cost["bytes"] / topo.chip.hbm_bandwidth)
     assert cost["estimated_s"] >= whole * (1 - 1e-9)
     assert cost["collectives"] == {} and cost["hbm_bytes"] > 0

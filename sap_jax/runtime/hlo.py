@@ -11,12 +11,14 @@ so a memory-bound op and a compute-bound one each cost their own bound.
 
 Limits, said where they are used:
 
-- bytes count every operand and result once at its logical size, whatever memory space the
-  compiler placed it in (on-chip buffers included, so memory time is an upper bound) and
-  without the padding of the TPU's tiled layouts;
-- FLOPs are logical too: an MXU pass over a contraction narrower than its width (128 or 256)
-  costs as much as a full one, which is not modelled, so the estimate favours narrow, unaligned
-  widths and cannot show what rounding them to 128 gains;
+- bytes count every operand and result once, whatever memory space the compiler placed it in
+  (on-chip buffers included, so memory time is an upper bound). With ``padded=True`` an array
+  counts at the size of its tiled layout, as the compiler wrote it (``{3,0,2,1:T(8,128)}``: the
+  most minor dimension padded to 128, the next to 8); else at its logical size;
+- FLOPs are logical, or with ``mxu`` (the matrix unit's width: 128, or 256 on v6e) each
+  convolution's and dot's contracted feature dimension and output feature dimension are
+  rounded up to it: an MXU pass over 40 input channels costs what one over 128 does. Other
+  padding (the M dimension, the compiler's own choice of tiles) is not modelled;
 - ops inside ``while``/``conditional`` bodies and top-level ``call``s are not counted (our steps
   have none; :attr:`Program.has_control_flow` flags a program with loops or branches);
 - collectives wrapped in async computations or fusions are not found.
@@ -42,7 +44,7 @@ FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after
         "partition-id", "replica-id", "opt-barrier"}
 
 _ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True))
-                    + r")\[([0-9,]*)\]")
+                    + r")\[([0-9,]*)\](?:\{([^}]*)\})?")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([^\s=]+)\s*=\s*(.*?)\s([a-z][a-z0-9-]*)\((.*)$")
 _HEADER = re.compile(r"^(ENTRY\s+)?%([^\s(]+)\s*\(.*\{\s*$")
 
@@ -53,9 +55,34 @@ def shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
             for m in _ARRAY.finditer(text)]
 
 
-def nbytes(text: str) -> float:
-    """Bytes of every array in an HLO shape."""
-    return float(sum(DTYPE_BYTES[t] * math.prod(d) for t, d in shapes(text)))
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _tiled(dims: tuple[int, ...], layout: str | None) -> tuple[int, ...]:
+    """``dims`` padded as the layout's first tile pads them (``"3,0,2,1:T(8,128)(2,1)"``: the
+    most minor dimension to 128, the second most minor to 8); unchanged without a tile."""
+    if not layout or ":" not in layout or not dims:
+        return dims
+    order, _, rest = layout.partition(":")
+    tile = re.match(r"T\(([0-9,]+)\)", rest)
+    if not tile:
+        return dims
+    minor_to_major = [int(d) for d in order.split(",") if d.strip()]
+    sizes = [int(t) for t in tile.group(1).split(",")]
+    out = list(dims)
+    for axis, size in zip(minor_to_major, reversed(sizes)):
+        out[axis] = _round_up(out[axis], size)
+    return tuple(out)
+
+
+def nbytes(text: str, padded: bool = False) -> float:
+    """Bytes of every array in an HLO shape; ``padded``: at its tiled layout's size."""
+    total = 0.0
+    for m in _ARRAY.finditer(text):
+        dims = tuple(int(d) for d in m.group(2).split(",") if d)
+        total += DTYPE_BYTES[m.group(1)] * math.prod(_tiled(dims, m.group(3)) if padded else dims)
+    return total
 
 
 @dataclasses.dataclass
@@ -130,8 +157,9 @@ def _dims(shape_text: str) -> tuple[int, ...]:
     return arrays[0][1] if arrays else ()
 
 
-def _conv_flops(ins: Instr, known: dict[str, str]) -> float:
-    """2 x output elements x (kernel window x input features per group).
+def _conv_flops(ins: Instr, known: dict[str, str], mxu: int = 0) -> float:
+    """2 x output elements x (kernel window x input features per group); ``mxu``: the input
+    and output features rounded up to it.
 
     Every tap of the window counts (padding included, as the MXU computes it) up to the input's
     own extent in that dimension: the compiler also writes convolutions with the roles swapped
@@ -149,34 +177,48 @@ def _conv_flops(ins: Instr, known: dict[str, str]) -> float:
     per_output = 1
     for d, c in zip(rhs, rhs_labels):
         if c == "i":
-            per_output *= d
+            per_output *= _round_up(d, mxu) if mxu else d
         elif c.isdigit():
             per_output *= min(d, lhs[lhs_labels.index(c)]) if c in lhs_labels else d
     dilate = re.search(r"lhs_dilate=([0-9x]+)", ins.attrs)
     skipped = math.prod(int(d) for d in dilate.group(1).split("x")) if dilate else 1
-    return 2.0 * math.prod(_dims(ins.shape)) * per_output / skipped
+    out = list(_dims(ins.shape))
+    out_labels = labels.split("->")[1]
+    if mxu and "f" in out_labels and len(out) == len(out_labels):
+        f = out_labels.index("f")
+        out[f] = _round_up(out[f], mxu)
+    return 2.0 * math.prod(out) * per_output / skipped
 
 
-def _dot_flops(ins: Instr, known: dict[str, str]) -> float:
+def _dot_flops(ins: Instr, known: dict[str, str], mxu: int = 0) -> float:
+    """2 x output elements x contracted size; ``mxu``: the contracted size and the output's
+    minor (feature) dimension rounded up to it."""
     contracting = ins.attr("lhs_contracting_dims") or "{}"
     idx = [int(d) for d in re.findall(r"\d+", contracting)]
     lhs = _dims(known.get(ins.operands[0], "")) if ins.operands else ()
     k = math.prod(lhs[d] for d in idx if d < len(lhs))
-    return 2.0 * math.prod(_dims(ins.shape)) * k
+    out = list(_dims(ins.shape))
+    if mxu:
+        k = _round_up(k, mxu)
+        if out:
+            out[-1] = _round_up(out[-1], mxu)
+    return 2.0 * math.prod(out) * k
 
 
-def flops(program: Program, computation: str, _seen: tuple[str, ...] = ()) -> float:
-    """FLOPs of the convolutions and dot products of ``computation`` and what it calls."""
+def flops(program: Program, computation: str, _seen: tuple[str, ...] = (), *,
+          mxu: int = 0) -> float:
+    """FLOPs of the convolutions and dot products of ``computation`` and what it calls
+    (``mxu``: feature dimensions rounded up to the matrix unit's width)."""
     known = program.shapes_of(computation)
     total = 0.0
     for ins in program.computations[computation]:
         if ins.opcode == "convolution":
-            total += _conv_flops(ins, known)
+            total += _conv_flops(ins, known, mxu)
         elif ins.opcode == "dot":
-            total += _dot_flops(ins, known)
+            total += _dot_flops(ins, known, mxu)
         for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", ins.attrs):
             if callee in program.computations and callee not in _seen:
-                total += flops(program, callee, _seen + (computation,))
+                total += flops(program, callee, _seen + (computation,), mxu=mxu)
     return total
 
 
@@ -192,19 +234,24 @@ class OpCost:
         return self.opcode.removesuffix("-start") in COLLECTIVES
 
 
-def op_costs(program: Program) -> list[OpCost]:
-    """One :class:`OpCost` per top-level op of the entry computation that does work."""
+def op_costs(program: Program, *, mxu: int = 0, padded: bool = False) -> list[OpCost]:
+    """One :class:`OpCost` per top-level op of the entry computation that does work; ``mxu``
+    and ``padded``: FLOPs and bytes with the hardware's padding (module docstring)."""
     known = program.shapes_of(program.entry)
     out = []
     for ins in program.computations[program.entry]:
         if ins.opcode in FREE or ins.opcode.endswith("-done"):
             continue
-        if ins.opcode in ("convolution", "dot"):
-            f = _conv_flops(ins, known) if ins.opcode == "convolution" else _dot_flops(ins, known)
+        if ins.opcode == "convolution":
+            f = _conv_flops(ins, known, mxu)
+        elif ins.opcode == "dot":
+            f = _dot_flops(ins, known, mxu)
         else:
-            f = sum(flops(program, c) for c in re.findall(r"calls=%([\w.\-]+)", ins.attrs)
+            f = sum(flops(program, c, mxu=mxu) for c in re.findall(r"calls=%([\w.\-]+)",
+                                                                   ins.attrs)
                     if c in program.computations)
-        b = nbytes(ins.shape) + sum(nbytes(known.get(o, "")) for o in ins.operands)
+        b = nbytes(ins.shape, padded) + sum(nbytes(known.get(o, ""), padded)
+                                            for o in ins.operands)
         out.append(OpCost(ins.name, ins.opcode, f, b))
     return out
 

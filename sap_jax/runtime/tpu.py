@@ -34,6 +34,7 @@ class Chip:
     allreduce_bandwidth: float
     megacore: bool  # two TensorCores driven as one device (v4, v5p)
     dims: int  # torus dimensions (2: v5e, v6e; 3: v4, v5p)
+    mxu: int = 128  # the matrix unit's width (128x128 systolic arrays; 256x256 on v6e)
 
 
 CHIPS = {
@@ -44,7 +45,7 @@ CHIPS = {
     # 4800 Gbps ICI per chip (no pod all-reduce figure published).
     "v5p": Chip("v5p", "TPU v5", 459e12, 2765e9, 95 * GiB, 4800e9 / 8, True, 3),
     # 102.4 TB/s all-reduce over a 256-chip pod.
-    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 1638e9, 32 * GiB, 102.4e12 / 256, False, 2),
+    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 1638e9, 32 * GiB, 102.4e12 / 256, False, 2, 256),
 }
 #: Other names of the generations (Cloud accelerator types).
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
@@ -162,8 +163,11 @@ def analyse(compiled: Any, chip: Chip, chips: int) -> dict[str, Any]:
     """Memory, cost and collectives of a compiled TPU program, and its estimated step time.
 
     ``estimated_s`` = per-op roofline of the HLO (:func:`sap_jax.runtime.hlo.roofline_s`) plus
-    the collectives' ring time (:func:`allreduce_s`). XLA's own figures are kept as they came
-    (``xla_cost``), ``optimal_seconds`` included, which can be negative and is not used.
+    the collectives' ring time (:func:`allreduce_s`), with the hardware's padding: feature
+    dimensions of convolutions and dots rounded up to the chip's MXU width, arrays at their
+    tiled layouts' sizes. ``estimated_s_logical`` (``flops``, ``bytes``) leaves the padding out:
+    the gap between the two is what unaligned widths waste. XLA's own figures are kept as they
+    came (``xla_cost``), ``optimal_seconds`` included, which can be negative and is not used.
     ``hbm_bytes``: arguments + outputs - aliased + temporaries + code, per chip.
     """
     mem = compiled.memory_analysis()
@@ -177,13 +181,18 @@ def analyse(compiled: Any, chip: Chip, chips: int) -> dict[str, Any]:
                                        "optimal_seconds") if k in cost}
     program = hlo.parse(compiled.as_text())
     ops = hlo.op_costs(program)
+    padded = hlo.op_costs(program, mxu=chip.mxu, padded=True)
     coll = hlo.collectives(program)
-    compute = hlo.roofline_s(ops, chip.peak_flops, chip.hbm_bandwidth)
+    logical = hlo.roofline_s(ops, chip.peak_flops, chip.hbm_bandwidth)
+    compute = hlo.roofline_s(padded, chip.peak_flops, chip.hbm_bandwidth)
     comm = allreduce_s(coll, chip, chips)
     flops = sum(o.flops for o in ops)
     nbytes = sum(o.bytes for o in ops if not o.collective)
     return {"estimated_s": compute + comm, "compute_s": compute, "collectives_s": comm,
-            "roofline": "per-op", "flops": flops, "bytes": nbytes, "hbm_bytes": peak,
+            "estimated_s_logical": logical + comm,
+            "flops_padded": sum(o.flops for o in padded),
+            "bytes_padded": sum(o.bytes for o in padded if not o.collective),
+            "roofline": "per-op, padded", "flops": flops, "bytes": nbytes, "hbm_bytes": peak,
             "memory": memory,
             "collectives": {op: int(c["count"]) for op, c in coll.items()},
             "collective_bytes": {op: c["bytes"] for op, c in coll.items()},

@@ -61,6 +61,8 @@ class Compiled:
                 "hbm_bytes": c["hbm_bytes"], "collectives": c["collectives"],
                 "compile_s": self.compile_s, "compute_s": c["compute_s"],
                 "collectives_s": c["collectives_s"], "flops": c["flops"], "bytes": c["bytes"],
+                "estimated_s_logical": c["estimated_s_logical"],
+                "flops_padded": c["flops_padded"], "bytes_padded": c["bytes_padded"],
                 "memory": c["memory"], "control_flow": c["control_flow"],
                 "xla_cost": c["xla_cost"]}
 
@@ -228,10 +230,11 @@ def summary(topology: tpu.Topology, report: dict[str, Any]) -> dict[str, Any]:
            "hbm_capacity_bytes": chip.hbm_bytes, "hbm_needed_bytes": need,
            "fits": need <= chip.hbm_bytes, "steps": rows,
            "chip": dataclasses.asdict(chip),
-           "estimate": "per-op roofline of the compiled HLO (conv/dot FLOPs at peak bf16, "
-                       "operand and result bytes at HBM bandwidth, each op its own max) plus "
-                       "ring all-reduce time at the chip's all-reduce bandwidth; compiler "
-                       "estimates, not measurements",
+           "estimate": "per-op roofline of the compiled HLO (conv/dot FLOPs at peak bf16 with "
+                       "feature dimensions padded to the MXU width, operand and result bytes "
+                       "at their tiled layouts' sizes at HBM bandwidth, each op its own max) "
+                       "plus ring all-reduce time at the chip's all-reduce bandwidth; compiler "
+                       "estimates, not measurements (estimated_s_logical: without padding)",
            "pruned_widths": report["widths"], "pruned_macs_ratio": report["macs_ratio"]}
     refused = [r for r in rows.values() if "refused" in r]
     out["fits"] = out["fits"] and not refused
@@ -240,4 +243,8 @@ def summary(topology: tpu.Topology, report: dict[str, Any]) -> dict[str, Any]:
     if "plain" in t:
         out["pruned_speedup_estimated"] = {
             k: t["plain"] / t[k] for k in ("finetune", "finetune_r128") if k in t}
+        logical = {k: r["estimated_s_logical"] for k, r in rows.items() if r["estimated_s"]}
+        out["pruned_speedup_estimated_logical"] = {
+            k: logical["plain"] / logical[k] for k in ("finetune", "finetune_r128")
+            if k in logical}
     return out
