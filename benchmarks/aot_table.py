@@ -5,7 +5,8 @@
 
 ``steps``: per result, the dense (plain) train step's estimated time, images/s per chip and HBM
 per chip, SAP's overhead, and the pruned fine-tuning step's estimated speed-up (uniform widths,
-and rounded to 128, with their MAC ratios). ``scaling``: how the plain step's HBM, collectives
+and rounded to 128, with their MAC ratios), with the hardware's padding modelled and
+without. ``scaling``: how the plain step's HBM, collectives
 and time change with the number of chips (compile results at a fixed per-chip batch).
 """
 
@@ -28,10 +29,12 @@ def steps_row(r: dict) -> str:
     mr = r.get("pruned_macs_ratio", {})
     pruned = " | ".join(f"{sp[k]:.2f}x ({mr[k]:.2f})" if k in sp else "-"
                         for k in ("finetune", "finetune_r128"))
+    lg = r.get("pruned_speedup_estimated_logical", {})
+    logical = " / ".join(f"{lg[k]:.2f}x" if k in lg else "-" for k in ("finetune", "finetune_r128"))
     hbm = max(s["hbm_bytes"] for s in r["steps"].values()) / GiB
     return (f"| {r['topology']} ({r['chips']} chips) | {p['estimated_s'] * 1e3:.1f} | "
             f"{p['images_per_s']:.0f} | {hbm:.2f} | {r.get('sap_over_plain', float('nan')):.3f}"
-            f" | {pruned} |")
+            f" | {pruned} | {logical} |")
 
 
 def scaling_row(r: dict) -> str:
@@ -50,8 +53,9 @@ def main(argv: list[str]) -> int:
                                                                    r["chips"]))
     if argv[1] == "steps":
         print("| slice | dense step ms | images/s per chip | HBM GiB per chip | SAP / plain | "
-              "pruned speed-up, uniform (MAC ratio) | pruned speed-up, rounded to 128 |")
-        print("|---|---|---|---|---|---|---|")
+              "pruned speed-up, uniform (MAC ratio) | pruned speed-up, rounded to 128 | "
+              "the same without padding modelled (uniform / 128) |")
+        print("|---|---|---|---|---|---|---|---|")
         rows = [steps_row(r) for r in results]
     else:
         print("| slice | chips | HBM GiB per chip | collectives | all-reduce ms | step ms | "

@@ -144,6 +144,15 @@ def test_padded_costs_round_features_to_the_mxu_and_arrays_to_their_tiles():
         2 * 128 * 14 * 14 * 8)  # minor dim 3 -> 128; next minor, dim 0 (8), already 8
     assert hlo.nbytes("bf16[6,14,14,40]{3,0,2,1:T(8,128)(2,1)}", padded=True) == (
         2 * 128 * 14 * 14 * 8)  # dim 0: 6 -> 8
+    # A depthwise conv (one channel per group) is no MXU pass: its FLOPs stay logical.
+    dw = hlo.parse("""HloModule m
+ENTRY %main (x: bf16[8,16,16,32], k: bf16[3,3,1,32]) -> bf16[8,16,16,32] {
+  %x = bf16[8,16,16,32]{3,2,1,0} parameter(0)
+  %k = bf16[3,3,1,32]{3,2,1,0} parameter(1)
+  ROOT %c = bf16[8,16,16,32]{3,2,1,0} convolution(%x, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, feature_group_count=32
+}
+""")
+    assert [o.flops for o in hlo.op_costs(dw, mxu=128)] == [2 * 8 * 16 * 16 * 32 * 9]
     assert hlo.nbytes("f32[100]{0:T(256)}", padded=True) == 4 * 256
     assert hlo.nbytes("f32[100]{0:T(256)}") == 4 * 100
     assert hlo.nbytes("(f32[3,5]{1,0}, s32[]{:T(128)})", padded=True) == 4 * 15 + 4

@@ -44,6 +44,9 @@ def test_random_widths_meet_the_budget_and_differ_by_seed():
     for w in draws:
         assert 0.29 <= cut.widths_ratio(s, w) <= 0.3
         assert all(1 <= x <= c for x, c in zip(w, s.widths))
+        for k in range(len(w)):  # filled: no group takes one more channel within p
+            assert w[k] == s.widths[k] or cut.widths_ratio(
+                s, [x + (i == k) for i, x in enumerate(w)]) > 0.3
     assert baselines.random_widths(s, 0.3, 1) == draws[1]  # seeded
 
 

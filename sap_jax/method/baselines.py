@@ -78,23 +78,31 @@ def uniform_widths(structure: G.Structure, p: float, scope: str = "prunable", *,
         ws = [max(G.MIN_KEPT, int(c * mid)) for c in sizes]
         lo, hi = (mid, hi) if widths_ratio(structure, ws, scope, full=full) <= p else (lo, mid)
     ws = [max(G.MIN_KEPT, int(c * lo)) for c in sizes]
-    while fill:
-        for k in sorted(range(len(ws)), key=lambda k: (ws[k] / sizes[k], k)):
+    return _fill(structure, ws, p, scope, [1.0] * len(ws)) if fill else ws
+
+
+def _fill(structure: G.Structure, ws: list[int], p: float, scope: str,
+          share: Sequence[float]) -> list[int]:
+    """``ws`` with channels added one at a time, each to the group furthest below its
+    ``share`` (lowest ``w_k / (C_k * share_k)`` first), while the ratio stays <= ``p``."""
+    sizes, full = list(structure.widths), flops.count(structure)
+    while True:
+        for k in sorted(range(len(ws)), key=lambda k: (ws[k] / (sizes[k] * share[k]), k)):
             more = ws[:k] + [ws[k] + 1] + ws[k + 1:]
             if ws[k] < sizes[k] and widths_ratio(structure, more, scope, full=full) <= p:
                 ws = more
                 break
         else:
-            fill = False
-    return ws
+            return ws
 
 
 def random_widths(structure: G.Structure, p: float, seed: int, scope: str = "prunable",
                   low: float = 0.25) -> list[int]:
     """Random per-group widths at the budget: each group's keep fraction is a common scale
     times its own draw from U(``low``, 1) (seeded), the scale the largest whose MAC ratio is
-    <= ``p``; capped at the group's size, at least one channel. A baseline that spends the
-    budget as the generator does, but without looking at the data."""
+    <= ``p``; capped at the group's size, at least one channel; then filled channel by channel
+    up to ``p`` in proportion to the draw (as :func:`uniform_widths` with ``fill``). A baseline
+    that spends the budget as the generator does, but without looking at the data."""
     if not 0 < p <= 1:
         raise ValueError(f"budget p = {p} must lie in (0, 1].")
     if not 0 < low <= 1:
@@ -109,4 +117,4 @@ def random_widths(structure: G.Structure, p: float, seed: int, scope: str = "pru
     for _ in range(50):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if widths_ratio(structure, at(mid), scope, full=full) <= p else (lo, mid)
-    return at(lo)
+    return _fill(structure, at(lo), p, scope, list(draw))

@@ -17,8 +17,10 @@ Limits, said where they are used:
   most minor dimension padded to 128, the next to 8); else at its logical size;
 - FLOPs are logical, or with ``mxu`` (the matrix unit's width: 128, or 256 on v6e) each
   convolution's and dot's contracted feature dimension and output feature dimension are
-  rounded up to it: an MXU pass over 40 input channels costs what one over 128 does. Other
-  padding (the M dimension, the compiler's own choice of tiles) is not modelled;
+  rounded up to it: an MXU pass over 40 input channels costs what one over 128 does. Grouped
+  and depthwise convolutions stay logical (a handful of channels per group is vector-unit
+  work, bound by its bytes). Other padding (the M dimension, the compiler's own choice of
+  tiles) is not modelled;
 - ops inside ``while``/``conditional`` bodies and top-level ``call``s are not counted (our steps
   have none; :attr:`Program.has_control_flow` flags a program with loops or branches);
 - collectives wrapped in async computations or fusions are not found.
@@ -170,6 +172,8 @@ def _conv_flops(ins: Instr, known: dict[str, str], mxu: int = 0) -> float:
     if "->" not in labels or len(ins.operands) < 2:
         return 0.0
     lhs_labels, rhs_labels = labels.split("->")[0].split("_")
+    if int(ins.attr("feature_group_count") or 1) > 1:
+        mxu = 0  # grouped and depthwise convs: a few channels per group, not an MXU pass
     lhs = _dims(known.get(ins.operands[0], ""))
     rhs = _dims(known.get(ins.operands[1], ""))
     if len(rhs) != len(rhs_labels) or len(lhs) != len(lhs_labels):
