@@ -69,31 +69,7 @@ def uniform_widths(structure: G.Structure, p: float, scope: str = "prunable", *,
     p = 0.3: 0.275). ``fill`` then adds channels one at a time, to the group furthest below
     its share (lowest kept fraction first), while the ratio stays <= ``p``: as uniform as
     the widths can be at the budget, for a comparison at equal MACs."""
-    if not 0 < p <= 1:
-        raise ValueError(f"budget p = {p} must lie in (0, 1].")
-    sizes, full = list(structure.widths), flops.count(structure)
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        ws = [max(G.MIN_KEPT, int(c * mid)) for c in sizes]
-        lo, hi = (mid, hi) if widths_ratio(structure, ws, scope, full=full) <= p else (lo, mid)
-    ws = [max(G.MIN_KEPT, int(c * lo)) for c in sizes]
-    return _fill(structure, ws, p, scope, [1.0] * len(ws)) if fill else ws
-
-
-def _fill(structure: G.Structure, ws: list[int], p: float, scope: str,
-          share: Sequence[float]) -> list[int]:
-    """``ws`` with channels added one at a time, each to the group furthest below its
-    ``share`` (lowest ``w_k / (C_k * share_k)`` first), while the ratio stays <= ``p``."""
-    sizes, full = list(structure.widths), flops.count(structure)
-    while True:
-        for k in sorted(range(len(ws)), key=lambda k: (ws[k] / (sizes[k] * share[k]), k)):
-            more = ws[:k] + [ws[k] + 1] + ws[k + 1:]
-            if ws[k] < sizes[k] and widths_ratio(structure, more, scope, full=full) <= p:
-                ws = more
-                break
-        else:
-            return ws
+    return _at_budget(structure, p, scope, [1.0] * structure.num_groups, fill)
 
 
 def random_widths(structure: G.Structure, p: float, seed: int, scope: str = "prunable",
@@ -103,18 +79,39 @@ def random_widths(structure: G.Structure, p: float, seed: int, scope: str = "pru
     <= ``p``; capped at the group's size, at least one channel; then filled channel by channel
     up to ``p`` in proportion to the draw (as :func:`uniform_widths` with ``fill``). A baseline
     that spends the budget as the generator does, but without looking at the data."""
-    if not 0 < p <= 1:
-        raise ValueError(f"budget p = {p} must lie in (0, 1].")
     if not 0 < low <= 1:
         raise ValueError(f"low = {low} must lie in (0, 1].")
+    draw = np.random.default_rng([seed, 29]).uniform(low, 1.0, structure.num_groups)
+    return _at_budget(structure, p, scope, list(draw), fill=True)
+
+
+def _at_budget(structure: G.Structure, p: float, scope: str, share: Sequence[float],
+               fill: bool) -> list[int]:
+    """Widths ``C_k * min(1, scale * share_k)`` (rounded down, at least one channel) at the
+    largest scale whose MAC ratio over ``scope`` is <= ``p``; with ``fill``, then channels added
+    one at a time, each to the group furthest below its share (lowest ``w_k / (C_k * share_k)``
+    first), while the ratio stays <= ``p``."""
+    if not 0 < p <= 1:
+        raise ValueError(f"budget p = {p} must lie in (0, 1].")
     sizes, full = list(structure.widths), flops.count(structure)
-    draw = np.random.default_rng([seed, 29]).uniform(low, 1.0, len(sizes))
 
     def at(scale: float) -> list[int]:
-        return [min(c, max(G.MIN_KEPT, int(c * min(1.0, scale * u)))) for c, u in zip(sizes, draw)]
+        return [min(c, max(G.MIN_KEPT, int(c * min(1.0, scale * u)))) for c, u in zip(sizes, share)]
 
-    lo, hi = 0.0, 1.0 / low
+    def fits(ws: list[int]) -> bool:
+        return widths_ratio(structure, ws, scope, full=full) <= p
+
+    lo, hi = 0.0, 1.0 / min(share)
     for _ in range(50):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if widths_ratio(structure, at(mid), scope, full=full) <= p else (lo, mid)
-    return _fill(structure, at(lo), p, scope, list(draw))
+        lo, hi = (mid, hi) if fits(at(mid)) else (lo, mid)
+    ws = at(lo)
+    while fill:
+        for k in sorted(range(len(ws)), key=lambda k: (ws[k] / (sizes[k] * share[k]), k)):
+            more = ws[:k] + [ws[k] + 1] + ws[k + 1:]
+            if ws[k] < sizes[k] and fits(more):
+                ws = more
+                break
+        else:
+            fill = False
+    return ws

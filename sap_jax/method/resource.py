@@ -87,6 +87,12 @@ class ResourceLoss:
     table: Any = dataclasses.field(default=None, compare=False)
 
     @property
+    def dead_band(self) -> float:
+        """Half-width of the band around ``p`` where the loss is flat: ``eps`` for the two-sided
+        form, 0 for the one-sided one (which pulls whenever the ratio is over ``p``)."""
+        return self.eps if self.form == "two_sided" else 0.0
+
+    @property
     def metric(self) -> str:
         """What ``p`` bounds: ``"macs"`` or ``"latency"``."""
         return "macs" if self.table is None else "latency"

@@ -209,6 +209,15 @@ def _dot_flops(ins: Instr, known: dict[str, str], mxu: int = 0) -> float:
     return 2.0 * math.prod(out) * k
 
 
+def _own_flops(ins: Instr, known: dict[str, str], mxu: int) -> float:
+    """The FLOPs of ``ins`` itself: a convolution's or a dot's, else 0."""
+    if ins.opcode == "convolution":
+        return _conv_flops(ins, known, mxu)
+    if ins.opcode == "dot":
+        return _dot_flops(ins, known, mxu)
+    return 0.0
+
+
 def flops(program: Program, computation: str, _seen: tuple[str, ...] = (), *,
           mxu: int = 0) -> float:
     """FLOPs of the convolutions and dot products of ``computation`` and what it calls
@@ -216,10 +225,7 @@ def flops(program: Program, computation: str, _seen: tuple[str, ...] = (), *,
     known = program.shapes_of(computation)
     total = 0.0
     for ins in program.computations[computation]:
-        if ins.opcode == "convolution":
-            total += _conv_flops(ins, known, mxu)
-        elif ins.opcode == "dot":
-            total += _dot_flops(ins, known, mxu)
+        total += _own_flops(ins, known, mxu)
         for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", ins.attrs):
             if callee in program.computations and callee not in _seen:
                 total += flops(program, callee, _seen + (computation,), mxu=mxu)
@@ -246,14 +252,9 @@ def op_costs(program: Program, *, mxu: int = 0, padded: bool = False) -> list[Op
     for ins in program.computations[program.entry]:
         if ins.opcode in FREE or ins.opcode.endswith("-done"):
             continue
-        if ins.opcode == "convolution":
-            f = _conv_flops(ins, known, mxu)
-        elif ins.opcode == "dot":
-            f = _dot_flops(ins, known, mxu)
-        else:
-            f = sum(flops(program, c, mxu=mxu) for c in re.findall(r"calls=%([\w.\-]+)",
-                                                                   ins.attrs)
-                    if c in program.computations)
+        f = _own_flops(ins, known, mxu) if ins.opcode in ("convolution", "dot") else sum(
+            flops(program, c, mxu=mxu) for c in re.findall(r"calls=%([\w.\-]+)", ins.attrs)
+            if c in program.computations)
         b = nbytes(ins.shape, padded) + sum(nbytes(known.get(o, ""), padded)
                                             for o in ins.operands)
         out.append(OpCost(ins.name, ins.opcode, f, b))

@@ -33,12 +33,10 @@ def _follow(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
         k = m.get_variable("params", "kernel").shape
         transposed = getattr(m, "transpose_kernel", False)
         width = int(k[-2] if transposed else k[-1])
-        if isinstance(m, nn.DenseGeneral):  # kernel: (*batch, *in, *features)
-            many = not isinstance(m.features, int)
-            stored = tuple(int(d) for d in k[len(k) - (len(m.features) if many else 1):])
-            features = stored if many else stored[0]
-            if features != (tuple(m.features) if many else m.features):
-                object.__setattr__(m, "features", features)  # an attention's heads
+        if not isinstance(m.features, int):  # DenseGeneral: kernel (*batch, *in, *features)
+            stored = tuple(int(d) for d in k[len(k) - len(m.features):])
+            if stored != tuple(m.features):
+                object.__setattr__(m, "features", stored)  # an attention's heads
         elif isinstance(m.features, int) and width != m.features:
             if getattr(m, "feature_group_count", 1) == m.features > 1:  # depthwise
                 object.__setattr__(m, "feature_group_count", width)

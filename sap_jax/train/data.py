@@ -69,6 +69,11 @@ class Info:
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     class_names: tuple[str, ...] | None = None  # label order; None where unknown
 
+    def training_examples(self, with_val: bool = False) -> int:
+        """Images a training epoch draws from: the training split's, and with ``with_val`` the
+        validation split's too (fine-tuning, once no choice reads them)."""
+        return self.train_size + (self.val_size if with_val else 0)
+
     def model_input(self) -> dict:
         """What a deployed model expects, for model.json: size, layout and normalisation."""
         return {"image_size": self.image_size, "layout": "NHWC", "channels": "RGB",
@@ -145,7 +150,7 @@ class ArrayDataset:
     def steps_per_epoch(self, global_batch: int, with_val: bool = False) -> int:
         """Whole batches in one pass over the training split (``with_val``: and the
         validation split, which fine-tuning may train on once no choice reads it)."""
-        n = self.info.train_size + (self.info.val_size if with_val else 0)
+        n = self.info.training_examples(with_val)
         steps = n // global_batch
         if steps == 0:
             raise ValueError(f"batch_size {global_batch} exceeds the {n} training examples: "
@@ -336,8 +341,7 @@ class ImageNet:
         self._subset_iter = None
 
     def steps_per_epoch(self, global_batch: int, with_val: bool = False) -> int:
-        n = self.info.train_size + (self.info.val_size if with_val else 0)
-        return max(1, n // global_batch)
+        return max(1, self.info.training_examples(with_val) // global_batch)
 
     # -- tf.data pieces ------------------------------------------------------
     def _load(self, split: str, *, shuffle_files: bool, seed: int | None = None,

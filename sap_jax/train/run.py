@@ -259,8 +259,7 @@ def cut_phase(env: Env, dense: Programs, state: state_lib.SearchState,
     ft = measure_cut(env, dense, pruned, state, ft, final, prog)
     prog.add_time("cut", time.perf_counter() - t0)
     prog.phase, prog.epoch, prog.widths = "finetune", 0, widths
-    info = env.data.info
-    prog.finetune_examples = info.train_size + (info.val_size if env.ft_with_val else 0)
+    prog.finetune_examples = env.data.info.training_examples(env.ft_with_val)
     loop.save(env, ft, prog)
     return pruned, ft
 

@@ -134,9 +134,7 @@ class Search:
         if self.searching:
             row.update(self.search_metrics(state))
             row.update(self.generator_health(agn_acc))
-            # (a metric older checkpoints' partial epochs lack)
-            self.prog.lam_capped_steps += int(sum(float(m.get("lam_capped", 0))
-                                                  for m in agn_acc))
+            self.prog.lam_capped_steps += round(row.get("agn_lam_capped", 0.0) * len(agn_acc))
             state = self.choose(epoch, row, state)
             state = state.replace(prev_arch=state.arch)
         self.prog.log(**row)
@@ -203,7 +201,8 @@ class Search:
                 "agn_budget_ratio_sampled": mean("budget_ratio_sampled"),
                 "band_share": float(agn_acc[-1]["band_share"]),
                 "agn_lam": float(agn_acc[-1]["lam"]),
-                # the share of the epoch's steps that ended at lambda's cap
+                # the share of the epoch's steps that ended at lambda's cap (a metric older
+                # checkpoints' partial epochs lack)
                 "agn_lam_capped": float(np.mean([float(m.get("lam_capped", 0))
                                                  for m in agn_acc]))}
 

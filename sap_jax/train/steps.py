@@ -186,7 +186,6 @@ def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
         return model(images.astype(dtype), arch)
 
     max_log = float(np.log(lam_max_scale))
-    band = budget.eps if budget.form == "two_sided" else 0.0  # the one-sided loss has none
 
     def step(agn_params, agn_rest, agn_opt_state, log_lam, params, rest, batch, key):
         gen = agn_codec.merge(agn_params, agn_rest)
@@ -201,10 +200,11 @@ def make_agn_step(model_codec: ModuleCodec, agn_codec: ModuleCodec, structure,
         arch = [jax.lax.stop_gradient(v) for v in gen.sample(noise, tau=tau, offset=offset)]
         if lam_rate:
             log_lam = resource.adapt_log_lam(log_lam, budget.ratio(structure, arch), budget.p,
-                                             rate=lam_rate, eps=band, max_log=max_log)
+                                             rate=lam_rate, eps=budget.dead_band,
+                                             max_log=max_log)
         metrics["lam"] = budget.lam * jnp.exp(log_lam)
-        metrics["lam_capped"] = jnp.float32(lam_rate > 0 and max_log > 0) * (
-            log_lam >= max_log).astype(jnp.float32)
+        metrics["lam_capped"] = ((log_lam >= max_log).astype(jnp.float32)
+                                 if lam_rate and max_log > 0 else jnp.float32(0.0))
         return agn_params, agn_opt_state, log_lam, arch, metrics
 
     return xla_cpu.jit(step, donate_argnums=(0, 2))
