@@ -146,9 +146,9 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     # Before the first training step: cut a trial pruned model, save and reload it, place its
-    # state on the mesh and trace the dense and pruned steps there, so that a model the cut,
-    # saving or the mesh cannot handle stops at once (exit 2, naming the layer) instead of after
-    # training. It takes seconds; False skips it
+    # state on the mesh, trace the pruned step there and compile the first dense step (which the
+    # run then reuses), so that a model the cut, saving, the mesh or XLA cannot handle stops at
+    # once (exit 2, naming the layer) instead of after training. It takes seconds; False skips it
     c.preflight = True
     # NaN/Inf loss or gradients: "stop" (keep last checkpoint) or "skip" the step
     c.on_nonfinite = "stop"

@@ -25,6 +25,7 @@ def test_imagenet_train_batches_have_the_model_shape_and_repeat_per_seed_and_epo
         assert b["label"].shape == (8,) and b["label"].dtype == np.int32
         assert np.all(b["mask"] == 1)
         assert np.all((b["label"] >= 0) & (b["label"] < 1000))
+        assert _spec_of(b) == _spec_of(imagenet.batch_spec(8))  # what pre-flight compiles for
     again = list(imagenet.train_batches(0, 8, 3))
     other = list(imagenet.train_batches(1, 8, 3))
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, again))
@@ -78,6 +79,17 @@ def test_missing_tfds_dataset_says_how_to_prepare_it(tmp_path):
         data.ImageNet(str(tmp_path))
     with pytest.raises(data.DatasetNotPrepared, match="tfds build cifar10|download_and_prepare"):
         data.cifar10(str(tmp_path))
+
+
+def _spec_of(batch):
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in batch.items()}
+
+
+def test_in_memory_batch_spec_is_what_training_batches_are_with_and_without_validation():
+    d = data.digits(seed=0, image_size=16, val_size=16)
+    for with_val in (False, True):
+        b = next(d.train_batches(0, 32, 1, with_val=with_val))
+        assert _spec_of(b) == _spec_of(d.batch_spec(32))
 
 
 def test_digits_order_depends_only_on_seed_and_epoch():

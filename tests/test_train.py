@@ -188,6 +188,10 @@ def test_eight_simulated_devices_match_one_device(tmp_path):
     np.testing.assert_allclose(eight[:dense_steps], one[:dense_steps], rtol=2e-5)
     np.testing.assert_allclose(eight, one, rtol=1e-3)
     assert out[8]["widths"] == out[1]["widths"]
+    # The pre-flight check compiled the sharded first step, and the loop's first step found it:
+    # no compile of the weight step between entering "search" and the first step's result.
+    for n in (1, 8):
+        assert out[n]["step_compiles"] == {"preflight": 1, "first_step": 0}, out[n]
 
 
 def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):

@@ -114,6 +114,24 @@ def test_a_model_the_cut_breaks_stops_before_training_naming_the_group(tmp_path)
 
 
 @pytest.mark.slow
+def test_a_training_step_xla_cannot_compile_stops_before_training_naming_its_source(tmp_path):
+    """A kernel the backend lacks, used in training only: the trial cut, the reload and the
+    lowering all pass; the XLA compile of the first step is what finds it."""
+    wd, model = tmp_path / "w", "--config.model=tests.support.user_models:fused_kernel"
+    p = _main(f"--workdir={wd}", model)
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
+    line = errors[0]
+    assert line.startswith("error: pre-flight (compiling the dense model's training step on the "
+                           "mesh) failed at user_models.py:"), line
+    assert "sap_test_fused_kernel" in line and "needs a kernel registered" in line, line
+    assert "Traceback" not in p.stderr and not list(wd.glob("checkpoints/*"))
+    # Without the check the same model fails in the first training step, with a traceback.
+    late = _main(f"--workdir={tmp_path / 'w2'}", model, "--config.preflight=False")
+    assert late.returncode == 1 and "Traceback" in late.stderr, late.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_cls_token_and_stored_key_dropout_shard_over_four_devices_as_on_one(tmp_path):
     """The batch split over 4 simulated devices: the cls token broadcast against it runs, and
     the dropout masks drawn from the model's own key are those of one device (the global
@@ -125,6 +143,7 @@ def test_cls_token_and_stored_key_dropout_shard_over_four_devices_as_on_one(tmp_
     assert len(one) == len(four) >= 10 and np.all(np.isfinite(four))
     n = out[1]["dense_steps"]
     np.testing.assert_allclose(four[:n], one[:n], rtol=2e-5)
+    assert out[4]["step_compiles"] == {"preflight": 1, "first_step": 0}, out[4]
 
 
 def test_a_layer_with_several_output_axes_is_pruned_by_its_outer_axis():

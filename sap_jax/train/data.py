@@ -109,6 +109,14 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _batch_spec(global_batch: int, image_shape: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
+    """A training batch's global shapes and dtypes (what every ``train_batches`` yields)."""
+    n = global_batch
+    return {"image": jax.ShapeDtypeStruct((n, *image_shape), np.float32),
+            "label": jax.ShapeDtypeStruct((n,), np.int32),
+            "mask": jax.ShapeDtypeStruct((n,), np.float32)}
+
+
 def _normalise(images: np.ndarray, mean, std) -> np.ndarray:
     x = images.astype(np.float32) / 255.0
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
@@ -156,6 +164,11 @@ class ArrayDataset:
             raise ValueError(f"batch_size {global_batch} exceeds the {n} training examples: "
                              "lower batch_size.")
         return steps
+
+    def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """A training batch's global shapes and dtypes, without drawing one (what the
+        pre-flight check compiles the first step for)."""
+        return _batch_spec(global_batch, self.train_x.shape[1:])
 
     def _local(self, idx: np.ndarray) -> np.ndarray:
         """This process's rows of a global batch of indices."""
@@ -403,6 +416,10 @@ class ImageNet:
         ds = ds.map(self._train_map((self.seed, epoch)), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(local, drop_remainder=True).take(steps).skip(start).prefetch(tf.data.AUTOTUNE)
         yield from tfds.as_numpy(ds)
+
+    def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """A training batch's global shapes and dtypes, without reading one."""
+        return _batch_spec(global_batch, (self.size, self.size, 3))
 
     def subset_batch(self, index: int, global_batch: int) -> Batch:
         if self._subset_iter is None:

@@ -93,11 +93,33 @@ def host_metrics(acc: list[dict]) -> list[dict[str, Any]]:
             for m in acc]
 
 
+def _dropout_rng(state: Weights) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), DROPOUT_STREAM)
+
+
+def _step_args(ph: Phase, state: Weights, batch: Any, gamma: jax.Array, rng: jax.Array,
+               step: int) -> tuple:
+    """The weight step's arguments: one place, so that the step the pre-flight check compiles
+    is the one the loop calls."""
+    return (state.params, state.rest, state.opt_state, batch, ph.penalty_arch(state), gamma,
+            jax.random.fold_in(rng, step))
+
+
+def first_step(env, ph: Phase, state: Weights, prog: Progress) -> tuple[Callable, tuple]:
+    """The phase's next weight step and its arguments, the batch as shapes on the mesh: what
+    the pre-flight check compiles (``fn.lower(*args).compile()``), so that the loop's first
+    step finds its program compiled instead of compiling it again."""
+    spec = env.data.batch_spec(env.spec.data.batch_size)
+    batch = parallel.abstract(spec, parallel.batch_sharding(env.mesh))
+    return ph.train_step, _step_args(ph, state, batch, ph.gamma(prog.epoch), _dropout_rng(state),
+                                     prog.step)
+
+
 def run_epochs(env, ph: Phase, state: Weights, prog: Progress) -> Weights:
     """Run the phase's remaining epochs from ``prog`` (mid-epoch after a preemption); returns
     the state at the end."""
     data, every = env.spec.data, env.spec.log_every_steps
-    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), DROPOUT_STREAM)
+    dropout_rng = _dropout_rng(state)
     for epoch in range(prog.epoch, ph.num_epochs):
         t0 = time.perf_counter()
         start, acc, agn_acc = prog.pop_partial()
@@ -107,10 +129,8 @@ def run_epochs(env, ph: Phase, state: Weights, prog: Progress) -> Weights:
         for b in env.data.train_batches(ph.data_epoch_offset + epoch, data.batch_size,
                                         data.steps_per_epoch or None, start=start,
                                         with_val=ph.with_val):
-            params, rest, opt_state, m = ph.train_step(
-                state.params, state.rest, state.opt_state,
-                parallel.global_batch(b, env.mesh), ph.penalty_arch(state), gamma,
-                jax.random.fold_in(dropout_rng, prog.step))
+            params, rest, opt_state, m = ph.train_step(*_step_args(
+                ph, state, parallel.global_batch(b, env.mesh), gamma, dropout_rng, prog.step))
             state = state.replace(params=params, rest=rest, opt_state=opt_state)
             prog.step += 1
             acc.append(m)

@@ -10,9 +10,12 @@ training step (config ``preflight``) :func:`check`:
 2. saves it (:func:`sap_jax.surgery.save`) in the workdir, loads it back and checks the reloaded
    model computes the same logits, bit for bit;
 3. places the trial model's state on the run's mesh (random keys included);
-4. traces and lowers the dense model's search step and the trial model's fine-tuning step with
-   the run's shardings (``jit(...).lower``: the model's whole forward and backward under the
-   mesh, without the XLA compile the first step does anyway).
+4. traces and lowers the trial model's fine-tuning step with the run's shardings
+   (``jit(...).lower``: the pruned model's whole forward and backward under the mesh);
+5. XLA-compiles the run's own first training step (the dense model's, at the run's shardings,
+   batch shapes and schedule), so a program the devices cannot run (a kernel the backend lacks,
+   a sharding XLA rejects) stops the run here. JAX keeps the compiled program: the first step
+   finds it and does not compile again.
 
 A failure raises :class:`PreflightError` (exit code 2) with one line: the stage, the layer it
 happened in (from the traceback: the innermost Flax module on it, by its path in the model
@@ -22,6 +25,7 @@ where it can be found), the error, and what to change.
 from __future__ import annotations
 
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -190,22 +194,66 @@ def _save_and_reload(small: Any, got: Any, x: Any, directory: Any, dense_widths:
 
 def _on_the_mesh(spec: spec_lib.RunSpec, dense_model: Any, back: Any, mesh: Any,
                  num_classes: int) -> None:
-    """Stage 3: the trial model's state placed on the mesh; both weight steps lowered."""
+    """Stages 3 and 4: the trial model's state placed on the mesh, its weight step lowered."""
     try:
         jax.block_until_ready(parallel.replicate(ModuleCodec(back).split(back), mesh))
     except Exception as e:  # noqa: BLE001
         raise _fail("placing the state on the mesh", e, "Every array of the model's state "
                     "must be a JAX array (parameters, statistics, random keys).", [back]) from e
-    planner = aot.Planner(spec, mesh, num_classes)
-    for phase, model in (("search", dense_model), ("finetune", back)):
-        try:
-            fn, args = planner.weight_step(model, phase)
-            fn.lower(*args)  # the arguments carry the run's shardings
-        except Exception as e:  # noqa: BLE001
-            raise _fail(f"the {'dense' if phase == 'search' else 'trial pruned'} model's "
-                        "training step on the mesh", e,
-                        "The forward must run on a batch sharded over the 'data' axis.",
-                        [model]) from e
+    try:
+        fn, args = aot.Planner(spec, mesh, num_classes).weight_step(back, "finetune")
+        fn.lower(*args)  # the arguments carry the run's shardings
+    except Exception as e:  # noqa: BLE001
+        raise _fail("the trial pruned model's training step on the mesh", e,
+                    "The forward must run on a batch sharded over the 'data' axis.", [back]) from e
+
+
+#: A program's source locations: ``#locN = loc("file":line:col ...)``, a named one around
+#: another (``loc("name"(#locM))``) or a call site (``loc(callsite(#callee at #caller))``).
+_LOC = re.compile(r'^#(loc\d+) = loc\((?:"[^"]*"\()?(?:callsite\()?(?:"([^"]+)":(\d+)|#(loc\d+))')
+
+
+def _source_of(text: str, symbol: str) -> str | None:
+    """``file:line`` of the user code that put the op naming ``symbol`` (a custom call's
+    target) into ``text`` (a lowered program with debug info), or None."""
+    op = re.search(rf"@{re.escape(symbol)}\(.*loc\(#(loc\d+)\)", text)
+    if op is None:
+        return None
+    locs = {m[1]: (m[2], m[3], m[4]) for m in map(_LOC.match, text.splitlines()) if m}
+    ref, seen = op[1], set()
+    while ref in locs and ref not in seen:
+        seen.add(ref)
+        file, line, ref = locs[ref]
+        if file:
+            return f"{os.path.basename(file)}:{line}"
+    return None
+
+
+def _compile_first_step(first_step: Callable[[], tuple[Callable, tuple]], model: Any) -> None:
+    """Stage 5: the run's first training step XLA-compiled on the mesh."""
+    stage = "compiling the dense model's training step on the mesh"
+    hint = "The training step must compile for the run's devices ({})."
+    try:
+        fn, args = first_step()
+        lowered = fn.lower(*args)
+    except Exception as e:  # noqa: BLE001
+        raise _fail(stage, e, hint.format("its forward and backward must trace with the run's "
+                                          "shardings"), [model]) from e
+    try:
+        lowered.compile()
+    except Exception as e:  # noqa: BLE001
+        # XLA's errors carry no Python frames: name the source of the op it rejects, where the
+        # error names one (a custom call's target: a kernel this backend has no handler for).
+        names = re.findall(r"[A-Za-z_][\w.]*", _first_line(e))
+        text = lowered.as_text(debug_info=True)
+        at = next((a for n in names if len(n) > 3 and (a := _source_of(text, n))), None)
+        err = _fail(stage, e, hint.format(
+            f"on {jax.default_backend()}, every custom call needs a kernel registered for it"
+            if "custom call" in str(e).lower() or "ffi" in str(e).lower()
+            else "see the error"))
+        if at:
+            err = PreflightError(str(err).replace(" failed:", f" failed at {at}:", 1))
+        raise err from e
 
 
 def _agreed(stage: Callable[[], Any]) -> Any:
@@ -223,9 +271,12 @@ def _agreed(stage: Callable[[], Any]) -> Any:
 
 
 def check(spec: spec_lib.RunSpec, dense_model: models.PrunableModel, mesh: Any,
-          workdir: Any, num_classes: int) -> dict[str, float]:
+          workdir: Any, num_classes: int,
+          first_step: Callable[[], tuple[Callable, tuple]] | None = None) -> dict[str, float]:
     """Run the pre-flight check (module docstring) on the run's dense model; returns the
-    seconds each stage took. Raises :class:`PreflightError`."""
+    seconds each stage took. ``first_step()`` gives the run's first weight step and its
+    arguments (:func:`sap_jax.train.loop.first_step`); without it the compile is left to the
+    run. Raises :class:`PreflightError`."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     dense = nnx.clone(dense_model)  # eval mode and forward passes must not touch the run's model
@@ -241,4 +292,8 @@ def check(spec: spec_lib.RunSpec, dense_model: models.PrunableModel, mesh: Any,
     t0 = time.perf_counter()
     _agreed(lambda: _on_the_mesh(spec, dense_model, back, mesh, num_classes))
     times["mesh_s"] = time.perf_counter() - t0
+    if first_step is not None:
+        t0 = time.perf_counter()
+        _agreed(lambda: _compile_first_step(first_step, dense_model))
+        times["compile_s"] = time.perf_counter() - t0
     return times

@@ -439,21 +439,24 @@ def _phases(env: Env) -> dict[str, Any]:
     if new_run and init_from:
         n = pretrained.load_into(dense.model, init_from)
         logging.info("started from %s (%d tensors)", init_from, n)
-    if env.spec.preflight and prog.phase == "search":  # the cut is still ahead: try it now
-        times = preflight.check(env.spec, dense.model, env.mesh, env.workdir,
-                                env.data.info.num_classes)
-        logging.info("pre-flight: trial cut %.1f s, save and reload %.1f s, steps traced on the "
-                     "mesh %.1f s", times["cut_s"], times["save_load_s"], times["mesh_s"])
     template = state_lib.fresh_search_state(dense, gen, env.key)
     prog.dense_widths = list(dense.model.widths)
     if prog.phase == "search":
         state = (env.ckpts.restore(template, env.mesh) if prog.ckpt
                  else parallel.replicate(template, env.mesh))
+        phase = search.Search(env, dense, gen, prog, state.rng).phase()
+        if env.spec.preflight:  # the cut is still ahead: try it now
+            times = preflight.check(env.spec, dense.model, env.mesh, env.workdir,
+                                    env.data.info.num_classes,
+                                    lambda: loop.first_step(env, phase, state, prog))
+            logging.info("pre-flight: trial cut %.1f s, save and reload %.1f s, trial step "
+                         "traced on the mesh %.1f s, first step compiled %.1f s",
+                         times["cut_s"], times["save_load_s"], times["mesh_s"],
+                         times["compile_s"])
         if new_run and init_from:
             _record_init(env, dense, state)
         env.hooks.phase("search")
-        state = loop.run_epochs(env, search.Search(env, dense, gen, prog, state.rng).phase(),
-                                state, prog)
+        state = loop.run_epochs(env, phase, state, prog)
         prog.dense_acc = prog.history["test_acc"][-1]
         env.hooks.phase("cut")
         pruned, state = cut_phase(env, dense, state, prog)

@@ -1,4 +1,6 @@
-"""Run a few tiny training steps on N simulated CPU devices and print the losses as JSON.
+"""Run a few tiny training steps on N simulated CPU devices and print the losses as JSON,
+with the XLA compiles of the weight step (``jit(step)``) made by the pre-flight check (before
+the run enters "search") and those made after it, before the first step returned.
 
     python tests/support/multidevice_run.py N WORKDIR [MODEL]
 """
@@ -23,7 +25,16 @@ c = tiny_config.get_config()
 c.num_epochs, c.finetune.num_epochs, c.log_every_steps = 2, 1, 1
 if len(sys.argv) > 3:
     c.model, c.model_prune = sys.argv[3], "all"
-losses, phases = [], []
+losses, phases, entered = [], [], []
+step_compiles = {"preflight": 0, "first_step": 0}
+
+
+def on_compile(event, secs, fun_name=None, **_):
+    if event == "/jax/core/compile/backend_compile_duration" and fun_name == "jit(step)":
+        if not entered:
+            step_compiles["preflight"] += 1
+        elif not losses:
+            step_compiles["first_step"] += 1
 
 
 def on_step(phase, step, m):
@@ -31,7 +42,9 @@ def on_step(phase, step, m):
     phases.append(phase)
 
 
-r = train.train_and_evaluate(c, sys.argv[2], hooks=train.Hooks(on_step=on_step))
+jax.monitoring.register_event_duration_secs_listener(on_compile)
+r = train.train_and_evaluate(c, sys.argv[2], hooks=train.Hooks(
+    on_step=on_step, on_phase=lambda name: entered.append(name)))
 print("RESULT " + json.dumps({"losses": losses, "dense_steps": phases.count("dense"),
                               "widths": r["widths"], "final_acc": r["final_acc"],
-                              "sharding": str(jax.devices())}))
+                              "sharding": str(jax.devices()), "step_compiles": step_compiles}))

@@ -3,6 +3,7 @@ stored random key (``nnx.Dropout(rate, rngs=...)``), a parameter broadcast again
 (a cls token), and a width kept in a plain attribute that the cut cannot update. Imports
 nothing from sap_jax; factories for ``model = "tests.support.user_models:NAME"``."""
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -49,3 +50,33 @@ class Stubborn(nnx.Module):
 
 def stubborn(num_classes=10, in_channels=3, *, width=8, rngs=None):
     return Stubborn(num_classes, in_channels, width, rngs=rngs or nnx.Rngs(0))
+
+
+class FusedKernelNet(nnx.Module):
+    """Trains through a fused kernel (an FFI custom call, as GPU-only kernels are) and evaluates
+    without it: everything but the compiled training step works on a backend that lacks the
+    kernel, so only an XLA compile of that step finds the problem."""
+
+    def __init__(self, num_classes: int, in_channels: int, width: int, *, rngs: nnx.Rngs):
+        self.deterministic = False  # model.train() / model.eval() set it, as for Dropout
+        self.stem = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
+        self.conv = nnx.Conv(width, width, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv(nnx.relu(self.stem(x)))).mean((1, 2))
+        if not self.deterministic:  # the "fused" training-time op: a kernel this test never has
+            x = _fused(x)
+        return self.head(x)
+
+
+@jax.custom_vjp
+def _fused(x):
+    return jax.ffi.ffi_call("sap_test_fused_kernel", jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+
+
+_fused.defvjp(lambda x: (_fused(x), None), lambda _, g: (g,))  # its backward: the identity
+
+
+def fused_kernel(num_classes=10, in_channels=3, *, width=8, rngs=None):
+    return FusedKernelNet(num_classes, in_channels, width, rngs=rngs or nnx.Rngs(0))
