@@ -123,12 +123,40 @@ def test_a_training_step_xla_cannot_compile_stops_before_training_naming_its_sou
     assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
     line = errors[0]
     assert line.startswith("error: pre-flight (compiling the dense model's training step on the "
-                           "mesh) failed at user_models.py:"), line
+                           "mesh) failed in net (FusedKernelNet) at user_models.py:"), line
     assert "sap_test_fused_kernel" in line and "needs a kernel registered" in line, line
     assert "Traceback" not in p.stderr and not list(wd.glob("checkpoints/*"))
     # Without the check the same model fails in the first training step, with a traceback.
     late = _main(f"--workdir={tmp_path / 'w2'}", model, "--config.preflight=False")
     assert late.returncode == 1 and "Traceback" in late.stderr, late.stderr[-2000:]
+
+
+def test_an_ops_python_frames_are_read_from_the_lowered_programs_debug_locations():
+    import inspect
+
+    from support import user_models
+
+    from sap_jax.train import preflight
+
+    class Outer(nnx.Module):
+        def __init__(self):
+            self.body = user_models.fused_kernel()
+
+        def __call__(self, x):
+            return self.body(x)
+
+    graph, state = nnx.split(Outer())
+    loss = lambda st, x: (nnx.merge(graph, st)(x) ** 2).sum()  # noqa: E731
+    text = jax.jit(jax.value_and_grad(loss)).lower(state, jnp.ones((2, 8, 8, 3))).as_text(
+        debug_info=True)
+    frames = preflight.op_frames(text, "sap_test_fused_kernel")
+    src, first = inspect.getsourcelines(user_models._fused.__wrapped__)
+    call = first + next(i for i, x in enumerate(src) if "ffi_call" in x)
+    assert frames[0] == ("_fused", f"user_models.py:{call}"), frames
+    names = [f for f, _ in frames]  # innermost first: the kernel, the layer, the outer module
+    outer = next(i for i, f in enumerate(names) if f.endswith(".Outer.__call__"))
+    assert names.index("FusedKernelNet.__call__") < outer, names
+    assert preflight.op_frames(text, "no_such_target") == []
 
 
 @pytest.mark.slow

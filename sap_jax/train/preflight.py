@@ -208,24 +208,50 @@ def _on_the_mesh(spec: spec_lib.RunSpec, dense_model: Any, back: Any, mesh: Any,
                     "The forward must run on a batch sharded over the 'data' axis.", [back]) from e
 
 
-#: A program's source locations: ``#locN = loc("file":line:col ...)``, a named one around
-#: another (``loc("name"(#locM))``) or a call site (``loc(callsite(#callee at #caller))``).
-_LOC = re.compile(r'^#(loc\d+) = loc\((?:"[^"]*"\()?(?:callsite\()?(?:"([^"]+)":(\d+)|#(loc\d+))')
+#: A program's source locations (``#locN = loc(...)``): a file position ``"file":line:col``, a
+#: name around another (``"fn"(#locM)``: a function's frame, or an op's name) or a call site
+#: (``callsite(#callee at #caller)``).
+_LOC_DEF = re.compile(r"^#(loc\d+) = (loc\(.*\))$")
+_FILE = re.compile(r'^loc\("([^"]+)":(\d+)')
+_NAMED = re.compile(r'^loc\("([^"]*)"\(#(loc\d+)\)\)$')
+_CALLSITE = re.compile(r"^loc\(callsite\(#(loc\d+) at #(loc\d+)\)\)$")
 
 
-def _source_of(text: str, symbol: str) -> str | None:
-    """``file:line`` of the user code that put the op naming ``symbol`` (a custom call's
-    target) into ``text`` (a lowered program with debug info), or None."""
+def op_frames(text: str, symbol: str) -> list[tuple[str, str]]:
+    """The Python frames, innermost first, that put the op naming ``symbol`` (a custom call's
+    target) into ``text``, a lowered program with debug info: ``(function, "file:line")``."""
     op = re.search(rf"@{re.escape(symbol)}\(.*loc\(#(loc\d+)\)", text)
     if op is None:
-        return None
-    locs = {m[1]: (m[2], m[3], m[4]) for m in map(_LOC.match, text.splitlines()) if m}
-    ref, seen = op[1], set()
-    while ref in locs and ref not in seen:
-        seen.add(ref)
-        file, line, ref = locs[ref]
-        if file:
-            return f"{os.path.basename(file)}:{line}"
+        return []
+    locs = {m[1]: m[2] for m in map(_LOC_DEF.match, text.splitlines()) if m}
+
+    def frames(ref: str, name: str = "", depth: int = 0) -> list[tuple[str, str]]:
+        body = locs.get(ref, "")
+        if depth > 200:  # a malformed chain: what was found so far
+            return []
+        if m := _CALLSITE.match(body):
+            return frames(m[1], "", depth + 1) + frames(m[2], "", depth + 1)
+        if m := _NAMED.match(body):
+            inner = locs.get(m[2], "")
+            return frames(m[2], m[1] if _FILE.match(inner) else name, depth + 1)
+        if m := _FILE.match(body):
+            return [(name, f"{os.path.basename(m[1])}:{m[2]}")]
+        return []
+
+    return frames(op[1])
+
+
+def _layer_of(frames: list[tuple[str, str]], roots: Sequence[Any]) -> str | None:
+    """The innermost ``Class.__call__`` frame of a Flax module of ``roots``: its path in them
+    where one instance has that class, else its class."""
+    for fn, _ in frames:
+        cls, _, method = fn.rpartition(".")
+        if method != "__call__" or not cls:
+            continue
+        paths = [".".join(map(str, path)) for root in roots for path, node in nnx.iter_graph(root)
+                 if isinstance(node, nnx.Module) and type(node).__qualname__ == cls]
+        if paths:
+            return f"{paths[0]} ({cls})" if len(paths) == 1 and paths[0] else cls
     return None
 
 
@@ -242,17 +268,20 @@ def _compile_first_step(first_step: Callable[[], tuple[Callable, tuple]], model:
     try:
         lowered.compile()
     except Exception as e:  # noqa: BLE001
-        # XLA's errors carry no Python frames: name the source of the op it rejects, where the
-        # error names one (a custom call's target: a kernel this backend has no handler for).
-        names = re.findall(r"[A-Za-z_][\w.]*", _first_line(e))
+        # XLA's errors carry no Python frames: find the op the error names (a custom call's
+        # target: a kernel this backend has no handler for) in the program's debug locations.
         text = lowered.as_text(debug_info=True)
-        at = next((a for n in names if len(n) > 3 and (a := _source_of(text, n))), None)
+        frames = next((f for n in re.findall(r"[A-Za-z_][\w.]*", _first_line(e))
+                       if len(n) > 3 and (f := op_frames(text, n))), [])
+        layer = _layer_of(frames, [model])
+        at = " ".join(x for x in (f"in {layer}" if layer else "",
+                                  f"at {frames[0][1]}" if frames else "") if x)
+        kernel = "custom call" in str(e).lower() or "ffi" in str(e).lower()
         err = _fail(stage, e, hint.format(
             f"on {jax.default_backend()}, every custom call needs a kernel registered for it"
-            if "custom call" in str(e).lower() or "ffi" in str(e).lower()
-            else "see the error"))
+            if kernel else "see the error"))
         if at:
-            err = PreflightError(str(err).replace(" failed:", f" failed at {at}:", 1))
+            err = PreflightError(str(err).replace(" failed:", f" failed {at}:", 1))
         raise err from e
 
 
