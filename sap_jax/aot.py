@@ -15,7 +15,9 @@ It prints a table, then, as the last line of stdout, one JSON object: ``topology
 Times are compiler estimates (a per-op roofline plus ring all-reduce time), not measurements.
 
 Exit codes: 0 fits; 2 a step does not fit in HBM (one line on stderr says how much it needs per
-chip and what to change), an unknown topology, libtpu missing, or a bad config.
+chip and what to change), an unknown topology, libtpu missing, a bad config, or the TPU compiler
+crashing (a signal inside libtpu: the compiles run in a child process, so the line names the
+step it crashed on and the libtpu version).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
 
 # A compile-only TPU process: before JAX loads any plugin. The host's own accelerators stay
@@ -118,7 +123,70 @@ def main(argv: list[str]) -> None:
         sys.exit(errors.EXIT_BAD_INPUT)
 
 
+#: Set in the child process that compiles (see :func:`supervise`).
+COMPILER_PROCESS = "SAP_JAX_AOT_COMPILER_PROCESS"
+_COMPILING = re.compile(r"^(\w+): compiling")
+
+
+def _libtpu() -> str:
+    from importlib import metadata
+
+    try:
+        version = f"libtpu {metadata.version('libtpu')}"
+    except metadata.PackageNotFoundError:
+        version = "libtpu"
+    path = os.environ.get("TPU_LIBRARY_PATH")
+    return f"{version} (TPU_LIBRARY_PATH={path})" if path else version
+
+
+def crash_line(sig: str, step: str | None, topology: str) -> str:
+    """What to say when the TPU compiler died with signal ``sig`` compiling ``step``."""
+    what = f"the {step} step" if step else "the run's steps"
+    line = (f"the TPU compiler crashed ({sig}) compiling {what} for {topology} ({_libtpu()}); "
+            "this is a compiler bug, not a problem of the config.")
+    if topology.lower().startswith("v6e") and "0.0.42" in line:
+        line += (" libtpu 0.0.42 crashes on every v6e training step of a network with "
+                 "batch-statistics BN before a downsampling block when the batch is sharded "
+                 "(docs/scaling.md; benchmarks/libtpu_v6e_repro.py); libtpu 0.0.52 compiles "
+                 "them but needs a newer jaxlib than the one pinned. Estimate on v5e "
+                 "(--topology=v5e:...) meanwhile.")
+    else:
+        line += " Another libtpu (TPU_LIBRARY_PATH=.../libtpu.so) may compile it."
+    return line
+
+
+def supervise(args: list[str]) -> int:
+    """Run ``python -m sap_jax.aot ARGS`` in a child process and pass its output on. libtpu can
+    crash (a signal: no Python exception, no message); the crash then ends in one line naming
+    the step being compiled and exit code 2, like every other refusal."""
+    env = {**os.environ, COMPILER_PROCESS: "1"}
+    child = subprocess.Popen([sys.executable, "-m", "sap_jax.aot", *args], env=env,
+                             stderr=subprocess.PIPE, text=True, errors="replace")
+    step, dying = None, False
+    for line in child.stderr:
+        # A crash's fault-handler dump (Python's stacks, dozens of lines) says nothing more
+        # than the line below.
+        dying = dying or line.startswith("Fatal Python error")
+        if not dying:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        if m := _COMPILING.match(line):
+            step = m[1]
+    rc = child.wait()
+    if rc >= 0:
+        return rc
+    sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+    topology = next((a.split("=", 1)[1] for a in args if a.startswith("--topology=")), None)
+    if topology is None and "--topology" in args[:-1]:
+        topology = args[args.index("--topology") + 1]
+    print(f"error: {crash_line(sig, step, topology or 'the slice')}", file=sys.stderr,
+          flush=True)
+    return errors.EXIT_BAD_INPUT
+
+
 def run() -> None:
+    if os.environ.get(COMPILER_PROCESS) != "1":
+        sys.exit(supervise(sys.argv[1:]))
     rest = cli.parse_or_exit(sys.argv)
     app.run(main, flags_parser=lambda _argv: rest)
 

@@ -236,6 +236,19 @@ def test_a_step_that_does_not_fit_exits_2_with_what_to_change():
     assert out["hbm_capacity_bytes"] < out["steps"]["eval"]["hbm_bytes"] < 1e12
 
 
+def test_a_compiler_crash_exits_2_with_one_line_naming_the_step():
+    """libtpu 0.0.42 dies with SIGSEGV compiling a v6e training step (docs/scaling.md): the
+    compiles run in a child process, so the CLI still ends in one line and exit code 2."""
+    r = _aot("--topology=v6e:2x2", "--steps=eval,plain")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: the TPU compiler crashed (SIGSEGV) compiling the plain "
+                                "step for v6e:2x2 (libtpu 0.0.42"), lines[-1]
+    assert "benchmarks/libtpu_v6e_repro.py" in lines[-1]
+    assert any(x.startswith("eval: compiled in") for x in lines)  # the steps before it report
+    assert not any("Fatal Python error" in x or "Extension modules" in x for x in lines)
+
+
 def test_unknown_topology_exits_2():
     r = _aot("--topology=v9:2x2")
     assert r.returncode == 2

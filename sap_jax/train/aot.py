@@ -198,6 +198,7 @@ def compile_steps(spec: spec_lib.RunSpec, topology: tpu.Topology, *,
     compiled: dict[str, Compiled] = {}
     # The arguments carry the slice's shardings: no mesh context (`with mesh:` is deprecated).
     for name in names:
+        log(f"{name}: compiling")  # the line a compiler crash is reported against
         fn, args = plans[name]()
         t0 = time.perf_counter()
         try:
