@@ -181,7 +181,8 @@ class Runner:
             rec = self._archived(name, json.loads(arm_config(self.study, **spec).to_json()))
             if rec is not None:
                 out[name] = rec["results"]
-                self.log.append({k: rec[k] for k in ("name", "wall_s", "cpu_s")})
+                self.log.append({**{k: rec[k] for k in ("name", "wall_s", "cpu_s")},
+                                 "provenance": rec["results"].get("provenance")})
                 continue
             todo[name] = spec
         ctx = multiprocessing.get_context("spawn")  # JAX is not fork-safe
@@ -197,7 +198,7 @@ class Runner:
                 with open(tmp, "w") as fh:
                     json.dump({**rec, "results": out[name]}, fh)
                 os.replace(tmp, os.path.join(self.archive, f"{name}.json"))  # never half-written
-                self.log.append(rec)
+                self.log.append({**rec, "provenance": out[name].get("provenance")})
                 self.ran += 1
                 print(f"[study] {name}: {wall:.0f} s", flush=True)
         return out
@@ -512,6 +513,24 @@ def _primary_section(primary: dict[str, list[dict]], study) -> list[str]:
             "epochs per seed).", ""]
 
 
+def _made_by(data: dict[str, Any]) -> str:
+    """Which code and machines made the runs: each distinct commit (with its code digest) and
+    CPU model, with how many runs."""
+    def count(key) -> str:
+        seen: dict[str, int] = {}
+        for x in data["runs"]:
+            k = key(x.get("provenance") or {})
+            seen[k] = seen.get(k, 0) + 1
+        return "; ".join(f"{k} ({n} runs)" if len(seen) > 1 else k for k, n in seen.items())
+
+    code = count(lambda p: "unrecorded code" if not p.get("code_digest") else (
+        f"commit `{(p.get('git_commit') or 'outside git')[:10]}`"
+        f"{' with uncommitted changes' if p.get('git_dirty') else ''}, "
+        f"code digest `{p['code_digest'][:12]}`"))
+    cpu = count(lambda p: (p.get("cpu") or {}).get("model") or "unrecorded CPU")
+    return f"These runs were made by sap_jax at {code}, on {cpu}."
+
+
 def _settled_from(h: list[float], thr: float, first_epoch: int) -> int | None:
     """The first epoch from which every later epoch's change stays under ``thr`` (the first
     search epoch compares with the generator's nearly full start, so a first small value alone
@@ -551,7 +570,7 @@ def report(data: dict[str, Any], study, command: str, figs: dict[str, str], out_
         "within one study (one machine), not single runs across machines; each run's "
         "`results.json` records what made it (`provenance`: code commit and digest, library "
         "versions, CPU model and instruction-set flags, `XLA_FLAGS`), and `--reuse` reruns "
-        "archived runs of other code unless `--reuse-other-code` is given.",
+        "archived runs of other code unless `--reuse-other-code` is given. " + _made_by(data),
         "",
         f"**Data.** scikit-learn's digits (1797 real 8x8 handwritten digits, upscaled to "
         f"{base.image_size} px): {base.val_size} training images are held out as the validation "
@@ -751,7 +770,8 @@ def main(argv: list[str] | None = None) -> int:
                    "gl_gamma": data["gl_gamma"],
                    "primary": {a: [{"seed": r["config"]["seed"], "final_acc": r["final_acc"]}
                                    for r in rs] for a, rs in data["primary"].items()},
-                   "runs": data["runs"]}, f, indent=2)
+                   "runs": [{k: x[k] for k in ("name", "wall_s", "cpu_s")}
+                            for x in data["runs"]]}, f, indent=2)
     print(text)
     return 0
 

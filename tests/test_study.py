@@ -22,6 +22,7 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
     assert alignment_study.main(["--tiny", "--out", str(out), "--workdir", str(tmp_path / "runs"),
                                  "--jobs", "2"]) == 0
     text = (out / "results.md").read_text()
+    assert f"code digest `{provenance.code_digest()[:12]}`, on " in text  # one code, one CPU
     for fig in ("search.png", "finetune_budget.png", "gamma_sweep.png", "stability.png"):
         assert (out / "figures" / fig).stat().st_size > 1000 and f"figures/{fig}" in text
     data = json.loads((out / "results_data.json").read_text())
@@ -116,6 +117,9 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
     args = ["--tiny", "--out", str(out2), "--workdir", str(tmp_path / "gone"), "--archive",
             str(archive), "--reuse"]
     assert alignment_study.main([*args, "--reuse-other-code"]) == 0  # taken as it is
+    made_by = (out2 / "results.md").read_text()  # and the report says which code made what
+    assert f"code digest `{provenance.code_digest()[:12]}` (23 runs)" in made_by
+    assert "code digest `000000000000` (1 runs)" in made_by
     assert not (tmp_path / "gone" / "sap_p0.5_s0").exists()
     assert alignment_study.main(args) == 0  # rerun: the archive holds this code's run again
     assert (tmp_path / "gone" / "sap_p0.5_s0" / "results.json").exists()
