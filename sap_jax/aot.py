@@ -39,8 +39,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sap_jax import cli  # noqa: E402
-from sap_jax.runtime import errors  # noqa: E402
-from sap_jax.runtime.tpu import GiB  # noqa: E402 - no JAX import behind it
+from sap_jax.runtime import errors, tpu  # noqa: E402 - no JAX import behind tpu
+from sap_jax.runtime.tpu import GiB  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -128,23 +128,40 @@ COMPILER_PROCESS = "SAP_JAX_AOT_COMPILER_PROCESS"
 _COMPILING = re.compile(r"^(\w+): compiling")
 
 
-def _libtpu() -> str:
+def _libtpu() -> tuple[str, str | None]:
+    """The installed libtpu package's version (None if absent), and what to call the library
+    in use (``TPU_LIBRARY_PATH`` loads another file than the package's)."""
     from importlib import metadata
 
     try:
-        version = f"libtpu {metadata.version('libtpu')}"
+        version = metadata.version("libtpu")
     except metadata.PackageNotFoundError:
-        version = "libtpu"
+        version = None
     path = os.environ.get("TPU_LIBRARY_PATH")
-    return f"{version} (TPU_LIBRARY_PATH={path})" if path else version
+    if path:
+        return f"libtpu from TPU_LIBRARY_PATH={path}", None
+    return f"libtpu {version}" if version else "libtpu", version
+
+
+#: Signals that mean the compiler itself failed (not the host or the user stopping it).
+CRASHES = {"SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE"}
 
 
 def crash_line(sig: str, step: str | None, topology: str) -> str:
     """What to say when the TPU compiler died with signal ``sig`` compiling ``step``."""
     what = f"the {step} step" if step else "the run's steps"
-    line = (f"the TPU compiler crashed ({sig}) compiling {what} for {topology} ({_libtpu()}); "
+    library, version = _libtpu()
+    if sig == "SIGKILL":
+        return (f"compiling {what} for {topology} was killed (SIGKILL), most likely by the "
+                "host's out-of-memory killer: compile on a host with more memory, or fewer "
+                "steps at a time (--steps).")
+    line = (f"the TPU compiler crashed ({sig}) compiling {what} for {topology} ({library}); "
             "this is a compiler bug, not a problem of the config.")
-    if topology.lower().startswith("v6e") and "0.0.42" in line:
+    try:
+        generation = tpu.parse_name(topology)[0].generation
+    except errors.ConfigError:
+        generation = None
+    if generation == "v6e" and version is not None and version.startswith("0.0.42"):
         line += (" libtpu 0.0.42 crashes on every v6e training step of a network with "
                  "batch-statistics BN before a downsampling block when the batch is sharded "
                  "(docs/scaling.md; benchmarks/libtpu_v6e_repro.py); libtpu 0.0.52 compiles "
@@ -155,30 +172,62 @@ def crash_line(sig: str, step: str | None, topology: str) -> str:
     return line
 
 
-def supervise(args: list[str]) -> int:
-    """Run ``python -m sap_jax.aot ARGS`` in a child process and pass its output on. libtpu can
-    crash (a signal: no Python exception, no message); the crash then ends in one line naming
-    the step being compiled and exit code 2, like every other refusal."""
+def _topology_arg(args: list[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a.startswith("--topology="):
+            return a.split("=", 1)[1]
+        if a == "--topology" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def supervise(args: list[str], command: list[str] | None = None) -> int:
+    """Run ``python -m sap_jax.aot ARGS`` (or ``command``) in a child process and pass its
+    output on. libtpu can crash (a signal: no Python exception, no message); the crash then
+    ends in one line naming the step being compiled and exit code 2, like every other
+    refusal. Ctrl-C and SIGTERM reach the child too; the exit code is then 128 + the signal."""
     env = {**os.environ, COMPILER_PROCESS: "1"}
-    child = subprocess.Popen([sys.executable, "-m", "sap_jax.aot", *args], env=env,
+    child = subprocess.Popen(command or [sys.executable, "-m", "sap_jax.aot", *args], env=env,
                              stderr=subprocess.PIPE, text=True, errors="replace")
+    stopped: list[int] = []
+
+    def forward(signum, _frame):  # a launcher's or timeout's SIGTERM to this process alone
+        stopped.append(signum)
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     step, dying = None, False
-    for line in child.stderr:
-        # A crash's fault-handler dump (Python's stacks, dozens of lines) says nothing more
-        # than the line below.
-        dying = dying or line.startswith("Fatal Python error")
-        if not dying:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-        if m := _COMPILING.match(line):
-            step = m[1]
-    rc = child.wait()
+    try:
+        for line in child.stderr:
+            # A crash's fault-handler dump (Python's stacks, dozens of lines) says nothing more
+            # than the line below.
+            dying = dying or line.startswith("Fatal Python error")
+            if not dying:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            if m := _COMPILING.match(line):
+                step = m[1]
+        rc = child.wait()
+    except KeyboardInterrupt:  # the terminal sent SIGINT to both; wait for the child to stop
+        stopped.append(signal.SIGINT)
+        child.send_signal(signal.SIGINT)
+        rc = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        return 128 + int(stopped[0])
     if rc >= 0:
         return rc
-    sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
-    topology = next((a.split("=", 1)[1] for a in args if a.startswith("--topology=")), None)
-    if topology is None and "--topology" in args[:-1]:
-        topology = args[args.index("--topology") + 1]
+    try:
+        sig = signal.Signals(-rc).name
+    except ValueError:
+        sig = f"signal {-rc}"
+    if sig in ("SIGINT", "SIGTERM"):  # stopped from outside, not crashed
+        return 128 - rc
+    if sig not in CRASHES and sig != "SIGKILL":
+        print(f"error: compiling stopped with {sig}.", file=sys.stderr, flush=True)
+        return errors.EXIT_BAD_INPUT
+    topology = _topology_arg(args)
     print(f"error: {crash_line(sig, step, topology or 'the slice')}", file=sys.stderr,
           flush=True)
     return errors.EXIT_BAD_INPUT

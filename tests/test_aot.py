@@ -239,7 +239,8 @@ def test_a_step_that_does_not_fit_exits_2_with_what_to_change():
 def test_a_compiler_crash_exits_2_with_one_line_naming_the_step():
     """libtpu 0.0.42 dies with SIGSEGV compiling a v6e training step (docs/scaling.md): the
     compiles run in a child process, so the CLI still ends in one line and exit code 2."""
-    r = _aot("--topology=v6e:2x2", "--steps=eval,plain")
+    env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}  # the pinned one
+    r = _aot("--topology", "v6e:2x2", "--steps=eval,plain", env=env)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("error: the TPU compiler crashed (SIGSEGV) compiling the plain "
@@ -247,6 +248,47 @@ def test_a_compiler_crash_exits_2_with_one_line_naming_the_step():
     assert "benchmarks/libtpu_v6e_repro.py" in lines[-1]
     assert any(x.startswith("eval: compiled in") for x in lines)  # the steps before it report
     assert not any("Fatal Python error" in x or "Extension modules" in x for x in lines)
+
+
+def _child(*lines: str, signum: int) -> list[str]:
+    """A child that reports ``lines`` on stderr, then dies of ``signum``."""
+    say = "".join(f"print({x!r}, file=sys.stderr, flush=True); " for x in lines)
+    return [sys.executable, "-c", f"import os, sys; {say}os.kill(os.getpid(), {int(signum)})"]
+
+
+@pytest.mark.parametrize("sig, words", [
+    ("SIGSEGV", ["the TPU compiler crashed (SIGSEGV) compiling the sap step for v5e:2x2",
+                 "compiler bug", "TPU_LIBRARY_PATH"]),
+    ("SIGABRT", ["the TPU compiler crashed (SIGABRT) compiling the sap step"]),
+    ("SIGKILL", ["compiling the sap step for v5e:2x2 was killed (SIGKILL)", "out-of-memory",
+                 "--steps"]),
+])
+def test_a_dying_compiler_process_is_named_by_its_signal_and_step(capfd, sig, words):
+    import signal
+
+    from sap_jax import aot
+
+    rc = aot.supervise(["--topology", "v5e:2x2"], command=_child(
+        "plain: compiling", "plain: compiled in 1.0 s", "sap: compiling",
+        "Fatal Python error: Segmentation fault", "  File x.py, line 1",
+        signum=getattr(signal, sig)))
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and err[:3] == [
+        "plain: compiling", "plain: compiled in 1.0 s", "sap: compiling"], err
+    assert len(err) == 4  # the fault handler's dump is dropped: one line says it all
+    for w in words:
+        assert w in err[-1], (w, err[-1])
+
+
+def test_a_compile_stopped_from_outside_is_not_called_a_crash(capfd):
+    import signal
+
+    from sap_jax import aot
+
+    rc = aot.supervise(["--topology=v5e:2x2"], command=_child("eval: compiling",
+                                                               signum=signal.SIGTERM))
+    assert rc == 128 + signal.SIGTERM
+    assert "crashed" not in capfd.readouterr().err
 
 
 def test_unknown_topology_exits_2():

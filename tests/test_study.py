@@ -119,7 +119,7 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
     assert alignment_study.main([*args, "--reuse-other-code"]) == 0  # taken as it is
     made_by = (out2 / "results.md").read_text()  # and the report says which code made what
     assert f"code digest `{provenance.code_digest()[:12]}` (23 runs)" in made_by
-    assert "code digest `000000000000` (1 runs)" in made_by
+    assert "code digest `000000000000` (1 run)" in made_by
     assert not (tmp_path / "gone" / "sap_p0.5_s0").exists()
     assert alignment_study.main(args) == 0  # rerun: the archive holds this code's run again
     assert (tmp_path / "gone" / "sap_p0.5_s0" / "results.json").exists()

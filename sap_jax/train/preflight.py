@@ -89,9 +89,12 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0].rstrip(".")
 
 
-def _fail(stage: str, exc: BaseException, hint: str, roots: Sequence[Any] = ()) -> PreflightError:
-    layer = where(exc, roots)
-    at = f" in {layer}" if layer else ""
+def _fail(stage: str, exc: BaseException, hint: str, roots: Sequence[Any] = (),
+          at: str | None = None) -> PreflightError:
+    """The one-line error; ``at`` names where when the traceback cannot (an XLA error)."""
+    if at is None:
+        layer = where(exc, roots)
+        at = f" in {layer}" if layer else ""
     return PreflightError(f"pre-flight ({stage}) failed{at}: {type(exc).__name__}: "
                           f"{_first_line(exc)}. {hint} (preflight=False skips this check.)")
 
@@ -257,32 +260,39 @@ def _layer_of(frames: list[tuple[str, str]], roots: Sequence[Any]) -> str | None
 
 def _compile_first_step(first_step: Callable[[], tuple[Callable, tuple]], model: Any) -> None:
     """Stage 5: the run's first training step XLA-compiled on the mesh."""
-    stage = "compiling the dense model's training step on the mesh"
-    hint = "The training step must compile for the run's devices ({})."
     try:
         fn, args = first_step()
         lowered = fn.lower(*args)
     except Exception as e:  # noqa: BLE001
-        raise _fail(stage, e, hint.format("its forward and backward must trace with the run's "
-                                          "shardings"), [model]) from e
+        raise _fail("the dense model's training step on the mesh", e, "The forward must run on "
+                    "a batch sharded over the 'data' axis.", [model]) from e
     try:
         lowered.compile()
     except Exception as e:  # noqa: BLE001
-        # XLA's errors carry no Python frames: find the op the error names (a custom call's
-        # target: a kernel this backend has no handler for) in the program's debug locations.
+        raise _fail("compiling the dense model's training step on the mesh", e,
+                    "The training step must compile for the run's devices "
+                    f"({_compile_hint(e)}).", at=_compile_site(e, lowered, model)) from e
+
+
+def _compile_hint(exc: BaseException) -> str:
+    if re.search(r"\bffi\b|custom.?call", str(exc), re.IGNORECASE):
+        return f"on {jax.default_backend()}, every custom call needs a kernel registered for it"
+    return "see the error"
+
+
+def _compile_site(exc: BaseException, lowered: Any, model: Any) -> str:
+    """`` in LAYER at FILE:LINE`` of the op an XLA error names, from the program's debug
+    locations (JAX keeps the innermost ``jax_traceback_in_locations_limit`` frames, 10 by
+    default: in a deep model the layer's frame may be beyond them, and only the line is
+    named); "" when none is found."""
+    try:
         text = lowered.as_text(debug_info=True)
-        frames = next((f for n in re.findall(r"[A-Za-z_][\w.]*", _first_line(e))
+        frames = next((f for n in re.findall(r"[A-Za-z_][\w.]*", _first_line(exc))
                        if len(n) > 3 and (f := op_frames(text, n))), [])
         layer = _layer_of(frames, [model])
-        at = " ".join(x for x in (f"in {layer}" if layer else "",
-                                  f"at {frames[0][1]}" if frames else "") if x)
-        kernel = "custom call" in str(e).lower() or "ffi" in str(e).lower()
-        err = _fail(stage, e, hint.format(
-            f"on {jax.default_backend()}, every custom call needs a kernel registered for it"
-            if kernel else "see the error"))
-        if at:
-            err = PreflightError(str(err).replace(" failed:", f" failed {at}:", 1))
-        raise err from e
+    except Exception:  # noqa: BLE001 - naming the place is a courtesy; the error still stops
+        return ""
+    return "".join((f" in {layer}" if layer else "", f" at {frames[0][1]}" if frames else ""))
 
 
 def _agreed(stage: Callable[[], Any]) -> Any:
@@ -304,8 +314,8 @@ def check(spec: spec_lib.RunSpec, dense_model: models.PrunableModel, mesh: Any,
           first_step: Callable[[], tuple[Callable, tuple]] | None = None) -> dict[str, float]:
     """Run the pre-flight check (module docstring) on the run's dense model; returns the
     seconds each stage took. ``first_step()`` gives the run's first weight step and its
-    arguments (:func:`sap_jax.train.loop.first_step`); without it the compile is left to the
-    run. Raises :class:`PreflightError`."""
+    arguments (:func:`sap_jax.train.loop.first_step`); without it the dense step is neither
+    lowered nor compiled here (the run compiles it). Raises :class:`PreflightError`."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     dense = nnx.clone(dense_model)  # eval mode and forward passes must not touch the run's model

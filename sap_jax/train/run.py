@@ -446,13 +446,14 @@ def _phases(env: Env) -> dict[str, Any]:
                  else parallel.replicate(template, env.mesh))
         phase = search.Search(env, dense, gen, prog, state.rng).phase()
         if env.spec.preflight:  # the cut is still ahead: try it now
-            times = preflight.check(env.spec, dense.model, env.mesh, env.workdir,
-                                    env.data.info.num_classes,
-                                    lambda: loop.first_step(env, phase, state, prog))
+            steps_left = prog.epoch < phase.num_epochs  # else resumed right before the cut
+            times = preflight.check(
+                env.spec, dense.model, env.mesh, env.workdir, env.data.info.num_classes,
+                (lambda: loop.first_step(env, phase, state, prog)) if steps_left else None)
             logging.info("pre-flight: trial cut %.1f s, save and reload %.1f s, trial step "
                          "traced on the mesh %.1f s, first step compiled %.1f s",
                          times["cut_s"], times["save_load_s"], times["mesh_s"],
-                         times["compile_s"])
+                         times.get("compile_s", 0.0))
         if new_run and init_from:
             _record_init(env, dense, state)
         env.hooks.phase("search")
