@@ -45,7 +45,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from experiments import study_config  # noqa: E402
-from sap_jax.runtime import provenance  # noqa: E402
+from sap_jax.runtime import errors, provenance  # noqa: E402
 from sap_jax.train import config as config_lib  # noqa: E402
 
 ARMS = {
@@ -136,7 +136,12 @@ def _run_one(tiny: bool, spec: dict[str, Any], workdir: str) -> tuple[dict[str, 
     c = arm_config(study, **spec)
     cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # noqa: E731  (user + system)
     t0, c0 = time.perf_counter(), cpu()
-    r = train.train_and_evaluate(c, workdir)
+    try:
+        r = train.train_and_evaluate(c, workdir)
+    except errors.Preempted:
+        # SIGTERM (the run took it as a preemption and saved a checkpoint): the study is being
+        # stopped. End this worker, or it would go on with the runs already queued to it.
+        os._exit(128 + 15)
     return r, time.perf_counter() - t0, cpu() - c0
 
 

@@ -144,3 +144,38 @@ def test_paired_difference_and_interval_against_a_hand_computation():
     assert alignment_study._verdict(-2.0, 1.0).startswith("the opposite")
 
 
+
+
+@pytest.mark.slow
+def test_a_study_stopped_with_sigterm_leaves_no_worker_running(tmp_path):
+    """Each run takes SIGTERM as a preemption (it checkpoints and stops); the study's worker
+    must then end too, not go on with the runs already queued to it."""
+    import signal
+    import subprocess
+    import time
+
+    workdir = tmp_path / "runs"
+    p = subprocess.Popen([sys.executable, "-m", "experiments.alignment_study", "--tiny",
+                          "--out", str(tmp_path), "--workdir", str(workdir)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    started = lambda: [d for d in workdir.glob("*") if (d / "config.json").exists()]  # noqa: E731
+    deadline = time.time() + 300
+    # The second run, well into its training loop (where SIGTERM is a preemption).
+    while len(started()) < 2 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert len(started()) >= 2, "the study did not get to its second run"
+    time.sleep(5)
+    os.killpg(p.pid, signal.SIGTERM)  # what stopping a job (or a shell's kill -- -PGID) sends
+    runs = {d.name for d in workdir.glob("*") if d.name != "compile_cache"}
+    deadline = time.time() + 60
+    alive = True
+    while alive and time.time() < deadline:
+        p.poll()  # reap the main process: a zombie still counts as one of the group
+        try:
+            os.killpg(p.pid, 0)  # any process of the study's group left?
+            time.sleep(0.5)
+        except ProcessLookupError:
+            alive = False
+    assert not alive, "a study process outlived SIGTERM by a minute"
+    assert {d.name for d in workdir.glob("*") if d.name != "compile_cache"} == runs
