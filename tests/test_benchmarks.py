@@ -205,3 +205,18 @@ def test_compilation_cache_stores_programs_loads_them_again_and_restores_jax_set
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
         from jax.experimental.compilation_cache import compilation_cache as cc
         cc.reset_cache()
+
+
+def test_flat_gradient_counts_the_all_reduces_of_each_reduction():
+    """The tiny config's gradient for v5e:2x2 (a TPU compile in a fresh process): the
+    partitioner reduces leaf by leaf; a shard_map's reductions at the end combine into one."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "flat_gradient.py")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r[0]: r[1:] for r in (
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in p.stdout.splitlines() if line.startswith("| ") and "---" not in line)}
+    counts = {k: int(v[0]) for k, v in rows.items() if k != "gradient reduction"}
+    assert counts["per leaf"] == counts["flattened"] == 1, counts
+    assert counts["partitioner"] > 1, counts
