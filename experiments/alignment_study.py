@@ -139,8 +139,12 @@ def _run_one(tiny: bool, spec: dict[str, Any], workdir: str) -> tuple[dict[str, 
     try:
         r = train.train_and_evaluate(c, workdir)
     except errors.Preempted:
-        # SIGTERM (the run took it as a preemption and saved a checkpoint): the study is being
-        # stopped. End this worker, or it would go on with the runs already queued to it.
+        # SIGTERM or Ctrl-C to the study's process group (the run took it as a preemption):
+        # the study is being stopped. End this worker, or it would go on with the runs queued
+        # to it. The run's checkpoint is of no use: the next sitting starts unfinished runs
+        # afresh. (A signal to the parent process alone does not reach the worker.)
+        print(f"[study] {os.path.basename(workdir)} stopped by SIGTERM or Ctrl-C",
+              file=sys.stderr, flush=True)
         os._exit(128 + 15)
     return r, time.perf_counter() - t0, cpu() - c0
 

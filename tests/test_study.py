@@ -144,8 +144,6 @@ def test_paired_difference_and_interval_against_a_hand_computation():
     assert alignment_study._verdict(-2.0, 1.0).startswith("the opposite")
 
 
-
-
 @pytest.mark.slow
 def test_a_study_stopped_with_sigterm_leaves_no_worker_running(tmp_path):
     """Each run takes SIGTERM as a preemption (it checkpoints and stops); the study's worker
@@ -154,28 +152,39 @@ def test_a_study_stopped_with_sigterm_leaves_no_worker_running(tmp_path):
     import subprocess
     import time
 
-    workdir = tmp_path / "runs"
-    p = subprocess.Popen([sys.executable, "-m", "experiments.alignment_study", "--tiny",
-                          "--out", str(tmp_path), "--workdir", str(workdir)], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    started = lambda: [d for d in workdir.glob("*") if (d / "config.json").exists()]  # noqa: E731
-    deadline = time.time() + 300
-    # The second run, well into its training loop (where SIGTERM is a preemption).
-    while len(started()) < 2 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    assert len(started()) >= 2, "the study did not get to its second run"
-    time.sleep(5)
-    os.killpg(p.pid, signal.SIGTERM)  # what stopping a job (or a shell's kill -- -PGID) sends
-    runs = {d.name for d in workdir.glob("*") if d.name != "compile_cache"}
-    deadline = time.time() + 60
-    alive = True
-    while alive and time.time() < deadline:
-        p.poll()  # reap the main process: a zombie still counts as one of the group
+    workdir, err = tmp_path / "runs", tmp_path / "stderr.txt"
+    with open(err, "w") as log:
+        p = subprocess.Popen([sys.executable, "-m", "experiments.alignment_study", "--tiny",
+                              "--out", str(tmp_path), "--workdir", str(workdir)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    runs = lambda: {d.name for d in workdir.glob("*") if d.name != "compile_cache"}  # noqa: E731
+    try:
+        # A run in its training loop (it has saved a checkpoint), where SIGTERM is a preemption,
+        # after at least one whole run: the worker has runs queued behind the current one.
+        done = lambda: [d for d in workdir.glob("*") if (d / "results.json").exists()]  # noqa: E731
+        training = lambda: [d for d in workdir.glob("*/checkpoints/*")  # noqa: E731
+                            if not (d.parent.parent / "results.json").exists()]
+        deadline = time.time() + 300
+        while not (done() and training()) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert done() and training(), f"no run got that far (exit {p.returncode})"
+        os.killpg(p.pid, signal.SIGTERM)  # what stopping a job (a shell's kill -- -PGID) sends
+        before = runs()
+        deadline, alive = time.time() + 60, True
+        while alive and time.time() < deadline:
+            p.poll()  # reap the main process: a zombie still counts as one of the group
+            try:
+                os.killpg(p.pid, 0)  # any process of the study's group left?
+                time.sleep(0.5)
+            except ProcessLookupError:
+                alive = False
+        assert not alive, "a study process outlived SIGTERM by a minute"
+        assert runs() == before  # and none started a further run
+        assert "stopped by SIGTERM or Ctrl-C" in err.read_text()  # through the run's preemption
+    finally:
         try:
-            os.killpg(p.pid, 0)  # any process of the study's group left?
-            time.sleep(0.5)
+            os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
-            alive = False
-    assert not alive, "a study process outlived SIGTERM by a minute"
-    assert {d.name for d in workdir.glob("*") if d.name != "compile_cache"} == runs
+            pass
+        p.wait()
