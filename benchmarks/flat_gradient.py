@@ -39,8 +39,6 @@ def main() -> int:
     from sap_jax.runtime import tpu
 
     topo = tpu.topology(args.topology)
-    import importlib.util
-
     import jax
     import optax
     from jax.flatten_util import ravel_pytree
@@ -51,10 +49,7 @@ def main() -> int:
     from sap_jax.train import config as config_lib
     from sap_jax.train import spec as spec_lib
 
-    spec_file = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, args.config))
-    module = importlib.util.module_from_spec(spec_file)
-    spec_file.loader.exec_module(module)
-    spec = spec_lib.from_config(module.get_config())
+    spec = spec_lib.from_config(config_lib.load_file(os.path.join(ROOT, args.config)))
     mesh = aot.mesh_of(topo)
     planner = aot.Planner(spec, mesh, config_lib.NUM_CLASSES.get(spec.data.dataset, 10))
     model = planner.model()

@@ -54,7 +54,7 @@ def main() -> int:
     from sap_jax import aot
 
     print(f"| program (gradient of conv, BN, ReLU, stride-2 conv + stride-2 slice) | "
-          f"{aot._libtpu()} |\n|---|---|")
+          f"{aot.libtpu()[0]} |\n|---|---|")
     for name, case in CASES.items():
         p = subprocess.run([sys.executable, __file__, *map(str, case)], capture_output=True,
                            text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -128,9 +128,9 @@ COMPILER_PROCESS = "SAP_JAX_AOT_COMPILER_PROCESS"
 _COMPILING = re.compile(r"^(\w+): compiling")
 
 
-def _libtpu() -> tuple[str, str | None]:
-    """The installed libtpu package's version (None if absent), and what to call the library
-    in use (``TPU_LIBRARY_PATH`` loads another file than the package's)."""
+def libtpu() -> tuple[str, str | None]:
+    """What to call the libtpu in use, and the installed package's version (None when absent,
+    or when ``TPU_LIBRARY_PATH`` loads another file than the package's)."""
     from importlib import metadata
 
     try:
@@ -150,7 +150,7 @@ CRASHES = {"SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE"}
 def crash_line(sig: str, step: str | None, topology: str) -> str:
     """What to say when the TPU compiler died with signal ``sig`` compiling ``step``."""
     what = f"the {step} step" if step else "the run's steps"
-    library, version = _libtpu()
+    library, version = libtpu()
     if sig == "SIGKILL":
         return (f"compiling {what} for {topology} was killed (SIGKILL), most likely by the "
                 "host's out-of-memory killer: compile on a host with more memory, or fewer "

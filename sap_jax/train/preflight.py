@@ -195,8 +195,11 @@ def _save_and_reload(small: Any, got: Any, x: Any, directory: Any, dense_widths:
     return back
 
 
-def _on_the_mesh(spec: spec_lib.RunSpec, dense_model: Any, back: Any, mesh: Any,
-                 num_classes: int) -> None:
+#: What a step that cannot be traced on the mesh needs.
+_MESH_HINT = "The forward must run on a batch sharded over the 'data' axis."
+
+
+def _on_the_mesh(spec: spec_lib.RunSpec, back: Any, mesh: Any, num_classes: int) -> None:
     """Stages 3 and 4: the trial model's state placed on the mesh, its weight step lowered."""
     try:
         jax.block_until_ready(parallel.replicate(ModuleCodec(back).split(back), mesh))
@@ -207,8 +210,8 @@ def _on_the_mesh(spec: spec_lib.RunSpec, dense_model: Any, back: Any, mesh: Any,
         fn, args = aot.Planner(spec, mesh, num_classes).weight_step(back, "finetune")
         fn.lower(*args)  # the arguments carry the run's shardings
     except Exception as e:  # noqa: BLE001
-        raise _fail("the trial pruned model's training step on the mesh", e,
-                    "The forward must run on a batch sharded over the 'data' axis.", [back]) from e
+        raise _fail("the trial pruned model's training step on the mesh", e, _MESH_HINT,
+                    [back]) from e
 
 
 #: A program's source locations (``#locN = loc(...)``): a file position ``"file":line:col``, a
@@ -264,8 +267,7 @@ def _compile_first_step(first_step: Callable[[], tuple[Callable, tuple]], model:
         fn, args = first_step()
         lowered = fn.lower(*args)
     except Exception as e:  # noqa: BLE001
-        raise _fail("the dense model's training step on the mesh", e, "The forward must run on "
-                    "a batch sharded over the 'data' axis.", [model]) from e
+        raise _fail("the dense model's training step on the mesh", e, _MESH_HINT, [model]) from e
     try:
         lowered.compile()
     except Exception as e:  # noqa: BLE001
@@ -329,7 +331,7 @@ def check(spec: spec_lib.RunSpec, dense_model: models.PrunableModel, mesh: Any,
                                             dense.widths, size))
     times["save_load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _agreed(lambda: _on_the_mesh(spec, dense_model, back, mesh, num_classes))
+    _agreed(lambda: _on_the_mesh(spec, back, mesh, num_classes))
     times["mesh_s"] = time.perf_counter() - t0
     if first_step is not None:
         t0 = time.perf_counter()
