@@ -77,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
         round_to=0,  # round kept widths at the cut, within p. 0 = auto (default; so that no
                      # shipped config cuts a model slower than its dense original): with metric
                      # "latency", to the widths where the table's latency steps up; else to
-                     # multiples of 8 on GPUs, 128 on TPUs (or the largest half of it that meets
-                     # p), none on CPUs. 1 = off: the paper's protocol (the same architecture on
+                     # multiples of 8 on GPUs and CPUs, 128 on TPUs (or the largest half of it
+                     # that meets p). 1 = off: the paper's protocol (the same architecture on
                      # every backend; unrounded widths ran 0.95x dense on an H200). N = multiples
                      # of N
         # The generator's resource loss lam * R(T(v)/T_full, p) (docs/method.md §6):

@@ -17,8 +17,8 @@ def get_config():
     c.optim.base_batch_size = 256
     c.budget.p = 0.65
     # The paper's budget: metric "macs" (default). budget.round_to = 0 (default) rounds kept
-    # widths on GPUs (8) and TPUs (128) so the cut model is not slower than dense; the paper's
-    # unrounded architecture on every backend: --config.budget.round_to=1.
+    # widths on GPUs and CPUs (8) and TPUs (128) so the cut model is not slower than dense; the
+    # paper's unrounded architecture on every backend: --config.budget.round_to=1.
     c.sap.e_start = 30
     c.finetune = imagenet_r50.default.optimizer(0.045, (), schedule="cosine", weight_decay=4e-5)
     c.finetune.base_batch_size = 256

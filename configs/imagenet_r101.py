@@ -13,6 +13,6 @@ def get_config():
     c.model = "resnet101"
     c.budget.p = 0.41
     # The paper's budget: metric "macs" (default). budget.round_to = 0 (default) rounds kept
-    # widths on GPUs (8) and TPUs (128) so the cut model is not slower than dense; the paper's
-    # unrounded architecture on every backend: --config.budget.round_to=1.
+    # widths on GPUs and CPUs (8) and TPUs (128) so the cut model is not slower than dense; the
+    # paper's unrounded architecture on every backend: --config.budget.round_to=1.
     return c

@@ -31,8 +31,8 @@ def get_config():
     c.optim.base_batch_size = 256  # the paper's LR is per 256 images (linear scaling rule)
     c.budget.p = P
     # The paper's budget: metric "macs" (default). budget.round_to = 0 (default) rounds kept
-    # widths on GPUs (8) and TPUs (128) so the cut model is not slower than dense; the paper's
-    # unrounded architecture on every backend: --config.budget.round_to=1.
+    # widths on GPUs and CPUs (8) and TPUs (128) so the cut model is not slower than dense; the
+    # paper's unrounded architecture on every backend: --config.budget.round_to=1.
     c.sap.e_start = 18
     c.sap.gamma = 5e-4
     c.agn.batch_size = 256  # AGN steps use AdamW at a fixed LR: not scaled with the batch

@@ -55,10 +55,12 @@ def test_auto_rounding_uses_the_backends_multiple_or_the_largest_half_that_meets
     full, p = flops.count(s), 0.48
     ratio = lambda w: flops.count(s, w).prunable_macs / full.prunable_macs  # noqa: E731
     uniform = baselines.uniform_widths(s, p)
-    # CPU: no rounding. GPU: multiples of 8, which ResNet-56 (16-64 channels) can meet.
-    assert cut.auto_round_widths(s, uniform, p, "cpu") == (1, uniform)
+    # GPU: multiples of 8, which ResNet-56 (16-64 channels) can meet; the CPU's multiple is 8 too.
     m, gpu = cut.auto_round_widths(s, uniform, p, "gpu")
     assert m == 8 and ratio(gpu) <= p and all(w % 8 == 0 or w == c for w, c in zip(gpu, s.widths))
+    assert gpu != uniform and cut.auto_round_widths(s, uniform, p, "cpu") == (8, gpu)
+    # A backend with no known multiple: widths unchanged.
+    assert cut.auto_round_widths(s, uniform, p, "metal") == (1, uniform)
     # TPU: 128 leaves every group whole, and so do 64, 32; 16 keeps the 16-wide first stage
     # whole (over p), so the multiple falls to 8, the same widths as the GPU's.
     for too_coarse in (128, 64, 32, 16):

@@ -224,6 +224,48 @@ def test_a_table_that_is_not_monotone_is_handled():
     assert table.ratio(structure, [5, 8, 8], "total") == table.ratio(structure, [6, 8, 8], "total")
 
 
+
+def test_snapping_takes_the_step_that_saves_most_per_channel_not_the_coarsest():
+    """Group 0's time does not move between 1 and 8 channels but falls at 1 (its only step is
+    8 -> 1: 7 ms for 7 channels); group 1 saves 1.5 ms per channel. A budget one group-1
+    channel away is met by that channel, not by collapsing group 0 to a single channel."""
+    structure = models.create_abstract("resnet_cifar_tiny", widths=[8, 8, 8]).structure(16)
+    flat = [1.0] + [8.0] * 7
+    steep = [1.5 * w for w in range(1, 9)]
+    table = _synthetic(structure, [flat, steep, [0.0] * 8])
+    steps = table.step_widths(structure, tolerance=0.0)
+    assert steps[0] == [1, 8] and steps[1] == list(range(1, 9))
+    p = table.ratio(structure, [8, 7, 8], "total")
+    assert p < table.ratio(structure, [8, 8, 8], "total")
+    assert cut.snap_widths(structure, [8, 8, 8], steps, p, scope="total",
+                           table=table) == [8, 7, 8]
+    # A budget that needs more than group 1 can give still takes group 0's step.
+    tight = table.ratio(structure, [1, 1, 8], "total")
+    assert cut.snap_widths(structure, [8, 8, 8], steps, tight, scope="total",
+                           table=table) == [1, 1, 8]
+
+
+def test_snapping_rounds_each_width_to_a_neighbouring_step_before_cutting_deeper():
+    """Group 0 kept 5 of 8: its steps around 5 are 4 and 7 (5 and 6 cost about as much as 7,
+    within the noise tolerance), and 7 puts the model over p. Group 1's only step below 8 is one
+    channel, and that step saves the most per channel; but rounding takes group 0 to 4, which
+    meets p, and leaves group 1 whole."""
+    structure = models.create_abstract("resnet_cifar_tiny", widths=[8, 8, 8]).structure(16)
+    table = _synthetic(structure, [[1, 2, 3, 4, 5.2, 5.4, 5.6, 8], [1] + [9] * 7, [0.0] * 8])
+    steps = table.step_widths(structure)
+    assert steps[:2] == [[1, 2, 3, 4, 7, 8], [1, 8]]
+    p = table.ratio(structure, [5, 8, 8], "total")
+    assert table.ratio(structure, [7, 8, 8], "total") > p
+    snapped = cut.snap_widths(structure, [5, 8, 8], steps, p, scope="total", table=table)
+    assert snapped == [4, 8, 8] and table.ratio(structure, snapped, "total") <= p
+    # Below the first grid point above one channel a table measured nothing: table_steps adds
+    # the backend's multiples there (8 on a CPU), so a 64-wide group is not left 1 or 64 only.
+    wide = models.create_abstract("resnet_cifar_tiny", widths=[64, 8, 8]).structure(16)
+    coarse = _synthetic(wide, [[0.1 * w for w in latency.grid(1, 64, 16)], [1.0] * 8, [1.0] * 8])
+    coarse.points = 3  # the grid of the first group: 1, 32, 64
+    assert latency.grid(1, 64, 3) == [1, 32, 64]
+    assert cut.table_steps(wide, coarse, "cpu")[0] == [1, 8, 16, 24, 32, 64]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

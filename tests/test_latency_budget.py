@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_config
 
 from sap_jax import models, train
-from sap_jax.method import latency
+from sap_jax.method import cut, latency
 from sap_jax.runtime.errors import ConfigError
 from sap_jax.train import config as config_lib
 from sap_jax.train import spec as spec_lib
@@ -45,7 +45,7 @@ def test_a_latency_budgeted_run_meets_p_under_its_table(tmp_path):
     estimated = table.ratio(dense, saved["widths"], "total")
     assert estimated <= c.budget.p
     assert saved["latency_ratio_estimated"] == pytest.approx(estimated)
-    steps = table.step_widths(dense)
+    steps = cut.table_steps(dense, table, "cpu")
     assert all(w in s for w, s in zip(saved["widths"], steps)), (saved["widths"], steps)
     # ... and is measured at the table's batch, next to the estimate.
     assert [b["batch"] for b in saved["speed"]["batches"]] == [1, c.batch_size]

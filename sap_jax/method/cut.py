@@ -84,8 +84,8 @@ def final_arch(structure: G.Structure, chosen: Arch, norms: Callable[[], Sequenc
     budget = policy.p if policy.enforce_budget else max(policy.p, ratio)
     if policy.round_to == 0 and table is not None:
         multiple = 0  # the table's own steps
-        widths = snap_widths(structure, kept, table.step_widths(structure), budget,
-                             scope=policy.scope, table=table)
+        widths = snap_widths(structure, kept, table_steps(structure, table, policy.backend),
+                             budget, scope=policy.scope, table=table)
     elif policy.round_to == 0:
         multiple, widths = auto_round_widths(structure, kept, budget, policy.backend,
                                              scope=policy.scope)
@@ -159,7 +159,7 @@ def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p
     Each width goes to the nearest multiple (at least ``multiple``, at most the
     group's size, which is kept even when it is not a multiple). While the MAC
     ratio (or a latency ``table``'s) exceeds ``p``, the group whose step down saves the most
-    loses one multiple.
+    per channel loses one multiple, down to the multiple below its width (see :func:`_descend`).
     """
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple = {multiple!r} must be a positive integer.")
@@ -170,26 +170,49 @@ def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p
            for w, c in zip(widths, sizes)]
     grids = [sorted({*range(min(multiple, c), c, multiple), c}) for c in sizes]
     return _descend(structure, out, grids, p, _ratio_fn(structure, scope, table),
-                    f"widths rounded to multiples of {multiple}" if warn else None)
+                    f"widths rounded to multiples of {multiple}" if warn else None,
+                    start=widths)
+
+
+def table_steps(structure: G.Structure, table: Any, backend: str) -> list[list[int]]:
+    """The widths ``round_to = 0`` snaps to with a latency ``table``: its step widths, and below
+    each group's first measured width the backend's multiple (``HARDWARE_MULTIPLE``, else 8)."""
+    return table.step_widths(structure, fill=HARDWARE_MULTIPLE.get(backend, 8))
 
 
 def snap_widths(structure: G.Structure, widths: Sequence[int], grids: Sequence[Sequence[int]],
                 p: float, scope: str = "prunable", table: Any = None) -> list[int]:
     """Move each kept width up to the nearest of its group's allowed ``grids`` widths (a latency
     table's steps: a width between two steps costs as much as the upper one), then, while the
-    ratio exceeds ``p``, step down the group whose next lower allowed width saves the most."""
+    ratio exceeds ``p``, step down the group whose next lower allowed width saves the most per
+    channel, down to the allowed width below its own (see :func:`_descend`)."""
     if len(grids) != len(widths):
         raise ValueError(f"grids has {len(grids)} entries; the model has {len(widths)} groups.")
     out = [min([g for g in grid if g >= w], default=max(grid)) for w, grid in zip(widths, grids)]
     return _descend(structure, out, [sorted(g) for g in grids], p,
-                    _ratio_fn(structure, scope, table), "widths snapped to the table's steps")
+                    _ratio_fn(structure, scope, table), "widths snapped to the table's steps",
+                    start=widths)
 
 
 def _descend(structure: G.Structure, out: list[int], grids: Sequence[Sequence[int]], p: float,
-             ratio: Callable[[Sequence[int]], float], what: str | None) -> list[int]:
+             ratio: Callable[[Sequence[int]], float], what: str | None,
+             start: Sequence[int] | None = None) -> list[int]:
     """While ``ratio(out) > p``, move the group whose next lower width on its grid saves the most
-    to that width; warn (``what`` is not None) when no group can step down and p is still
-    missed."""
+    per channel it removes to that width; warn (``what`` is not None) when no group can step
+    down and p is still missed.
+
+    Rounding, not re-pruning: with ``start`` (the widths before rounding), a group first goes no
+    lower than the grid width at or below its start, so each width ends on one of the two grid
+    widths around it; only when that cannot meet ``p`` (a start under a group's smallest grid
+    width) do groups go further. Per channel, because grids can be uneven: a latency table's
+    steps can offer a group only 32 -> 1, which saves more in total than any one-channel step
+    elsewhere. Without these two rules a latency-budgeted ResNet-50 (p = 0.5 on a CPU) lost half
+    of its first-stage groups down to one channel where trimming had kept 15-22 of 64."""
+    if start is not None:
+        floors = [max([g for g in grid if g <= w], default=min(grid))
+                  for w, grid in zip(start, grids)]
+        out = _descend(structure, out, [[g for g in grid if g >= f]
+                                        for grid, f in zip(grids, floors)], p, ratio, None)
     while (now := ratio(out)) > p:
         best, saved = None, 0.0
         for k, w in enumerate(out):
@@ -197,7 +220,7 @@ def _descend(structure: G.Structure, out: list[int], grids: Sequence[Sequence[in
             if not lower:
                 continue
             trial = out[:k] + [lower[-1]] + out[k + 1:]
-            gain = now - ratio(trial)
+            gain = (now - ratio(trial)) / (w - lower[-1])
             if gain > saved:
                 best, saved = (k, lower[-1]), gain
         if best is None:  # every group is at its smallest allowed width
@@ -210,16 +233,18 @@ def _descend(structure: G.Structure, out: list[int], grids: Sequence[Sequence[in
 
 
 # Kept-width multiple of budget.round_to = 0 ("auto") per JAX backend: tensor-core tiles on GPUs,
-# the 128-wide MXU/lanes on TPUs; none on CPUs, where rounding measured within noise
-# (benchmarks.md).
-HARDWARE_MULTIPLE = {"gpu": 8, "cuda": 8, "rocm": 8, "tpu": 128}
+# the 128-wide MXU/lanes on TPUs, 8 on CPUs (XLA:CPU's convolutions run odd widths such as 7 or 15
+# slower than 8 or 16: ResNet-56 at p = 0.48 ran 1.0-1.1x dense unrounded, 1.4x rounded to 8;
+# ResNet-50 and MobileNetV2 the same either way; docs/benchmarks.md).
+HARDWARE_MULTIPLE = {"gpu": 8, "cuda": 8, "rocm": 8, "tpu": 128, "cpu": 8}
 
 
 def auto_round_widths(structure: G.Structure, widths: Sequence[int], p: float, backend: str,
                       scope: str = "prunable") -> tuple[int, list[int]]:
     """``(multiple, widths)`` for ``budget.round_to = 0``: the backend's multiple, or, where widths
     rounded to it cannot meet ``p`` (a 16-wide ResNet-56 stage and 128), the largest of its
-    halves that can. ``multiple`` is 1 (widths unchanged) on CPUs or when none can."""
+    halves that can. ``multiple`` is 1 (widths unchanged) on an unknown backend or when none
+    can."""
     multiple = HARDWARE_MULTIPLE.get(backend, 1)
     while multiple > 1:
         out = round_widths(structure, widths, multiple, p, scope=scope, warn=False)

@@ -371,14 +371,18 @@ class LatencyTable:
         full = self.estimate_ms(structure, list(structure.widths), scope)
         return self.estimate_ms(structure, widths, scope, xp=xp) / full
 
-    def step_widths(self, structure: G.Structure,
-                    tolerance: float = STEP_TOLERANCE) -> list[list[int]]:
+    def step_widths(self, structure: G.Structure, tolerance: float = STEP_TOLERANCE,
+                    fill: int = 0) -> list[list[int]]:
         """Per group, the widths worth keeping: the grid points after which the next wider point
         is measurably slower (by more than ``tolerance`` of the time between the group at one
         channel and at full width), and the group's full size. Other widths cost as much as a
         wider one, so the cut rounds up to these. Read along one group at a time, with the
         others dense; a group whose width only enters concatenated or flattened channels gets
-        every width (no rounding)."""
+        every width (no rounding).
+
+        ``fill`` > 0 also lists its multiples below a group's first grid point above one
+        channel: the grid measured nothing there (a 512-wide group at 9 points: 1, then 64), so
+        without them the cut's only way down from the first point is one channel."""
         out = []
         dense = list(structure.widths)
         for k, c in enumerate(structure.widths):
@@ -391,6 +395,8 @@ class LatencyTable:
             span = max(f[-1] - f[0], 0.0)
             keep = [g for i, g in enumerate(points)
                     if i == len(points) - 1 or min(f[i + 1:]) - f[i] > tolerance * span]
+            if fill > 0 and len(points) > 1:
+                keep = sorted({*keep, *range(fill, points[1], fill)})
             out.append(keep)
         return out
 
