@@ -2,7 +2,7 @@
 
     python benchmarks/pruned_speedup.py [--models resnet56,resnet50,mobilenet_v2,WORKDIR]
         [--reps 10] [--batch 32] [--image-size N] [--round-to 8[,16,...]]
-        [--dtype float32|bfloat16] [--layers] [--fold_bn] [--json PATH]
+        [--dtype float32|bfloat16] [--layers] [--fold_bn] [--floor] [--json PATH]
 
 For each preset at its paper budget (p of the prunable MACs: ResNet-56 0.48 on
 CIFAR, ResNet-50 0.37 and MobileNetV2 0.65 on ImageNet) it builds the pruned
@@ -15,6 +15,10 @@ budget are timed too. It times the jitted eval-mode forward pass with
 ``sap_jax.runtime.speed.compare`` (dense and pruned alternate rep by rep) in ``--dtype``
 (the models compute in it): latency at batch 1 and throughput at ``--batch``, medians of
 ``--reps`` after warm-up. Efficiency = measured speed-up / (dense MACs / pruned MACs).
+
+``--floor`` also times every group at one channel: the time no cut of these groups removes
+(the layers they do not touch, the residual stream, the per-op costs), so the speed-up it
+shows bounds what any cut can reach on this device.
 
 ``--layers`` adds a per-layer breakdown (``sap_jax.method.latency.layer_times``): every conv
 and linear layer alone, at the dense and at each variant's widths, at ``--batch``; it
@@ -36,6 +40,7 @@ from sap_jax import models, surgery
 from sap_jax.method import baselines, cut, latency
 from sap_jax.runtime import speed
 from sap_jax.structure import flops
+from sap_jax.structure import groups as G
 from sap_jax.train.run import PRUNED_DIR
 
 BUDGETS = {"resnet56": (0.48, 32), "resnet50": (0.37, 224), "mobilenet_v2": (0.65, 224),
@@ -96,15 +101,20 @@ def fold_gain(model: models.PrunableModel, size: int, batch: int, reps: int, dty
             "throughput_speedup": thr["speedup"], "throughput_speedup_iqr": thr["speedup_iqr"]}
 
 
+FLOOR = "one per group"
+
+
 def measure(entry: str, reps: int, batch: int, round_to: tuple[int, ...], *,
             dtype: str = "float32", layers: bool = False, fold_bn: bool = False,
-            image_size: int | None = None) -> list[dict]:
+            image_size: int | None = None, floor: bool = False) -> list[dict]:
     name, p, size, dense, variants, build = candidates(entry, dtype, image_size)
     s = dense.structure(size)
     base = next(iter(variants.values()))
     for m in round_to:
         if m > 1:
             variants[f"rounded to {m}"] = cut.round_widths(s, base, m, p, warn=False)
+    if floor:
+        variants[FLOOR] = [G.MIN_KEPT] * s.num_groups
     full = flops.count(s)
     rows = []
     dense_fold = fold_gain(dense, size, batch, reps, dtype, full.macs) if fold_bn else None
@@ -202,6 +212,8 @@ def main(argv=None) -> list[dict]:
                     help="also time every conv and linear layer alone (a per-layer breakdown)")
     ap.add_argument("--fold_bn", "--fold-bn", action="store_true",
                     help="also time every model with its BatchNorms folded into the convs")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time every group at one channel (what no cut can remove)")
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args(argv)
     try:
@@ -211,7 +223,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name in args.models.split(","):
         rows += measure(name, args.reps, args.batch, round_to, dtype=args.dtype,
-                        layers=args.layers, fold_bn=args.fold_bn, image_size=args.image_size)
+                        layers=args.layers, fold_bn=args.fold_bn, image_size=args.image_size,
+                        floor=args.floor)
     print(f"{jax.devices()[0].platform} ({args.dtype}), medians of {args.reps}; "
           "efficiency = speed-up / MAC speed-up")
     print(f"  {'model':<13} {'widths':<14} {'MACs':>6} {'lat. dense ms':>13} {'pruned':>8} "
@@ -222,6 +235,12 @@ def main(argv=None) -> list[dict]:
               f"{r['latency_speedup']:>6.2f} {r['latency_efficiency']:>5.2f} | "
               f"{r['dense_images_per_s']:>11.1f} {r['pruned_images_per_s']:>8.1f} "
               f"{r['throughput_speedup']:>6.2f} {r['throughput_efficiency']:>5.2f}")
+    for r in rows:
+        if r["variant"] == FLOOR:
+            print(f"  {r['model']}: with one channel per group the forward still takes "
+                  f"{1 / r['throughput_speedup']:.0%} of the dense time at batch {r['batch']} "
+                  f"({1 / r['latency_speedup']:.0%} at batch 1): no cut runs more than "
+                  f"{r['throughput_speedup']:.2f}x ({r['latency_speedup']:.2f}x) as fast here")
     if args.fold_bn:
         print(f"BatchNorm folded into the conv before it (batch 1 latency, batch {args.batch} "
               "throughput; x: folded speed-up, its IQR over the rounds)")

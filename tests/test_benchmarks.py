@@ -62,12 +62,16 @@ def test_accelerator_smoke(tmp_path):
     assert accelerator.peak_tflops(jax.devices()[0], "float32", 0.0) is None
 
 
-def test_pruned_speedup_smoke():
+def test_pruned_speedup_smoke(capsys):
     rows = pruned_speedup.main(["--models", "resnet_cifar_tiny", "--reps", "1", "--batch", "4",
-                                "--round-to", "2,3"])
-    assert [r["variant"] for r in rows] == ["uniform", "rounded to 2", "rounded to 3"]
-    for r in rows:
+                                "--round-to", "2,3", "--floor"])
+    assert [r["variant"] for r in rows] == ["uniform", "rounded to 2", "rounded to 3",
+                                            "one per group"]
+    for r in rows[:3]:
         assert r["prunable_mac_ratio"] <= 0.5 and r["latency_speedup"] > 0
+    assert rows[3]["widths"] == [1, 1, 1] and rows[3]["mac_ratio"] < rows[0]["mac_ratio"]
+    assert "resnet_cifar_tiny: with one channel per group the forward still takes" in (
+        capsys.readouterr().out)
 
 
 def test_pruned_speedup_times_a_saved_models_own_widths_in_bfloat16(tmp_path, capsys):
