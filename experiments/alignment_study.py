@@ -177,7 +177,8 @@ class Runner:
             return None
         with open(path) as f:
             rec = json.load(f)
-        same = config_lib.result_fields(rec["results"]["config"]) == config_lib.result_fields(want)
+        same = (config_lib.result_fields(_as_cut(rec["results"]))
+                == config_lib.result_fields(want))
         if same and not self.other_code and not provenance.same_code(
                 rec["results"].get("provenance")):
             made = (rec["results"].get("provenance") or {}).get("git_commit") or "unrecorded code"
@@ -218,6 +219,17 @@ class Runner:
                 self.ran += 1
                 print(f"[study] {name}: {wall:.0f} s", flush=True)
         return out
+
+
+def _as_cut(results: dict[str, Any]) -> dict[str, Any]:
+    """An archived run's config as it cut: ``budget.round_to = 0`` ("auto") that rounded nothing
+    (on CPUs before auto rounded there; the run records ``round_to`` 1) is ``round_to = 1``,
+    the study's pin."""
+    config = results["config"]
+    budget = config.get("budget", {})
+    if budget.get("round_to") == 0 and results.get("round_to") == 1:
+        return {**config, "budget": {**budget, "round_to": 1}}
+    return config
 
 
 def gl_choice(sweep: dict[str, list[dict]]) -> str:

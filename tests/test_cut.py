@@ -68,6 +68,39 @@ def test_auto_rounding_uses_the_backends_multiple_or_the_largest_half_that_meets
     assert cut.auto_round_widths(s, uniform, p, "tpu") == (8, gpu)
 
 
+def test_auto_rounding_prefers_a_finer_multiple_to_cutting_deeper():
+    """ResNet-20 at p = 0.3: its 16-wide groups keep 4 of 16. Rounding those up to 8 fits p only
+    if the 64-wide stage falls from 19 to 8; a multiple of 4 fits p by rounding alone, each
+    width on one of the two multiples around it."""
+    s = models.create_abstract("resnet20").structure(16)
+    p = 0.3
+    uniform = baselines.uniform_widths(s, p)
+    assert uniform == [4, 4, 4, 9, 9, 9, 19, 19, 19]
+    deep = cut.round_widths(s, uniform, 8, p, warn=False)
+    assert deep == [8] * 9 and cut.widths_ratio(s, deep) <= p  # 19 -> 8: a second pruning
+    assert cut.widths_ratio(s, cut.round_widths(s, uniform, 8, p, deeper=False, warn=False)) > p
+    m, w = cut.auto_round_widths(s, uniform, p, "cpu")
+    assert m == 4 and cut.widths_ratio(s, w) <= p
+    assert all(u // 4 * 4 <= x <= -(-u // 4) * 4 for u, x in zip(uniform, w)), w
+
+
+def test_rounding_goes_deeper_only_when_the_neighbouring_multiples_cannot_meet_p():
+    """A start under a group's smallest multiple (3 of 16 at multiple 8) rounds up to 8; if the
+    groups around their own multiples cannot pay for that, rounding cuts deeper to meet p (or,
+    with deeper=False, stays over p). A full group whose size is not a multiple stays whole."""
+    s = models.create_abstract("resnet20", widths=[16, 16, 16, 32, 32, 32, 60, 60, 60]
+                               ).structure(16)
+    start = [3, 3, 3, 8, 8, 8, 60, 60, 60]
+    p = cut.widths_ratio(s, start)
+    shallow = cut.round_widths(s, start, 8, p, deeper=False, warn=False)
+    # The full 60-wide groups stay whole while rounding: 60 is their own width.
+    assert shallow == [8] * 6 + [60] * 3 and cut.widths_ratio(s, shallow) > p
+    deep = cut.round_widths(s, start, 8, p, warn=False)
+    assert cut.widths_ratio(s, deep) <= p and deep[:6] == [8] * 6
+    # The deeper cut: below their start, to multiples of 8.
+    assert min(deep[6:]) < 60 and all(w % 8 == 0 or w == 60 for w in deep[6:]), deep
+
+
 def test_resize_arch_keeps_decisions_and_uses_norms_to_change_counts():
     norms = [np.array([5.0, 1.0, 3.0, 2.0]), np.array([1.0, 2.0, 3.0])]
     arch = [np.array([1, 1, 0, 0], np.float32), np.array([0, 1, 0], np.float32)]

@@ -114,6 +114,13 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
     assert prov["cpu"]["count"] >= 1 and "xla_flags" in prov
     rec["results"]["provenance"]["code_digest"] = "0" * 64
     (archive / "sap_p0.5_s0.json").write_text(json.dumps(rec))
+    # The archive's runs were made when budget.round_to = 0 ("auto") rounded nothing on CPUs;
+    # such a run (it records round_to 1: unrounded) is the study's pinned round_to = 1.
+    old = json.loads((archive / "no_align_p0.5_s0.json").read_text())
+    assert old["results"]["config"]["budget"]["round_to"] == 1
+    assert old["results"]["round_to"] == 1
+    old["results"]["config"]["budget"]["round_to"] = 0
+    (archive / "no_align_p0.5_s0.json").write_text(json.dumps(old))
     args = ["--tiny", "--out", str(out2), "--workdir", str(tmp_path / "gone"), "--archive",
             str(archive), "--reuse"]
     assert alignment_study.main([*args, "--reuse-other-code"]) == 0  # taken as it is
@@ -121,6 +128,7 @@ def test_tiny_study_writes_a_report_whose_numbers_come_from_its_runs(tmp_path):
     assert f"code digest `{provenance.code_digest()[:12]}` (23 runs)" in made_by
     assert "code digest `000000000000` (1 run)" in made_by
     assert not (tmp_path / "gone" / "sap_p0.5_s0").exists()
+    assert not (tmp_path / "gone" / "no_align_p0.5_s0").exists()
     assert alignment_study.main(args) == 0  # rerun: the archive holds this code's run again
     assert (tmp_path / "gone" / "sap_p0.5_s0" / "results.json").exists()
     again = json.loads((archive / "sap_p0.5_s0.json").read_text())["results"]["provenance"]

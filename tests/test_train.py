@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from sap_jax import info, surgery, train
+from sap_jax import info, models, surgery, train
+from sap_jax.method import cut
 from sap_jax.train import config as config_lib
 from sap_jax.train import report
 
@@ -47,10 +48,13 @@ def test_tiny_run_through_every_phase_on_mock_cifar10(tmp_path):
     # gated sub-network above.
     assert saved["chosen_arch_ratio"] > c.budget.p >= saved["prunable_macs_ratio"]
     assert "dropped at the cut to meet p" in (tmp_path / "summary.txt").read_text()
-    # budget.round_to = 0 (auto): multiples of 8 on the CPU, halved until they meet p on this
-    # 4-16-wide model; the cut widths are multiples of the one used.
-    assert saved["round_to"] in (8, 4, 2)
-    assert all(w % saved["round_to"] == 0 for w in saved["widths"])
+    # budget.round_to = 0 (auto): on the CPU, multiples of 8 or the largest half of 8 that
+    # meets p on this 4-16-wide model, applied to the widths the trimming left.
+    kept = saved["widths_before_rounding"]
+    s = models.create_abstract(c.model, num_classes=10).structure(c.image_size)
+    assert (saved["round_to"], saved["widths"]) == cut.auto_round_widths(s, kept, c.budget.p,
+                                                                         "cpu")
+    assert saved["round_to"] > 1
     h = saved["history"]
     assert len(h["test_acc"]) == 3 and len(h["hamming"]) == 2 and len(h["ft_test_acc"]) == 2
     assert set(saved["times_s"]) == {"dense", "search", "cut", "finetune", "speed"}

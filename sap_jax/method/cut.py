@@ -28,8 +28,8 @@ class CutPolicy:
     p: the budget, a fraction of the MACs over ``scope`` ("prunable" or "total").
     enforce_budget: trim an architecture over p by channel norm (lowest first) until it meets p.
     round_to: kept-width multiple; 1 = none, 0 = automatic: with a latency ``table``, the
-      widths where its latency steps up (:meth:`~sap_jax.method.latency.LatencyTable.step_widths`),
-      else the backend's multiple (``HARDWARE_MULTIPLE``).
+      widths where its latency steps up (:func:`table_steps`), else the backend's multiple
+      (``HARDWARE_MULTIPLE``, :func:`auto_round_widths`).
     backend: the JAX backend, for ``round_to = 0`` without a table.
     table: a latency table: p bounds the estimated latency, not the MACs (``None``: MACs).
     """
@@ -153,13 +153,15 @@ def _ratio_fn(structure: G.Structure, scope: str, table: Any) -> Callable[[Seque
 
 
 def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p: float,
-                 scope: str = "prunable", warn: bool = True, table: Any = None) -> list[int]:
+                 scope: str = "prunable", warn: bool = True, table: Any = None,
+                 deeper: bool = True) -> list[int]:
     """Round kept widths to multiples of ``multiple`` (hardware-friendly) within the budget ``p``.
 
     Each width goes to the nearest multiple (at least ``multiple``, at most the
     group's size, which is kept even when it is not a multiple). While the MAC
     ratio (or a latency ``table``'s) exceeds ``p``, the group whose step down saves the most
-    per channel loses one multiple, down to the multiple below its width (see :func:`_descend`).
+    per channel loses one multiple: first down to the multiple below its width, then, if p
+    still requires and ``deeper``, further (see :func:`_descend`).
     """
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple = {multiple!r} must be a positive integer.")
@@ -171,13 +173,15 @@ def round_widths(structure: G.Structure, widths: Sequence[int], multiple: int, p
     grids = [sorted({*range(min(multiple, c), c, multiple), c}) for c in sizes]
     return _descend(structure, out, grids, p, _ratio_fn(structure, scope, table),
                     f"widths rounded to multiples of {multiple}" if warn else None,
-                    start=widths)
+                    start=widths, deeper=deeper)
 
 
 def table_steps(structure: G.Structure, table: Any, backend: str) -> list[list[int]]:
     """The widths ``round_to = 0`` snaps to with a latency ``table``: its step widths, and below
-    each group's first measured width the backend's multiple (``HARDWARE_MULTIPLE``, else 8)."""
-    return table.step_widths(structure, fill=HARDWARE_MULTIPLE.get(backend, 8))
+    each group's first measured width the multiples (``HARDWARE_MULTIPLE``) of the table's
+    device, else of ``backend`` (the run's); every width there for a device with none."""
+    platform = (table.device or {}).get("platform") or backend
+    return table.step_widths(structure, fill=HARDWARE_MULTIPLE.get(platform, 1))
 
 
 def snap_widths(structure: G.Structure, widths: Sequence[int], grids: Sequence[Sequence[int]],
@@ -185,7 +189,8 @@ def snap_widths(structure: G.Structure, widths: Sequence[int], grids: Sequence[S
     """Move each kept width up to the nearest of its group's allowed ``grids`` widths (a latency
     table's steps: a width between two steps costs as much as the upper one), then, while the
     ratio exceeds ``p``, step down the group whose next lower allowed width saves the most per
-    channel, down to the allowed width below its own (see :func:`_descend`)."""
+    channel: first down to the allowed width below its own, then further if p requires (see
+    :func:`_descend`)."""
     if len(grids) != len(widths):
         raise ValueError(f"grids has {len(grids)} entries; the model has {len(widths)} groups.")
     out = [min([g for g in grid if g >= w], default=max(grid)) for w, grid in zip(widths, grids)]
@@ -196,23 +201,27 @@ def snap_widths(structure: G.Structure, widths: Sequence[int], grids: Sequence[S
 
 def _descend(structure: G.Structure, out: list[int], grids: Sequence[Sequence[int]], p: float,
              ratio: Callable[[Sequence[int]], float], what: str | None,
-             start: Sequence[int] | None = None) -> list[int]:
+             start: Sequence[int] | None = None, deeper: bool = True) -> list[int]:
     """While ``ratio(out) > p``, move the group whose next lower width on its grid saves the most
     per channel it removes to that width; warn (``what`` is not None) when no group can step
     down and p is still missed.
 
     Rounding, not re-pruning: with ``start`` (the widths before rounding), a group first goes no
     lower than the grid width at or below its start, so each width ends on one of the two grid
-    widths around it; only when that cannot meet ``p`` (a start under a group's smallest grid
-    width) do groups go further. Per channel, because grids can be uneven: a latency table's
-    steps can offer a group only 32 -> 1, which saves more in total than any one-channel step
-    elsewhere. Without these two rules a latency-budgeted ResNet-50 (p = 0.5 on a CPU) lost half
-    of its first-stage groups down to one channel where trimming had kept 15-22 of 64."""
+    widths around it. Only when that cannot meet ``p`` (a start under a group's smallest grid
+    width) and ``deeper`` do groups go further; without ``deeper`` the result is then over p.
+    Per channel, because grids can be uneven: a latency table's steps can offer a group only
+    32 -> 1, which saves more in total than any one-channel step elsewhere. Without these two
+    rules a latency-budgeted ResNet-50 (p = 0.5, 2-core CPU) had 7 of its 32 groups cut to one
+    channel where trimming had kept at least 15."""
     if start is not None:
         floors = [max([g for g in grid if g <= w], default=min(grid))
                   for w, grid in zip(start, grids)]
         out = _descend(structure, out, [[g for g in grid if g >= f]
-                                        for grid, f in zip(grids, floors)], p, ratio, None)
+                                        for grid, f in zip(grids, floors)], p, ratio,
+                       None if deeper else what)
+        if not deeper:
+            return out
     while (now := ratio(out)) > p:
         best, saved = None, 0.0
         for k, w in enumerate(out):
@@ -241,16 +250,21 @@ HARDWARE_MULTIPLE = {"gpu": 8, "cuda": 8, "rocm": 8, "tpu": 128, "cpu": 8}
 
 def auto_round_widths(structure: G.Structure, widths: Sequence[int], p: float, backend: str,
                       scope: str = "prunable") -> tuple[int, list[int]]:
-    """``(multiple, widths)`` for ``budget.round_to = 0``: the backend's multiple, or, where widths
-    rounded to it cannot meet ``p`` (a 16-wide ResNet-56 stage and 128), the largest of its
-    halves that can. ``multiple`` is 1 (widths unchanged) on an unknown backend or when none
-    can."""
-    multiple = HARDWARE_MULTIPLE.get(backend, 1)
-    while multiple > 1:
-        out = round_widths(structure, widths, multiple, p, scope=scope, warn=False)
-        if widths_ratio(structure, out, scope) <= p:
-            return multiple, out
-        multiple //= 2
+    """``(multiple, widths)`` for ``budget.round_to = 0``: widths rounded to the backend's
+    multiple, or to the largest of its halves that meets ``p`` by rounding alone, each width on
+    one of the two multiples around it (a 16-wide ResNet-56 stage under 128 gets 8; ResNet-20 at
+    p = 0.3, whose 4-wide groups would round up to 8 only if its 64-wide stage fell from 19 to
+    8, gets 4). When rounding alone meets p at no multiple, the largest that meets it by cutting
+    deeper. ``multiple`` is 1 (widths unchanged) on an unknown backend or when none can."""
+    top = HARDWARE_MULTIPLE.get(backend, 1)
+    for deeper in (False, True):
+        multiple = top
+        while multiple > 1:
+            out = round_widths(structure, widths, multiple, p, scope=scope, warn=False,
+                               deeper=deeper)
+            if widths_ratio(structure, out, scope) <= p:
+                return multiple, out
+            multiple //= 2
     return 1, list(widths)
 
 

@@ -79,6 +79,7 @@ def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: fl
         "budget_enforced": bool(spec.budget.enforce),
         "trimmed_channels": meta.get("trimmed_channels", 0),  # dropped by budget.enforce
         "round_to": meta.get("round_to"),  # kept-width multiple applied at the cut (1 = none)
+        "widths_before_rounding": meta.get("widths_before_rounding"),  # after trimming
         "params_before": before.params, "params_after": after.params,
         "params_ratio": ratio(after.params, before.params),
         "group_names": list(dense_structure.group_names),

@@ -238,6 +238,7 @@ def cut_phase(env: Env, dense: Programs, state: state_lib.SearchState,
         params, dense.structure, env.spec.sap.norm), policy)
     prog.arch_ratio_chosen, prog.trimmed_channels, prog.round_to = (
         rep.chosen_ratio, rep.trimmed_channels, rep.round_to)
+    prog.widths_before_rounding = list(rep.kept)
     if rep.trimmed_channels:
         logging.warning("the chosen architecture keeps %.2f%% of %s %s, over p = %s: dropped "
                         "its %d lowest-norm kept channels to meet p (budget.enforce)",

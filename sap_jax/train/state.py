@@ -134,6 +134,7 @@ class Progress:
     arch_ratio_last: float | None = None
     trimmed_channels: int | None = None
     round_to: int | None = None
+    widths_before_rounding: list[int] | None = None  # kept per group after trimming, unrounded
     finetune_examples: int | None = None  # images fine-tuning draws from (val folded in or not)
     cut_acc: float | None = None
     cut_acc_bn: float | None = None
