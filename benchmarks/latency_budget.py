@@ -49,7 +49,7 @@ def main(argv=None) -> list[dict]:
     if a.save_table:
         table.save(a.save_table)
     print(f"{a.model} {size}px batch {table.batch}: table {'read' if a.table else 'built'} in "
-          f"{built:.0f} s; dense {table.model_ms:.2f} ms; check at a quarter width: measured "
+          f"{built:.0f} s; dense {table.model_ms:.2f} ms; check at 3/8 of every width: measured "
           f"{table.check['measured_ratio']:.3f}, estimated {table.check['estimated_ratio']:.3f}")
     # Random channel scores: which channels go does not change the time, only how many.
     norms = [np.random.default_rng(k).random(c) for k, c in enumerate(s.widths)]

@@ -8,7 +8,8 @@ forward plus backward are timed alone over a grid of kept widths (at most ``--po
 prunable channel dimension; default ``budget.latency_points``), at the config's image size and
 dtype and at the batch one device computes (``batch_size`` over the backend's devices), each the
 median of ``--reps`` calls after a warm-up call. The dense model's whole forward is timed too,
-and the model at half and at a quarter of every width, to fit and to check the estimate. The
+and the model at its narrowest, a quarter, half and three eighths of every width (rounded up to
+multiples of 8), to calibrate and to check the estimate. The
 table records the device, the software versions and the date; a run reads it with
 ``--config.budget.metric=latency --config.budget.latency_table=PATH``.
 
@@ -100,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(table.entries)} layer shapes, built in "
           f"{time.perf_counter() - t0:.0f} s -> {args.out}")
     nan = float("nan")
-    print(f"  dense forward {table.model_ms:.2f} ms (fit: {table.layer_scale:.2f} x the layers' "
-          f"own times + {table.fixed_ms:.2f} ms); at a quarter "
+    curve = ", ".join(f"{x:.1f} -> {y:.1f}" for x, y in table.calibration or [])
+    print(f"  dense forward {table.model_ms:.2f} ms; the layers' own times summed -> the whole "
+          f"model's, ms: {curve}; at three eighths "
           f"of every width: {'estimated by the compiler' if estimate else 'measured'} "
           f"{c.get('measured_ratio', nan):.3f} of dense, estimated from the table "
           f"{c.get('estimated_ratio', nan):.3f}")

@@ -119,8 +119,9 @@ def test_a_table_of_another_model_or_size_is_refused(tiny, tmp_path):
 
 def _reference_ratio(table, structure, widths, scope):
     """The estimate, computed independently: SciPy's linear grid interpolation of each layer's
-    brute-force monotone envelope, summed, and for the whole forward scaled and offset by the
-    table's fit."""
+    brute-force monotone envelope, summed, and for the whole forward read through the table's
+    calibration points by straight lines (NumPy's interp between them, the end segments'
+    slope beyond the last; from the origin below the first)."""
     total = 0.0
     for row, layer in zip(table.layers, latency.timed_layers(structure)):
         e = table.entries[row["entry"]]
@@ -142,7 +143,11 @@ def _reference_ratio(table, structure, widths, scope):
         if scope == "total" or G.is_prunable(layer):
             total += t
     if scope == "total":
-        total = table.layer_scale * total + table.fixed_ms
+        xs, ys = (np.asarray([0.0, *v], np.float64) for v in zip(*table.calibration))
+        if total > xs[-1]:  # beyond the last point: its last segment, extended
+            total = ys[-1] + (total - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        else:  # from the origin through the points
+            total = float(np.interp(total, xs, ys))
     return total
 
 
@@ -170,6 +175,37 @@ def test_latency_resource_loss_matches_a_numpy_reference_with_its_gradient(tiny)
             fd = (_reference_ratio(table, structure, up, scope)
                   - _reference_ratio(table, structure, down, scope)) / (2 * h * dense)
             np.testing.assert_allclose(np.asarray(grads[k]), fd, rtol=2e-3, atol=1e-7)
+
+
+def test_the_whole_forward_is_read_through_its_calibration(tiny):
+    """The table reproduces the whole model it timed: at dense widths exactly (unless noise
+    timed a narrower model faster), at its narrowest, a quarter and half at most what was timed
+    there. The curve rises strictly, is extended beyond its ends, and the generator's gradient
+    through it at dense widths is not zero (the end of the curve is not a flat clamp)."""
+    structure, table = tiny
+    xs, ys = zip(*table.calibration)
+    assert list(xs) == sorted(set(xs)) and list(ys) == sorted(set(ys)) and ys[-1] <= table.model_ms
+    # Dense is the widest point: its own time, unless a narrower one with the same summed layer
+    # times (a tiny model's noise) was timed faster.
+    assert table.estimate_ms(structure, list(structure.widths)) == pytest.approx(ys[-1])
+    assert table.check["widths"] == latency.calibration_widths(structure, 3 / 8)
+    r56 = models.create_abstract("resnet56").structure(32)
+    assert latency.calibration_widths(r56, 3 / 8) == [8] * 9 + [16] * 9 + [24] * 9
+    assert latency.calibration_widths(r56, 0.0) == [8] * 27
+    # Sorted; 5 at x = 1 priced like 3 at x = 2 (the envelope); the second x = 3 dropped; the
+    # flat segment from 1 to 2 tilted to a tenth of the average slope (4 / 3).
+    curve = latency.calibration_curve([(1, 5), (3, 6), (2, 3), (3, 4)])
+    tilt = latency.MIN_SLOPE * 4 / 3
+    np.testing.assert_allclose(curve, [[1, 3 - tilt], [2, 3], [3, 4]])
+    assert latency._piecewise(4.0, curve) == pytest.approx(5.0)  # the last segment, extended
+    assert latency._piecewise(0.5, curve) == pytest.approx((3 - tilt) / 2)  # from the origin
+    assert latency._piecewise(1.5, curve) == pytest.approx(3 - tilt / 2)
+    # At the widest point (dense widths), the slope of the last segment, not a clamp's zero.
+    for c in (curve, table.calibration):
+        slope = jax.grad(lambda x, c=c: latency._piecewise(x, c, jnp))(jnp.float32(c[-1][0]))
+        # (float32: two close points make a steep segment, known to a few parts in 1e6)
+        assert float(slope) == pytest.approx((c[-1][1] - c[-2][1]) / (c[-1][0] - c[-2][0]),
+                                             rel=1e-3) if len(c) > 1 else float(slope) > 0
 
 
 def test_estimates_never_fall_as_a_group_widens(tiny):
