@@ -306,10 +306,11 @@ class LatencyTable:
     The whole forward is estimated from the sum of the layers' own times through
     ``calibration``: the whole model measured at its narrowest, at a quarter, at half and at
     every width (:func:`calibration_widths`), against that sum at the same widths, joined by
-    straight lines (read from its monotone envelope). Layers timed alone do not cost what they cost inside the model
-    (fused norms and activations, caches, per-call costs that weigh most at small widths), and
-    part of the forward does not shrink with the widths; one straight line through dense and
-    half width misjudged ResNet-50 at a quarter width by 0.10 of dense on a CPU.
+    straight lines (read from its monotone envelope). Layers timed alone do not cost what they
+    cost inside the model (fused norms and activations, caches, per-call costs that weigh most
+    at small widths), and part of the forward does not shrink with the widths; one straight
+    line through dense and half width misjudged ResNet-50 at a quarter width by 0.10 of dense
+    on a CPU.
     ``check`` compares, at three eighths of every width (not a calibration point), the measured
     whole-model time with the estimate. Tables without ``calibration`` (built before it)
     estimate ``layer_scale`` times the sum plus ``fixed_ms``.
@@ -540,8 +541,8 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
     every point of a grid of at most ``points`` channel counts per prunable dimension: the
     forward and, with ``train``, the forward plus backward, each the median of ``reps`` calls
     after a warm-up call. The whole model's forward is timed too, at its narrowest, a quarter,
-    half and every width (:func:`calibration_widths`), for its ``calibration``; with ``check`` also at three
-    eighths, to record how close the estimate comes (``check``).
+    half and every width (:func:`calibration_widths`), for its ``calibration``; with ``check``
+    also at three eighths, to record how close the estimate comes (``check``).
 
     ``estimate`` (with ``device_info``, what the table records as its device): every time comes
     from it instead of from timed calls, the layers' and the whole model's alike; a TPU slice
