@@ -48,9 +48,11 @@ def main(argv=None) -> list[dict]:
     table.check_matches(s)
     if a.save_table:
         table.save(a.save_table)
+    c = table.check or {}
     print(f"{a.model} {size}px batch {table.batch}: table {'read' if a.table else 'built'} in "
-          f"{built:.0f} s; dense {table.model_ms:.2f} ms; check at 3/8 of every width: measured "
-          f"{table.check['measured_ratio']:.3f}, estimated {table.check['estimated_ratio']:.3f}")
+          f"{built:.0f} s; dense {table.model_ms:.2f} ms; check at widths "
+          f"{c.get('widths')}: measured {c.get('measured_ratio', float('nan')):.3f}, "
+          f"estimated {c.get('estimated_ratio', float('nan')):.3f}")
     # Random channel scores: which channels go does not change the time, only how many.
     norms = [np.random.default_rng(k).random(c) for k, c in enumerate(s.widths)]
     rows = []

@@ -8,8 +8,9 @@ forward plus backward are timed alone over a grid of kept widths (at most ``--po
 prunable channel dimension; default ``budget.latency_points``), at the config's image size and
 dtype and at the batch one device computes (``batch_size`` over the backend's devices), each the
 median of ``--reps`` calls after a warm-up call. The dense model's whole forward is timed too,
-and the model at its narrowest, a quarter, half and three eighths of every width (rounded up to
-multiples of 8), to calibrate and to check the estimate. The
+and the model at one channel per group, at the device's multiple (8 on CPUs and GPUs), at a
+quarter, half and three eighths of every width (rounded up to that multiple), to calibrate and
+to check the estimate. The
 table records the device, the software versions and the date; a run reads it with
 ``--config.budget.metric=latency --config.budget.latency_table=PATH``.
 

@@ -192,6 +192,15 @@ def test_the_whole_forward_is_read_through_its_calibration(tiny):
     r56 = models.create_abstract("resnet56").structure(32)
     assert latency.calibration_widths(r56, 3 / 8) == [8] * 9 + [16] * 9 + [24] * 9
     assert latency.calibration_widths(r56, 0.0) == [8] * 27
+    assert latency.calibration_widths(r56, 1 / 4, 128) == [16] * 9 + [32] * 9 + [64] * 9
+    # The points it was read from: one channel per group is the least any widths cost, so no
+    # estimate ever falls on the segment from the origin; each timed point is kept, lowered
+    # only by the envelope or the least slope.
+    pts = table.calibration_points
+    assert pts["one"]["widths"] == [1] * structure.num_groups
+    assert min(p["layers_ms"] for p in pts.values()) == pts["one"]["layers_ms"] == xs[0]
+    for p in pts.values():
+        assert table.estimate_ms(structure, p["widths"]) <= p["model_ms"] * (1 + 1e-9)
     # Sorted; 5 at x = 1 priced like 3 at x = 2 (the envelope); the second x = 3 dropped; the
     # flat segment from 1 to 2 tilted to a tenth of the average slope (4 / 3).
     curve = latency.calibration_curve([(1, 5), (3, 6), (2, 3), (3, 4)])

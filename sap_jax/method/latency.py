@@ -84,8 +84,8 @@ def _check_widths(widths: Sequence[int], structure: G.Structure) -> None:
 # A table holds, for every distinct conv/linear layer shape of a model, its measured time over a
 # grid of input and output channel counts (each count a function of the group widths: the grid
 # runs from the count at one channel per group to the dense one). A model's latency at any widths
-# is then estimated from the sum of its layers' times, interpolated in that grid, scaled and
-# offset by a fit on the whole model measured dense and at half width (LatencyTable).
+# is then estimated from the sum of its layers' times, interpolated in that grid, and mapped to
+# the whole forward through a calibration curve measured on the whole model (LatencyTable).
 # The estimate is differentiable in the widths: the generator's resource loss reads it.
 
 FORMAT = "sap_jax.latency_table/1"
@@ -95,21 +95,23 @@ FORMAT = "sap_jax.latency_table/1"
 STEP_TOLERANCE = 0.05
 
 
-#: Widths of the whole-model timings that calibrate a table are rounded up to this multiple: the
-#: widths a cut ends on (``budget.round_to = 0`` rounds to 8 on CPUs and GPUs), whose time
-#: inside the model the estimate must match. Odd widths run slower inside a model than their
-#: layers alone say: on the 2-core CPU, ResNet-56 at (6, 12, 24) took 0.91 of dense, a curve
-#: through (1, 1, 1), (4, 8, 16) and (8, 16, 32) estimated 0.74.
+#: Widths of the whole-model timings that calibrate a table are rounded up to the device's
+#: multiple (``cut.HARDWARE_MULTIPLE``; this one where it has none listed): the widths a cut ends
+#: on (``budget.round_to = 0``), whose time inside the model the estimate must match. Odd
+#: widths run slower inside a model than their layers alone say: on the 2-core CPU, ResNet-56 at
+#: (6, 12, 24) took 0.91 of dense, a curve through (1, 1, 1), (4, 8, 16) and (8, 16, 32)
+#: estimated 0.74.
 CALIBRATION_MULTIPLE = 8
 #: The least slope of a table's calibration curve, as a fraction of its average slope (the dense
 #: model's time over its layers' summed time).
 MIN_SLOPE = 0.1
 
 
-def calibration_widths(structure: G.Structure, fraction: float) -> list[int]:
+def calibration_widths(structure: G.Structure, fraction: float,
+                       multiple: int = CALIBRATION_MULTIPLE) -> list[int]:
     """Each group at ``fraction`` of its width (at least one channel), rounded up to a multiple
-    of :data:`CALIBRATION_MULTIPLE` and at most the group's width."""
-    m = CALIBRATION_MULTIPLE
+    of ``multiple`` and at most the group's width."""
+    m = max(1, int(multiple))
     return [min(c, -(-max(G.MIN_KEPT, int(fraction * c)) // m) * m) for c in structure.widths]
 
 
@@ -304,16 +306,17 @@ class LatencyTable:
     JSON (:meth:`save`, :meth:`load`). ``layers`` maps each conv/linear layer (by path, in
     forward order) to its :class:`Entry`; ``model_ms`` is the dense model's measured forward.
     The whole forward is estimated from the sum of the layers' own times through
-    ``calibration``: the whole model measured at its narrowest, at a quarter, at half and at
-    every width (:func:`calibration_widths`), against that sum at the same widths, joined by
-    straight lines (read from its monotone envelope). Layers timed alone do not cost what they
-    cost inside the model (fused norms and activations, caches, per-call costs that weigh most
-    at small widths), and part of the forward does not shrink with the widths; one straight
-    line through dense and half width misjudged ResNet-50 at a quarter width by 0.10 of dense
-    on a CPU.
+    ``calibration``: the whole model measured at one channel per group, at the device's
+    multiple, at a quarter, at half and at every width (:func:`calibration_widths`), against
+    that sum at the same widths, joined by straight lines (read from its monotone envelope).
+    Layers timed alone do not cost what they cost inside the model (fused norms and
+    activations, caches, per-call costs that weigh most at small widths), and part of the
+    forward does not shrink with the widths; one straight line through dense and half width
+    misjudged ResNet-50 at a quarter width by 0.10 of dense on a CPU.
     ``check`` compares, at three eighths of every width (not a calibration point), the measured
     whole-model time with the estimate. Tables without ``calibration`` (built before it)
-    estimate ``layer_scale`` times the sum plus ``fixed_ms``.
+    estimate ``layer_scale`` times the sum plus ``fixed_ms`` (new tables keep the line through
+    half and dense width there, for older readers).
     """
 
     device: dict[str, Any]
@@ -331,6 +334,8 @@ class LatencyTable:
     fixed_ms: float = 0.0
     # [[sum of the layers' own ms, the whole model's ms], ...] at increasing widths
     calibration: list[list[float]] | None = None
+    # what it was read from: {name: {"widths", "layers_ms", "model_ms"}}
+    calibration_points: dict[str, Any] | None = None
     check: dict[str, Any] | None = None
     build_seconds: float | None = None
 
@@ -540,8 +545,9 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
     Every distinct conv/linear layer shape is timed once (the blocks of a stage share theirs) at
     every point of a grid of at most ``points`` channel counts per prunable dimension: the
     forward and, with ``train``, the forward plus backward, each the median of ``reps`` calls
-    after a warm-up call. The whole model's forward is timed too, at its narrowest, a quarter,
-    half and every width (:func:`calibration_widths`), for its ``calibration``; with ``check``
+    after a warm-up call. The whole model's forward is timed too, at one channel per group, the
+    device's multiple, a quarter, half and every width (:func:`calibration_widths`), for its
+    ``calibration``; with ``check``
     also at three eighths, to record how close the estimate comes (``check``).
 
     ``estimate`` (with ``device_info``, what the table records as its device): every time comes
@@ -583,27 +589,43 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
                "widths": list(structure.widths), "input_hw": list(structure.input_hw)},
         batch=batch, dtype=jnp.dtype(dtype).name, reps=reps, points=points, layers=rows,
         entries=entries)
-    # The whole model at its narrowest, a quarter, half and every width (the estimate's
-    # calibration), and with ``check`` at three eighths (to test it where it was not fitted).
-    sizes = {"dense": list(structure.widths), "half": calibration_widths(structure, 1 / 2),
-             "quarter": calibration_widths(structure, 1 / 4),
-             "floor": calibration_widths(structure, 0.0)}
+    # The whole model at one channel per group (the least any widths cost), at the device's
+    # multiple, a quarter, half and every width (the estimate's calibration), and with ``check``
+    # at three eighths (to test it where it was not fitted). Equal widths are timed once.
+    from sap_jax.method import cut
+
+    platform = (device_info or {}).get("platform") or device.platform
+    m = cut.HARDWARE_MULTIPLE.get(platform, CALIBRATION_MULTIPLE)
+    sizes = {"one": [G.MIN_KEPT] * structure.num_groups,
+             "multiple": calibration_widths(structure, 0.0, m),
+             "quarter": calibration_widths(structure, 1 / 4, m),
+             "half": calibration_widths(structure, 1 / 2, m), "dense": list(structure.widths)}
     if check:
-        sizes["check"] = calibration_widths(structure, 3 / 8)
+        sizes["check"] = calibration_widths(structure, 3 / 8, m)
+    distinct = {tuple(w): name for name, w in reversed(list(sizes.items()))}
     variants = {name: model if name == "dense" else models.from_config(
-        type(model).__name__, {**model.config(), "widths": ws}) for name, ws in sizes.items()}
+        type(model).__name__, {**model.config(), "widths": list(ws)})
+        for ws, name in distinct.items()}
     if estimate is not None:
         measured = {name: _estimate_forward(m, image_size, batch, dtype, estimate)
                     for name, m in variants.items()}
     else:
-        fns = [speed.forward_fn(m, image_size, batch, dtype=dtype, device=device)
-               for m in variants.values()]
-        measured = dict(zip(sizes, (1e3 * statistics.median(t)
-                                    for t in speed.time_interleaved(fns, reps))))
+        fns = [speed.forward_fn(v, image_size, batch, dtype=dtype, device=device)
+               for v in variants.values()]
+        measured = dict(zip(variants, (1e3 * statistics.median(t)
+                                       for t in speed.time_interleaved(fns, reps))))
+    measured = {name: measured[distinct[tuple(w)]] for name, w in sizes.items()}
     table.model_ms = measured["dense"]
     alone = {k: float(sum(table.layer_ms(structure, w))) for k, w in sizes.items()}
-    fitted = ("floor", "quarter", "half", "dense")
+    fitted = ("one", "multiple", "quarter", "half", "dense")
     table.calibration = calibration_curve([(alone[k], measured[k]) for k in fitted])
+    table.calibration_points = {k: {"widths": sizes[k], "layers_ms": alone[k],
+                                    "model_ms": measured[k]} for k in fitted}
+    # For readers of tables before the curve (format 1): the line through half and dense width.
+    if alone["dense"] > alone["half"]:
+        table.layer_scale = ((measured["dense"] - measured["half"])
+                             / (alone["dense"] - alone["half"]))
+        table.fixed_ms = measured["dense"] - table.layer_scale * alone["dense"]
     if check:
         w = sizes["check"]
         table.check = {"widths": w, "measured_ms": measured["check"],
