@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sap_jax.method import cut
 from sap_jax.runtime import parallel, speed
 from sap_jax.structure import flops
 from sap_jax.structure import groups as G
@@ -547,8 +548,8 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
     forward and, with ``train``, the forward plus backward, each the median of ``reps`` calls
     after a warm-up call. The whole model's forward is timed too, at one channel per group, the
     device's multiple, a quarter, half and every width (:func:`calibration_widths`), for its
-    ``calibration``; with ``check``
-    also at three eighths, to record how close the estimate comes (``check``).
+    ``calibration``; with ``check`` also at three eighths, to record how close the estimate
+    comes (``check``).
 
     ``estimate`` (with ``device_info``, what the table records as its device): every time comes
     from it instead of from timed calls, the layers' and the whole model's alike; a TPU slice
@@ -592,8 +593,6 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
     # The whole model at one channel per group (the least any widths cost), at the device's
     # multiple, a quarter, half and every width (the estimate's calibration), and with ``check``
     # at three eighths (to test it where it was not fitted). Equal widths are timed once.
-    from sap_jax.method import cut
-
     platform = (device_info or {}).get("platform") or device.platform
     m = cut.HARDWARE_MULTIPLE.get(platform, CALIBRATION_MULTIPLE)
     sizes = {"one": [G.MIN_KEPT] * structure.num_groups,
