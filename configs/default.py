@@ -71,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
                            # latency_table.json so that a resumed run reads the same one
         latency_points=9,  # a built table's grid: at most this many widths per prunable dimension
         latency_reps=10,  # a built table's timed calls per grid point (the median is kept)
-        scope="prunable",  # p is read over the "prunable" layers (paper) or the "total" network
+        scope="prunable",  # metric "macs": p is read over the "prunable" layers (paper) or the
+                           # "total" network. A latency budget always bounds the whole forward
         enforce=True,  # at the cut, an architecture over p loses its lowest-norm kept channels
                        # (score: sap.norm) until it meets p; False = cut as chosen
         round_to=0,  # round kept widths at the cut, within p. 0 = auto (default; so that no

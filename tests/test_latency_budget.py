@@ -13,7 +13,7 @@ from sap_jax.train import spec as spec_lib
 from sap_jax.train import tables
 
 LATENCY = {"budget.metric": "latency", "budget.latency_points": 3, "budget.latency_reps": 2,
-           "budget.round_to": 0, "budget.scope": "total"}
+           "budget.round_to": 0}
 
 
 @pytest.mark.slow
@@ -40,6 +40,7 @@ def test_a_latency_budgeted_run_meets_p_under_its_table(tmp_path):
     assert (tmp_path / tables.TABLE_FILE).read_bytes() == before
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["budget_metric"] == "latency" and saved["round_to"] == 0
+    assert saved["budget_scope"] == "total"  # the config's scope is "prunable"
     assert saved["latency_table"]["created"] == table.created
     # The cut meets p under the same estimate, with widths where the table's time steps up.
     estimated = table.ratio(dense, saved["widths"], "total")
@@ -54,6 +55,18 @@ def test_a_latency_budgeted_run_meets_p_under_its_table(tmp_path):
     text = (tmp_path / "summary.txt").read_text()
     assert "of total estimated latency" in text and "forward time, pruned over dense" in text
     assert r["widths"] == saved["widths"]
+
+
+def test_a_latency_budget_bounds_the_whole_forward_whatever_the_scope():
+    """Layers timed alone do not add up to the model's time, so budget.scope "prunable" (the
+    default, the paper's MAC scope) would bound a sum that is not the model's latency."""
+    macs = spec_lib.from_config(tiny_config(**{"budget.scope": "prunable"})).budget
+    lat = spec_lib.from_config(tiny_config(**LATENCY, **{"budget.scope": "prunable"})).budget
+    assert (macs.scope, lat.scope) == ("prunable", "total")
+    assert spec_lib.resource_loss(lat).scope == "total"
+    assert spec_lib.cut_policy(lat, backend="cpu").scope == "total"
+    with pytest.raises(ConfigError, match="budget scope = 'layers'"):
+        config_lib.validate(tiny_config(**LATENCY, **{"budget.scope": "layers"}))
 
 
 def test_latency_budget_fields_are_validated(tmp_path):
