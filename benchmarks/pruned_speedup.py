@@ -1,6 +1,6 @@
 """Real speed of extracted models vs their dense originals (a benchmark, not a test).
 
-    python benchmarks/pruned_speedup.py [--models resnet56,resnet50,mobilenet_v2,WORKDIR]
+    python benchmarks/pruned_speedup.py [--models resnet56,resnet50,mobilenet_v2,WORKDIR,CONFIG]
         [--reps 10] [--batch 32] [--image-size N] [--round-to 8[,16,...]]
         [--dtype float32|bfloat16] [--layers] [--fold_bn] [--floor] [--json PATH]
 
@@ -9,7 +9,11 @@ CIFAR, ResNet-50 0.37 and MobileNetV2 0.65 on ImageNet) it builds the pruned
 model with uniform per-group widths (the widest uniform keep fraction within
 the budget), at its image size (32 or 224; ``--image-size`` sets another). An entry of
 ``--models`` that is a directory is a run's workdir (or a saved model): its own, non-uniform
-widths are timed against its dense widths, at its image size.
+widths are timed against its dense widths, at its image size. An entry ending in ``.py`` is a
+config (``configs/*.py``): its model at its image size and dtype, cut as a run with that config
+cuts on this backend (``budget``: p, scope, trimming and ``round_to``; ``round_to = 0`` rounds
+for this backend) from random channel scores, which stand in for a trained model's (the widths,
+not the values, set the time); ``--round-to`` is not applied to it.
 For each M in ``--round-to``, the same widths rounded to multiples of M within the same
 budget are timed too. It times the jitted eval-mode forward pass with
 ``sap_jax.runtime.speed.compare`` (dense and pruned alternate rep by rep) in ``--dtype``
@@ -30,19 +34,27 @@ pay) and the layers' share of the dense model's time.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import sys
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sap_jax import models, surgery
 from sap_jax.method import baselines, cut, latency
 from sap_jax.runtime import speed
 from sap_jax.structure import flops
 from sap_jax.structure import groups as G
+from sap_jax.train import config as config_lib
+from sap_jax.train import spec as spec_lib
+from sap_jax.train import tables
 from sap_jax.train.run import PRUNED_DIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BUDGETS = {"resnet56": (0.48, 32), "resnet50": (0.37, 224), "mobilenet_v2": (0.65, 224),
            "resnet_cifar_tiny": (0.5, 32)}
@@ -74,6 +86,8 @@ def candidates(entry: str, dtype: str, image_size: int | None = None
         p = flops.count(s, info["widths"]).prunable_macs / flops.count(s).prunable_macs
         return (os.path.basename(os.path.normpath(entry)), p, info["image_size"], dense,
                 {"run's widths": list(info["widths"])}, build)
+    if entry.endswith(".py"):
+        return config_candidates(entry, dtype)
     if entry not in BUDGETS:
         raise SystemExit(f"--models: {entry!r} is neither a directory nor one of "
                          f"{sorted(BUDGETS)}.")
@@ -85,6 +99,42 @@ def candidates(entry: str, dtype: str, image_size: int | None = None
     dense = models.create(entry, dtype=_model_dtype(dtype))
     return entry, p, size, dense, {"uniform": baselines.uniform_widths(
         dense.structure(size), p)}, build
+
+
+CONFIG_CUT = "config's cut"
+
+
+def config_candidates(path: str, dtype: str):
+    """:func:`candidates` of a config file: its model at its image size (in the config's dtype
+    unless ``dtype`` is not float32), cut as a run with the config cuts on this backend."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--models: {path}: no such config file.")
+    sys.path.insert(0, ROOT)  # a config imports configs.default
+    mod_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    config = module.get_config()
+    if dtype != "float32":
+        config.dtype = dtype
+    config_lib.validate(config)
+    spec = spec_lib.from_config(config)
+    if spec.budget.metric != "macs":
+        raise SystemExit(f"{path}: a latency budget (budget.metric = {spec.budget.metric!r}); "
+                         "time its cut with benchmarks/latency_budget.py.")
+    classes = config_lib.NUM_CLASSES.get(spec.data.dataset)
+
+    def build(widths):
+        return tables.model_for(spec, classes, None if widths is None else list(widths))
+    dense = build(None)
+    s = dense.structure(spec.image_size)
+    policy = spec_lib.cut_policy(spec.budget, backend=jax.default_backend())
+    rng = np.random.default_rng(0)
+    scores = [rng.random(w) for w in s.widths]
+    ones = [np.ones(w, np.float32) for w in s.widths]
+    _, report = cut.final_arch(s, ones, lambda: scores, policy)
+    name = os.path.splitext(os.path.basename(path))[0]
+    label = CONFIG_CUT + (f" (rounded to {report.round_to})" if report.round_to > 1 else "")
+    return name, spec.budget.p, spec.image_size, dense, {label: report.widths}, build
 
 
 def fold_gain(model: models.PrunableModel, size: int, batch: int, reps: int, dtype: str,
@@ -112,7 +162,7 @@ def measure(entry: str, reps: int, batch: int, round_to: tuple[int, ...], *,
     s = dense.structure(size)
     base = next(iter(variants.values()))
     for m in round_to:
-        if m > 1:
+        if m > 1 and not entry.endswith(".py"):
             variants[f"rounded to {m}"] = cut.round_widths(s, base, m, p, warn=False)
     if floor:
         variants[FLOOR] = [G.MIN_KEPT] * s.num_groups
@@ -133,7 +183,9 @@ def measure(entry: str, reps: int, batch: int, round_to: tuple[int, ...], *,
                      "pruned_images_per_s": thr["pruned_images_per_s"], "batch": batch,
                      "latency_speedup": lat["speedup"], "throughput_speedup": thr["speedup"],
                      "latency_efficiency": lat["efficiency"],
-                     "throughput_efficiency": thr["efficiency"]})
+                     "throughput_efficiency": thr["efficiency"],
+                     "latency_speedup_iqr": lat["speedup_iqr"],
+                     "throughput_speedup_iqr": thr["speedup_iqr"]})
         if fold_bn:
             rows[-1]["fold_bn"] = {"dense": dense_fold, "pruned": fold_gain(
                 pruned, size, batch, reps, dtype, c.macs)}
@@ -146,6 +198,20 @@ def measure(entry: str, reps: int, batch: int, round_to: tuple[int, ...], *,
                               "dense_macs": x["macs"][0], "pruned_macs": x["macs"][k]}
                              for x in per_layer]
     return rows
+
+
+def slower_lines(row: dict) -> list[str]:
+    """A line for each of a row's two timings that is slower than dense or whose per-round
+    speed-ups (their IQR) include 1."""
+    out = []
+    for what, key in (("batch 1 latency", "latency"), (f"batch {row['batch']} throughput",
+                                                     "throughput")):
+        x, (lo, hi) = row[f"{key}_speedup"], row[f"{key}_speedup_iqr"]
+        if x < 1 or lo <= 1 <= hi:
+            verdict = "SLOWER than dense" if x < 1 else "within the noise"
+            out.append(f"  {row['model']} / {row['variant']}: {what} {x:.2f}x (IQR "
+                       f"{lo:.2f}-{hi:.2f}): {verdict}")
+    return out
 
 
 def layer_lines(row: dict, top: int = 8) -> list[str]:
@@ -228,13 +294,15 @@ def main(argv=None) -> list[dict]:
                         floor=args.floor)
     print(f"{jax.devices()[0].platform} ({args.dtype}), medians of {args.reps}; "
           "efficiency = speed-up / MAC speed-up")
-    print(f"  {'model':<13} {'widths':<14} {'MACs':>6} {'lat. dense ms':>13} {'pruned':>8} "
+    mw = max([13] + [len(r["model"]) for r in rows])
+    vw = max([14] + [len(r["variant"]) for r in rows])
+    print(f"  {'model':<{mw}} {'widths':<{vw}} {'MACs':>6} {'lat. dense ms':>13} {'pruned':>8} "
           f"{'x':>6} {'eff.':>5} | {'img/s dense':>11} {'pruned':>8} {'x':>6} {'eff.':>5}")
     for r in rows:
         # The floor row's efficiency means nothing: it is not a cut at p.
         lat_eff, thr_eff = (f"{'-':>5}",) * 2 if r["variant"] == FLOOR else (
             f"{r['latency_efficiency']:>5.2f}", f"{r['throughput_efficiency']:>5.2f}")
-        print(f"  {r['model']:<13} {r['variant']:<14} {r['mac_ratio']:>6.1%} "
+        print(f"  {r['model']:<{mw}} {r['variant']:<{vw}} {r['mac_ratio']:>6.1%} "
               f"{r['dense_latency_ms']:>13.2f} {r['pruned_latency_ms']:>8.2f} "
               f"{r['latency_speedup']:>6.2f} {lat_eff} | "
               f"{r['dense_images_per_s']:>11.1f} {r['pruned_images_per_s']:>8.1f} "
@@ -245,6 +313,8 @@ def main(argv=None) -> list[dict]:
                   f"{1 / r['throughput_speedup']:.0%} of the dense time at batch {r['batch']} "
                   f"({1 / r['latency_speedup']:.0%} at batch 1): about the most any cut gains "
                   f"here ({r['throughput_speedup']:.2f}x, {r['latency_speedup']:.2f}x)")
+    for line in (x for r in rows if r["variant"] != FLOOR for x in slower_lines(r)):
+        print(line)
     if args.fold_bn:
         print(f"BatchNorm folded into the conv before it (batch 1 latency, batch {args.batch} "
               "throughput; x: folded speed-up, its IQR over the rounds)")

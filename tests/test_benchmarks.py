@@ -18,12 +18,13 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import accelerator  # noqa: E402
 import compile_time  # noqa: E402
+import latency_run  # noqa: E402
 import pruned_speedup  # noqa: E402
 import step_cost  # noqa: E402
 from support import tiny_config  # noqa: E402
 
 from configs import quickstart  # noqa: E402
-from sap_jax import train  # noqa: E402
+from sap_jax import models, train  # noqa: E402
 from sap_jax.structure import flops  # noqa: E402
 from sap_jax.structure import groups as G  # noqa: E402
 
@@ -79,7 +80,7 @@ def test_pruned_speedup_smoke(capsys):
 def test_pruned_speedup_times_a_saved_models_own_widths_in_bfloat16(tmp_path, capsys):
     """A directory in --models is a run's workdir or a saved model: its non-uniform widths are
     timed against its dense widths, in the dtype asked for, with a per-layer breakdown."""
-    from sap_jax import models, surgery
+    from sap_jax import surgery
 
     dense = models.create("resnet_cifar_tiny")
     widths = [3, 5, 9]  # of (4, 8, 16)
@@ -103,6 +104,46 @@ def test_pruned_speedup_times_a_saved_models_own_widths_in_bfloat16(tmp_path, ca
     assert json.loads(out.read_text())[0]["widths"] == widths
     with pytest.raises(SystemExit, match="neither a saved model nor a workdir"):
         pruned_speedup.main(["--models", str(tmp_path), "--reps", "1"])
+
+
+def test_pruned_speedup_times_a_config_cut_as_its_run_cuts_on_this_backend(capsys):
+    """A config in --models: its model, p and scope, trimmed and rounded (round_to = 0: for
+    the CPU) as its run would cut; --round-to does not apply to it."""
+    from configs import quickstart
+    from sap_jax.method import cut
+
+    rows = pruned_speedup.main(["--models", "configs/quickstart.py", "--reps", "1",
+                                "--batch", "2", "--round-to", "2"])
+    c = quickstart.get_config()
+    assert len(rows) == 1 and rows[0]["model"] == "quickstart" and rows[0]["p"] == c.budget.p
+    multiple = cut.HARDWARE_MULTIPLE["cpu"]
+    widths, s = rows[0]["widths"], models.create(c.model).structure(c.image_size)
+    assert rows[0]["prunable_mac_ratio"] <= c.budget.p < 1
+    # Rounded to the CPU's multiple or one of its halves, so each kept width is a multiple of
+    # the smallest such (or a group's whole width).
+    m = int(rows[0]["variant"].rsplit(" ", 1)[1].rstrip(")"))
+    assert rows[0]["variant"].startswith("config's cut (rounded to ") and multiple % m == 0
+    assert all(w % m == 0 or w == d for w, d in zip(widths, s.widths)), widths
+    assert cut.widths_ratio(s, widths, c.budget.scope) == pytest.approx(
+        rows[0]["prunable_mac_ratio"])
+    with pytest.raises(SystemExit, match="no such config file"):
+        pruned_speedup.main(["--models", "configs/none.py", "--reps", "1"])
+
+
+def test_latency_run_reports_its_measured_ratio_next_to_the_estimate(tmp_path):
+    """A whole latency-budgeted run on mock ImageNet (benchmarks/latency_run.py): the run builds
+    its table, cuts within p under it and times the cut at the table's batch."""
+    out = latency_run.main(["--workdir", str(tmp_path), "--model", "resnet_cifar_tiny",
+                            "--image-size", "16", "--batch", "4", "--epochs", "2", "--steps",
+                            "2", "--points", "2", "--reps", "1", "--speed-reps", "1",
+                            "--examples", "16", "--p", "0.95"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["budget_metric"] == "latency" and saved["budget_scope"] == "total"
+    assert (tmp_path / "latency_table.json").exists()
+    assert out["latency_ratio_estimated"] == saved["latency_ratio_estimated"] <= 0.95
+    row = next(b for b in saved["speed"]["batches"] if b["batch"] == 4)
+    assert out["latency_ratio_measured"] == pytest.approx(row["pruned_ms"] / row["dense_ms"])
+    assert out["widths"] == saved["widths"]
 
 
 def test_penalty_overhead_smoke():

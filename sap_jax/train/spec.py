@@ -29,8 +29,8 @@ import ml_collections
 
 from sap_jax import models
 from sap_jax.method import cut, resource
-from sap_jax.structure import flops
 from sap_jax.runtime.errors import ConfigError, close_fields
+from sap_jax.structure import flops
 
 
 @dataclasses.dataclass(frozen=True)
