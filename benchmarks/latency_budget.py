@@ -33,7 +33,6 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--points", type=int, default=9)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--scope", default="total", choices=("total", "prunable"))
     ap.add_argument("--table", default="", help="read this table instead of building one")
     ap.add_argument("--save-table", default="", help="write the built table here")
     ap.add_argument("--json", default="", help="also write the rows to this file")
@@ -59,10 +58,11 @@ def main(argv=None) -> list[dict]:
     for label, tab, round_to in (("latency, snapped", table, 0), ("latency, as trimmed", table, 1),
                                  ("MACs at the same MAC count", None, 1)):
         if tab is None:  # the MAC budget that removes as many MACs as the first cut did
-            p = rows[0]["mac_ratio"] if a.scope == "total" else rows[0]["prunable_mac_ratio"]
+            p = rows[0]["mac_ratio"]
         else:
             p = a.p
-        policy = cut.CutPolicy(p=p, scope=a.scope, round_to=round_to, table=tab)
+        # A latency budget bounds the whole forward; the MAC cut matches its whole-model MACs.
+        policy = cut.CutPolicy(p=p, scope="total", round_to=round_to, table=tab)
         arch, rep = cut.final_arch(s, [np.ones(c, np.float32) for c in s.widths],
                                    lambda: norms, policy)
         pruned = surgery.extract(dense, arch)

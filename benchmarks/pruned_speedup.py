@@ -10,10 +10,11 @@ model with uniform per-group widths (the widest uniform keep fraction within
 the budget), at its image size (32 or 224; ``--image-size`` sets another). An entry of
 ``--models`` that is a directory is a run's workdir (or a saved model): its own, non-uniform
 widths are timed against its dense widths, at its image size. An entry ending in ``.py`` is a
-config (``configs/*.py``): its model at its image size and dtype, cut as a run with that config
+config (``configs/*.py``): its model at its image size, cut as a run with that config
 cuts on this backend (``budget``: p, scope, trimming and ``round_to``; ``round_to = 0`` rounds
 for this backend) from random channel scores, which stand in for a trained model's (the widths,
-not the values, set the time); ``--round-to`` is not applied to it.
+not the values, set the time), computing in ``--dtype``; ``--round-to`` and ``--image-size``
+do not apply to it. A speed-up below 1x or whose per-round IQR includes 1 is flagged.
 For each M in ``--round-to``, the same widths rounded to multiples of M within the same
 budget are timed too. It times the jitted eval-mode forward pass with
 ``sap_jax.runtime.speed.compare`` (dense and pruned alternate rep by rep) in ``--dtype``
@@ -34,10 +35,8 @@ pay) and the layers' share of the dense model's time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import sys
 from collections.abc import Callable
 
 import jax
@@ -47,14 +46,13 @@ import numpy as np
 from sap_jax import models, surgery
 from sap_jax.method import baselines, cut, latency
 from sap_jax.runtime import speed
+from sap_jax.runtime.errors import ConfigError
 from sap_jax.structure import flops
 from sap_jax.structure import groups as G
 from sap_jax.train import config as config_lib
 from sap_jax.train import spec as spec_lib
 from sap_jax.train import tables
 from sap_jax.train.run import PRUNED_DIR
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BUDGETS = {"resnet56": (0.48, 32), "resnet50": (0.37, 224), "mobilenet_v2": (0.65, 224),
            "resnet_cifar_tiny": (0.5, 32)}
@@ -105,18 +103,14 @@ CONFIG_CUT = "config's cut"
 
 
 def config_candidates(path: str, dtype: str):
-    """:func:`candidates` of a config file: its model at its image size (in the config's dtype
-    unless ``dtype`` is not float32), cut as a run with the config cuts on this backend."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"--models: {path}: no such config file.")
-    sys.path.insert(0, ROOT)  # a config imports configs.default
-    mod_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    config = module.get_config()
-    if dtype != "float32":
+    """:func:`candidates` of a config file: its model at its image size, computing in ``dtype``,
+    cut as a run with the config cuts on this backend."""
+    try:
+        config = config_lib.load_file(path)
         config.dtype = dtype
-    config_lib.validate(config)
+        config_lib.validate(config)
+    except ConfigError as e:
+        raise SystemExit(f"--models: {e}") from None
     spec = spec_lib.from_config(config)
     if spec.budget.metric != "macs":
         raise SystemExit(f"{path}: a latency budget (budget.metric = {spec.budget.metric!r}); "
@@ -127,12 +121,18 @@ def config_candidates(path: str, dtype: str):
         return tables.model_for(spec, classes, None if widths is None else list(widths))
     dense = build(None)
     s = dense.structure(spec.image_size)
+    name = os.path.splitext(os.path.basename(path))[0]
+    if spec.sap.widths:  # selector "norm" with fixed widths: those are cut, whatever p says
+        return (name, spec.budget.p, spec.image_size, dense,
+                {"config's sap.widths": list(spec.sap.widths)}, build)
+    if not spec.budget.enforce:
+        raise SystemExit(f"{path}: budget.enforce = False cuts what the generator chose, which "
+                         "only a run knows: time its workdir instead.")
     policy = spec_lib.cut_policy(spec.budget, backend=jax.default_backend())
     rng = np.random.default_rng(0)
     scores = [rng.random(w) for w in s.widths]
     ones = [np.ones(w, np.float32) for w in s.widths]
     _, report = cut.final_arch(s, ones, lambda: scores, policy)
-    name = os.path.splitext(os.path.basename(path))[0]
     label = CONFIG_CUT + (f" (rounded to {report.round_to})" if report.round_to > 1 else "")
     return name, spec.budget.p, spec.image_size, dense, {label: report.widths}, build
 
@@ -208,7 +208,8 @@ def slower_lines(row: dict) -> list[str]:
                                                      "throughput")):
         x, (lo, hi) = row[f"{key}_speedup"], row[f"{key}_speedup_iqr"]
         if x < 1 or lo <= 1 <= hi:
-            verdict = "SLOWER than dense" if x < 1 else "within the noise"
+            verdict = ("SLOWER than dense" if hi < 1 else
+                       "median below 1x, within the noise" if x < 1 else "within the noise")
             out.append(f"  {row['model']} / {row['variant']}: {what} {x:.2f}x (IQR "
                        f"{lo:.2f}-{hi:.2f}): {verdict}")
     return out
@@ -241,9 +242,16 @@ def layer_lines(row: dict, top: int = 8) -> list[str]:
     return out
 
 
+def column_widths(rows: list[dict]) -> tuple[int, int]:
+    """The widths of the model and variant columns of the printed tables."""
+    return (max([13] + [len(r["model"]) for r in rows]),
+            max([14] + [len(r["variant"]) for r in rows]))
+
+
 def fold_lines(rows: list[dict]) -> list[str]:
     """One line per model timed unfolded and folded: each entry's dense model once, then its
     variants."""
+    mw, vw = column_widths(rows)
     out, seen = [], set()
     for r in rows:
         entries = [("pruned", r["variant"])]
@@ -253,7 +261,7 @@ def fold_lines(rows: list[dict]) -> list[str]:
         for key, label in entries:
             f = r["fold_bn"][key]
             out.append(
-                f"  {r['model']:<13} {label:<14} {f['folded_batch_norms']:>4} "
+                f"  {r['model']:<{mw}} {label:<{vw}} {f['folded_batch_norms']:>4} "
                 f"{f['unfolded_latency_ms']:>8.2f} {f['folded_latency_ms']:>7.2f} "
                 f"{f['latency_speedup']:>5.2f} "
                 f"{'{:.2f}-{:.2f}'.format(*f['latency_speedup_iqr']):>11} | "
@@ -294,8 +302,7 @@ def main(argv=None) -> list[dict]:
                         floor=args.floor)
     print(f"{jax.devices()[0].platform} ({args.dtype}), medians of {args.reps}; "
           "efficiency = speed-up / MAC speed-up")
-    mw = max([13] + [len(r["model"]) for r in rows])
-    vw = max([14] + [len(r["variant"]) for r in rows])
+    mw, vw = column_widths(rows)
     print(f"  {'model':<{mw}} {'widths':<{vw}} {'MACs':>6} {'lat. dense ms':>13} {'pruned':>8} "
           f"{'x':>6} {'eff.':>5} | {'img/s dense':>11} {'pruned':>8} {'x':>6} {'eff.':>5}")
     for r in rows:
@@ -318,7 +325,7 @@ def main(argv=None) -> list[dict]:
     if args.fold_bn:
         print(f"BatchNorm folded into the conv before it (batch 1 latency, batch {args.batch} "
               "throughput; x: folded speed-up, its IQR over the rounds)")
-        print(f"  {'model':<13} {'widths':<14} {'BNs':>4} {'lat. ms':>8} {'folded':>7} "
+        print(f"  {'model':<{mw}} {'widths':<{vw}} {'BNs':>4} {'lat. ms':>8} {'folded':>7} "
               f"{'x':>5} {'IQR':>11} | {'img/s':>8} {'folded':>8} {'x':>5} {'IQR':>11}")
         for line in fold_lines(rows):
             print(line)

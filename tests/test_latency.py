@@ -154,9 +154,17 @@ def _reference_ratio(table, structure, widths, scope):
 def test_latency_resource_loss_matches_a_numpy_reference_with_its_gradient(tiny):
     structure, table = tiny
     rng = np.random.default_rng(0)
-    for scope in ("total", "prunable"):
-        loss = resource.ResourceLoss(0.4, lam=3.0, form="two_sided", scope=scope, table=table)
-        assert loss.metric == "latency"
+    # A latency budget bounds the whole forward: "total" by default, "prunable" refused.
+    with pytest.raises(ValueError, match="whole forward"):
+        resource.ResourceLoss(0.4, scope="prunable", table=table)
+    with pytest.raises(ValueError, match="whole forward"):
+        cut.CutPolicy(p=0.4, scope="prunable", table=table)
+    assert cut.CutPolicy(p=0.4, table=table).scope == "total"
+    assert cut.CutPolicy(p=0.4).scope == resource.ResourceLoss(0.4).scope == "prunable"
+    for given in ("total", None):
+        loss = resource.ResourceLoss(0.4, lam=3.0, form="two_sided", scope=given, table=table)
+        assert loss.metric == "latency" and loss.scope == "total"
+        scope = loss.scope
         dense = _reference_ratio(table, structure, structure.widths, scope)
         # Soft architectures whose kept widths fall between grid points (no kinks nearby).
         arch = [jnp.asarray(rng.uniform(0.2, 0.9, c), jnp.float32) for c in structure.widths]

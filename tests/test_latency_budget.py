@@ -8,9 +8,9 @@ from conftest import tiny_config
 from sap_jax import models, train
 from sap_jax.method import cut, latency
 from sap_jax.runtime.errors import ConfigError
+from sap_jax.train import checkpoints, tables
 from sap_jax.train import config as config_lib
 from sap_jax.train import spec as spec_lib
-from sap_jax.train import tables
 
 LATENCY = {"budget.metric": "latency", "budget.latency_points": 3, "budget.latency_reps": 2,
            "budget.round_to": 0}
@@ -67,6 +67,12 @@ def test_a_latency_budget_bounds_the_whole_forward_whatever_the_scope():
     assert spec_lib.cut_policy(lat, backend="cpu").scope == "total"
     with pytest.raises(ConfigError, match="budget scope = 'layers'"):
         config_lib.validate(tiny_config(**LATENCY, **{"budget.scope": "layers"}))
+    # ... so a resumed latency run may change budget.scope (it changes nothing); a MAC run not.
+    hashes = {(metric, scope): checkpoints.config_hash(tiny_config(**{
+        "budget.metric": metric, "budget.scope": scope})) for metric in ("macs", "latency")
+        for scope in ("prunable", "total")}
+    assert hashes["latency", "prunable"] == hashes["latency", "total"]
+    assert hashes["macs", "prunable"] != hashes["macs", "total"]
 
 
 def test_latency_budget_fields_are_validated(tmp_path):

@@ -25,7 +25,9 @@ Arch = G.Arch  # K vectors of shape (C_k,), 1 = keep, 0 = drop
 class CutPolicy:
     """How a chosen architecture becomes the one that is cut.
 
-    p: the budget, a fraction of the MACs over ``scope`` ("prunable" or "total").
+    p: the budget, a fraction of the MACs over ``scope`` ("prunable" or "total"); with a
+      latency ``table``, of the whole forward's estimated time (scope "total", the default then:
+      layers timed one at a time do not add up to the model's time, so "prunable" is refused).
     enforce_budget: trim an architecture over p by channel norm (lowest first) until it meets p.
     round_to: kept-width multiple; 1 = none, 0 = automatic: with a latency ``table``, the
       widths where its latency steps up (:func:`table_steps`), else the backend's multiple
@@ -35,7 +37,7 @@ class CutPolicy:
     """
 
     p: float
-    scope: str = "prunable"
+    scope: str | None = None  # None: "total" with a latency table, else "prunable"
     enforce_budget: bool = True
     round_to: int = 1
     backend: str = "cpu"
@@ -45,6 +47,7 @@ class CutPolicy:
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0 < self.p <= 1:
             raise ValueError(f"budget p = {self.p!r} must lie in (0, 1] (the fraction of MACs "
                              "kept).")
+        object.__setattr__(self, "scope", budget_scope(self.scope, self.table))
         if self.scope not in flops.SCOPES:
             raise ValueError(f"budget scope = {self.scope!r}; use one of {flops.SCOPES}.")
         if (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
@@ -137,15 +140,30 @@ def widths_ratio(structure: G.Structure, widths: Sequence[int], scope: str = "pr
 
     ``full``: the dense model's counts, if already known (callers that loop pass it once)."""
     if table is not None:
-        return float(table.ratio(structure, list(widths), scope))
+        return float(table.ratio(structure, list(widths), budget_scope(scope, table)))
     full = flops.count(structure) if full is None else full
     c = flops.count(structure, list(widths))
     return (c.prunable_macs / full.prunable_macs if scope == "prunable" else c.macs / full.macs)
 
 
+def budget_scope(scope: str | None, table: Any) -> str | None:
+    """The scope a budget is read over: ``scope``, or by default "total" with a latency
+    ``table`` (the whole forward) and "prunable" without. With a table, "prunable" is refused:
+    the prunable layers' times measured one at a time do not add up to the model's (on XLA:CPU
+    a 3x3 conv cut to one output channel costs about what the dense one does), so a budget on
+    their sum can cut far deeper than p says."""
+    if scope is None:
+        return "prunable" if table is None else "total"
+    if table is not None and scope == "prunable":
+        raise ValueError("a latency budget bounds the whole forward: scope must be \"total\" "
+                         "with a latency table, got \"prunable\".")
+    return scope
+
+
 def _ratio_fn(structure: G.Structure, scope: str, table: Any) -> Callable[[Sequence[int]], float]:
     """``widths -> ratio`` under the budget's metric, with the dense counts computed once."""
     if table is not None:
+        budget_scope(scope, table)
         dense = table.estimate_ms(structure, list(structure.widths), scope)
         return lambda w: float(table.estimate_ms(structure, list(w), scope)) / dense
     full = flops.count(structure)

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sap_jax.method import cut
 from sap_jax.structure import flops
 from sap_jax.structure import groups as G
 
@@ -75,7 +76,8 @@ class ResourceLoss:
       form: ``"one_sided"`` or ``"two_sided"``.
       eps: dead band of the two-sided form.
       scope: what the budget is read over: the ``"prunable"`` layers (paper) or the
-        ``"total"`` network.
+        ``"total"`` network; ``None``: "total" with a ``table``, else "prunable" (a latency
+        budget bounds the whole forward: ``cut.budget_scope``).
       table: a latency table: the budget bounds estimated latency, not MACs (``None``: MACs).
     """
 
@@ -83,7 +85,7 @@ class ResourceLoss:
     lam: float = 4.0
     form: str = "one_sided"
     eps: float = 0.005
-    scope: str = "prunable"
+    scope: str | None = None
     table: Any = dataclasses.field(default=None, compare=False)
 
     @property
@@ -99,6 +101,7 @@ class ResourceLoss:
 
     def __post_init__(self):
         check_budget(self.p, form=self.form, eps=self.eps)
+        object.__setattr__(self, "scope", cut.budget_scope(self.scope, self.table))
         if self.scope not in flops.SCOPES:
             raise ValueError(f"budget scope must be one of {flops.SCOPES}, got {self.scope!r}.")
         if not _is_concrete_number(self.lam) or self.lam < 0:
