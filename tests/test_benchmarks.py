@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import accelerator  # noqa: E402
 import compile_time  # noqa: E402
 import latency_run  # noqa: E402
+import narrow_conv  # noqa: E402
 import pruned_speedup  # noqa: E402
 import step_cost  # noqa: E402
 from support import tiny_config  # noqa: E402
@@ -147,6 +148,15 @@ def test_latency_run_reports_its_measured_ratio_next_to_the_estimate(tmp_path):
     row = next(b for b in saved["speed"]["batches"] if b["batch"] == 4)
     assert out["latency_ratio_measured"] == pytest.approx(row["pruned_ms"] / row["dense_ms"])
     assert out["widths"] == saved["widths"]
+
+
+def test_narrow_conv_lowerings_agree_and_are_timed():
+    rows = narrow_conv.main(["--batch", "2", "--shapes", "6:4:2,5:2:3", "--reps", "1"])
+    assert [(r["h"], r["cin"], r["cout"]) for r in rows] == [(6, 4, 2), (5, 2, 3)]
+    assert all(set(r["ms"]) == {"xla", "xla defaults", "out matmul", "im2col"}
+               and min(r["ms"].values()) > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        narrow_conv.main(["--shapes", "6:4"])
 
 
 def test_penalty_overhead_smoke():
