@@ -12,23 +12,23 @@ H x H input, stride 1, SAME padding, fp32) is timed as
   slices summed (cheap when COUT is far below CIN);
 * ``im2col``: the nine shifted inputs concatenated, then one matmul (cheap when CIN is small).
 
-All four must agree with the first (the script stops otherwise). Medians of ``--reps`` calls
-after a warm-up, in ms.
+All four must agree with the first (the script stops otherwise). Medians of ``--reps``
+interleaved rounds after a warm-up (``speed.time_interleaved``), in ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sap_jax.runtime import xla_cpu
+from sap_jax.runtime import speed, xla_cpu
 
 SHAPES = "32:16:16,32:16:8,32:16:1,32:8:16,16:32:32,16:32:16,16:32:4,8:64:64,8:64:32"
 
@@ -53,16 +53,6 @@ def im2col(x, w):
     xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
     cols = jnp.concatenate([xp[:, i:i + h, j:j + wd] for i in range(kh) for j in range(kw)], -1)
     return cols @ w.reshape(kh * kw * cin, cout)
-
-
-def median_ms(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def main(argv=None) -> list[dict]:
@@ -90,7 +80,9 @@ def main(argv=None) -> list[dict]:
         for name, fn in ways.items():
             np.testing.assert_allclose(np.asarray(fn(x, w)), want, rtol=1e-3, atol=1e-3,
                                        err_msg=name)
-        ms = {name: median_ms(fn, x, w, reps=a.reps) for name, fn in ways.items()}
+        times = speed.time_interleaved([functools.partial(fn, x, w) for fn in ways.values()],
+                                       a.reps)
+        ms = {name: 1e3 * statistics.median(t) for name, t in zip(ways, times)}
         rows.append({"h": h, "cin": cin, "cout": cout, "batch": a.batch, "ms": ms})
         print(f"  {h:>3} {cin:>4} {cout:>4} " + " ".join(f"{ms[k]:>12.3f}" for k in ways))
     print(json.dumps(rows))

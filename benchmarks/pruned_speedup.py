@@ -185,7 +185,9 @@ def measure(entry: str, reps: int, batch: int, round_to: tuple[int, ...], *,
                      "latency_efficiency": lat["efficiency"],
                      "throughput_efficiency": thr["efficiency"],
                      "latency_speedup_iqr": lat["speedup_iqr"],
-                     "throughput_speedup_iqr": thr["speedup_iqr"]})
+                     "throughput_speedup_iqr": thr["speedup_iqr"],
+                     "latency_within_noise": lat["within_noise"],
+                     "throughput_within_noise": thr["within_noise"]})
         if fold_bn:
             rows[-1]["fold_bn"] = {"dense": dense_fold, "pruned": fold_gain(
                 pruned, size, batch, reps, dtype, c.macs)}
@@ -207,7 +209,7 @@ def slower_lines(row: dict) -> list[str]:
     for what, key in (("batch 1 latency", "latency"), (f"batch {row['batch']} throughput",
                                                      "throughput")):
         x, (lo, hi) = row[f"{key}_speedup"], row[f"{key}_speedup_iqr"]
-        if x < 1 or lo <= 1 <= hi:
+        if x < 1 or row[f"{key}_within_noise"]:
             verdict = ("SLOWER than dense" if hi < 1 else
                        "median below 1x, within the noise" if x < 1 else "within the noise")
             out.append(f"  {row['model']} / {row['variant']}: {what} {x:.2f}x (IQR "

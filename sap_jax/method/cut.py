@@ -163,7 +163,7 @@ def budget_scope(scope: str | None, table: Any) -> str | None:
 def _ratio_fn(structure: G.Structure, scope: str, table: Any) -> Callable[[Sequence[int]], float]:
     """``widths -> ratio`` under the budget's metric, with the dense counts computed once."""
     if table is not None:
-        budget_scope(scope, table)
+        scope = budget_scope(scope, table)
         dense = table.estimate_ms(structure, list(structure.widths), scope)
         return lambda w: float(table.estimate_ms(structure, list(w), scope)) / dense
     full = flops.count(structure)

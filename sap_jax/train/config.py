@@ -22,7 +22,6 @@ from sap_jax import models, tracing
 from sap_jax.method import agn, baselines, latency, resource
 from sap_jax.runtime import extras
 from sap_jax.runtime.errors import ConfigError  # noqa: F401 - re-exported (it lived here)
-from sap_jax.structure import flops
 from sap_jax.train import data as data_lib
 from sap_jax.train import spec as spec_lib
 
@@ -400,11 +399,11 @@ NOT_RESULT_FIELDS = ("compile_cache", "data_dir", "log_every_steps", "plots", "s
 def result_fields(d: dict[str, Any],
                   exclude: tuple[str, ...] = NOT_RESULT_FIELDS) -> dict[str, Any]:
     """A config's JSON dict without the fields in ``exclude`` (what resuming must match). A
-    latency budget's ``budget.scope`` is read as "total", which it always is (``spec._budget``)."""
+    latency budget's ``budget.scope`` is read as the run reads it (``spec.budget_scope``)."""
     out = {k: v for k, v in d.items() if k not in exclude}
     b = out.get("budget")
-    if isinstance(b, dict) and b.get("metric") == "latency" and b.get("scope") in flops.SCOPES:
-        out["budget"] = {**b, "scope": "total"}
+    if isinstance(b, dict):
+        out["budget"] = {**b, "scope": spec_lib.budget_scope(b.get("metric"), b.get("scope"))}
     return out
 
 

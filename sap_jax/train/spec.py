@@ -221,13 +221,16 @@ def _section(get: Callable[[str], Any], name: str, cls: type, **given: Any) -> A
     return cls(**given, **{f: get(f"{name}.{f}") for f in _fields(cls, without=tuple(given))})
 
 
+def budget_scope(metric: Any, scope: Any) -> Any:
+    """The scope a budget with config fields ``metric`` and ``scope`` is read over: a latency
+    budget over the whole forward ("total"), whatever ``scope`` says (layers timed alone do not
+    add up to the model's time: ``cut.budget_scope``); else ``scope``. A bad scope is kept, for
+    validation to refuse."""
+    return "total" if metric == "latency" and scope in flops.SCOPES else scope
+
+
 def _budget(b: BudgetSpec) -> BudgetSpec:
-    """A latency budget is read over the whole forward (scope "total"), whatever ``scope`` says:
-    layers timed alone do not add up to the model's time (on XLA:CPU a 3x3 conv cut to one
-    output channel costs about what its dense self does), so a "prunable" sum of their times
-    could meet p at widths that run far faster than p, or slower."""
-    latency = b.metric == "latency" and b.scope in flops.SCOPES  # a bad scope is still refused
-    return dataclasses.replace(b, scope="total") if latency else b
+    return dataclasses.replace(b, scope=budget_scope(b.metric, b.scope))
 
 
 def _build(get: Callable[[str], Any]) -> RunSpec:
