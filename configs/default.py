@@ -163,4 +163,11 @@ def get_config() -> ml_collections.ConfigDict:
     # its programs instead of compiling), a directory to share between runs, or "" = JAX's own
     # (JAX_COMPILATION_CACHE_DIR)
     c.compile_cache = "workdir"
+    # host memory of XLA:CPU's buffers: "retain" keeps freed memory in the process (glibc), so
+    # programs with large activations do not page-fault them in afresh on every call (CPU
+    # inference and latency tables: docs/benchmarks.md "Host memory"), but resident memory stays
+    # at its peak and compiling is slower; "system" leaves malloc as it is. A process setting,
+    # applied before JAX starts (by python -m sap_jax.main, or by train_and_evaluate if JAX has
+    # not started yet); results.json's speed.host_memory says what took effect
+    c.host_memory = "system"
     return c

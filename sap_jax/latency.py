@@ -1,7 +1,7 @@
 """Build a latency table: what each layer of a config's model costs on a device, by width.
 
     python -m sap_jax.latency --config=configs/NAME.py [--backend=cpu|gpu|tpu] --out=PATH
-        [--batch=N] [--points=9] [--reps=10] [--no-train]
+        [--batch=N] [--points=9] [--reps=10] [--host-memory=retain] [--no-train]
 
 For every distinct conv and linear layer shape of the config's model, the forward and the
 forward plus backward are timed alone over a grid of kept widths (at most ``--points`` per
@@ -10,8 +10,9 @@ dtype and at the batch one device computes (``batch_size`` over the backend's de
 median of ``--reps`` calls after a warm-up call. The dense model's whole forward is timed too,
 and the model at one channel per group, at the device's multiple (8 on CPUs and GPUs), at a
 quarter, half and three eighths of every width (rounded up to that multiple), to calibrate and
-to check the estimate. The
-table records the device, the software versions and the date; a run reads it with
+to check the estimate. The config's ``host_memory`` (or ``--host-memory``) is applied
+first, so the table is timed as its run's speed is. The table records the device, the
+software versions and the date; a run reads it with
 ``--config.budget.metric=latency --config.budget.latency_table=PATH``.
 
 ``--backend=tpu:TOPOLOGY`` (v5e:2x4, v4-8; the ``[tpu]`` extra) builds the table of a TPU that
@@ -30,6 +31,7 @@ import time
 
 import jax
 
+from sap_jax.runtime import host_memory
 from sap_jax.runtime.errors import EXIT_BAD_INPUT, ConfigError
 
 
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="grid widths per prunable dimension (default: budget.latency_points)")
     ap.add_argument("--reps", type=int, default=None,
                     help="timed calls per point (default: budget.latency_reps)")
+    ap.add_argument("--host-memory", "--host_memory", default=None, choices=host_memory.MODES,
+                    help="retain: keep freed host memory in the process while timing (default: "
+                         "the config's host_memory, as its run times its speed)")
     ap.add_argument("--no-train", "--no_train", dest="train", action="store_false",
                     help="time the forward only, not also the forward plus backward")
     args = ap.parse_args(argv)
@@ -68,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < (2 if name == "points" else 1):
                 raise ConfigError(f"--{name} = {value} must be >= {2 if name == 'points' else 1}.")
         estimate = info = None
-        if (args.backend or "").startswith("tpu:"):
+        on_tpu = (args.backend or "").startswith("tpu:")
+        if on_tpu:  # compile only: this host's own chips stay untouched (before any backend)
+            jax.config.update("jax_platforms", "cpu")
+        config = config_lib.load_file(args.config)
+        mode = args.host_memory or config.get("host_memory")
+        if mode in host_memory.MODES:  # before the backend starts; a bad value fails validation
+            host_memory.apply(mode)
+        if on_tpu:
             from sap_jax.runtime import tpu
 
-            # Compile only: this host's own chips stay untouched (before any backend starts).
-            jax.config.update("jax_platforms", "cpu")
             topo = tpu.topology(args.backend[len("tpu:"):])
             device, devices = jax.devices("cpu")[0], topo.chips
             estimate = tpu.estimator(topo)
@@ -81,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             device = _device(args.backend or jax.default_backend())
             devices = len(jax.devices(device.platform))
-        config = config_lib.load_file(args.config)
+            info = {"platform": device.platform, "kind": device.device_kind,
+                    "host_memory": host_memory.status()}
         config_lib.validate(config, device_count=devices, process_count=1)
         spec = spec_lib.from_config(config)
         model = tables.model_for(spec, config_lib.NUM_CLASSES.get(spec.data.dataset))
@@ -101,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (estimated: ' + table.device['topology'] + ')' if estimate else ''}: "
           f"{len(table.entries)} layer shapes, built in "
           f"{time.perf_counter() - t0:.0f} s -> {args.out}")
+    if not estimate:
+        print(f"  host memory: {host_memory.status()}")
     nan = float("nan")
     curve = ", ".join(f"{x:.1f} -> {y:.1f}" for x, y in table.calibration or [])
     print(f"  dense forward {table.model_ms:.2f} ms; the layers' own times summed -> the whole "

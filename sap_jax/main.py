@@ -50,9 +50,13 @@ _HOOKS = None
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from sap_jax.runtime import console, parallel
+    from sap_jax.runtime import console, host_memory, parallel
 
     console.setup_terminal(FLAGS.verbosity)
+    # Before any JAX backend starts (threads keep the malloc arena they first use); a bad
+    # value is reported with the config's other errors.
+    if FLAGS.config.get("host_memory") in host_memory.MODES:
+        host_memory.apply(FLAGS.config.host_memory)
 
     try:  # before any other JAX call; a no-op on one host
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,

@@ -26,14 +26,15 @@ tiny = tiny_config  # tests/support/tiny_config.py with dotted overrides
 def test_config_validation_lists_every_error():
     c = tiny(**{"budget.p": 1.5, "sap.e_start": 3, "model": "resnet57", "dataset": "mnist",
                 "batch_size": 15, "agn.tau": 0.0, "budget.form": "hinge",
-                "speed.batch_sizes": (1, 0), "speed.reps": 0})
+                "speed.batch_sizes": (1, 0), "speed.reps": 0, "host_memory": "keep"})
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(c, device_count=2, process_count=1)
     msg = str(e.value)
     for part in ("budget: budget p = 1.5", "sap.e_start = 3", "num_epochs = 3",
                  "unknown model 'resnet57'", "dataset = 'mnist'",
                  "batch_size = 15 does not divide by the 2 devices",
-                 "agn.tau = 0.0", "'hinge'", "speed.batch_sizes = (1, 0)", "speed.reps = 0"):
+                 "agn.tau = 0.0", "'hinge'", "speed.batch_sizes = (1, 0)", "speed.reps = 0",
+                 "host_memory = 'keep' must be one of 'retain', 'system'"):
         assert part in msg, part
     with pytest.raises(config_lib.ConfigError, match="image_size"):
         config_lib.validate(tiny(image_size=18))
@@ -185,7 +186,8 @@ def test_fields_that_cannot_change_results_may_change_and_any_may_before_the_fir
     ckpts.save({"x": np.zeros(3, np.float32)}, {"phase": "search", "epoch": 1, "step": 0})
     ckpts.manager.close()
     moved = tiny(**{"data_dir": "/elsewhere", "log_every_steps": 7, "plots": True,
-                    "speed.enabled": True, "checkpoint_every_epochs": 2})
+                    "speed.enabled": True, "checkpoint_every_epochs": 2,
+                    "host_memory": "retain"})
     assert checkpoints.config_hash(moved) == checkpoints.config_hash(c)
     assert checkpoints.config_hash(c) in checkpoints.check_workdir_config(tmp_path, moved)
     with pytest.raises(config_lib.ConfigError, match="fields sap.gamma differ"):

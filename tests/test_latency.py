@@ -361,10 +361,14 @@ def test_cli_estimates_a_tpu_table_by_compiling_for_a_slice_that_is_not_there(tm
 @pytest.mark.slow
 def test_cli_builds_a_table_a_run_can_read(tmp_path):
     out = tmp_path / "t.json"
-    p = _cli(f"--out={out}", "--points=2", "--reps=1", "--no-train", "--batch=4")
+    p = _cli(f"--out={out}", "--points=2", "--reps=1", "--no-train", "--batch=4",
+             "--host-memory=retain")
     assert p.returncode == 0, p.stderr
     assert "latency table of resnet_cifar_tiny at 16px, batch 4" in p.stdout
+    retained = "retained" if sys.platform == "linux" else "system"
+    assert f"host memory: {retained}" in p.stdout  # set before the backend started
     table = latency.LatencyTable.load(out)
+    assert table.device["host_memory"].startswith(retained)
     table.check_matches(models.create_abstract("resnet_cifar_tiny").structure(16))
     assert table.batch == 4 and table.points == 2 and table.reps == 1
     assert all(e.train_ms is None for e in table.entries) and table.check["measured_ratio"] > 0

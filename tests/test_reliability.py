@@ -98,12 +98,18 @@ def test_sigterm_saves_at_the_next_step_exits_75_and_resumes_exactly(reference, 
     assert (f"saved checkpoint {ckpt} at step {step} (phase {phase}" in p.stderr
             and f"{into} steps into it" in p.stderr and "Rerun the same command" in p.stderr)
     assert not (tmp_path / "results.json").exists()
-    again = _fault_run(tmp_path, env=cache_all)
+    # The resumed process keeps freed host memory and times its models (neither is a result
+    # field): the outcome must not change, and the speed figures say what they ran under.
+    again = _fault_run(tmp_path, "none", 0, "--config.host_memory=retain",
+                       "--config.speed.enabled=True", "--config.speed.reps=1", env=cache_all)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from checkpoint {ckpt}" in again.stderr
     assert not (tmp_path / "PREEMPTED").exists()
-    cache = json.loads((tmp_path / "results.json").read_text())["compile_cache"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    cache = results["compile_cache"]
     assert cache["directory"] == str(tmp_path / "compile_cache") and cache["loaded"] > 0
+    assert results["speed"]["host_memory"].startswith(
+        "retained" if sys.platform == "linux" else "system")
     _assert_identical(_outcome(reference), _outcome(tmp_path))
 
 

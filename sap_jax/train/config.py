@@ -20,7 +20,7 @@ import ml_collections
 
 from sap_jax import models, tracing
 from sap_jax.method import agn, baselines, latency, resource
-from sap_jax.runtime import extras
+from sap_jax.runtime import extras, host_memory
 from sap_jax.runtime.errors import ConfigError  # noqa: F401 - re-exported (it lived here)
 from sap_jax.train import data as data_lib
 from sap_jax.train import spec as spec_lib
@@ -339,6 +339,9 @@ def _check_rest(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     if not isinstance(c.compile_cache, str):
         errors.append(f"compile_cache = {c.compile_cache!r} must be a string: \"workdir\", a "
                       "directory, or \"\" (JAX's own setting).")
+    if c.host_memory not in host_memory.MODES:
+        errors.append(f"host_memory = {c.host_memory!r} must be one of "
+                      f"{', '.join(map(repr, host_memory.MODES))}.")
 
 def load_file(path: str) -> ml_collections.ConfigDict:
     """``get_config()`` of the config file ``path`` (a ``configs/NAME.py``; its repository root
@@ -388,11 +391,11 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
 
 
 #: Fields that change where a run keeps or reads things, what it logs and plots, how often it
-#: saves, the speed measurement and the pre-flight check, never what it computes: a run may
-#: resume with other values (another machine's cache or data directory, more logging, a speed
-#: re-measurement).
-NOT_RESULT_FIELDS = ("compile_cache", "data_dir", "log_every_steps", "plots", "speed",
-                     "preflight", "checkpoint_every_epochs", "keep_checkpoints",
+#: saves, how the process allocates host memory, the speed measurement and the pre-flight
+#: check, never what it computes: a run may resume with other values (another machine's cache
+#: or data directory, more logging, a speed re-measurement).
+NOT_RESULT_FIELDS = ("compile_cache", "host_memory", "data_dir", "log_every_steps", "plots",
+                     "speed", "preflight", "checkpoint_every_epochs", "keep_checkpoints",
                      "preemption_check_every_steps")
 
 

@@ -119,6 +119,8 @@ def summary(r: dict[str, Any]) -> str:
     lines += _notes(r)
     if r.get("speed"):
         lines += [""] + speed.summary_lines(r["speed"])
+        if r["speed"].get("host_memory"):
+            lines.append(f"  host memory: {r['speed']['host_memory']}")
     lines += ["", "  wall time per phase: " + ", ".join(
         f"{k} {v:.1f}s" for k, v in r["times_s"].items())]
     cache = r.get("compile_cache") or {}

@@ -25,7 +25,7 @@ from flax import nnx
 
 from sap_jax import models, surgery
 from sap_jax.method import cut
-from sap_jax.runtime import console, parallel, provenance, speed, summaries
+from sap_jax.runtime import console, host_memory, parallel, provenance, speed, summaries
 from sap_jax.runtime.errors import ConfigError, Preempted
 from sap_jax.structure import flops
 from sap_jax.structure import norms as norms_lib
@@ -84,6 +84,10 @@ class Env:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, hooks: loop.Hooks,
                  allow_config_change: bool = False):
+        # A process setting that takes effect only before JAX starts its backend, which
+        # validation does (it counts devices); the command line has applied it already.
+        if config.get("host_memory") in host_memory.MODES:
+            host_memory.apply(config.host_memory)
         config_lib.validate(config)
         self.spec = spec = spec_lib.from_config(config)
         self.workdir, self.hooks = parallel.path(workdir), hooks
@@ -336,8 +340,9 @@ def _speed(env: Env, dense_model, pruned_model) -> dict[str, Any]:
         batches += (env.latency_table.batch,)
     macs = (flops.model_macs(dense_model, size), flops.model_macs(pruned_model, size))
     dense_model, pruned_model = (surgery.fold_bn(m, size) for m in (dense_model, pruned_model))
-    return {"fold_bn": True, **speed.compare(dense_model, pruned_model, size, batches, macs=macs,
-                                             reps=sp.reps, dtype=env.dtype)}
+    return {"fold_bn": True, "host_memory": host_memory.status(),
+            **speed.compare(dense_model, pruned_model, size, batches, macs=macs, reps=sp.reps,
+                            dtype=env.dtype)}
 
 
 def finish(env: Env, dense: Programs, pruned: Programs, state: state_lib.Weights,

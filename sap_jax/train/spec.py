@@ -177,6 +177,7 @@ class RunSpec:
     preemption_check_every_steps: int
     plots: bool
     compile_cache: str
+    host_memory: str  # applied by the command line before JAX starts (runtime.host_memory)
     preflight: bool  # a trial cut, save/load and the steps traced on the mesh before training
 
 
@@ -250,7 +251,7 @@ def _build(get: Callable[[str], Any]) -> RunSpec:
         speed=_section(get, "speed", SpeedSpec),
         **{f: get(f) for f in ("on_nonfinite", "log_every_steps", "checkpoint_every_epochs",
                                "keep_checkpoints", "preemption_check_every_steps", "plots",
-                               "compile_cache", "preflight")})
+                               "compile_cache", "host_memory", "preflight")})
 
 
 def _is_section(x: Any) -> bool:
