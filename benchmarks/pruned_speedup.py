@@ -2,7 +2,8 @@
 
     python benchmarks/pruned_speedup.py [--models resnet56,resnet50,mobilenet_v2,WORKDIR,CONFIG]
         [--reps 10] [--batch 32] [--image-size N] [--round-to 8[,16,...]]
-        [--dtype float32|bfloat16] [--layers] [--fold_bn] [--floor] [--json PATH]
+        [--dtype float32|bfloat16] [--layers] [--fold_bn] [--floor] [--host-memory retain]
+        [--json PATH]
 
 For each preset at its paper budget (p of the prunable MACs: ResNet-56 0.48 on
 CIFAR, ResNet-50 0.37 and MobileNetV2 0.65 on ImageNet) it builds the pruned
@@ -26,6 +27,10 @@ removes (the layers they do not touch, the residual stream, the per-op costs), s
 speed-up is roughly the most a cut can gain on this device (timings at odd widths are not
 monotone; one median, not a bound).
 
+``--host-memory retain`` keeps freed host memory in the process
+(``sap_jax.runtime.host_memory``), as a CPU inference server would; the default leaves malloc as
+it is.
+
 ``--layers`` adds a per-layer breakdown (``sap_jax.method.latency.layer_times``): every conv
 and linear layer alone, at the dense and at each variant's widths, at ``--batch``; it
 lists the layers whose time falls least in proportion to their MACs (where the cut does not
@@ -45,7 +50,7 @@ import numpy as np
 
 from sap_jax import models, surgery
 from sap_jax.method import baselines, cut, latency
-from sap_jax.runtime import speed
+from sap_jax.runtime import host_memory, speed
 from sap_jax.runtime.errors import ConfigError
 from sap_jax.structure import flops
 from sap_jax.structure import groups as G
@@ -291,8 +296,12 @@ def main(argv=None) -> list[dict]:
                     help="also time every model with its BatchNorms folded into the convs")
     ap.add_argument("--floor", action="store_true",
                     help="also time every group at one channel (what no cut can remove)")
+    ap.add_argument("--host-memory", "--host_memory", default="system",
+                    choices=host_memory.MODES,
+                    help="retain: keep freed host memory in the process (before JAX starts)")
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args(argv)
+    memory = host_memory.apply(args.host_memory)
     try:
         round_to = tuple(int(m) for m in args.round_to.split(",") if m.strip())
     except ValueError:
@@ -302,8 +311,10 @@ def main(argv=None) -> list[dict]:
         rows += measure(name, args.reps, args.batch, round_to, dtype=args.dtype,
                         layers=args.layers, fold_bn=args.fold_bn, image_size=args.image_size,
                         floor=args.floor)
+    for r in rows:
+        r["host_memory"] = memory
     print(f"{jax.devices()[0].platform} ({args.dtype}), medians of {args.reps}; "
-          "efficiency = speed-up / MAC speed-up")
+          f"efficiency = speed-up / MAC speed-up; host memory {memory}")
     mw, vw = column_widths(rows)
     print(f"  {'model':<{mw}} {'widths':<{vw}} {'MACs':>6} {'lat. dense ms':>13} {'pruned':>8} "
           f"{'x':>6} {'eff.':>5} | {'img/s dense':>11} {'pruned':>8} {'x':>6} {'eff.':>5}")

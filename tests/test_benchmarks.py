@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import accelerator  # noqa: E402
 import compile_time  # noqa: E402
+import host_memory as host_memory_bench  # noqa: E402
 import latency_run  # noqa: E402
 import narrow_conv  # noqa: E402
 import pruned_speedup  # noqa: E402
@@ -157,6 +158,15 @@ def test_narrow_conv_lowerings_agree_and_are_timed():
                and min(r["ms"].values()) > 0 for r in rows)
     with pytest.raises(SystemExit):
         narrow_conv.main(["--shapes", "6:4"])
+
+
+def test_host_memory_times_both_modes_in_fresh_processes():
+    rows = host_memory_bench.main(["--shape", "2,4,4,8", "--reps", "2"])
+    assert [r["mode"] for r in rows] == ["system", "retain"]
+    assert rows[0]["status"].startswith("system")
+    assert rows[1]["status"].startswith("retained" if sys.platform == "linux" else "system")
+    assert all(set(r["ms"]) == {"fresh output", "reduce only", "donated"}
+               and min(r["ms"].values()) > 0 for r in rows)
 
 
 def test_penalty_overhead_smoke():
