@@ -12,7 +12,7 @@ per malloc mode (``sap_jax.runtime.host_memory``: ``system`` and ``retain``):
 * ``donated``: the input buffer is donated, so the output reuses it (no allocation).
 
 The gap between ``fresh output`` and ``donated`` is what allocating the buffer costs. Medians
-in ms after a warm-up call.
+in ms of ``--reps`` interleaved rounds after a warm-up (``speed.time_interleaved``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 
 def child(mode: str, shape: tuple[int, ...], reps: int) -> dict:
@@ -34,27 +33,21 @@ def child(mode: str, shape: tuple[int, ...], reps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from sap_jax.runtime import xla_cpu
+    from sap_jax.runtime import speed, xla_cpu
 
     fresh = xla_cpu.jit(lambda x, b: jax.nn.relu(x + b))
     reduce = xla_cpu.jit(lambda x, b: jnp.sum(jax.nn.relu(x + b)))
     donated = xla_cpu.jit(lambda x, b: jax.nn.relu(x + b), donate_argnums=0)
-    b = jnp.zeros(shape[-1:], jnp.float32)
+    x, b = jnp.ones(shape, jnp.float32), jnp.zeros(shape[-1:], jnp.float32)
+    chain = [jnp.ones(shape, jnp.float32)]  # donated: each output is the next call's input
 
-    def median_ms(fn, x, chain):
-        times = []
-        for i in range(reps + 1):
-            t0 = time.perf_counter()
-            y = jax.block_until_ready(fn(x, b))
-            if i:
-                times.append(time.perf_counter() - t0)
-            if chain:
-                x = y  # the donated input is gone; the output is the next input
-        return 1e3 * statistics.median(times)
+    def donate():
+        chain[0] = donated(chain[0], b)
+        return chain[0]
 
-    x = jnp.ones(shape, jnp.float32)
-    ms = {"fresh output": median_ms(fresh, x, False), "reduce only": median_ms(reduce, x, False)}
-    ms["donated"] = median_ms(donated, x, True)
+    times = speed.time_interleaved([lambda: fresh(x, b), lambda: reduce(x, b), donate], reps)
+    ms = {k: 1e3 * statistics.median(t)
+          for k, t in zip(("fresh output", "reduce only", "donated"), times)}
     return {"mode": mode, "status": status, "shape": list(shape), "ms": ms}
 
 

@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if on_tpu:  # compile only: this host's own chips stay untouched (before any backend)
             jax.config.update("jax_platforms", "cpu")
         config = config_lib.load_file(args.config)
-        mode = args.host_memory or config.get("host_memory")
-        if mode in host_memory.MODES:  # before the backend starts; a bad value fails validation
-            host_memory.apply(mode)
+        host_memory.apply_config_value(args.host_memory or config.get("host_memory"))
         if on_tpu:
             from sap_jax.runtime import tpu
 
@@ -91,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             device = _device(args.backend or jax.default_backend())
             devices = len(jax.devices(device.platform))
-            info = {"platform": device.platform, "kind": device.device_kind,
-                    "host_memory": host_memory.status()}
         config_lib.validate(config, device_count=devices, process_count=1)
         spec = spec_lib.from_config(config)
         model = tables.model_for(spec, config_lib.NUM_CLASSES.get(spec.data.dataset))

@@ -53,10 +53,8 @@ def main(argv: list[str]) -> None:
     from sap_jax.runtime import console, host_memory, parallel
 
     console.setup_terminal(FLAGS.verbosity)
-    # Before any JAX backend starts (threads keep the malloc arena they first use); a bad
-    # value is reported with the config's other errors.
-    if FLAGS.config.get("host_memory") in host_memory.MODES:
-        host_memory.apply(FLAGS.config.host_memory)
+    # Before any JAX backend starts: threads keep the malloc arena they first use.
+    host_memory.apply_config_value(FLAGS.config.get("host_memory"))
 
     try:  # before any other JAX call; a no-op on one host
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,

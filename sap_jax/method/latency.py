@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sap_jax.method import cut
-from sap_jax.runtime import parallel, speed
+from sap_jax.runtime import host_memory, parallel, speed
 from sap_jax.structure import flops
 from sap_jax.structure import groups as G
 
@@ -549,7 +549,8 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
     after a warm-up call. The whole model's forward is timed too, at one channel per group, the
     device's multiple, a quarter, half and every width (:func:`calibration_widths`), for its
     ``calibration``; with ``check`` also at three eighths, to record how close the estimate
-    comes (``check``).
+    comes (``check``). The table's device records its platform, kind and the process's
+    ``host_memory`` status (the times depend on it on the CPU).
 
     ``estimate`` (with ``device_info``, what the table records as its device): every time comes
     from it instead of from timed calls, the layers' and the whole model's alike; a TPU slice
@@ -583,7 +584,8 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
                     f"{time.perf_counter() - t0:.0f} s")
         rows.append({"path": ".".join(layer.path), "entry": index[key]})
     table = LatencyTable(
-        device=device_info or {"platform": device.platform, "kind": device.device_kind},
+        device=device_info or {"platform": device.platform, "kind": device.device_kind,
+                               "host_memory": host_memory.status()},
         versions=_versions(), created=datetime.datetime.now(datetime.UTC).isoformat(
             timespec="seconds"),
         model={"class": type(model).__name__, "group_names": list(structure.group_names),

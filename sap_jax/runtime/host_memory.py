@@ -3,7 +3,7 @@
 XLA:CPU allocates every call's outputs and temporaries with ``malloc``. glibc serves blocks of
 32 MiB and more (a ResNet-50's activations at batch 32 are 103 MB each in stage 1) with ``mmap``
 and unmaps them when they are freed, so every call page-faults its buffers in again. On the
-development VM a fresh 103 MB output cost 35 ms as shipped and 7 ms in retained memory, and a
+development VM a fresh 103 MB output cost 35-46 ms as shipped and 7 ms in retained memory, and a
 pruned ResNet-50's throughput efficiency rose from 0.84 to 0.88-0.90 (``docs/benchmarks.md``,
 "Host memory"): a pruned model keeps the dense model's full-width residual stream, so this cost
 weighs more on it.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from typing import Any
 
 from sap_jax.runtime.errors import ConfigError
 
@@ -68,6 +69,12 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return libc
+
+
+def apply_config_value(mode: Any) -> str:
+    """:func:`apply` a config's ``host_memory`` if it is one of :data:`MODES`; any other value is
+    left alone, for the config's validation to report with its other errors."""
+    return apply(mode) if mode in MODES else _status
 
 
 def apply(mode: str) -> str:

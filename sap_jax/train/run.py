@@ -86,8 +86,7 @@ class Env:
                  allow_config_change: bool = False):
         # A process setting that takes effect only before JAX starts its backend, which
         # validation does (it counts devices); the command line has applied it already.
-        if config.get("host_memory") in host_memory.MODES:
-            host_memory.apply(config.host_memory)
+        host_memory.apply_config_value(config.get("host_memory"))
         config_lib.validate(config)
         self.spec = spec = spec_lib.from_config(config)
         self.workdir, self.hooks = parallel.path(workdir), hooks
