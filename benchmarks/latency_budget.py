@@ -1,6 +1,7 @@
 """Does a latency budget deliver the time it promises? The cut of a latency-budgeted run, timed.
 
     python benchmarks/latency_budget.py --model resnet56 --p 0.5 --batch 64 [--table PATH]
+        [--dtype float32|bfloat16]
 
 Builds (or reads) the model's latency table on this machine, then cuts the dense model as a run
 with ``budget.metric = "latency"`` does: channels dropped by norm (random weights stand in for
@@ -8,7 +9,8 @@ trained ones; the widths, not the values, set the time) until the table's estima
 widths snapped to the table's steps (``budget.round_to = 0``) or left as trimmed. The pruned and
 the dense models are then timed (``sap_jax.runtime.speed.compare``, interleaved rounds) and the
 measured latency ratio is printed next to the estimate, with the MAC-budgeted cut at the same
-MAC count for comparison.
+MAC count for comparison. The models, the table and the timings compute in ``--dtype`` (a table
+read with ``--table`` must have been built in it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from sap_jax import models, surgery
@@ -35,16 +38,23 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--table", default="", help="read this table instead of building one")
     ap.add_argument("--save-table", default="", help="write the built table here")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the models compute in this dtype (bfloat16 on an accelerator)")
     ap.add_argument("--json", default="", help="also write the rows to this file")
     a = ap.parse_args(argv)
     size = a.image_size or models.get_preset(a.model).image_size
-    dense = models.create(a.model)
+    dtype = jnp.dtype(a.dtype)
+    dense = models.create(a.model, dtype=None if a.dtype == "float32" else a.dtype)
     s = dense.structure(size)
     t0 = time.perf_counter()
     table = (latency.LatencyTable.load(a.table) if a.table else
-             latency.build_table(dense, size, a.batch, points=a.points, reps=a.reps))
+             latency.build_table(dense, size, a.batch, dtype=dtype, points=a.points,
+                                 reps=a.reps))
     built = time.perf_counter() - t0
     table.check_matches(s)
+    if table.dtype != dtype.name:
+        ap.error(f"the table was built in {table.dtype}, the models compute in {dtype.name}: "
+                 f"pass --dtype {table.dtype} or build a table in {dtype.name}")
     if a.save_table:
         table.save(a.save_table)
     c = table.check or {}
@@ -67,7 +77,8 @@ def main(argv=None) -> list[dict]:
                                    lambda: norms, policy)
         pruned = surgery.extract(dense, arch)
         macs = (flops.count(s).macs, flops.model_macs(pruned, size))
-        sp = speed.compare(dense, pruned, size, (table.batch,), macs=macs, reps=a.reps)
+        sp = speed.compare(dense, pruned, size, (table.batch,), macs=macs, reps=a.reps,
+                           dtype=dtype)
         r = sp["batches"][0]
         c = flops.count(s, rep.widths)
         rows.append({"cut": label, "widths": rep.widths,
@@ -83,7 +94,8 @@ def main(argv=None) -> list[dict]:
               f"[{x['measured_iqr'][0]:.3f}-{x['measured_iqr'][1]:.3f}]  widths {x['widths']}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": a.model, "p": a.p, "batch": table.batch, "table_seconds": built,
+            json.dump({"model": a.model, "p": a.p, "dtype": dtype.name, "batch": table.batch,
+                       "table_seconds": built,
                        "check": table.check, "rows": rows}, f, indent=1)
     return rows
 

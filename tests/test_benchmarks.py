@@ -18,7 +18,9 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import accelerator  # noqa: E402
 import compile_time  # noqa: E402
+import gpu_check  # noqa: E402
 import host_memory as host_memory_bench  # noqa: E402
+import latency_budget  # noqa: E402
 import latency_run  # noqa: E402
 import narrow_conv  # noqa: E402
 import pruned_speedup  # noqa: E402
@@ -149,6 +151,39 @@ def test_latency_run_reports_its_measured_ratio_next_to_the_estimate(tmp_path):
     row = next(b for b in saved["speed"]["batches"] if b["batch"] == 4)
     assert out["latency_ratio_measured"] == pytest.approx(row["pruned_ms"] / row["dense_ms"])
     assert out["widths"] == saved["widths"]
+
+
+def test_latency_budget_builds_times_and_refuses_a_table_of_another_dtype(tmp_path):
+    table = tmp_path / "t.json"
+    rows = latency_budget.main(["--model", "resnet_cifar_tiny", "--p", "0.9", "--batch", "2",
+                                "--points", "2", "--reps", "1", "--dtype", "bfloat16",
+                                "--save-table", str(table), "--json", str(tmp_path / "r.json")])
+    assert [r["cut"] for r in rows] == ["latency, snapped", "latency, as trimmed",
+                                        "MACs at the same MAC count"]
+    assert all(r["measured_ratio"] > 0 and r["estimated_ratio"] > 0 for r in rows)
+    assert json.loads(table.read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "r.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(SystemExit):  # timings in float32 against a bfloat16 table
+        latency_budget.main(["--model", "resnet_cifar_tiny", "--table", str(table)])
+
+
+def test_gpu_check_runs_each_part_in_its_own_process_and_judges_the_targets(tmp_path, capsys):
+    out = tmp_path / "gpu"
+    summary = gpu_check.main(["--out", str(out), "--quick", "--parts", "speedup"])
+    assert summary["environment"]["backend"] == jax.default_backend()
+    assert summary["parts"]["speedup"]["returncode"] == 0
+    rows = json.loads((out / "speedup.json").read_text())
+    # The verdicts are the rows' own figures against the issue's targets.
+    r8 = next(r for r in rows if r["variant"] == "rounded to 8")
+    eff = r8["throughput_efficiency"]
+    want = f"({'meets' if eff >= 0.8 else 'MISSES'} >= 0.8)"
+    assert any(want in v and f"{eff:.2f}" in v for v in summary["verdicts"])
+    below = [r for r in rows for k in ("latency", "throughput") if r[f"{k}_speedup"] < 1]
+    assert any("BELOW 1" in v for v in summary["verdicts"]) == bool(below)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert f"{jax.devices()[0].platform} (bfloat16)" in (out / "speedup.log").read_text()
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", str(out), "--parts", "speedup,nonsense"])
 
 
 def test_narrow_conv_lowerings_agree_and_are_timed():
