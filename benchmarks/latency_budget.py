@@ -1,7 +1,7 @@
 """Does a latency budget deliver the time it promises? The cut of a latency-budgeted run, timed.
 
     python benchmarks/latency_budget.py --model resnet56 --p 0.5 --batch 64 [--table PATH]
-        [--dtype float32|bfloat16]
+        [--dtype float32|bfloat16] [--no-train]
 
 Builds (or reads) the model's latency table on this machine, then cuts the dense model as a run
 with ``budget.metric = "latency"`` does: channels dropped by norm (random weights stand in for
@@ -38,6 +38,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--table", default="", help="read this table instead of building one")
     ap.add_argument("--save-table", default="", help="write the built table here")
+    ap.add_argument("--no-train", "--no_train", action="store_true",
+                    help="the table times the forward only (what a latency budget bounds), not "
+                         "also the forward plus backward: about half the build")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="the models compute in this dtype (bfloat16 on an accelerator)")
     ap.add_argument("--json", default="", help="also write the rows to this file")
@@ -49,7 +52,7 @@ def main(argv=None) -> list[dict]:
     t0 = time.perf_counter()
     table = (latency.LatencyTable.load(a.table) if a.table else
              latency.build_table(dense, size, a.batch, dtype=dtype, points=a.points,
-                                 reps=a.reps))
+                                 reps=a.reps, train=not a.no_train))
     built = time.perf_counter() - t0
     table.check_matches(s)
     if table.dtype != dtype.name:
