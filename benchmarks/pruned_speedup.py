@@ -10,12 +10,14 @@ CIFAR, ResNet-50 0.37 and MobileNetV2 0.65 on ImageNet) it builds the pruned
 model with uniform per-group widths (the widest uniform keep fraction within
 the budget), at its image size (32 or 224; ``--image-size`` sets another). An entry of
 ``--models`` that is a directory is a run's workdir (or a saved model): its own, non-uniform
-widths are timed against its dense widths, at its image size. An entry ending in ``.py`` is a
-config (``configs/*.py``): its model at its image size, cut as a run with that config
-cuts on this backend (``budget``: p, scope, trimming and ``round_to``; ``round_to = 0`` rounds
-for this backend) from random channel scores, which stand in for a trained model's (the widths,
-not the values, set the time), computing in ``--dtype``; ``--round-to`` and ``--image-size``
-do not apply to it. A speed-up below 1x or whose per-round IQR includes 1 is flagged.
+widths are timed against its dense widths, at its image size (its rows' ``p`` is the prunable
+MAC ratio of those widths, which its ``--round-to`` variants stay within, not the run's own p).
+An entry ending in ``.py`` is a config (``configs/*.py``): its model at its image size, cut as a
+run with that config cuts on this backend (``budget``: p, scope, trimming and ``round_to``;
+``round_to = 0`` rounds for this backend) from random channel scores, which stand in for a
+trained model's (the widths, not the values, set the time), computing in ``--dtype``;
+``--round-to`` and ``--image-size`` do not apply to it. A speed-up below 1x or whose per-round
+IQR includes 1 is flagged.
 For each M in ``--round-to``, the same widths rounded to multiples of M within the same
 budget are timed too. It times the jitted eval-mode forward pass with
 ``sap_jax.runtime.speed.compare`` (dense and pruned alternate rep by rep) in ``--dtype``
@@ -299,7 +301,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--host-memory", "--host_memory", default="system",
                     choices=host_memory.MODES,
                     help="retain: keep freed host memory in the process (before JAX starts)")
-    ap.add_argument("--json", default="", help="also write the rows to this file")
+    ap.add_argument("--json", default="", help="also write the rows to this file (- : stdout)")
     args = ap.parse_args(argv)
     memory = host_memory.apply(args.host_memory)
     try:
@@ -345,10 +347,11 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         if "layers" in r:
             print("\n".join(layer_lines(r)))
-    if args.json:
+    if args.json == "-":
+        print(json.dumps(rows, indent=1))
+    elif args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(json.dumps([{k: v for k, v in r.items() if k != "layers"} for r in rows]))
     return rows
 
 

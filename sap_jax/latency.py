@@ -26,6 +26,7 @@ estimates, not measurements.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -39,7 +40,27 @@ def _device(backend: str) -> jax.Device:
     try:
         return jax.local_devices(backend=backend)[0]
     except RuntimeError as e:
-        raise ConfigError(f"--backend={backend}: JAX has no such backend here ({e}).") from None
+        # JAX's own reason (libtpu's, on a host without a TPU, advises removing a lock file).
+        reason = ("no TPU is attached to this host; --backend=tpu:TOPOLOGY (e.g. tpu:v5e:2x4) "
+                  "estimates a TPU slice's table by compiling here" if backend == "tpu"
+                  else f"JAX has no such backend here ({e})")
+        raise ConfigError(f"--backend={backend}: {reason}.") from None
+
+
+def _check_out(path: str) -> None:
+    """Refuse an --out the table could not be written to, before minutes of building."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"--out={path} is a folder; give the table's file path.")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--out={path}: the folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--out={path}: the folder {folder} is not writable.")
+
+
+def _ms(x: float) -> str:
+    """Milliseconds to three significant figures (a TPU estimate can be tens of microseconds)."""
+    return f"{x:.1f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from sap_jax.train import tables
 
     try:
+        _check_out(args.out)
         for name in ("batch", "points", "reps"):
             value = getattr(args, name)
             if value is not None and value < (2 if name == "points" else 1):
@@ -111,17 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     if not estimate:
         print(f"  host memory: {host_memory.status()}")
     nan = float("nan")
-    curve = ", ".join(f"{x:.1f} -> {y:.1f}" for x, y in table.calibration or [])
-    print(f"  dense forward {table.model_ms:.2f} ms; the layers' own times summed -> the whole "
+    curve = ", ".join(f"{_ms(x)} -> {_ms(y)}" for x, y in table.calibration or [])
+    print(f"  dense forward {_ms(table.model_ms)} ms; the layers' own times summed -> the whole "
           f"model's, ms: {curve}; at three eighths "
           f"of every width: {'estimated by the compiler' if estimate else 'measured'} "
           f"{c.get('measured_ratio', nan):.3f} of dense, estimated from the table "
           f"{c.get('estimated_ratio', nan):.3f}")
     bad = table.monotone_violations()
     if bad:
-        print(f"  {len(bad)} grid points ran slower than a wider one beyond the noise (odd widths "
-              "this device runs badly); estimates use the monotone envelope, and rounding "
-              "(budget.round_to = 0) avoids those widths")
+        what = ("were estimated slower than a wider one" if estimate else
+                "ran slower than a wider one beyond the noise")
+        print(f"  {len(bad)} grid points {what} (odd widths this device runs badly); estimates "
+              "use the monotone envelope, and rounding (budget.round_to = 0) avoids those "
+              "widths")
     return 0
 
 

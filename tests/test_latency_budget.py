@@ -46,12 +46,15 @@ def test_a_latency_budgeted_run_meets_p_under_its_table(tmp_path):
     estimated = table.ratio(dense, saved["widths"], "total")
     assert estimated <= c.budget.p
     assert saved["latency_ratio_estimated"] == pytest.approx(estimated)
+    assert saved["budget_ratio"] == pytest.approx(estimated) and saved["budget_met"] is True
+    assert (saved["latency_table"]["points"], saved["latency_table"]["reps"]) == (
+        table.points, table.reps)
     steps = cut.table_steps(dense, table, "cpu")
     assert all(w in s for w, s in zip(saved["widths"], steps)), (saved["widths"], steps)
     # ... and is measured at the table's batch, next to the estimate.
     assert [b["batch"] for b in saved["speed"]["batches"]] == [1, c.batch_size]
     row = saved["speed"]["batches"][1]
-    assert saved["latency_ratio_measured"] == pytest.approx(row["pruned_ms"] / row["dense_ms"])
+    assert saved["latency_ratio_measured"] == pytest.approx(1 / row["speedup"])
     text = (tmp_path / "summary.txt").read_text()
     assert "of total estimated latency" in text and "forward time, pruned over dense" in text
     assert r["widths"] == saved["widths"]
@@ -80,6 +83,14 @@ def test_latency_budget_fields_are_validated(tmp_path):
         config_lib.validate(tiny_config(**{"budget.metric": "flops"}))
     with pytest.raises(ConfigError, match="budget.latency_points = 1"):
         config_lib.validate(tiny_config(**{"budget.latency_points": 1}))
+    # A table under a MAC budget would be ignored: said, not silently dropped.
+    with pytest.raises(ConfigError, match="budget.latency_table = .* is read only with "
+                                          "budget.metric = \"latency\""):
+        config_lib.validate(tiny_config(**{"budget.latency_table": str(tmp_path / "t.json")}))
+    # A bad round_to is reported once, not again by the cut's own check.
+    with pytest.raises(ConfigError) as e:
+        config_lib.validate(tiny_config(**{"budget.round_to": -3}))
+    assert str(e.value).count("round_to") == 1, str(e.value)
     missing = str(tmp_path / "none.json")
     with pytest.raises(ConfigError, match="budget.latency_table: latency table .* does not exist"):
         config_lib.validate(tiny_config(**LATENCY, **{"budget.latency_table": missing}))

@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 from support import tiny_config  # noqa: E402
 
 
-def _results(**cut):
+def _results(budget_ratio=None, **cut):
     c = tiny_config.get_config()
     dense = models.create_abstract(c.model).structure(c.image_size)
     pruned = models.create_abstract(c.model, widths=[2, 4, 8]).structure(c.image_size)
@@ -30,7 +30,7 @@ def _results(**cut):
         setattr(prog, k, v)
     before, after = flops.count(dense), flops.count(pruned)
     r = report.results(spec.from_config(c), prog.to_json(), before, after, 0.85, dense, pruned,
-                       config=config_lib.to_json_dict(c))
+                       config=config_lib.to_json_dict(c), budget_ratio=budget_ratio)
     return c, r, before, after
 
 
@@ -67,6 +67,29 @@ def test_the_summary_says_what_the_cut_did():
     _, r, _, _ = _results(arch_ratio_chosen=0.55)
     r["budget_enforced"] = False
     assert "cut as chosen (budget.enforce = False)" in report.summary(r)
+
+
+def test_a_cut_over_its_budget_says_so_in_results_and_summary():
+    _, r, _, _ = _results(budget_ratio=0.5)  # at p exactly: met
+    assert (r["budget_ratio"], r["budget_met"]) == (0.5, True)
+    assert "OVER" not in report.summary(r)
+    _, r, _, _ = _results(budget_ratio=0.62, arch_ratio_chosen=0.9, trimmed_channels=5,
+                          round_to=2)
+    assert r["budget_met"] is False
+    text = report.summary(r)
+    assert "its 5 lowest-norm kept channels were dropped at the cut toward p" in text
+    assert ("warning: the cut model keeps 62.0% of prunable MACs, OVER the budget p = 0.5: no "
+            "widths the cut may take reach it: one channel per group at least, on multiples "
+            "of 2") in text
+    assert "OVER the budget" in report.brief(r, "/wd")
+    r.update(budget_metric="latency", budget_scope="total", round_to=0)
+    assert ("62.0% of total estimated latency, OVER the budget p = 0.5: no widths the cut may "
+            "take reach it: one channel per group at least, on the latency table's steps (a "
+            "lower p is beyond this model on the table's device)") in report.summary(r)
+    r["budget_enforced"] = False
+    assert "OVER the budget p = 0.5: budget.enforce = False" in report.summary(r)
+    _, r, _, _ = _results()  # a caller that does not say: nothing claimed
+    assert r["budget_met"] is None and "OVER" not in report.summary(r)
 
 
 def test_the_terminal_gets_a_brief_with_the_headline_figures_and_the_notes():

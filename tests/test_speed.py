@@ -51,7 +51,8 @@ def test_compare_reports_speedups_and_efficiency_against_the_mac_ratio():
     for row, b in zip(r["batches"], (1, 2)):
         assert row["batch"] == b
         assert row["dense_min_ms"] <= row["dense_ms"] and row["pruned_min_ms"] <= row["pruned_ms"]
-        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["pruned_ms"])
+        lo, hi = row["speedup_iqr"]
+        assert lo <= row["speedup"] <= hi
         assert row["pruned_images_per_s"] == pytest.approx(1e3 * b / row["pruned_ms"])
         assert row["efficiency"] == pytest.approx(row["speedup"] / r["mac_speedup"])
         lo, hi = row["speedup_iqr"]
@@ -61,6 +62,38 @@ def test_compare_reports_speedups_and_efficiency_against_the_mac_ratio():
     assert "batch 1 latency" in lines[2] and "batch 2 img/s" in lines[3]
     with pytest.raises(ValueError, match="batch_sizes"):
         speed.compare(dense, pruned, 16, (0,), macs=(full, small))
+
+
+def test_the_speedup_is_the_median_of_the_rounds_ratios_and_lies_inside_its_iqr():
+    # A sitting that drifts: the machine slows down over the rounds, both models alike. The
+    # ratio of the two medians (5.0 / 2.5 = 2.0) lies outside the rounds' own ratios' IQR.
+    dense = [1.0, 2.0, 5.0, 8.0, 9.0]
+    pruned = [0.8, 1.6, 2.5, 6.4, 7.2]  # each round: dense / pruned = 1.25, 1.25, 2, 1.25, 1.25
+    row = speed.paired_row(4, dense, pruned, mac_speedup=2.5)
+    assert row["speedup"] == 1.25 and row["speedup_iqr"] == [1.25, 1.25]
+    assert row["efficiency"] == pytest.approx(0.5)
+    assert row["dense_ms"] == 5000.0 and row["pruned_ms"] == 2500.0  # the medians, as timed
+    assert row["dense_images_per_s"] == pytest.approx(0.8) and not row["within_noise"]
+    with pytest.raises(ValueError, match="pair up"):
+        speed.paired_row(4, dense, pruned[:4], mac_speedup=2.5)
+
+
+def test_a_slower_pruned_model_is_warned_of_with_advice_for_its_budget_metric():
+    row = {"batch": 8, "dense_ms": 2.0, "pruned_ms": 2.2, "speedup": 0.9, "efficiency": 0.4,
+           "dense_images_per_s": 4000.0, "pruned_images_per_s": 3600.0,
+           "speedup_iqr": [0.85, 0.95], "within_noise": False}
+    s = {"device": "cpu", "dtype": "float32", "reps": 10, "mac_speedup": 2.0, "batches": [row]}
+    text = "\n".join(speed.summary_lines(s))
+    assert "ran SLOWER than the dense one on cpu at batch 8 (0.90x)" in text
+    assert 'budget.metric = "latency"' in text
+    latency = speed.brief_line(s, "latency")
+    assert "SLOWER" in latency and "estimate did not hold" in latency
+    assert 'budget.metric = "latency"' not in latency
+    row.update(speedup_iqr=[0.8, 1.1], within_noise=True)
+    assert "ran no faster than the dense one on cpu at batch 8 (0.90x, within the noise)" in (
+        "\n".join(speed.summary_lines(s)))
+    row.update(speedup=1.0)
+    assert "warning" not in "\n".join(speed.summary_lines(s))
 
 
 def test_spread_and_the_noise_verdict_against_hand_computed_quartiles():

@@ -45,8 +45,9 @@ class CutPolicy:
 
     def __post_init__(self):
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0 < self.p <= 1:
-            raise ValueError(f"budget p = {self.p!r} must lie in (0, 1] (the fraction of MACs "
-                             "kept).")
+            raise ValueError(f"budget p = {self.p!r} must lie in (0, 1] (the fraction of the "
+                             "dense model's MACs to keep, or of its estimated forward time with "
+                             "a latency budget).")
         object.__setattr__(self, "scope", budget_scope(self.scope, self.table))
         if self.scope not in flops.SCOPES:
             raise ValueError(f"budget scope = {self.scope!r}; use one of {flops.SCOPES}.")

@@ -623,10 +623,15 @@ def build_table(model: Any, image_size: int, batch: int, *, dtype: Any = jnp.flo
     table.calibration_points = {k: {"widths": sizes[k], "layers_ms": alone[k],
                                     "model_ms": measured[k]} for k in fitted}
     # For readers of tables before the curve (format 1): the line through half and dense width.
-    if alone["dense"] > alone["half"]:
-        table.layer_scale = ((measured["dense"] - measured["half"])
-                             / (alone["dense"] - alone["half"]))
-        table.fixed_ms = measured["dense"] - table.layer_scale * alone["dense"]
+    # Where noise makes that line fall (a tiny model), the proportional one through dense instead:
+    # an older reader must never estimate less time for more channels.
+    slope = ((measured["dense"] - measured["half"]) / (alone["dense"] - alone["half"])
+             if alone["dense"] > alone["half"] else 0.0)
+    if slope > 0:
+        table.layer_scale = slope
+        table.fixed_ms = measured["dense"] - slope * alone["dense"]
+    elif alone["dense"] > 0:
+        table.layer_scale, table.fixed_ms = measured["dense"] / alone["dense"], 0.0
     if check:
         w = sizes["check"]
         table.check = {"widths": w, "measured_ms": measured["check"],

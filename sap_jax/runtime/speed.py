@@ -85,6 +85,36 @@ def spread(xs: Sequence[float]) -> tuple[float, float]:
     return float(q25), float(q75)
 
 
+def paired_row(batch: int, t_dense: Sequence[float], t_pruned: Sequence[float],
+               mac_speedup: float) -> dict[str, Any]:
+    """One batch size's row of :func:`compare` from the seconds of its interleaved rounds.
+
+    Each round times both models back to back, so the speed-up is the median of the rounds'
+    own ratios (dense over pruned) and its IQR their spread: the headline figure always lies
+    inside its IQR, and a drift of the machine between rounds moves both models alike. (The
+    ratio of the two medians can lie outside that IQR when a sitting drifts.)
+    """
+    if len(t_dense) != len(t_pruned) or not t_dense:
+        raise ValueError(f"{len(t_dense)} dense and {len(t_pruned)} pruned timings: the rounds "
+                         "must pair up, one or more.")
+    d, p = statistics.median(t_dense), statistics.median(t_pruned)
+    ratios = [x / y for x, y in zip(t_dense, t_pruned)]
+    speedup = statistics.median(ratios)
+    q25, q75 = spread(ratios)
+    return {
+        "batch": batch,
+        "dense_ms": 1e3 * d, "pruned_ms": 1e3 * p,
+        "dense_min_ms": 1e3 * min(t_dense), "pruned_min_ms": 1e3 * min(t_pruned),
+        "dense_iqr_ms": [1e3 * x for x in spread(t_dense)],
+        "pruned_iqr_ms": [1e3 * x for x in spread(t_pruned)],
+        "dense_images_per_s": batch / d, "pruned_images_per_s": batch / p,
+        "speedup": speedup, "efficiency": speedup / mac_speedup,
+        "speedup_iqr": [q25, q75],
+        # The middle half of the rounds' speed-ups lies on both sides of 1: not a measured gain.
+        "within_noise": q25 <= 1.0 <= q75,
+    }
+
+
 def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes: Sequence[int], *,
             macs: tuple[int, int], reps: int = 10, dtype: Any = jnp.float32,
             device: jax.Device | None = None) -> dict[str, Any]:
@@ -94,9 +124,9 @@ def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes:
     (:func:`sap_jax.structure.flops.model_macs`): the efficiency compares against their ratio.
 
     Returns the device, dtype, repetitions, the MAC speed-up and one row per
-    batch size with the median (and minimum) milliseconds per forward pass of
-    each model, images/s, the speed-up (dense time / pruned time, medians) and
-    the efficiency (speed-up / MAC speed-up).
+    batch size (:func:`paired_row`) with the median (and minimum) milliseconds per forward pass
+    of each model, images/s, the speed-up (the median over the rounds of dense time / pruned
+    time) with its IQR, and the efficiency (speed-up / MAC speed-up).
     """
     device = device or jax.local_devices()[0]
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
@@ -109,29 +139,15 @@ def compare(dense: nnx.Module, pruned: nnx.Module, image_size: int, batch_sizes:
         fns = [forward_fn(m, image_size, int(b), dtype=dtype, device=device)
                for m in (dense, pruned)]
         t_dense, t_pruned = time_interleaved(fns, reps)
-        d, p = statistics.median(t_dense), statistics.median(t_pruned)
-        # Each round times both models back to back: the per-round ratios show the noise.
-        q25, q75 = spread([x / y for x, y in zip(t_dense, t_pruned)])
-        rows.append({
-            "batch": int(b),
-            "dense_ms": 1e3 * d, "pruned_ms": 1e3 * p,
-            "dense_min_ms": 1e3 * min(t_dense), "pruned_min_ms": 1e3 * min(t_pruned),
-            "dense_iqr_ms": [1e3 * x for x in spread(t_dense)],
-            "pruned_iqr_ms": [1e3 * x for x in spread(t_pruned)],
-            "dense_images_per_s": b / d, "pruned_images_per_s": b / p,
-            "speedup": d / p, "efficiency": (d / p) / mac_speedup,
-            "speedup_iqr": [q25, q75],
-            # The middle half of the rounds' speed-ups lies on both sides of 1: not a measured gain.
-            "within_noise": q25 <= 1.0 <= q75,
-        })
+        rows.append(paired_row(int(b), t_dense, t_pruned, mac_speedup))
     return {"device": device.device_kind, "platform": device.platform,
             "dtype": jnp.dtype(dtype).name,
             "reps": reps, "image_size": image_size, "macs_dense": full, "macs_pruned": small,
             "mac_speedup": mac_speedup, "batches": rows}
 
 
-def summary_lines(s: dict[str, Any]) -> list[str]:
-    """The speed table of a run's summary."""
+def summary_lines(s: dict[str, Any], metric: str = "macs") -> list[str]:
+    """The speed table of a run's summary (``metric``: what the run's budget bounded)."""
     lines = [f"  inference on {s['device']} ({s['dtype']}), median of {s['reps']} (speed-up: "
              f"its IQR over the rounds); MACs {s['mac_speedup']:.2f}x fewer",
              f"  {'':<18} {'dense':>11} {'pruned':>11} {'speed-up':>9} {'IQR':>11} "
@@ -154,25 +170,38 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     if noisy:
         lines.append(f"  at batch {', '.join(noisy)} the speed-up is within the noise: its IQR "
                      "includes 1 (more speed.reps, or a quieter machine, would tell)")
-    return lines + slower_lines(s)
+    return lines + slower_lines(s, metric)
 
 
-def slower_lines(s: dict[str, Any]) -> list[str]:
-    """A plain warning for every batch size at which the pruned model ran slower than the dense
-    one, with what to try."""
+def slower_lines(s: dict[str, Any], metric: str = "macs") -> list[str]:
+    """A plain warning for the batch sizes at which the pruned model ran slower than the dense
+    one (the median speed-up below 1), with what to try for a run whose budget was on
+    ``metric`` ("macs" or "latency")."""
     slow = [r for r in s["batches"] if r["speedup"] < 1]
     if not slow:
         return []
-    at = ", ".join(f"batch {r['batch']} ({r['speedup']:.2f}x)" for r in slow)
-    return [f"  warning: the pruned model ran SLOWER than the dense one on {s['device']} at {at}. "
-            "Fewer MACs did not mean less time here: cut with budget.metric = \"latency\" (a "
-            "budget on measured time, widths snapped to where it steps), or round the widths to "
-            "a coarser multiple (budget.round_to = 16 or 32; 0, the default, uses 8 on CPUs and "
-            "GPUs)."]
+    at = ", ".join(f"batch {r['batch']} ({r['speedup']:.2f}x"
+                   + (", within the noise" if r.get("within_noise") else "") + ")" for r in slow)
+    verdict = ("no faster than" if all(r.get("within_noise") for r in slow)
+               else "SLOWER than")
+    if metric == "latency":
+        advice = ("The latency table's estimate did not hold here: build the table on an idle "
+                  "machine, with more repetitions (budget.latency_reps), at the batch the model "
+                  "will serve (python -m sap_jax.latency --batch) and on the device it will run "
+                  "on.")
+    else:
+        advice = ("Fewer MACs did not mean less time here: cut with budget.metric = \"latency\" "
+                  "(p then bounds the forward time estimated from per-layer times measured on "
+                  "this device, widths snapped to where the time steps), or round the widths to "
+                  "a coarser multiple (budget.round_to = 16 or 32; 0, the default, uses 8 on "
+                  "CPUs and GPUs).")
+    return [f"  warning: the pruned model ran {verdict} the dense one on {s['device']} at {at}. "
+            + advice]
 
 
-def brief_line(s: dict[str, Any]) -> str:
-    """The speed-ups in one line: pruned over dense per batch size, with their IQR."""
+def brief_line(s: dict[str, Any], metric: str = "macs") -> str:
+    """The speed-ups in one line: pruned over dense per batch size, with their IQR (and the
+    warning of :func:`slower_lines`)."""
     parts = []
     for r in s["batches"]:
         iqr = r.get("speedup_iqr")
@@ -181,4 +210,4 @@ def brief_line(s: dict[str, Any]) -> str:
         parts.append(f"batch {r['batch']} {r['speedup']:.2f}x{spread}")
     return "\n".join([f"  speed-up on {s['device']} ({s['dtype']}, median of {s['reps']}, IQR): "
                       + ", ".join(parts) + f"; MACs {s['mac_speedup']:.2f}x fewer",
-                      *slower_lines(s)])
+                      *slower_lines(s, metric)])

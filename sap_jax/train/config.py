@@ -8,6 +8,7 @@ from the spec (:func:`~sap_jax.train.spec.cut_policy`, :func:`~sap_jax.train.spe
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -98,8 +99,14 @@ def _check_budget(b: spec_lib.BudgetSpec, errors: list[str]) -> None:
             ("latency_reps", _int(b.latency_reps) and b.latency_reps >= 1, "an integer >= 1")):
         if not ok:
             errors.append(f"budget.{field} = {getattr(b, field)!r} must be {want}.")
+    if b.metric == "macs" and isinstance(b.latency_table, str) and b.latency_table:
+        errors.append(f"budget.latency_table = {b.latency_table!r} is read only with "
+                      "budget.metric = \"latency\": set the metric, or leave the table \"\".")
     try:
-        spec_lib.cut_policy(b, backend="cpu")
+        # round_to's own error is above: the policy would only repeat it.
+        ok_round = _int(b.round_to) and b.round_to >= 0
+        spec_lib.cut_policy(b if ok_round else dataclasses.replace(b, round_to=1),
+                            backend="cpu")
     except (ValueError, TypeError) as e:
         errors.append(f"budget: {e}")
         return  # the generator's target below would repeat a bad p or scope

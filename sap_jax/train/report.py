@@ -13,7 +13,8 @@ from sap_jax.train.spec import RunSpec
 
 def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: flops.Counts,
             final_acc: float, dense_structure, pruned_structure, *,
-            config: dict[str, Any], latency: dict[str, Any] | None = None) -> dict[str, Any]:
+            config: dict[str, Any], latency: dict[str, Any] | None = None,
+            budget_ratio: float | None = None) -> dict[str, Any]:
     """Everything a run reports, JSON-ready.
 
     Args:
@@ -24,13 +25,21 @@ def results(spec: RunSpec, meta: dict[str, Any], before: flops.Counts, after: fl
       dense_structure, pruned_structure: the two models' channel groups.
       config: the run's config as JSON (``config.to_json_dict``), recorded as it was given.
       latency: with budget.metric "latency": ``estimated_ratio`` (the whole forward's),
-        ``budget_ratio`` (over budget.scope) and the table's ``device``, ``batch``, ``dtype``.
+        ``budget_ratio`` (over budget.scope) and the table's ``device``, ``batch``, ``dtype``,
+        ``points`` and ``reps``.
+      budget_ratio: the cut model's ratio under the budget's metric and scope, as the cut
+        measures it (``cut.widths_ratio``): what p bounds.
     """
     ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
     return {
         "model": spec.model.name, "dataset": spec.data.dataset, "image_size": spec.image_size,
         "p": spec.budget.p, "budget_scope": spec.budget.scope,
         "budget_metric": spec.budget.metric,  # what p bounds: "macs" or "latency"
+        # The cut model's ratio under budget_metric over budget_scope, and whether it is within
+        # p: False when no widths the cut may take reach p (one channel per group at least, on
+        # budget.round_to's multiples or the latency table's steps) or budget.enforce is off.
+        "budget_ratio": budget_ratio,
+        "budget_met": None if budget_ratio is None else bool(budget_ratio <= spec.budget.p + 1e-9),
         # The pruned model's forward time over the dense one's, estimated from the latency
         # table (metric "latency"; the measured one is latency_ratio_measured, with speed).
         "latency_ratio_estimated": (latency or {}).get("estimated_ratio"),
@@ -118,7 +127,7 @@ def summary(r: dict[str, Any]) -> str:
                      f"{r['alignment_ratio_at_cut']:.3f} of the kept ones'")
     lines += _notes(r)
     if r.get("speed"):
-        lines += [""] + speed.summary_lines(r["speed"])
+        lines += [""] + speed.summary_lines(r["speed"], r.get("budget_metric") or "macs")
         if r["speed"].get("host_memory"):
             lines.append(f"  host memory: {r['speed']['host_memory']}")
     lines += ["", "  wall time per phase: " + ", ".join(
@@ -148,7 +157,7 @@ def brief(r: dict[str, Any], workdir: Any) -> str:
     lines = [f"SAP {r['model']} on {r['dataset']} ({r['image_size']}px), budget p = {r['p']} "
              f"of {_budget_words(r)}", "  accuracy: " + acc, "  " + size, *_notes(r)]
     if r.get("speed"):
-        lines.append(speed.brief_line(r["speed"]))
+        lines.append(speed.brief_line(r["speed"], r.get("budget_metric") or "macs"))
     lines.append("  wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["times_s"].items())
                  + f"; full report: {workdir}/summary.txt")
     return "\n".join(lines)
@@ -160,11 +169,22 @@ def _notes(r: dict[str, Any]) -> list[str]:
     chosen = r.get("chosen_arch_ratio")
     if chosen is not None and chosen > r["p"]:
         trimmed = r.get("trimmed_channels", 0)
+        toward = "toward" if r.get("budget_met") is False else "to meet"
         lines.append(f"  the chosen architecture kept {chosen:.1%} of {_budget_words(r)}, "
                      "over p; "
-                     + (f"its {trimmed} lowest-norm kept channels were dropped at the cut to "
-                        "meet p" if r.get("budget_enforced")
+                     + (f"its {trimmed} lowest-norm kept channels were dropped at the cut "
+                        f"{toward} p" if r.get("budget_enforced")
                         else "cut as chosen (budget.enforce = False)"))
+    if r.get("budget_met") is False:
+        why = ("budget.enforce = False" if not r.get("budget_enforced") else
+               "no widths the cut may take reach it: one channel per group at least, on "
+               + ("the latency table's steps" if r.get("round_to") == 0 else
+                  f"multiples of {r['round_to']}" if (r.get("round_to") or 1) > 1 else
+                  "whole channels")
+               + (" (a lower p is beyond this model on the table's device)"
+                  if r.get("budget_metric") == "latency" else ""))
+        lines.append(f"  warning: the cut model keeps {r['budget_ratio']:.1%} of "
+                     f"{_budget_words(r)}, OVER the budget p = {r['p']}: {why}")
     if r.get("arch_source") == "generator_last_within_p":
         lines.append(f"  the generator's last architecture kept {r['last_arch_ratio']:.1%} of "
                      f"{_budget_words(r)}, just over p: the cut took its latest one within p")

@@ -319,14 +319,16 @@ def _latency_estimate(env: Env, structure, widths: Sequence[int]) -> dict[str, A
         return None
     return {"estimated_ratio": float(t.ratio(structure, list(widths), "total")),
             "budget_ratio": float(t.ratio(structure, list(widths), env.spec.budget.scope)),
-            "device": t.device, "batch": t.batch, "dtype": t.dtype, "created": t.created}
+            "device": t.device, "batch": t.batch, "dtype": t.dtype, "created": t.created,
+            "points": t.points, "reps": t.reps}
 
 
 def _latency_measured(env: Env, s: dict[str, Any]) -> float | None:
-    """The measured forward time, pruned over dense, at the latency table's batch."""
+    """The measured forward time, pruned over dense, at the latency table's batch: the
+    reciprocal of the measured speed-up (the median of the interleaved rounds' ratios)."""
     t = env.latency_table
     row = next((r for r in s["batches"] if t is not None and r["batch"] == t.batch), None)
-    return None if row is None else row["pruned_ms"] / row["dense_ms"]
+    return None if row is None else 1 / row["speedup"]
 
 
 def _speed(env: Env, dense_model, pruned_model) -> dict[str, Any]:
@@ -356,9 +358,12 @@ def finish(env: Env, dense: Programs, pruned: Programs, state: state_lib.Weights
                  image_size=spec.image_size, overwrite=True,
                  metadata=env.model_metadata("fine_tuned", test_accuracy=final_acc))
     before, after = flops.count(dense.structure), flops.count(pruned.structure)
+    policy = env.cut_policy  # the cut's own measure of the budget, on the widths it left
     results = report.results(spec, prog.to_json(), before, after, final_acc, dense.structure,
                              pruned.structure, config=env.config_json,
-                             latency=_latency_estimate(env, dense.structure, pruned.model.widths))
+                             latency=_latency_estimate(env, dense.structure, pruned.model.widths),
+                             budget_ratio=cut.widths_ratio(dense.structure, pruned.model.widths,
+                                                           policy.scope, table=policy.table))
     if spec.speed.enabled:
         # Every process times its own first device (no collectives), so hosts stay in step;
         # process 0's figures are reported. The dense side is a fresh model of the same class
