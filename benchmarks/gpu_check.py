@@ -22,7 +22,8 @@ status and seconds, and the issue's verdicts, which are printed at the end:
 of this script, not a measurement. The parts run in the order given, most wanted first; a part
 gets what is left of ``--budget-s`` (at most its own default share).
 
-docs/benchmarks.md ("On a lent GPU") gives the one command that runs it on such a machine.
+docs/benchmarks.md ("On a GPU: issue 29's figures in one call") gives the wheels a bare GPU
+image needs. The exit status is 1 when a part failed, timed out or was skipped.
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ EFFICIENCY_TARGET = 0.8   # ResNet-50, rounded to 8, batch 256, bf16 (issue 29, 
 LATENCY_TOLERANCE = 0.05  # a latency-budgeted cut's measured ratio within this of p
 
 
+def _child_env() -> dict:
+    """This environment, with the repository on the path (sap_jax need not be installed) and
+    the children's output unbuffered."""
+    path = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH", "")) if x)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
 def environment() -> dict:
     """The software and device the figures come from (in a child, so this process never takes
     the accelerator the parts need)."""
@@ -68,10 +76,13 @@ def environment() -> dict:
             "'jax': jax.__version__, 'flax': flax.__version__, 'optax': optax.__version__, "
             "'backend': d.platform, 'device_kind': d.device_kind, "
             "'devices': jax.device_count()}))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120)
-    info = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
-        "error": r.stderr.strip().splitlines()[-1:] or ["no output"]}
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=ROOT, env=_child_env(), timeout=120)
+        info = (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else
+                {"error": r.stderr.strip().splitlines()[-1:] or ["no output"]})
+    except (subprocess.TimeoutExpired, ValueError, IndexError) as e:  # the parts still run
+        info = {"error": [f"{type(e).__name__}: {e}"]}
     return {**info, "python": platform.python_version(), "host": platform.node(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
@@ -83,7 +94,7 @@ def run_part(name: str, args: list[str], out: str, seconds: float) -> dict:
            os.path.join(out, f"{name}.json")]
     print(f"== {name}: {' '.join(cmd[1:])} (at most {seconds:.0f} s)", flush=True)
     t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = _child_env()
     log_path = os.path.join(out, f"{name}.log")
     timed_out = False
     # The child writes its log itself; this process echoes it as it grows, and can stop a child
@@ -177,14 +188,16 @@ def main(argv=None) -> dict:
                         else "") + ":")
     for v in summary["verdicts"]:
         print(f"  {v}")
-    failed = [n for n, s in summary["parts"].items() if s.get("returncode") not in (0, None)
-              or s.get("timed_out")]
+    failed = [n for n, s in summary["parts"].items()
+              if s.get("returncode") not in (0, None) or s.get("timed_out") or "skipped" in s]
     if failed:
-        print(f"  parts that failed or timed out: {', '.join(failed)} (their logs: {a.out})")
+        print(f"  parts that failed, timed out or were skipped: {', '.join(failed)} (their logs: "
+              f"{a.out}; --parts {','.join(failed)} runs them again)")
+    summary["incomplete"] = failed
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["incomplete"] else 0)

@@ -99,6 +99,7 @@ def main(argv=None) -> list[dict]:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "p": a.p, "dtype": dtype.name, "batch": table.batch,
+                       "train": not a.no_train,
                        "table_seconds": built,
                        "check": table.check, "rows": rows}, f, indent=1)
     return rows

@@ -3,7 +3,7 @@
     python benchmarks/pruned_speedup.py [--models resnet56,resnet50,mobilenet_v2,WORKDIR,CONFIG]
         [--reps 10] [--batch 32] [--image-size N] [--round-to 8[,16,...]]
         [--dtype float32|bfloat16] [--layers] [--fold_bn] [--floor] [--host-memory retain]
-        [--json PATH]
+        [--json PATH|-]
 
 For each preset at its paper budget (p of the prunable MACs: ResNet-56 0.48 on
 CIFAR, ResNet-50 0.37 and MobileNetV2 0.65 on ImageNet) it builds the pruned

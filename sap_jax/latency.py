@@ -26,6 +26,7 @@ estimates, not measurements.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import time
@@ -40,9 +41,12 @@ def _device(backend: str) -> jax.Device:
     try:
         return jax.local_devices(backend=backend)[0]
     except RuntimeError as e:
-        # JAX's own reason (libtpu's, on a host without a TPU, advises removing a lock file).
+        # On a host without a TPU, libtpu's reason advises removing a lock file: say what is
+        # true there (TPU VMs expose their chips as /dev/accel* or /dev/vfio).
+        attached = glob.glob("/dev/accel*") or os.path.exists("/dev/vfio")
         reason = ("no TPU is attached to this host; --backend=tpu:TOPOLOGY (e.g. tpu:v5e:2x4) "
-                  "estimates a TPU slice's table by compiling here" if backend == "tpu"
+                  "estimates a TPU slice's table by compiling here"
+                  if backend == "tpu" and not attached
                   else f"JAX has no such backend here ({e})")
         raise ConfigError(f"--backend={backend}: {reason}.") from None
 
@@ -50,12 +54,14 @@ def _device(backend: str) -> jax.Device:
 def _check_out(path: str) -> None:
     """Refuse an --out the table could not be written to, before minutes of building."""
     folder = os.path.dirname(os.path.abspath(path))
+    if not path:
+        raise ConfigError("--out is empty; give the table's file path.")
     if os.path.isdir(path):
         raise ConfigError(f"--out={path} is a folder; give the table's file path.")
     if not os.path.isdir(folder):
         raise ConfigError(f"--out={path}: the folder {folder} does not exist.")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"--out={path}: the folder {folder} is not writable.")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ConfigError(f"--out={path}: not writable.")
 
 
 def _ms(x: float) -> str:

@@ -172,7 +172,7 @@ def test_gpu_check_runs_each_part_in_its_own_process_and_judges_the_targets(tmp_
     out = tmp_path / "gpu"
     summary = gpu_check.main(["--out", str(out), "--quick", "--parts", "speedup"])
     assert summary["environment"]["backend"] == jax.default_backend()
-    assert summary["parts"]["speedup"]["returncode"] == 0
+    assert summary["parts"]["speedup"]["returncode"] == 0 and summary["incomplete"] == []
     rows = json.loads((out / "speedup.json").read_text())
     # The verdicts are the rows' own figures against the issue's targets.
     r8 = next(r for r in rows if r["variant"] == "rounded to 8")
@@ -182,6 +182,10 @@ def test_gpu_check_runs_each_part_in_its_own_process_and_judges_the_targets(tmp_
     below = [r for r in rows for k in ("latency", "throughput") if r[f"{k}_speedup"] < 1]
     assert any("BELOW 1" in v for v in summary["verdicts"]) == bool(below)
     assert json.loads((out / "summary.json").read_text()) == summary
+    # Too little of the budget for a part: skipped, said, and the exit status is not 0.
+    skipped = gpu_check.main(["--out", str(tmp_path / "g2"), "--quick", "--parts", "speedup",
+                              "--budget-s", "1"])
+    assert "skipped" in skipped["parts"]["speedup"] and skipped["incomplete"] == ["speedup"]
     assert f"{jax.devices()[0].platform} (bfloat16)" in (out / "speedup.log").read_text()
     with pytest.raises(SystemExit):
         gpu_check.main(["--out", str(out), "--parts", "speedup,nonsense"])
