@@ -53,9 +53,9 @@ def _device(backend: str) -> jax.Device:
 
 def _check_out(path: str) -> None:
     """Refuse an --out the table could not be written to, before minutes of building."""
-    folder = os.path.dirname(os.path.abspath(path))
     if not path:
         raise ConfigError("--out is empty; give the table's file path.")
+    folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ConfigError(f"--out={path} is a folder; give the table's file path.")
     if not os.path.isdir(folder):

@@ -81,7 +81,7 @@ def _check_budget(b: spec_lib.BudgetSpec, errors: list[str]) -> None:
     """The ``budget`` section, through the constructors the run calls on the same spec
     (``spec.cut_policy``, ``spec.resource_loss``), so that validation cannot pass a budget the
     run would refuse."""
-    first = len(errors)
+    first, bad = len(errors), set()
     for field, ok, want in (
             ("form", _in(b.form, resource.FORMS), f"one of {resource.FORMS}"),
             ("eps", _num(b.eps) and b.eps >= 0, ">= 0"),
@@ -98,14 +98,14 @@ def _check_budget(b: spec_lib.BudgetSpec, errors: list[str]) -> None:
             ("latency_points", _int(b.latency_points) and b.latency_points >= 2, "an integer >= 2"),
             ("latency_reps", _int(b.latency_reps) and b.latency_reps >= 1, "an integer >= 1")):
         if not ok:
+            bad.add(field)
             errors.append(f"budget.{field} = {getattr(b, field)!r} must be {want}.")
     if b.metric == "macs" and isinstance(b.latency_table, str) and b.latency_table:
         errors.append(f"budget.latency_table = {b.latency_table!r} is read only with "
                       "budget.metric = \"latency\": set the metric, or leave the table \"\".")
     try:
-        # round_to's own error is above: the policy would only repeat it.
-        ok_round = _int(b.round_to) and b.round_to >= 0
-        spec_lib.cut_policy(b if ok_round else dataclasses.replace(b, round_to=1),
+        # A bad round_to is reported above: the policy would only repeat it.
+        spec_lib.cut_policy(dataclasses.replace(b, round_to=1) if "round_to" in bad else b,
                             backend="cpu")
     except (ValueError, TypeError) as e:
         errors.append(f"budget: {e}")
